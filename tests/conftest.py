@@ -1,0 +1,101 @@
+"""Shared fixtures: real throwaway PostgreSQL and Redis for the session, a clean database per test,
+and in-process workers on the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from arq import ArqRedis
+from arq.worker import Worker
+
+from tests.helpers import WorkerFactory
+from worker import client
+from worker.migrate import migrate
+from worker.services import LocalServices
+from worker.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[LocalServices]:
+    with LocalServices() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def service_env(services: LocalServices) -> dict[str, str]:
+    """Environment for subprocesses (real `arq` workers, `sitegen`) pointing at the test services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
+    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.fixture(scope="session")
+async def migrated(services: LocalServices) -> None:
+    await migrate(services.database_url, ROOT / "migrations")
+
+
+@pytest.fixture
+async def db(services: LocalServices, migrated: None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for assertions, on a database emptied before the test."""
+    conn = await asyncpg.connect(services.database_url)
+    await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
+    await conn.execute(
+        "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders RESTART IDENTITY"
+    )
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def redis(services: LocalServices) -> AsyncIterator[ArqRedis]:
+    pool = await client.connect(services.redis_url)
+    await pool.flushdb()
+    yield pool
+    await pool.aclose()
+
+
+@pytest.fixture
+def settings(services: LocalServices, tmp_path: Path) -> Settings:
+    return load_settings(
+        database={"url": services.database_url, "pool_max_size": 4},
+        redis={"url": services.redis_url},
+        output={"dir": tmp_path / "sites"},
+        worker={
+            "replica_id": "test-replica",
+            "retry_backoff_s": 0.05,
+            "retry_backoff_max_s": 0.2,
+            "health_check_interval_s": 1,
+            "run_migrations": False,
+            "poll_delay_s": 0.02,
+        },
+    )
+
+
+
+
+@pytest.fixture
+async def start_worker(settings: Settings, db: asyncpg.Connection, redis: ArqRedis) -> AsyncIterator[WorkerFactory]:
+    """Start in-process workers on this event loop; all are closed at the end of the test."""
+    from worker.main import create_worker
+
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(custom: Settings | None = None, **overrides: Any) -> Worker:
+        worker = create_worker(custom or settings, handle_signals=False, **overrides)
+        task = asyncio.create_task(worker.async_run())
+        running.append((worker, task))
+        return worker
+
+    yield start
+    for worker, task in running:
+        await worker.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

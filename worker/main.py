@@ -1,0 +1,125 @@
+"""What runs, and how: `arq worker.main.WorkerSettings` is the page ops read.
+
+Settings are read once at import (plain data). Everything with a connection or a socket is
+created in `startup` on the worker's own event loop, kept in arq's `ctx`, and closed in
+`shutdown`; nothing pool- or client-like lives at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from arq import Retry
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+from loguru import logger
+
+from worker.ai import build_router
+from worker.client import JOB_FUNCTION, deserialize, serialize
+from worker.errors import SitegenError
+from worker.logs import setup_logging
+from worker.migrate import migrate
+from worker.pipeline.runner import RetryLater, Runtime, run_generation, validate_job_args
+from worker.progress import ProgressLog
+from worker.settings import Settings, SettingsError, load_settings, redact_url
+from worker.store import Store, create_pool
+
+
+async def generate_site(ctx: dict[str, Any], order_id: Any = None, brief: Any = None,
+                        regenerate: Any = False, *args: Any, **unknown: Any) -> dict[str, Any]:
+    """The job: generate (or resume, or return) the site of an order. See DESIGN.md, "Public contract"."""
+    rt: Runtime = ctx["runtime"]
+    job_try = int(ctx.get("job_try", 1))
+    with logger.contextualize(order_id=order_id, job_try=job_try):
+        try:
+            checked_id = validate_job_args(order_id, brief, regenerate, unknown, args)
+        except SitegenError as exc:
+            if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
+                await rt.progress.log(order_id, f"job rejected: {exc}", level="error", error={"type": type(exc).__name__, "message": str(exc)})
+            else:
+                logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
+            raise
+        try:
+            return await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
+        except RetryLater as exc:
+            # The one translation of our retry decision into arq's.
+            raise Retry(defer=exc.defer_s) from exc.cause
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    replica = settings.worker.replica
+    logger.info("starting replica {} (database {}, redis {})", replica, redact_url(settings.database.url), redact_url(settings.redis.url))
+    if settings.worker.run_migrations:
+        await migrate(settings.database.url, settings.database.migrations_dir)
+    db = settings.database
+    pool = await create_pool(db, max_size=db.pool_max_size, min_size=db.pool_min_size, name="generation")
+    progress_pool = await create_pool(db, max_size=db.progress_pool_max_size, min_size=1, name="progress")
+    ctx["runtime"] = Runtime(
+        settings=settings,
+        store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
+        progress=ProgressLog(progress_pool, replica_id=replica),
+        ai=build_router(settings.ai),
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    rt: Runtime | None = ctx.pop("runtime", None)
+    if rt is None:
+        return
+    await rt.progress.flush()
+    if rt.progress.pending:
+        logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))
+    await rt.ai.aclose()
+    await rt.store.pool.close()
+    await rt.progress.pool.close()
+    logger.info("replica {} stopped", rt.settings.worker.replica)
+
+
+def health_check_key(settings: Settings) -> str:
+    """Per replica, so `arq --check` in one replica's container speaks for that replica only."""
+    return f"{settings.worker.queue_name}:health-check:{settings.worker.replica}"
+
+
+def worker_options(settings: Settings) -> dict[str, Any]:
+    """The arq Worker's keyword arguments for these settings."""
+    w = settings.worker
+    return {
+        "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=w.max_tries, keep_result=w.keep_result_s)],
+        "queue_name": w.queue_name,
+        "redis_settings": RedisSettings.from_dsn(settings.redis.url),
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "max_jobs": w.max_jobs,
+        "poll_delay": w.poll_delay_s,
+        "job_timeout": w.job_timeout_s,
+        "keep_result": w.keep_result_s,
+        "max_tries": w.max_tries,
+        "health_check_interval": w.health_check_interval_s,
+        "health_check_key": health_check_key(settings),
+        "allow_abort_jobs": True,
+        "job_completion_wait": w.shutdown_grace_s,
+        "ctx": {"settings": settings},
+    }
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    """A worker for these settings (tests and `sitegen demo` use it; ops use WorkerSettings)."""
+    return Worker(**{**worker_options(settings), **overrides})
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"sitegen-worker: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings.log, replica=settings.worker.replica)
+    return settings
+
+
+SETTINGS = _settings_or_exit()
+WorkerSettings = type("WorkerSettings", (), worker_options(SETTINGS))

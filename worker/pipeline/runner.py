@@ -1,0 +1,317 @@
+"""The state machine of a generation: claim the order, run the phases not yet committed, finish or hand back.
+
+This is the only place that decides what a failure means for the job: a retryable one hands
+the generation back (its committed phases kept) and asks arq to try again later through
+`RetryLater`; any other one, or a retryable one on the last try, fails the generation with
+its error stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from pydantic import BaseModel, ValidationError
+
+from worker.ai.base import AIRouter, Task, Usage
+from worker.ai.parsing import ask_model
+from worker.errors import (
+    BriefInvalid,
+    ClaimLost,
+    InputError,
+    JobArgumentsInvalid,
+    OrderBusy,
+    OrderNotFound,
+    describe,
+    is_retryable,
+    message_of,
+)
+from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
+from worker.output import order_dir, site_is_complete, write_site
+from worker.pipeline import M
+from worker.pipeline.assemble import assemble_site
+from worker.pipeline.code import make_code
+from worker.pipeline.content import make_content
+from worker.pipeline.plan import make_plan
+from worker.progress import ProgressLog
+from worker.settings import Settings
+from worker.store import PHASES, Claim, Store
+
+
+class RetryLater(Exception):
+    """Try the job again after `defer_s` seconds (the job shell turns this into arq's Retry)."""
+
+    def __init__(self, defer_s: float, cause: BaseException) -> None:
+        super().__init__(f"retry in {defer_s:.1f}s after {type(cause).__name__}: {message_of(cause)}")
+        self.defer_s = defer_s
+        self.cause = cause
+
+
+@dataclass
+class Runtime:
+    """Everything a job uses, created once in the worker's on_startup on its event loop."""
+
+    settings: Settings
+    store: Store
+    progress: ProgressLog
+    ai: AIRouter
+
+
+def backoff_s(settings: Settings, job_try: int) -> float:
+    """Exponential backoff with jitter, so a crowd of failed jobs does not come back at once."""
+    base = min(settings.worker.retry_backoff_max_s, settings.worker.retry_backoff_s * 2 ** max(job_try - 1, 0))
+    return base * random.uniform(0.5, 1.0)
+
+
+def validate_job_args(order_id: Any, brief: Any, regenerate: Any, unknown: dict[str, Any], extra_args: tuple[Any, ...]) -> int:
+    """Check the job's arguments as JSON gives them; the message names the argument to fix."""
+    if extra_args:
+        raise JobArgumentsInvalid(f"generate_site takes (order_id, brief=None, regenerate=False); got {len(extra_args)} extra positional argument(s)")
+    if unknown:
+        raise JobArgumentsInvalid(f"unknown job argument(s): {', '.join(sorted(map(str, unknown)))} (expected order_id, brief, regenerate)")
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
+        raise JobArgumentsInvalid(f"order_id must be a positive integer, got {order_id!r:.100}")
+    if brief is not None and not isinstance(brief, dict):
+        raise JobArgumentsInvalid(f"brief must be a JSON object or null, got {type(brief).__name__}")
+    if not isinstance(regenerate, bool):
+        raise JobArgumentsInvalid(f"regenerate must be true or false, got {regenerate!r:.100}")
+    return order_id
+
+
+def validate_brief(raw: dict[str, Any], max_bytes: int) -> Brief:
+    size = len(json.dumps(raw, ensure_ascii=False).encode())
+    if size > max_bytes:
+        largest = max(raw, key=lambda k: len(json.dumps(raw[k], ensure_ascii=False)), default="?")
+        raise BriefInvalid(
+            f"brief is {size:,} bytes, over the limit of {max_bytes:,} (setting limits.max_brief_bytes); "
+            f"largest field: brief.{largest}",
+            field=f"brief.{largest}",
+        )
+    try:
+        return Brief.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            f"brief.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)[:10]
+        ]
+        raise BriefInvalid("invalid brief: " + "; ".join(problems), fields=[p.split(":")[0] for p in problems]) from None
+
+
+def _usage_summary(by_phase: dict[str, Usage]) -> dict[str, Any]:
+    total = sum(by_phase.values(), Usage())
+    return {**total.as_dict(), "by_phase": {phase: u.as_dict() for phase, u in by_phase.items()}}
+
+
+class GenerationRun:
+    """One claimed generation being carried through its remaining phases."""
+
+    def __init__(self, rt: Runtime, order_id: int, claim: Claim, *, job_try: int) -> None:
+        self.rt = rt
+        self.order_id = order_id
+        self.claim = claim
+        self.job_try = job_try
+        self.outputs: dict[str, Any] = dict(claim.checkpoints)
+        self.usage = {phase: Usage.from_dict(u) for phase, u in claim.usage.items()}
+        self.phase: str | None = None
+
+    async def log(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("phase", self.phase)
+        await self.rt.progress.log(self.order_id, message, generation_id=self.claim.generation_id, **kwargs)
+
+    async def ask(
+        self, task: Task, inputs: dict[str, Any], schema: type[M], *, check: Callable[[M], None] | None = None
+    ) -> tuple[M, Usage]:
+        return await ask_model(
+            self.rt.ai, task, inputs, schema, check=check,
+            max_retries=self.rt.settings.ai.max_output_retries, notify=self.log,
+        )
+
+    def result(self, status: str) -> dict[str, Any]:
+        manifest = self.outputs.get("assemble") or {}
+        return {
+            "order_id": self.order_id,
+            "generation_id": self.claim.generation_id,
+            "status": status,
+            "output_dir": str(order_dir(self.rt.settings.output.dir, self.order_id)) if manifest else None,
+            "pages": manifest.get("pages", []),
+            "usage": _usage_summary(self.usage),
+        }
+
+    async def run(self) -> dict[str, Any]:
+        brief = Brief.model_validate(self.claim.brief)
+        for phase in PHASES:
+            if phase in self.outputs:
+                continue
+            self.phase = phase
+            started = time.monotonic()
+            await self.log(f"phase {phase} started")
+            output, usage = await self._run_phase(phase, brief, started)
+            self.outputs[phase] = output
+            await self.log(
+                f"phase {phase} done", duration_ms=round((time.monotonic() - started) * 1000), **usage.as_dict()
+            )
+        self.phase = None
+        await self.log("generation succeeded", output_dir=self.result("succeeded")["output_dir"])
+        return self.result("succeeded")
+
+    async def _run_phase(self, phase: str, brief: Brief, started: float) -> tuple[Any, Usage]:
+        output: BaseModel
+        if phase == "plan":
+            output, usage = await make_plan(brief, self.ask)
+        elif phase == "content":
+            output, usage = await make_content(brief, self._plan(), self.ask)
+        elif phase == "code":
+            output, usage = await make_code(brief, self._plan(), SiteContent.model_validate(self.outputs["content"]), self.ask)
+        else:
+            return await self._assemble(started), Usage()
+        self.usage[phase] = usage
+        dumped = output.model_dump(mode="json")
+        await self.rt.store.commit_phase(
+            self.claim, phase, dumped, usage=usage.as_dict(), total_usage=_usage_summary(self.usage),
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+        return dumped, usage
+
+    async def _assemble(self, started: float) -> dict[str, Any]:
+        manifest, files = assemble_site(
+            self.order_id, self.claim.generation_id, self._plan(), SiteCode.model_validate(self.outputs["code"])
+        )
+        # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
+        # never a generation marked done without its files.
+        root = self.rt.settings.output.dir
+        target = await asyncio.to_thread(write_site, root, self.order_id, files)
+        self.usage["assemble"] = Usage()
+        dumped = manifest.model_dump(mode="json")
+        await self.rt.store.finish_generation(
+            self.claim, dumped, files, usage=Usage().as_dict(), total_usage=_usage_summary(self.usage),
+            duration_ms=round((time.monotonic() - started) * 1000), output_dir=str(target),
+        )
+        return dumped
+
+    def _plan(self) -> SitePlan:
+        return SitePlan.model_validate(self.outputs["plan"])
+
+
+async def _heartbeat(rt: Runtime, claim: Claim) -> None:
+    interval = rt.settings.worker.lease_s / 3
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if not await rt.store.heartbeat(claim):
+                logger.warning("generation {}: claim taken over by another replica", claim.generation_id)
+                return
+        except Exception as exc:  # the next commit is fenced by the claim anyway
+            logger.warning("generation {}: heartbeat failed: {}", claim.generation_id, message_of(exc))
+
+
+async def run_generation(
+    rt: Runtime, order_id: int, brief: dict[str, Any] | None, regenerate: bool, *, job_id: str | None, job_try: int
+) -> dict[str, Any]:
+    """Run (or resume, or skip) the generation of an order; see DESIGN.md for the contract."""
+    settings = rt.settings
+    final_try = job_try >= settings.worker.max_tries
+    log = partial(rt.progress.log, order_id)
+    try:
+        valid = validate_brief(brief, settings.limits.max_brief_bytes) if brief is not None else None
+        claim = await rt.store.claim_generation(
+            order_id, valid.model_dump(mode="json") if valid else None, regenerate=regenerate, job_id=job_id
+        )
+    except InputError as exc:
+        await _fail_before_start(rt, order_id, exc, job_id=job_id)
+        raise
+    except OrderBusy as exc:
+        await log(f"waiting: {exc}", level="info")
+        raise RetryLater(exc.retry_after_s + 1, exc) from exc
+    except Exception as exc:
+        logger.opt(exception=exc).warning("order {}: could not claim a generation", order_id)
+        await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning")
+        if is_retryable(exc) and not final_try:
+            raise RetryLater(backoff_s(settings, job_try), exc) from exc
+        raise
+
+    run = GenerationRun(rt, order_id, claim, job_try=job_try)
+    if claim.kind == "done":
+        return await _already_done(rt, run)
+    for warning in claim.warnings:
+        await run.log(warning, level="warning")
+    if claim.kind == "resumed":
+        remaining = [p for p in PHASES if p not in claim.checkpoints]
+        await run.log(f"generation resumed at phase {remaining[0]} (attempt {claim.attempt})", attempt=claim.attempt)
+    else:
+        await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
+
+    heartbeat = asyncio.create_task(_heartbeat(rt, claim))
+    try:
+        return await run.run()
+    except asyncio.CancelledError:
+        await asyncio.shield(_hand_back(run, "interrupted (worker shutting down, job aborted or timed out)"))
+        raise
+    except ClaimLost as exc:
+        await run.log(f"stopped: {exc}", level="warning")
+        return run.result("superseded")
+    except Exception as exc:
+        error = describe(exc, phase=run.phase)
+        logger.opt(exception=exc).error("order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase)
+        if is_retryable(exc) and not final_try:
+            defer = backoff_s(settings, job_try)
+            await _store_quietly(rt.store.release_generation(claim, error))
+            await run.log(
+                f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
+                level="warning", error=_short(error),
+            )
+            raise RetryLater(defer, exc) from exc
+        await _store_quietly(rt.store.fail_generation(claim, error))
+        await run.log(f"generation failed: {error['type']}: {error['message']}", level="error", error=_short(error))
+        raise
+    finally:
+        heartbeat.cancel()
+
+
+def _short(error: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in error.items() if k != "traceback"}
+
+
+async def _store_quietly(write: Any) -> None:
+    """Store a failure; if PostgreSQL cannot take it now, say so (the claim's lease ends it anyway)."""
+    try:
+        await write
+    except Exception as exc:
+        logger.opt(exception=exc).error("could not store the generation's failure: {}", message_of(exc))
+
+
+async def _hand_back(run: GenerationRun, reason: str) -> None:
+    await _store_quietly(run.rt.store.release_generation(run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase}))
+    await run.log(f"handed back at phase {run.phase}: {reason}", level="warning")
+
+
+async def _fail_before_start(rt: Runtime, order_id: int, exc: InputError, *, job_id: str | None) -> None:
+    error = describe(exc)
+    logger.opt(exception=exc).error("order {}: job rejected", order_id)
+    generation_id = None
+    if not isinstance(exc, OrderNotFound):
+        try:
+            generation_id = await rt.store.record_failed_start(order_id, error, job_id=job_id)
+        except Exception as store_exc:
+            logger.opt(exception=store_exc).error("could not store the rejected job's error")
+    await rt.progress.log(
+        order_id, f"job rejected: {error['message']}", generation_id=generation_id, level="error", error=_short(error)
+    )
+
+
+async def _already_done(rt: Runtime, run: GenerationRun) -> dict[str, Any]:
+    """A re-sent job for a finished order: no new work; restore the files on disk if they went missing."""
+    root: Path = rt.settings.output.dir
+    if not site_is_complete(root, run.order_id):
+        files = await rt.store.load_files(run.claim.generation_id)
+        await asyncio.to_thread(write_site, root, run.order_id, files)
+        await run.log("site restored on disk from the stored files", level="warning")
+    Manifest.model_validate(run.outputs["assemble"])
+    await run.log("already generated: nothing to do (enqueue with regenerate=true for a new site)")
+    return run.result("succeeded")

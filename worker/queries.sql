@@ -1,0 +1,114 @@
+-- Every SQL statement of the worker, by name. Loaded once by worker/store.py.
+
+-- name: lock_order
+-- Serialises claims of one order across replicas until the transaction ends.
+SELECT pg_advisory_xact_lock($1::bigint);
+
+-- name: get_order_for_update
+SELECT id, brief FROM site_orders WHERE id = $1 FOR UPDATE;
+
+-- name: upsert_order_brief
+INSERT INTO site_orders (id, brief) VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET brief = EXCLUDED.brief, updated_at = now()
+WHERE site_orders.brief IS DISTINCT FROM EXCLUDED.brief;
+
+-- name: ensure_order
+INSERT INTO site_orders (id) VALUES ($1) ON CONFLICT (id) DO NOTHING;
+
+-- name: order_exists
+SELECT EXISTS (SELECT 1 FROM site_orders WHERE id = $1);
+
+-- name: latest_generation
+SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, brief,
+       claim_token, replica_id, lease_expires_at,
+       GREATEST(EXTRACT(EPOCH FROM lease_expires_at - now()), 0)::float8 AS lease_left_s
+FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
+
+-- name: supersede_generation
+UPDATE site_generations
+SET status = 'cancelled', finished_at = now(), claim_token = NULL, lease_expires_at = NULL,
+    error = jsonb_build_object('type', 'Superseded', 'message', $2::text)
+WHERE id = $1;
+
+-- name: resume_generation
+UPDATE site_generations
+SET status = 'running', attempt = attempt + 1, claim_token = $2, replica_id = $3, job_id = $4,
+    heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5),
+    started_at = coalesce(started_at, now()), error = NULL
+WHERE id = $1
+RETURNING id, current_phase, attempt, brief;
+
+-- name: start_generation
+INSERT INTO site_generations (order_id, status, current_phase, attempt, brief, claim_token, replica_id, job_id,
+                              heartbeat_at, lease_expires_at, started_at)
+VALUES ($1, 'running', 'plan', 1, $2, $3, $4, $5, now(), now() + make_interval(secs => $6), now())
+RETURNING id, current_phase, attempt, brief;
+
+-- name: record_failed_generation
+-- A job that failed before it could start a generation (bad brief): the error still lands on the order.
+INSERT INTO site_generations (order_id, status, attempt, error, job_id, replica_id, started_at, finished_at)
+VALUES ($1, 'failed', 1, $2, $3, $4, now(), now())
+RETURNING id;
+
+-- name: load_checkpoints
+SELECT phase, output, usage FROM site_generation_phases WHERE generation_id = $1;
+
+-- name: advance_generation
+-- Fenced by the claim: a replica whose claim was taken over changes nothing.
+UPDATE site_generations
+SET current_phase = $3, usage = $4, heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5)
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: insert_phase
+INSERT INTO site_generation_phases (generation_id, phase, output, usage, duration_ms) VALUES ($1, $2, $3, $4, $5);
+
+-- name: finish_generation
+UPDATE site_generations
+SET status = 'succeeded', current_phase = NULL, usage = $3, output_dir = $4, finished_at = now(),
+    claim_token = NULL, lease_expires_at = NULL, heartbeat_at = now()
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: fail_generation
+UPDATE site_generations
+SET status = 'failed', error = $3, finished_at = now(), claim_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: release_generation
+-- Hands a generation back for a later try: its committed phases stay, the claim goes.
+UPDATE site_generations
+SET status = 'queued', error = $3, claim_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: heartbeat
+UPDATE site_generations
+SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $3)
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: load_files
+SELECT path, content FROM site_files WHERE generation_id = $1 ORDER BY path;
+
+-- name: insert_log
+-- One statement: the row and its announcement commit together (NOTIFY is sent on commit).
+WITH row AS (
+    INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, replica_id, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    RETURNING id, order_id, generation_id, phase, level, message, created_at
+)
+SELECT pg_notify('site_generation_progress', json_build_object(
+           'id', id, 'order_id', order_id, 'generation_id', generation_id, 'phase', phase,
+           'level', level, 'message', left(message, 200), 'created_at', created_at)::text)
+FROM row;
+
+-- name: logs_for_order
+SELECT id, generation_id, phase, level, message, details, replica_id, created_at
+FROM site_generation_logs WHERE order_id = $1 AND id > $2 ORDER BY id LIMIT $3;
+
+-- name: generations_for_order
+SELECT id, status, current_phase, attempt, error, output_dir, usage, created_at, started_at, finished_at,
+       EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at)::float8 AS duration_s
+FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT $2;
+
+-- name: recent_generations
+SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, created_at, started_at, finished_at,
+       EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at)::float8 AS duration_s
+FROM site_generations ORDER BY id DESC LIMIT $1;

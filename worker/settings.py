@@ -1,0 +1,204 @@
+"""The one settings object: `settings.toml` (or `$SITEGEN_SETTINGS`) under `SITEGEN_<SECTION>__<KEY>` env overrides.
+
+`DATABASE_URL` and `REDIS_URL` are honoured as-is. Secrets (API keys) are never read from the
+TOML file: a provider names the environment variable that holds its key (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+TASKS = ("planning", "content", "coding")
+
+
+class SettingsError(RuntimeError):
+    """Settings that cannot be used; the message names every key to fix, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerSection(_Section):
+    queue_name: str = "site_generation"
+    replica_id: str = Field(default="", description="Names this replica in logs and its health key; default: host name")
+    max_jobs: int = Field(default=10, ge=1, le=10_000)
+    poll_delay_s: float = Field(default=0.05, gt=0, description="How often an idle replica asks Redis for jobs")
+    job_timeout_s: float = Field(default=1800, gt=0)
+    max_tries: int = Field(default=5, ge=1)
+    keep_result_s: float = Field(default=60, ge=0, description="How long a job's result stays readable in Redis")
+    health_check_interval_s: float = Field(default=5, gt=0)
+    retry_backoff_s: float = Field(default=5, ge=0, description="First delay before a retryable failure is retried")
+    retry_backoff_max_s: float = Field(default=300, ge=0)
+    lease_s: float = Field(default=60, gt=0, description="How long a claim on a generation lasts without heartbeat")
+    run_migrations: bool = True
+    shutdown_grace_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running jobs may finish")
+
+    @cached_property
+    def replica(self) -> str:
+        return self.replica_id or socket.gethostname()
+
+
+class DatabaseSection(_Section):
+    url: str = "postgresql://sitegen@127.0.0.1:5432/sitegen"
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    progress_pool_max_size: int = Field(default=2, ge=1)
+    command_timeout_s: float = Field(default=30, gt=0)
+    migrations_dir: Path = PROJECT_DIR / "migrations"
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("postgres", "postgresql"):
+            raise ValueError("expected a postgresql:// URL")
+        return url
+
+
+class RedisSection(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis:// or rediss:// URL")
+        return url
+
+
+class OutputSection(_Section):
+    dir: Path = Path("generated_sites")
+
+
+class LimitsSection(_Section):
+    max_brief_bytes: int = Field(default=64 * 1024, ge=1024)
+
+
+class ProviderSettings(_Section):
+    kind: Literal["offline"] = Field(description="offline (more kinds come with the real providers)")
+    model: str = "offline-templates-1"
+
+
+class AISection(_Section):
+    providers: dict[str, ProviderSettings] = Field(default_factory=lambda: {"offline": ProviderSettings(kind="offline")})
+    routing: dict[str, str] = Field(default_factory=lambda: {task: "offline" for task in TASKS})
+    max_output_retries: int = Field(default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation")
+
+    @model_validator(mode="after")
+    def _routes_known(self) -> AISection:
+        for task in TASKS:
+            name = self.routing.get(task)
+            if name is None:
+                raise ValueError(f"routing.{task}: no provider routed for task {task!r}")
+            if name not in self.providers:
+                raise ValueError(f"routing.{task}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})")
+        unknown = sorted(set(self.routing) - set(TASKS))
+        if unknown:
+            raise ValueError(f"routing: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(TASKS)})")
+        return self
+
+
+class LogSection(_Section):
+    level: str = "INFO"
+    json_lines: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SITEGEN_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    redis: RedisSection = Field(default_factory=RedisSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    ai: AISection = Field(default_factory=AISection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _PlainUrlSource(settings_cls)]
+        toml_file = _settings_file()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+class _PlainUrlSource(PydanticBaseSettingsSource):
+    """`DATABASE_URL` / `REDIS_URL`, as the rest of the ecosystem sets them (below SITEGEN_* overrides)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if os.environ.get("DATABASE_URL"):
+            found["database"] = {"url": os.environ["DATABASE_URL"]}
+        if os.environ.get("REDIS_URL"):
+            found["redis"] = {"url": os.environ["REDIS_URL"]}
+        return found
+
+
+def _settings_file() -> Path | None:
+    named = os.environ.get("SITEGEN_SETTINGS")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise SettingsError(f"SITEGEN_SETTINGS names {named!r}, which is not a readable file")
+        return path
+    for candidate in (Path("settings.toml"), PROJECT_DIR / "settings.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the settings, or raise SettingsError naming each bad key."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise SettingsError(f"cannot read settings: {exc}") from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        env = "SITEGEN_" + "__".join(str(part) for part in error["loc"]).upper()
+        given = error.get("input")
+        shown = "" if isinstance(given, dict | list) else f" (got {redact_url(str(given))!r})"
+        lines.append(f"invalid setting {key} (env {env}): {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and `sitegen config`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
