@@ -23,6 +23,7 @@ from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[LocalServices]:
     with LocalServices() as running:
@@ -48,7 +49,8 @@ async def db(services: LocalServices, migrated: None) -> AsyncIterator[asyncpg.C
     conn = await asyncpg.connect(services.database_url)
     await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
     await conn.execute(
-        "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders RESTART IDENTITY"
+        "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders"
+        " RESTART IDENTITY"
     )
     yield conn
     await conn.close()
@@ -77,8 +79,6 @@ def settings(services: LocalServices, tmp_path: Path) -> Settings:
             "poll_delay_s": 0.02,
         },
     )
-
-
 
 
 @pytest.fixture

@@ -19,9 +19,12 @@ SAMPLE_BRIEF: dict[str, Any] = {
     "industry": "bakery",
     "location": "Porto, Portugal",
     "services": ["Sourdough bread", "Pastries", "Custom cakes"],
-    "contact": {"email": "hello@rosasbakery.example", "phone": "+351 222 000 111", "address": "Rua das Flores 12, Porto"},
+    "contact": {
+        "email": "hello@rosasbakery.example",
+        "phone": "+351 222 000 111",
+        "address": "Rua das Flores 12, Porto",
+    },
 }
-
 
 
 def order_job(redis: ArqRedis, order_id: int) -> Job:

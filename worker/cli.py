@@ -20,12 +20,13 @@ from rich.table import Table
 
 from worker import client
 from worker.follow import follow_logs
+from worker.logs import setup_logging
 from worker.migrate import migrate as run_migrations
-from worker.settings import Settings, SettingsError, load_settings, redact_url
+from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
 from worker.store import QUERIES
 
 app = typer.Typer(help="sitegen-worker: AI site generation on arq, with live progress.", no_args_is_help=True)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
@@ -50,6 +51,12 @@ SAMPLE_BRIEF: dict[str, Any] = {
 }
 
 
+@app.callback()
+def _setup() -> None:
+    # Before settings are read (they may be what is wrong), so only the level comes from the env.
+    setup_logging(LogSection(level=os.environ.get("SITEGEN_LOG__LEVEL", "INFO")), replica="sitegen")
+
+
 def _settings() -> Settings:
     try:
         return load_settings()
@@ -72,10 +79,13 @@ def _print_row(row: dict[str, Any]) -> None:
     details = row.get("details") or {}
     extra = ""
     if "duration_ms" in details:
-        extra = f"  [dim]{details['duration_ms']} ms, {details.get('input_tokens', 0)}+{details.get('output_tokens', 0)} tokens[/]"
+        tokens = details.get("input_tokens", 0) + details.get("output_tokens", 0)
+        extra = f"  [dim]{details['duration_ms']} ms, {tokens} tokens[/]"
     style = LEVEL_STYLE.get(row["level"], "")
     message = f"[{style}]{row['message']}[/]" if style else row["message"]
-    console.print(f"[dim]{created}[/] [{PHASE_STYLE.get(phase, 'white')}]{phase:<8}[/] {message}{extra}", soft_wrap=True)
+    console.print(
+        f"[dim]{created}[/] [{PHASE_STYLE.get(phase, 'white')}]{phase:<8}[/] {message}{extra}", soft_wrap=True
+    )
 
 
 @app.command()
@@ -107,7 +117,9 @@ def enqueue(
     async def go() -> str:
         redis = await client.connect(settings.redis.url)
         try:
-            job = await client.enqueue_generation(redis, order_id, data, regenerate, queue_name=settings.worker.queue_name)
+            job = await client.enqueue_generation(
+                redis, order_id, data, regenerate, queue_name=settings.worker.queue_name
+            )
         finally:
             await redis.aclose()
         return f"enqueued job {job.job_id}" if job else f"a job for order {order_id} is already queued or running"
@@ -116,8 +128,10 @@ def enqueue(
 
 
 @app.command()
-def status(order_id: Annotated[int | None, typer.Argument(help="Order id; all recent generations if omitted")] = None,
-           limit: int = 20) -> None:
+def status(
+    order_id: Annotated[int | None, typer.Argument(help="Order id; all recent generations if omitted")] = None,
+    limit: int = 20,
+) -> None:
     """Show recent generations (of one order, or of all).
 
     Example: sitegen status 42
@@ -128,8 +142,10 @@ def status(order_id: Annotated[int | None, typer.Argument(help="Order id; all re
         conn = await asyncpg.connect(settings.database.url)
         try:
             if order_id is None:
-                return await conn.fetch(QUERIES["recent_generations"], limit)
-            return await conn.fetch(QUERIES["generations_for_order"], order_id, limit)
+                rows: list[asyncpg.Record] = await conn.fetch(QUERIES["recent_generations"], limit)
+            else:
+                rows = await conn.fetch(QUERIES["generations_for_order"], order_id, limit)
+            return rows
         finally:
             await conn.close()
 
@@ -139,7 +155,11 @@ def status(order_id: Annotated[int | None, typer.Argument(help="Order id; all re
         usage = json.loads(r["usage"]) if r["usage"] else {}
         error = json.loads(r["error"]) if r["error"] else None
         table.add_row(
-            str(r.get("order_id", order_id)), str(r["id"]), r["status"], r["current_phase"] or "", str(r["attempt"]),
+            str(r.get("order_id", order_id)),
+            str(r["id"]),
+            r["status"],
+            r["current_phase"] or "",
+            str(r["attempt"]),
             f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "",
             str(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
             f"{error['type']}: {error['message'][:80]}" if error else "",
@@ -148,7 +168,9 @@ def status(order_id: Annotated[int | None, typer.Argument(help="Order id; all re
 
 
 @app.command()
-def logs(order_id: int, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new rows live")] = False) -> None:
+def logs(
+    order_id: int, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new rows live")] = False
+) -> None:
     """Print an order's progress log; --follow streams it live (LISTEN/NOTIFY).
 
     Example: sitegen logs 42 --follow
@@ -185,6 +207,7 @@ def config() -> None:
 @app.command()
 def demo(
     order_id: Annotated[int, typer.Option(help="Order id for the sample order")] = 1001,
+    latency: Annotated[float, typer.Option(help="Seconds each offline model answer takes, to watch progress")] = 0.5,
     brief: Annotated[Path | None, typer.Option(help="JSON file with a brief instead of the sample")] = None,
 ) -> None:
     """Generate a real site end to end: local PostgreSQL and Redis (unless DATABASE_URL/REDIS_URL are set),
@@ -216,7 +239,13 @@ def demo(
         with log_path.open("wb") as log_file:
             worker_proc = subprocess.Popen(
                 [sys.executable, "-m", "arq", "worker.main.WorkerSettings"],
-                stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "SITEGEN_WORKER__RUN_MIGRATIONS": "false"},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    "SITEGEN_WORKER__RUN_MIGRATIONS": "false",
+                    "SITEGEN_AI__PROVIDERS__OFFLINE__LATENCY_S": str(latency),
+                },
             )
         console.print(f"worker started (pid {worker_proc.pid}, log {log_path})")
         result = _run(_demo_run(settings, order_id, data, worker_proc))
@@ -225,8 +254,10 @@ def demo(
             raise typer.Exit(1)
         site = Path(result["output_dir"])
         console.print(f"\n[bold green]site ready:[/] {site / 'index.html'}")
-        console.print(f"pages: {', '.join(result['pages'])}   tokens: {result['usage']['input_tokens']} in, "
-                      f"{result['usage']['output_tokens']} out   model calls: {result['usage']['calls']}")
+        console.print(
+            f"pages: {', '.join(result['pages'])}   tokens: {result['usage']['input_tokens']} in, "
+            f"{result['usage']['output_tokens']} out   model calls: {result['usage']['calls']}"
+        )
     finally:
         if worker_proc is not None and worker_proc.poll() is None:
             worker_proc.send_signal(signal.SIGTERM)
@@ -238,11 +269,14 @@ def demo(
             services.stop()
 
 
-async def _demo_run(settings: Settings, order_id: int, brief: dict[str, Any],
-                    worker_proc: subprocess.Popen[bytes]) -> dict[str, Any] | None:
+async def _demo_run(
+    settings: Settings, order_id: int, brief: dict[str, Any], worker_proc: subprocess.Popen[bytes]
+) -> dict[str, Any] | None:
     redis = await client.connect(settings.redis.url)
     try:
-        job = await client.enqueue_generation(redis, order_id, brief, regenerate=True, queue_name=settings.worker.queue_name)
+        job = await client.enqueue_generation(
+            redis, order_id, brief, regenerate=True, queue_name=settings.worker.queue_name
+        )
         console.print(f"enqueued order {order_id} as job {job.job_id if job else '(already queued)'}\n")
         stop = asyncio.Event()
         result: dict[str, Any] | None = None

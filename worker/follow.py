@@ -22,7 +22,10 @@ CHANNEL = "site_generation_progress"
 
 async def _fetch(conn: asyncpg.Connection, order_id: int, after_id: int) -> list[dict[str, Any]]:
     rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, 1000)
-    return [{**dict(r), "details": json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]} for r in rows]
+    return [
+        {**dict(r), "details": json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]}
+        for r in rows
+    ]
 
 
 async def follow_logs(
@@ -47,7 +50,7 @@ async def follow_logs(
             await _wait(stop, wake, poll_s)
             continue
         lost = asyncio.Event()
-        conn.add_termination_listener(lambda _c: lost.set())
+        conn.add_termination_listener(lambda _c, lost=lost: lost.set())
         try:
             await conn.add_listener(CHANNEL, on_notify)
             while not stop.is_set() and not lost.is_set():
@@ -66,10 +69,10 @@ async def follow_logs(
     return
 
 
-async def _wait(stop: asyncio.Event, wake: asyncio.Event, timeout: float, lost: asyncio.Event | None = None) -> None:
+async def _wait(stop: asyncio.Event, wake: asyncio.Event, wait_s: float, lost: asyncio.Event | None = None) -> None:
     waiters = [asyncio.ensure_future(e.wait()) for e in (stop, wake, lost) if e is not None]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waiters:
             w.cancel()

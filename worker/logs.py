@@ -9,10 +9,7 @@ from loguru import logger
 
 from worker.settings import LogSection
 
-_FORMAT = (
-    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-    "<cyan>{extra[replica]}</cyan> {message}"
-)
+_FORMAT = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{extra[replica]}</cyan> {message}"
 
 
 class _ToLoguru(logging.Handler):

@@ -26,8 +26,9 @@ from worker.settings import Settings, SettingsError, load_settings, redact_url
 from worker.store import Store, create_pool
 
 
-async def generate_site(ctx: dict[str, Any], order_id: Any = None, brief: Any = None,
-                        regenerate: Any = False, *args: Any, **unknown: Any) -> dict[str, Any]:
+async def generate_site(
+    ctx: dict[str, Any], order_id: Any = None, brief: Any = None, regenerate: Any = False, *args: Any, **unknown: Any
+) -> dict[str, Any]:
     """The job: generate (or resume, or return) the site of an order. See DESIGN.md, "Public contract"."""
     rt: Runtime = ctx["runtime"]
     job_try = int(ctx.get("job_try", 1))
@@ -36,7 +37,12 @@ async def generate_site(ctx: dict[str, Any], order_id: Any = None, brief: Any = 
             checked_id = validate_job_args(order_id, brief, regenerate, unknown, args)
         except SitegenError as exc:
             if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
-                await rt.progress.log(order_id, f"job rejected: {exc}", level="error", error={"type": type(exc).__name__, "message": str(exc)})
+                await rt.progress.log(
+                    order_id,
+                    f"job rejected: {exc}",
+                    level="error",
+                    error={"type": type(exc).__name__, "message": str(exc)},
+                )
             else:
                 logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
             raise
@@ -50,7 +56,12 @@ async def generate_site(ctx: dict[str, Any], order_id: Any = None, brief: Any = 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     replica = settings.worker.replica
-    logger.info("starting replica {} (database {}, redis {})", replica, redact_url(settings.database.url), redact_url(settings.redis.url))
+    logger.info(
+        "starting replica {} (database {}, redis {})",
+        replica,
+        redact_url(settings.database.url),
+        redact_url(settings.redis.url),
+    )
     if settings.worker.run_migrations:
         await migrate(settings.database.url, settings.database.migrations_dir)
     db = settings.database

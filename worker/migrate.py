@@ -43,7 +43,9 @@ async def migrate(dsn: str, directory: Path) -> list[str]:
         await conn.execute("SELECT pg_advisory_lock($1, $2)", *MIGRATION_LOCK)
         try:
             await conn.execute(_CREATE_TABLE)
-            done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+            done = {
+                r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+            }
             for path in files:
                 sql = path.read_text()
                 checksum = hashlib.sha256(sql.encode()).hexdigest()

@@ -24,8 +24,19 @@ MAX_FILE_BYTES = 2_000_000
 MAX_FILES = 200
 
 SectionKind = Literal[
-    "hero", "features", "services", "about", "testimonials", "gallery", "cta", "contact",
-    "text", "faq", "team", "pricing", "hours",
+    "hero",
+    "features",
+    "services",
+    "about",
+    "testimonials",
+    "gallery",
+    "cta",
+    "contact",
+    "text",
+    "faq",
+    "team",
+    "pricing",
+    "hours",
 ]
 
 
@@ -181,10 +192,15 @@ class SiteContent(_Strict):
                 problems.append(f"page {page.slug!r} has no content")
                 continue
             have = {s.section_id for s in written.sections}
-            problems += [f"page {page.slug!r} section {s.id!r} has no content" for s in page.sections if s.id not in have]
+            problems += [
+                f"page {page.slug!r} section {s.id!r} has no content" for s in page.sections if s.id not in have
+            ]
             for section in written.sections:
                 if section.cta_target and section.cta_target not in by_slug:
-                    problems.append(f"page {page.slug!r} section {section.section_id!r} links to unknown page {section.cta_target!r}")
+                    problems.append(
+                        f"page {page.slug!r} section {section.section_id!r} "
+                        f"links to unknown page {section.cta_target!r}"
+                    )
         extra = sorted(set(by_slug) - {p.slug for p in plan.pages})
         problems += [f"page {s!r} is not in the plan" for s in extra]
         if problems:

@@ -91,12 +91,17 @@ class LimitsSection(_Section):
 class ProviderSettings(_Section):
     kind: Literal["offline"] = Field(description="offline (more kinds come with the real providers)")
     model: str = "offline-templates-1"
+    latency_s: float = Field(default=0, ge=0, le=60, description="offline only: pretend each answer takes this long")
 
 
 class AISection(_Section):
-    providers: dict[str, ProviderSettings] = Field(default_factory=lambda: {"offline": ProviderSettings(kind="offline")})
+    providers: dict[str, ProviderSettings] = Field(
+        default_factory=lambda: {"offline": ProviderSettings(kind="offline")}
+    )
     routing: dict[str, str] = Field(default_factory=lambda: {task: "offline" for task in TASKS})
-    max_output_retries: int = Field(default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation")
+    max_output_retries: int = Field(
+        default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation"
+    )
 
     @model_validator(mode="after")
     def _routes_known(self) -> AISection:
@@ -105,7 +110,9 @@ class AISection(_Section):
             if name is None:
                 raise ValueError(f"routing.{task}: no provider routed for task {task!r}")
             if name not in self.providers:
-                raise ValueError(f"routing.{task}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})")
+                raise ValueError(
+                    f"routing.{task}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})"
+                )
         unknown = sorted(set(self.routing) - set(TASKS))
         if unknown:
             raise ValueError(f"routing: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(TASKS)})")

@@ -43,7 +43,9 @@ async def test_enqueue_with_client_generates_site_and_stores_contract_rows(
     stored_files = {f["path"]: f["sha256"] for f in files}
     assert stored_files.pop("manifest.json")
     assert stored_files == {f["path"]: f["sha256"] for f in manifest["files"]}
-    messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = 7 ORDER BY id")]
+    messages = [
+        r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = 7 ORDER BY id")
+    ]
     assert messages[0] == "generation started (attempt 1)"
     for phase in ("plan", "content", "code", "assemble"):
         assert f"phase {phase} started" in messages and f"phase {phase} done" in messages
@@ -97,9 +99,12 @@ async def test_after_success_enqueue_is_noop_and_regenerate_starts_fresh(
     assert again["generation_id"] == first["generation_id"] and again["status"] == "succeeded"
     assert sum(ai().calls.values()) == calls_after_first, "a no-op must not call the model"
     assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 10") == 1
-    assert await db.fetchval(
-        "SELECT count(*) FROM site_generation_logs WHERE order_id = 10 AND message LIKE 'already generated%'"
-    ) == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM site_generation_logs WHERE order_id = 10 AND message LIKE 'already generated%'"
+        )
+        == 1
+    )
 
     await client.enqueue_generation(redis, 10, regenerate=True)
     fresh = await wait_for_result(redis, 10)
@@ -149,7 +154,10 @@ async def test_failed_phase_keeps_logs_leaves_nothing_and_resumes_there(
         await client.enqueue_generation(redis, 12, SAMPLE_BRIEF)
         result = await wait_for_result(redis, 12)
     finally:
-        await db.execute("DROP TRIGGER fail_code_once ON site_generation_phases; DROP FUNCTION fail_code_once(); DROP SEQUENCE code_phase_inserts;")
+        await db.execute(
+            "DROP TRIGGER fail_code_once ON site_generation_phases; DROP FUNCTION fail_code_once();"
+            " DROP SEQUENCE code_phase_inserts;"
+        )
     assert result["status"] == "succeeded"
     calls = worker.ctx["runtime"].ai.calls
     assert calls == {"planning": 1, "content": 1, "coding": 2}, "committed phases must not call the model again"
@@ -161,11 +169,16 @@ async def test_failed_phase_keeps_logs_leaves_nothing_and_resumes_there(
     assert "injected failure in the code phase" in messages[failed_at]
     assert messages[:failed_at] == [
         "generation started (attempt 1)",
-        "phase plan started", "phase plan done",
-        "phase content started", "phase content done",
+        "phase plan started",
+        "phase plan done",
+        "phase content started",
+        "phase content done",
         "phase code started",
     ], "progress written before the failure is kept"
     assert messages[failed_at + 1] == "generation resumed at phase code (attempt 2)"
-    assert await db.fetchval(
-        "SELECT count(*) FROM site_generation_phases WHERE generation_id = $1 AND phase = 'code'", generation["id"]
-    ) == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM site_generation_phases WHERE generation_id = $1 AND phase = 'code'", generation["id"]
+        )
+        == 1
+    )

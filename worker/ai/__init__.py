@@ -14,5 +14,5 @@ def build_router(settings: AISection) -> AIRouter:
     providers: dict[str, AIProvider] = {}
     for name, config in settings.providers.items():
         if config.kind == "offline":
-            providers[name] = OfflineProvider(name=name, model=config.model)
+            providers[name] = OfflineProvider(name=name, model=config.model, latency_s=config.latency_s)
     return AIRouter(providers, dict(settings.routing))

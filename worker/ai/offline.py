@@ -7,6 +7,7 @@ lets the whole pipeline run on a fresh machine.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from worker.ai.base import AIReply, AIRequest, Usage
@@ -21,11 +22,15 @@ def _tokens(text: str) -> int:
 
 
 class OfflineProvider:
-    def __init__(self, name: str = "offline", model: str = "offline-templates-1") -> None:
+    def __init__(self, name: str = "offline", model: str = "offline-templates-1", latency_s: float = 0) -> None:
         self.name = name
         self.model = model
+        self.latency_s = latency_s
 
     async def complete(self, request: AIRequest) -> AIReply:
+        if self.latency_s:
+            # Lets the demo and benchmarks behave like a model that takes its time.
+            await asyncio.sleep(self.latency_s)
         inputs: dict[str, Any] = extract_input(request.prompt)
         brief = Brief.model_validate(inputs["brief"])
         if request.task == "planning":

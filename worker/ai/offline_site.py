@@ -314,8 +314,9 @@ def _hours_items(hours: str) -> list[ContentItem]:
         if not part:
             continue
         m = re.match(r"^([A-Za-z][^0-9]*?)[\s:]+(\d.*)$", part)
-        items.append(ContentItem(title=clip(m.group(1), 200), text=m.group(2)) if m else
-                     ContentItem(title=clip(part, 200)))
+        items.append(
+            ContentItem(title=clip(m.group(1), 200), text=m.group(2)) if m else ContentItem(title=clip(part, 200))
+        )
     return items[:24]
 
 
@@ -344,29 +345,43 @@ def _copy(ctx: _Ctx, section: SectionPlan) -> SectionContent:
             items = [
                 ContentItem(title="Quality first", text="We would rather do fewer things well than many things badly."),
                 ContentItem(title="Honest advice", text="Clear prices and straight answers, always."),
-                ContentItem(title="Part of the community", text="We are proud to serve our neighbours"
-                            f"{f' in {city}' if city else ''}."),
+                ContentItem(
+                    title="Part of the community",
+                    text=f"We are proud to serve our neighbours{f' in {city}' if city else ''}.",
+                ),
             ]
         else:
-            local = f"We are based in {b.location} and know our customers by name." if b.location else (
-                "A small team that treats every customer personally.")
-            made_for = (f"We work for {_lower_first(clip(b.audience, 300))}, so what you need comes first."
-                        if b.audience else "We listen first, then tailor what we do to what you actually need.")
+            local = (
+                f"We are based in {b.location} and know our customers by name."
+                if b.location
+                else ("A small team that treats every customer personally.")
+            )
+            made_for = (
+                f"We work for {_lower_first(clip(b.audience, 300))}, so what you need comes first."
+                if b.audience
+                else "We listen first, then tailor what we do to what you actually need."
+            )
             items = [
                 ContentItem(title="Local and personal", text=local),
                 ContentItem(title="Made for you", text=made_for),
-                ContentItem(title="Quality you can count on",
-                            text="From the first hello to the last detail, we take pride in doing things properly."),
+                ContentItem(
+                    title="Quality you can count on",
+                    text="From the first hello to the last detail, we take pride in doing things properly.",
+                ),
             ]
     elif kind == "testimonials":
         favourite = _lower_first(b.services[0]) if b.services else "service"
         items = [
-            ContentItem(title="A regular customer",
-                        text=f"Always a warm welcome and great results. {name} is our first choice"
-                        f"{f' in {city}' if city else ''}."),
+            ContentItem(
+                title="A regular customer",
+                text=f"Always a warm welcome and great results. {name} is our first choice"
+                f"{f' in {city}' if city else ''}.",
+            ),
             ContentItem(title="A happy client", text=f"The {favourite} is excellent, exactly what we hoped for."),
-            ContentItem(title="A local family", text="Professional, reliable and easy to talk to. "
-                        "We recommend them to friends and family."),
+            ContentItem(
+                title="A local family",
+                text="Professional, reliable and easy to talk to. We recommend them to friends and family.",
+            ),
         ]
     elif kind in ("about", "text"):
         extra = []
@@ -379,23 +394,36 @@ def _copy(ctx: _Ctx, section: SectionPlan) -> SectionContent:
         if b.location:
             extra.append(f"You will find us at {b.location}.")
         if kind == "about":
-            extra.append(f"Whether it is your first visit or your hundredth, expect a {_lower_first(b.tone)} welcome."
-                         if b.tone else "Whether it is your first visit or your hundredth, you are welcome here.")
+            extra.append(
+                f"Whether it is your first visit or your hundredth, expect a {_lower_first(b.tone)} welcome."
+                if b.tone
+                else "Whether it is your first visit or your hundredth, you are welcome here."
+            )
         body = clip(b.description + ("\n\n" + " ".join(extra) if extra else ""), 5000)
     elif kind == "faq":
         c = b.contact
         where = c.address or b.location
         reach = [f"call {c.phone}" if c.phone else "", f"email {c.email}" if c.email else ""]
         items = [
-            ContentItem(title="What do you offer?", text=(clip(_offer_sentence(b.services), 2000) if b.services else
-                        f"{name}: {clip(b.description, 300)}")),
-            ContentItem(title="Where can I find you?",
-                        text=f"We are at {where}." if where else "Get in touch and we will tell you where to find us."),
-            ContentItem(title="When are you open?",
-                        text=c.hours or "Get in touch and we will find a time that works for you."),
-            ContentItem(title="How do I get in touch?",
-                        text=(f"You can {_join_words([r for r in reach if r])}, or visit our contact page."
-                              if any(reach) else "Use the details on our contact page.")),
+            ContentItem(
+                title="What do you offer?",
+                text=(clip(_offer_sentence(b.services), 2000) if b.services else f"{name}: {clip(b.description, 300)}"),
+            ),
+            ContentItem(
+                title="Where can I find you?",
+                text=f"We are at {where}." if where else "Get in touch and we will tell you where to find us.",
+            ),
+            ContentItem(
+                title="When are you open?", text=c.hours or "Get in touch and we will find a time that works for you."
+            ),
+            ContentItem(
+                title="How do I get in touch?",
+                text=(
+                    f"You can {_join_words([r for r in reach if r])}, or visit our contact page."
+                    if any(reach)
+                    else "Use the details on our contact page."
+                ),
+            ),
         ]
     elif kind == "team":
         body = f"The people behind {name} are the reason customers come back."
@@ -410,22 +438,31 @@ def _copy(ctx: _Ctx, section: SectionPlan) -> SectionContent:
         body = "We would love to hear from you. Call, write or drop by, whichever suits you best."
         items = _contact_items(b)
     elif kind == "hours":
-        body = "Here is when you can find us." if b.contact.hours else (
-            "Get in touch and we will find a time that works for you.")
+        body = (
+            "Here is when you can find us."
+            if b.contact.hours
+            else ("Get in touch and we will find a time that works for you.")
+        )
         items = _hours_items(b.contact.hours)
     elif kind == "cta":
         body = f"Tell {name} what you need and we will get back to you quickly."
         target = ctx.contact_slug if ctx.contact_slug != ctx.page.slug else ""
         cta_label, cta_target = ("Contact us", target) if target else ("", "")
-    return SectionContent(section_id=section.id, heading=section.heading, body=body, items=items,
-                          cta_label=cta_label, cta_target=cta_target)
+    return SectionContent(
+        section_id=section.id,
+        heading=section.heading,
+        body=body,
+        items=items,
+        cta_label=cta_label,
+        cta_target=cta_target,
+    )
 
 
 def offline_content(brief: Brief, plan: SitePlan) -> SiteContent:
     """Copy for every planned section, written from the brief; satisfies `check_against(plan)`."""
+
     def first_with(kinds: tuple[str, ...]) -> str:
-        return next((p.slug for p in plan.pages if p.slug != "index" and any(s.kind in kinds for s in p.sections)),
-                    "")
+        return next((p.slug for p in plan.pages if p.slug != "index" and any(s.kind in kinds for s in p.sections)), "")
 
     contact_slug = first_with(("contact",)) or "index"
     services_slug = first_with(("services", "pricing"))
@@ -438,12 +475,14 @@ def offline_content(brief: Brief, plan: SitePlan) -> SiteContent:
         else:
             meta_title = f"{page.title} | {plan.site_name}"
             meta_description = f"{page.title} at {plan.site_name}. {brief.description}"
-        pages.append(PageContent(
-            slug=page.slug,
-            meta_title=clip(meta_title, 70) if len(meta_title) > 70 else meta_title,
-            meta_description=_meta_description(meta_description),
-            sections=[_copy(ctx, s) for s in page.sections],
-        ))
+        pages.append(
+            PageContent(
+                slug=page.slug,
+                meta_title=clip(meta_title, 70) if len(meta_title) > 70 else meta_title,
+                meta_description=_meta_description(meta_description),
+                sections=[_copy(ctx, s) for s in page.sections],
+            )
+        )
     return SiteContent(pages=pages)
 
 
@@ -451,20 +490,28 @@ def offline_content(brief: Brief, plan: SitePlan) -> SiteContent:
 
 _EMAIL = re.compile(r"^[^@\s<>\"']+@[^@\s<>\"']+\.[^@\s<>\"']+$")
 _PHONE = re.compile(r"^\+?[0-9().\- ]{6,40}$")
-_ICON_CHECK = ('<svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true" focusable="false">'
-               '<path d="M5 12.5l4.2 4.2L19 7" fill="none" stroke="currentColor" stroke-width="2.4" '
-               'stroke-linecap="round" stroke-linejoin="round"/></svg>')
-_ICON_QUOTE = ('<svg viewBox="0 0 32 32" width="32" height="32" aria-hidden="true" focusable="false">'
-               '<path fill="currentColor" d="M6 18c0-6 3-10 9-11v4c-3 1-4 3-4 5h4v9H6v-7zm14 0c0-6 3-10 '
-               '9-11v4c-3 1-4 3-4 5h4v9h-9v-7z"/></svg>')
-_HERO_ART = ('<svg class="hero-art" viewBox="0 0 400 400" aria-hidden="true" focusable="false">'
-             '<circle cx="300" cy="110" r="150" fill="currentColor" opacity=".10"/>'
-             '<circle cx="130" cy="300" r="80" fill="currentColor" opacity=".08"/>'
-             '<circle cx="330" cy="300" r="40" fill="currentColor" opacity=".12"/></svg>')
-_TILE_ART = ('<svg viewBox="0 0 120 90" width="120" height="90" aria-hidden="true" focusable="false">'
-             '<rect x="8" y="8" width="104" height="74" rx="10" fill="none" stroke="currentColor" stroke-width="4"/>'
-             '<circle cx="40" cy="34" r="9" fill="currentColor"/>'
-             '<path d="M14 76l30-28 18 16 16-12 30 24z" fill="currentColor" opacity=".7"/></svg>')
+_ICON_CHECK = (
+    '<svg viewBox="0 0 24 24" width="22" height="22" aria-hidden="true" focusable="false">'
+    '<path d="M5 12.5l4.2 4.2L19 7" fill="none" stroke="currentColor" stroke-width="2.4" '
+    'stroke-linecap="round" stroke-linejoin="round"/></svg>'
+)
+_ICON_QUOTE = (
+    '<svg viewBox="0 0 32 32" width="32" height="32" aria-hidden="true" focusable="false">'
+    '<path fill="currentColor" d="M6 18c0-6 3-10 9-11v4c-3 1-4 3-4 5h4v9H6v-7zm14 0c0-6 3-10 '
+    '9-11v4c-3 1-4 3-4 5h4v9h-9v-7z"/></svg>'
+)
+_HERO_ART = (
+    '<svg class="hero-art" viewBox="0 0 400 400" aria-hidden="true" focusable="false">'
+    '<circle cx="300" cy="110" r="150" fill="currentColor" opacity=".10"/>'
+    '<circle cx="130" cy="300" r="80" fill="currentColor" opacity=".08"/>'
+    '<circle cx="330" cy="300" r="40" fill="currentColor" opacity=".12"/></svg>'
+)
+_TILE_ART = (
+    '<svg viewBox="0 0 120 90" width="120" height="90" aria-hidden="true" focusable="false">'
+    '<rect x="8" y="8" width="104" height="74" rx="10" fill="none" stroke="currentColor" stroke-width="4"/>'
+    '<circle cx="40" cy="34" r="9" fill="currentColor"/>'
+    '<path d="M14 76l30-28 18 16 16-12 30 24z" fill="currentColor" opacity=".7"/></svg>'
+)
 
 
 def _paragraphs(text: str, cls: str = "") -> str:
@@ -506,18 +553,24 @@ def _section_inner(kind: str, sc: SectionContent, slugs: list[str]) -> str:
     if kind == "testimonials":
         quotes = "".join(
             f'<figure class="quote">{_ICON_QUOTE}<blockquote>{_paragraphs(i.text)}</blockquote>'
-            f"<figcaption>{_e(i.title)}</figcaption></figure>" for i in sc.items)
+            f"<figcaption>{_e(i.title)}</figcaption></figure>"
+            for i in sc.items
+        )
         return f'{intro}<div class="quotes">{quotes}</div>'
     if kind == "faq":
         qa = "".join(f"<details><summary>{_e(i.title)}</summary>{_paragraphs(i.text)}</details>" for i in sc.items)
         return f'{intro}<div class="faq">{qa}</div>'
     if kind == "gallery":
-        tiles = "".join(f'<figure class="tile"><div class="tile-art">{_TILE_ART}</div>'
-                        f"<figcaption>{_e(i.title or i.text)}</figcaption></figure>" for i in sc.items)
+        tiles = "".join(
+            f'<figure class="tile"><div class="tile-art">{_TILE_ART}</div>'
+            f"<figcaption>{_e(i.title or i.text)}</figcaption></figure>"
+            for i in sc.items
+        )
         return f'{intro}<div class="gallery">{tiles}</div>'
     if kind == "contact":
-        rows = "".join(f'<div class="contact-item"><dt>{_e(i.title)}</dt><dd>{_contact_value(i.text)}</dd></div>'
-                       for i in sc.items)
+        rows = "".join(
+            f'<div class="contact-item"><dt>{_e(i.title)}</dt><dd>{_contact_value(i.text)}</dd></div>' for i in sc.items
+        )
         return f'{intro}<address class="contact"><dl class="contact-grid">{rows}</dl></address>'
     if kind == "hours":
         rows = "".join(f"<div><dt>{_e(i.title)}</dt><dd>{_e(i.text)}</dd></div>" for i in sc.items)
@@ -530,16 +583,22 @@ def _section_inner(kind: str, sc: SectionContent, slugs: list[str]) -> str:
 def _render_section(sp: SectionPlan, sc: SectionContent, slugs: list[str], heading_tag: str, eyebrow: str) -> str:
     sid = _e(sp.id)
     if sp.kind == "hero":
-        return (f'<section class="hero" id="{sid}" aria-labelledby="{sid}-title">{_HERO_ART}<div class="container">'
-                f'{eyebrow}<{heading_tag} id="{sid}-title">{_e(sc.heading)}</{heading_tag}>'
-                f'{_paragraphs(sc.body, "lead")}{_button(sc, slugs)}</div></section>')
+        return (
+            f'<section class="hero" id="{sid}" aria-labelledby="{sid}-title">{_HERO_ART}<div class="container">'
+            f'{eyebrow}<{heading_tag} id="{sid}-title">{_e(sc.heading)}</{heading_tag}>'
+            f"{_paragraphs(sc.body, 'lead')}{_button(sc, slugs)}</div></section>"
+        )
     if sp.kind == "cta":
-        return (f'<section class="section cta-band" id="{sid}" aria-labelledby="{sid}-title"><div class="container">'
-                f'<div class="cta-box"><div><h2 id="{sid}-title">{_e(sc.heading)}</h2>{_paragraphs(sc.body)}</div>'
-                f"{_button(sc, slugs)}</div></div></section>")
-    return (f'<section class="section section-{_e(sp.kind)}" id="{sid}" aria-labelledby="{sid}-title">'
-            f'<div class="container"><h2 id="{sid}-title">{_e(sc.heading)}</h2>'
-            f"{_section_inner(sp.kind, sc, slugs)}{_button(sc, slugs)}</div></section>")
+        return (
+            f'<section class="section cta-band" id="{sid}" aria-labelledby="{sid}-title"><div class="container">'
+            f'<div class="cta-box"><div><h2 id="{sid}-title">{_e(sc.heading)}</h2>{_paragraphs(sc.body)}</div>'
+            f"{_button(sc, slugs)}</div></div></section>"
+        )
+    return (
+        f'<section class="section section-{_e(sp.kind)}" id="{sid}" aria-labelledby="{sid}-title">'
+        f'<div class="container"><h2 id="{sid}-title">{_e(sc.heading)}</h2>'
+        f"{_section_inner(sp.kind, sc, slugs)}{_button(sc, slugs)}</div></section>"
+    )
 
 
 def _footer(plan: SitePlan, content: SiteContent) -> str:
@@ -553,13 +612,18 @@ def _footer(plan: SitePlan, content: SiteContent) -> str:
             if sc and sp.kind == "hours" and sc.items and len(details) < 5:
                 details += [f"<li>{_e(' '.join(x for x in (i.title, i.text) if x))}</li>" for i in sc.items[:3]]
     links = "".join(f'<li><a href="{_e(page_file(p.slug))}">{_e(p.nav_label)}</a></li>' for p in plan.pages)
-    contact = (f'<div><p class="footer-title">Contact</p><ul class="footer-list" role="list">{"".join(details)}'
-               "</ul></div>") if details else ""
-    return (f'<footer class="site-footer"><div class="container footer-grid">'
-            f'<div><p class="footer-brand">{_e(plan.site_name)}</p><p>{_e(plan.tagline)}</p></div>'
-            f'{contact}<div><p class="footer-title">Explore</p><ul class="footer-list" role="list">{links}</ul></div>'
-            f'</div><div class="container footer-bottom"><p>&copy; {_e(plan.site_name)}. All rights reserved.</p>'
-            "</div></footer>")
+    contact = (
+        (f'<div><p class="footer-title">Contact</p><ul class="footer-list" role="list">{"".join(details)}</ul></div>')
+        if details
+        else ""
+    )
+    return (
+        f'<footer class="site-footer"><div class="container footer-grid">'
+        f'<div><p class="footer-brand">{_e(plan.site_name)}</p><p>{_e(plan.tagline)}</p></div>'
+        f'{contact}<div><p class="footer-title">Explore</p><ul class="footer-list" role="list">{links}</ul></div>'
+        f'</div><div class="container footer-bottom"><p>&copy; {_e(plan.site_name)}. All rights reserved.</p>'
+        "</div></footer>"
+    )
 
 
 def _page_html(plan: SitePlan, content: SiteContent, page: PagePlan, footer: str) -> str:
@@ -568,15 +632,18 @@ def _page_html(plan: SitePlan, content: SiteContent, page: PagePlan, footer: str
     slugs = [p.slug for p in plan.pages]
     current = ' aria-current="page"'
     nav = "".join(
-        f'<li><a href="{_e(page_file(p.slug))}"{current if p.slug == page.slug else ""}>'
-        f"{_e(p.nav_label)}</a></li>" for p in (plan.page(s) for s in plan.nav))
+        f'<li><a href="{_e(page_file(p.slug))}"{current if p.slug == page.slug else ""}>{_e(p.nav_label)}</a></li>'
+        for p in (plan.page(s) for s in plan.nav)
+    )
     parts: list[str] = []
     planned = [(sp, by_id[sp.id]) for sp in page.sections if sp.id in by_id]
     # Exactly one h1: the leading hero's heading, else a page banner with the page title.
     has_hero_h1 = bool(planned) and planned[0][0].kind == "hero"
     if not has_hero_h1:
-        parts.append(f'<div class="page-banner"><div class="container"><p class="eyebrow">{_e(plan.site_name)}</p>'
-                     f"<h1>{_e(page.title)}</h1></div></div>")
+        parts.append(
+            f'<div class="page-banner"><div class="container"><p class="eyebrow">{_e(plan.site_name)}</p>'
+            f"<h1>{_e(page.title)}</h1></div></div>"
+        )
     eyebrow = f'<p class="eyebrow">{_e(plan.tagline)}</p>' if plan.tagline else ""
     for i, (sp, sc) in enumerate(planned):
         tag = "h1" if i == 0 and has_hero_h1 else "h2"
@@ -745,9 +812,14 @@ def site_css(palette: Palette) -> str:
     """The stylesheet, with the palette as CSS custom properties."""
     muted = _shade_until(_mix(palette.text, palette.background, 0.3), [palette.background, WHITE], MIN_CONTRAST, -0.02)
     return _CSS.substitute(
-        primary=palette.primary, secondary=palette.secondary, accent=palette.accent,
-        background=palette.background, text=palette.text, muted=muted,
-        border=_mix(palette.text, palette.background, 0.88), tint=_mix(palette.primary, WHITE, 0.88),
+        primary=palette.primary,
+        secondary=palette.secondary,
+        accent=palette.accent,
+        background=palette.background,
+        text=palette.text,
+        muted=muted,
+        border=_mix(palette.text, palette.background, 0.88),
+        tint=_mix(palette.primary, WHITE, 0.88),
     )
 
 
@@ -766,6 +838,12 @@ def offline_site(brief: Brief) -> SiteCode:
 
 
 __all__ = [
-    "contrast_ratio", "offline_code", "offline_content", "offline_plan", "offline_site", "relative_luminance",
-    "site_css", "site_palette",
+    "contrast_ratio",
+    "offline_code",
+    "offline_content",
+    "offline_plan",
+    "offline_site",
+    "relative_luminance",
+    "site_css",
+    "site_palette",
 ]

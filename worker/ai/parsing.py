@@ -72,7 +72,12 @@ def extract_json(text: str) -> Any:
         context = candidate[max(exc.pos - 60, 0) : exc.pos + 60]
         logger.warning(
             "malformed JSON from the model at line {} column {} (char {} of {}): {}; context: {!r}",
-            exc.lineno, exc.colno, exc.pos, len(candidate), exc.msg, context,
+            exc.lineno,
+            exc.colno,
+            exc.pos,
+            len(candidate),
+            exc.msg,
+            context,
         )
         repaired = json_repair.loads(candidate)
         if isinstance(repaired, dict | list) and repaired:
@@ -84,9 +89,7 @@ def extract_json(text: str) -> Any:
 
 
 def _validation_summary(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:10]
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:10])
 
 
 async def ask_model(
@@ -104,11 +107,15 @@ async def ask_model(
     usage = Usage()
     problem = ""
     for attempt in range(max_retries + 1):
-        asked = request if not problem else AIRequest(
-            task=task,
-            system=request.system,
-            prompt=f"{request.prompt}\n\nYour previous answer was rejected: {problem}\n"
-            "Answer again with one JSON object that fixes this, and nothing else.",
+        asked = (
+            request
+            if not problem
+            else AIRequest(
+                task=task,
+                system=request.system,
+                prompt=f"{request.prompt}\n\nYour previous answer was rejected: {problem}\n"
+                "Answer again with one JSON object that fixes this, and nothing else.",
+            )
         )
         reply = await router.complete(asked)
         usage += reply.usage

@@ -13,6 +13,7 @@ from collections import deque
 from urllib.parse import unquote, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser as HTMLParser
+from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
 from worker.models import Manifest, ManifestFile, SiteCode, SitePlan, page_file
@@ -30,7 +31,7 @@ def _internal_target(page: str, url: str) -> str | None:
     return posixpath.normpath(posixpath.join(base, unquote(parts.path)))
 
 
-def _links(page: str, tree: HTMLParser) -> tuple[set[str], list[str]]:
+def _links(page: str, tree: HTMLParser | LexborNode) -> tuple[set[str], list[str]]:
     """Internal targets of a page, and its problems with script-bearing URLs or attributes."""
     targets: set[str] = set()
     problems: list[str] = []
@@ -86,11 +87,15 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
                 if target in files and target not in reached:
                     reached.add(target)
                     queue.append(target)
-        problems += [f"page {page} cannot be reached from index.html" for page in pages if page in files and page not in reached]
+        problems += [
+            f"page {page} cannot be reached from index.html" for page in pages if page in files and page not in reached
+        ]
     return problems
 
 
-def assemble_site(order_id: int, generation_id: int, plan: SitePlan, code: SiteCode) -> tuple[Manifest, list[OutputFile]]:
+def assemble_site(
+    order_id: int, generation_id: int, plan: SitePlan, code: SiteCode
+) -> tuple[Manifest, list[OutputFile]]:
     """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem."""
     problems = site_problems(plan, code)
     if problems:

@@ -67,16 +67,24 @@ class Runtime:
 
 def backoff_s(settings: Settings, job_try: int) -> float:
     """Exponential backoff with jitter, so a crowd of failed jobs does not come back at once."""
-    base = min(settings.worker.retry_backoff_max_s, settings.worker.retry_backoff_s * 2 ** max(job_try - 1, 0))
+    w = settings.worker
+    base: float = min(w.retry_backoff_max_s, w.retry_backoff_s * 2.0 ** max(job_try - 1, 0))
     return base * random.uniform(0.5, 1.0)
 
 
-def validate_job_args(order_id: Any, brief: Any, regenerate: Any, unknown: dict[str, Any], extra_args: tuple[Any, ...]) -> int:
+def validate_job_args(
+    order_id: Any, brief: Any, regenerate: Any, unknown: dict[str, Any], extra_args: tuple[Any, ...]
+) -> int:
     """Check the job's arguments as JSON gives them; the message names the argument to fix."""
     if extra_args:
-        raise JobArgumentsInvalid(f"generate_site takes (order_id, brief=None, regenerate=False); got {len(extra_args)} extra positional argument(s)")
+        raise JobArgumentsInvalid(
+            "generate_site takes (order_id, brief=None, regenerate=False); "
+            f"got {len(extra_args)} extra positional argument(s)"
+        )
     if unknown:
-        raise JobArgumentsInvalid(f"unknown job argument(s): {', '.join(sorted(map(str, unknown)))} (expected order_id, brief, regenerate)")
+        raise JobArgumentsInvalid(
+            f"unknown job argument(s): {', '.join(sorted(map(str, unknown)))} (expected order_id, brief, regenerate)"
+        )
     if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
         raise JobArgumentsInvalid(f"order_id must be a positive integer, got {order_id!r:.100}")
     if brief is not None and not isinstance(brief, dict):
@@ -101,7 +109,9 @@ def validate_brief(raw: dict[str, Any], max_bytes: int) -> Brief:
         problems = [
             f"brief.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)[:10]
         ]
-        raise BriefInvalid("invalid brief: " + "; ".join(problems), fields=[p.split(":")[0] for p in problems]) from None
+        raise BriefInvalid(
+            "invalid brief: " + "; ".join(problems), fields=[p.split(":")[0] for p in problems]
+        ) from None
 
 
 def _usage_summary(by_phase: dict[str, Usage]) -> dict[str, Any]:
@@ -129,8 +139,13 @@ class GenerationRun:
         self, task: Task, inputs: dict[str, Any], schema: type[M], *, check: Callable[[M], None] | None = None
     ) -> tuple[M, Usage]:
         return await ask_model(
-            self.rt.ai, task, inputs, schema, check=check,
-            max_retries=self.rt.settings.ai.max_output_retries, notify=self.log,
+            self.rt.ai,
+            task,
+            inputs,
+            schema,
+            check=check,
+            max_retries=self.rt.settings.ai.max_output_retries,
+            notify=self.log,
         )
 
     def result(self, status: str) -> dict[str, Any]:
@@ -168,13 +183,19 @@ class GenerationRun:
         elif phase == "content":
             output, usage = await make_content(brief, self._plan(), self.ask)
         elif phase == "code":
-            output, usage = await make_code(brief, self._plan(), SiteContent.model_validate(self.outputs["content"]), self.ask)
+            output, usage = await make_code(
+                brief, self._plan(), SiteContent.model_validate(self.outputs["content"]), self.ask
+            )
         else:
             return await self._assemble(started), Usage()
         self.usage[phase] = usage
         dumped = output.model_dump(mode="json")
         await self.rt.store.commit_phase(
-            self.claim, phase, dumped, usage=usage.as_dict(), total_usage=_usage_summary(self.usage),
+            self.claim,
+            phase,
+            dumped,
+            usage=usage.as_dict(),
+            total_usage=_usage_summary(self.usage),
             duration_ms=round((time.monotonic() - started) * 1000),
         )
         return dumped, usage
@@ -190,8 +211,13 @@ class GenerationRun:
         self.usage["assemble"] = Usage()
         dumped = manifest.model_dump(mode="json")
         await self.rt.store.finish_generation(
-            self.claim, dumped, files, usage=Usage().as_dict(), total_usage=_usage_summary(self.usage),
-            duration_ms=round((time.monotonic() - started) * 1000), output_dir=str(target),
+            self.claim,
+            dumped,
+            files,
+            usage=Usage().as_dict(),
+            total_usage=_usage_summary(self.usage),
+            duration_ms=round((time.monotonic() - started) * 1000),
+            output_dir=str(target),
         )
         return dumped
 
@@ -258,13 +284,16 @@ async def run_generation(
         return run.result("superseded")
     except Exception as exc:
         error = describe(exc, phase=run.phase)
-        logger.opt(exception=exc).error("order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase)
+        logger.opt(exception=exc).error(
+            "order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase
+        )
         if is_retryable(exc) and not final_try:
             defer = backoff_s(settings, job_try)
             await _store_quietly(rt.store.release_generation(claim, error))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
-                level="warning", error=_short(error),
+                level="warning",
+                error=_short(error),
             )
             raise RetryLater(defer, exc) from exc
         await _store_quietly(rt.store.fail_generation(claim, error))
@@ -287,7 +316,9 @@ async def _store_quietly(write: Any) -> None:
 
 
 async def _hand_back(run: GenerationRun, reason: str) -> None:
-    await _store_quietly(run.rt.store.release_generation(run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase}))
+    await _store_quietly(
+        run.rt.store.release_generation(run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase})
+    )
     await run.log(f"handed back at phase {run.phase}: {reason}", level="warning")
 
 

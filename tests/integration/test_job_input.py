@@ -1,0 +1,131 @@
+"""Jobs with bad input: refused with a clear, stored error, never retried, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from arq import ArqRedis, create_pool
+from arq.connections import RedisSettings
+from arq.jobs import JobResult, SerializationError
+
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job
+from worker import client
+from worker.settings import Settings
+
+
+async def _failed_result(redis: ArqRedis, order_id: int) -> JobResult:
+    job = order_job(redis, order_id)
+    with pytest.raises(SerializationError):
+        # A failed job's result is our JSON description of the error, which arq hands back this way.
+        await job.result(timeout=30, poll_delay=0.05)
+    info = await job.result_info()
+    assert info is not None
+    return info
+
+
+def _files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+BAD_BRIEFS: list[tuple[str, dict[str, Any], str]] = [
+    ("missing business name", {k: v for k, v in SAMPLE_BRIEF.items() if k != "business_name"}, "brief.business_name"),
+    ("5 MB description", {**SAMPLE_BRIEF, "description": "x" * 5_000_000}, "brief.description"),
+    (
+        "page slug ../../etc",
+        {**SAMPLE_BRIEF, "pages": [{"slug": "../../etc", "title": "Escape"}]},
+        "brief.pages.0.slug",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "brief", "field"), BAD_BRIEFS, ids=[c[0] for c in BAD_BRIEFS])
+async def test_bad_brief_fails_once_with_stored_error_naming_the_field(
+    case: str,
+    brief: dict[str, Any],
+    field: str,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    worker = await start_worker()
+    await redis.enqueue_job("generate_site", 30, brief, _job_id=client.job_id(30), _queue_name=client.QUEUE_NAME)
+
+    info = await _failed_result(redis, 30)
+
+    assert info.job_try == 1 and not info.success, "an input error is never retried"
+    assert info.result["error"] == "BriefInvalid" and field in info.result["message"]
+    generation = await db.fetchrow("SELECT status, error, attempt FROM site_generations WHERE order_id = 30")
+    assert generation["status"] == "failed" and generation["attempt"] == 1
+    assert generation["error"]["type"] == "BriefInvalid" and field in generation["error"]["message"]
+    assert generation["error"]["traceback"]
+    log = await db.fetchrow("SELECT level, message FROM site_generation_logs WHERE order_id = 30")
+    assert log["level"] == "error" and field in log["message"]
+    assert await db.fetchval("SELECT brief FROM site_orders WHERE id = 30") is None, "an invalid brief is not stored"
+    assert sum(worker.ctx["runtime"].ai.calls.values()) == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing may be written"
+
+
+async def test_unknown_order_without_brief_fails_with_logged_error(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    await start_worker()
+    await redis.enqueue_job("generate_site", 31, _job_id=client.job_id(31), _queue_name=client.QUEUE_NAME)
+    info = await _failed_result(redis, 31)
+    assert info.job_try == 1 and info.result["error"] == "OrderNotFound"
+    assert "order 31 does not exist" in info.result["message"]
+    assert await db.fetchval("SELECT count(*) FROM site_orders") == 0, "an unknown order is not created"
+    log = await db.fetchrow("SELECT level, message FROM site_generation_logs WHERE order_id = 31")
+    assert log["level"] == "error" and "order 31 does not exist" in log["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "named"),
+    [
+        (("32",), {}, "order_id"),
+        ((32, ["not", "an", "object"]), {}, "brief"),
+        ((32,), {"regenerate": "yes"}, "regenerate"),
+        ((32,), {"colour": "red"}, "colour"),
+    ],
+    ids=["order_id as string", "brief as list", "regenerate as string", "unknown argument"],
+)
+async def test_wrong_job_arguments_fail_without_retry_naming_the_argument(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    named: str,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    await start_worker()
+    await redis.enqueue_job("generate_site", *args, _job_id=client.job_id(32), _queue_name=client.QUEUE_NAME, **kwargs)
+    info = await _failed_result(redis, 32)
+    assert info.job_try == 1 and info.result["error"] == "JobArgumentsInvalid"
+    assert named in info.result["message"]
+    assert await db.fetchval("SELECT count(*) FROM site_generations") == 0
+
+
+async def test_pickled_job_is_refused_and_never_executed(
+    start_worker: WorkerFactory, settings: Settings, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    worker = await start_worker()
+    pickling = await create_pool(RedisSettings.from_dsn(settings.redis.url))  # arq's default: pickle
+    try:
+        await pickling.enqueue_job(
+            "generate_site", 33, SAMPLE_BRIEF, _job_id=client.job_id(33), _queue_name=client.QUEUE_NAME
+        )
+    finally:
+        await pickling.aclose()
+
+    info = await _failed_result(redis, 33)
+
+    assert not info.success
+    assert "not JSON" in info.result["cause"] and "pickle" in info.result["cause"]
+    assert await db.fetchval("SELECT count(*) FROM site_orders") == 0
+    assert await db.fetchval("SELECT count(*) FROM site_generation_logs") == 0
+    assert sum(worker.ctx["runtime"].ai.calls.values()) == 0
