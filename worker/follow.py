@@ -18,10 +18,11 @@ from loguru import logger
 from worker.store import QUERIES
 
 CHANNEL = "site_generation_progress"
+BATCH = 1000
 
 
 async def _fetch(conn: asyncpg.Connection, order_id: int, after_id: int) -> list[dict[str, Any]]:
-    rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, 1000)
+    rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, BATCH)
     return [
         {**dict(r), "details": json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]}
         for r in rows
@@ -31,7 +32,10 @@ async def _fetch(conn: asyncpg.Connection, order_id: int, after_id: int) -> list
 async def follow_logs(
     dsn: str, order_id: int, *, after_id: int = 0, poll_s: float = 2.0, stop: asyncio.Event | None = None
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield the order's progress rows, oldest first, then new ones as they are written, until `stop` is set."""
+    """Yield the order's progress rows, oldest first, then new ones as they are written, until `stop` is set.
+
+    With `stop` already set, yields the stored rows once and returns.
+    """
     stop = stop or asyncio.Event()
     wake = asyncio.Event()
 
@@ -42,10 +46,12 @@ async def follow_logs(
         except ValueError:
             pass
 
-    while not stop.is_set():
+    while True:
         try:
             conn = await asyncpg.connect(dsn)
         except (OSError, asyncpg.PostgresError) as exc:
+            if stop.is_set():
+                raise
             logger.warning("cannot reach PostgreSQL to follow the log ({}); retrying", exc)
             await _wait(stop, wake, poll_s)
             continue
@@ -53,12 +59,17 @@ async def follow_logs(
         conn.add_termination_listener(lambda _c, lost=lost: lost.set())
         try:
             await conn.add_listener(CHANNEL, on_notify)
-            while not stop.is_set() and not lost.is_set():
-                for row in await _fetch(conn, order_id, after_id):
-                    after_id = row["id"]
-                    yield row
+            while not lost.is_set():
+                # Read everything there is before honouring `stop`, so one pass sees every row.
+                while True:
+                    rows = await _fetch(conn, order_id, after_id)
+                    for row in rows:
+                        after_id = row["id"]
+                        yield row
+                    if len(rows) < BATCH:
+                        break
                 if stop.is_set():
-                    break
+                    return
                 await _wait(stop, wake, poll_s, lost)
                 wake.clear()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -66,7 +77,6 @@ async def follow_logs(
         finally:
             if not conn.is_closed():
                 await conn.close()
-    return
 
 
 async def _wait(stop: asyncio.Event, wake: asyncio.Event, wait_s: float, lost: asyncio.Event | None = None) -> None:

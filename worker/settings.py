@@ -6,6 +6,7 @@ TOML file: a provider names the environment variable that holds its key (`api_ke
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from functools import cached_property
@@ -34,18 +35,20 @@ class _Section(BaseModel):
 
 
 class WorkerSection(_Section):
-    queue_name: str = "site_generation"
+    queue_name: str = Field(default="site_generation", description="The arq queue this replica takes jobs from")
     replica_id: str = Field(default="", description="Names this replica in logs and its health key; default: host name")
-    max_jobs: int = Field(default=10, ge=1, le=10_000)
+    max_jobs: int = Field(default=10, ge=1, le=10_000, description="Generations one replica runs at once")
     poll_delay_s: float = Field(default=0.05, gt=0, description="How often an idle replica asks Redis for jobs")
-    job_timeout_s: float = Field(default=1800, gt=0)
-    max_tries: int = Field(default=5, ge=1)
+    job_timeout_s: float = Field(default=1800, gt=0, description="Longest one job may run (arq job_timeout)")
+    max_tries: int = Field(default=5, ge=1, description="Tries of a job before its generation fails")
     keep_result_s: float = Field(default=60, ge=0, description="How long a job's result stays readable in Redis")
-    health_check_interval_s: float = Field(default=5, gt=0)
+    health_check_interval_s: float = Field(
+        default=5, gt=0, description="How often the replica refreshes its health key for `arq --check`"
+    )
     retry_backoff_s: float = Field(default=5, ge=0, description="First delay before a retryable failure is retried")
-    retry_backoff_max_s: float = Field(default=300, ge=0)
+    retry_backoff_max_s: float = Field(default=300, ge=0, description="Longest delay between retries")
     lease_s: float = Field(default=60, gt=0, description="How long a claim on a generation lasts without heartbeat")
-    run_migrations: bool = True
+    run_migrations: bool = Field(default=True, description="Apply pending migrations at startup")
     shutdown_grace_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running jobs may finish")
 
     @cached_property
@@ -54,12 +57,12 @@ class WorkerSection(_Section):
 
 
 class DatabaseSection(_Section):
-    url: str = "postgresql://sitegen@127.0.0.1:5432/sitegen"
-    pool_min_size: int = Field(default=1, ge=0)
-    pool_max_size: int = Field(default=10, ge=1)
-    progress_pool_max_size: int = Field(default=2, ge=1)
-    command_timeout_s: float = Field(default=30, gt=0)
-    migrations_dir: Path = PROJECT_DIR / "migrations"
+    url: str = Field(default="postgresql://sitegen@127.0.0.1:5432/sitegen", description="PostgreSQL DSN")
+    pool_min_size: int = Field(default=1, ge=0, description="Connections the generation pool keeps open")
+    pool_max_size: int = Field(default=10, ge=1, description="Most connections of the generation pool")
+    progress_pool_max_size: int = Field(default=2, ge=1, description="Most connections of the progress pool")
+    command_timeout_s: float = Field(default=30, gt=0, description="Longest a single SQL statement may take")
+    migrations_dir: Path = Field(default=PROJECT_DIR / "migrations", description="Folder of the *.sql migrations")
 
     @field_validator("url")
     @classmethod
@@ -70,7 +73,7 @@ class DatabaseSection(_Section):
 
 
 class RedisSection(_Section):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL of the queue")
 
     @field_validator("url")
     @classmethod
@@ -81,24 +84,28 @@ class RedisSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: Path = Path("generated_sites")
+    dir: Path = Field(default=Path("generated_sites"), description="Sites are written to <dir>/<order_id>/")
 
 
 class LimitsSection(_Section):
-    max_brief_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_brief_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest brief accepted, as JSON bytes")
 
 
 class ProviderSettings(_Section):
     kind: Literal["offline"] = Field(description="offline (more kinds come with the real providers)")
-    model: str = "offline-templates-1"
+    model: str = Field(default="offline-templates-1", description="Model name sent to the provider")
     latency_s: float = Field(default=0, ge=0, le=60, description="offline only: pretend each answer takes this long")
 
 
 class AISection(_Section):
     providers: dict[str, ProviderSettings] = Field(
-        default_factory=lambda: {"offline": ProviderSettings(kind="offline")}
+        default_factory=lambda: {"offline": ProviderSettings(kind="offline")},
+        description="Providers by name (see below)",
     )
-    routing: dict[str, str] = Field(default_factory=lambda: {task: "offline" for task in TASKS})
+    routing: dict[str, str] = Field(
+        default_factory=lambda: {task: "offline" for task in TASKS},
+        description="Provider name for each task: planning, content, coding",
+    )
     max_output_retries: int = Field(
         default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation"
     )
@@ -120,8 +127,8 @@ class AISection(_Section):
 
 
 class LogSection(_Section):
-    level: str = "INFO"
-    json_lines: bool = False
+    level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    json_lines: bool = Field(default=False, description="Log JSON lines instead of text")
 
 
 class Settings(BaseSettings):
@@ -209,3 +216,40 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def settings_reference() -> str:
+    """The Markdown reference of every setting, generated from the model so it cannot drift."""
+    lines = [
+        "# Settings reference",
+        "",
+        "Generated by `python -m worker.settings` from `worker/settings.py`; a test keeps it current.",
+        "Each key is set in `settings.toml` (section, then key) or by the environment variable shown.",
+        "`DATABASE_URL` and `REDIS_URL` are honoured as-is (below the `SITEGEN_` variables).",
+        "",
+        "| key | env | default | description |",
+        "|---|---|---|---|",
+    ]
+    for section, field_info in Settings.model_fields.items():
+        model = field_info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, sub in model.model_fields.items():
+            default = sub.get_default(call_default_factory=True)
+            if isinstance(default, Path):
+                default = default.relative_to(PROJECT_DIR) if default.is_relative_to(PROJECT_DIR) else default
+            if isinstance(default, dict):
+                default = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()})
+            if default == "":
+                default = "(empty)"
+            env = f"SITEGEN_{section}__{key}".upper()
+            lines.append(f"| `{section}.{key}` | `{env}` | `{default}` | {sub.description or ''} |")
+    provider = ProviderSettings.model_fields
+    lines += ["", "Each `[ai.providers.NAME]` table has:", "", "| key | default | description |", "|---|---|---|"]
+    for key, sub in provider.items():
+        default = "(required)" if sub.is_required() else f"`{sub.get_default()}`"
+        lines.append(f"| `{key}` | {default} | {sub.description or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")
