@@ -1,0 +1,78 @@
+"""Failures inside a generation: stored with everything needed to debug them; progress never lost."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+from arq import ArqRedis
+from arq.jobs import SerializationError
+
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
+from worker import client
+from worker.settings import Settings
+
+
+async def _fail_inserts(db: asyncpg.Connection, table: str, *, times: int, when: str = "true") -> None:
+    """A real PostgreSQL failure: the next `times` inserts into `table` matching `when` raise."""
+    await db.execute(f"""
+        DROP SEQUENCE IF EXISTS injected_failures;
+        CREATE SEQUENCE injected_failures;  -- survives the rollback of the failing transaction
+        CREATE OR REPLACE FUNCTION inject_failure() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF ({when}) AND nextval('injected_failures') <= {times} THEN
+            RAISE EXCEPTION 'injected failure writing {table}';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER inject_failure BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION inject_failure();
+    """)
+
+
+async def _remove_failures(db: asyncpg.Connection, table: str) -> None:
+    await db.execute(f"DROP TRIGGER inject_failure ON {table}; DROP FUNCTION inject_failure();")
+
+
+async def test_retryable_failure_on_last_try_fails_generation_with_full_error(
+    start_worker: WorkerFactory, settings: Settings, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    await _fail_inserts(db, "site_generation_phases", times=100, when="NEW.phase = 'content'")
+    try:
+        await start_worker(settings.model_copy(update={"worker": settings.worker.model_copy(update={"max_tries": 2})}))
+        await client.enqueue_generation(redis, 50, SAMPLE_BRIEF)
+        with pytest.raises(SerializationError):
+            await order_job(redis, 50).result(timeout=30, poll_delay=0.05)
+    finally:
+        await _remove_failures(db, "site_generation_phases")
+    info = await order_job(redis, 50).result_info()
+    assert info is not None and info.job_try == 2 and not info.success
+    generation = await db.fetchrow("SELECT status, attempt, error, current_phase FROM site_generations")
+    assert generation["status"] == "failed" and generation["attempt"] == 2
+    error = generation["error"]
+    assert error["type"] == "RaiseError" and error["phase"] == "content"
+    assert "injected failure writing site_generation_phases" in error["message"]
+    assert "Traceback" in error["traceback"] and "commit_phase" in error["traceback"]
+    assert error["sqlstate"] == "P0001"
+    levels = [r["level"] for r in await db.fetch("SELECT level FROM site_generation_logs ORDER BY id")]
+    assert levels.count("warning") == 1 and levels[-1] == "error", "one retry announced, then the failure"
+    assert generation["current_phase"] == "content"
+    assert await db.fetchval("SELECT array_agg(phase) FROM site_generation_phases") == ["plan"]
+
+
+async def test_failing_progress_writes_never_fail_the_generation_and_are_written_later(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    await _fail_inserts(db, "site_generation_logs", times=3)
+    worker = await start_worker()
+    try:
+        await client.enqueue_generation(redis, 51, SAMPLE_BRIEF)
+        result = await wait_for_result(redis, 51)
+    finally:
+        await _remove_failures(db, "site_generation_logs")
+    assert result["status"] == "succeeded"
+    progress = worker.ctx["runtime"].progress
+    assert progress.failed_writes >= 1 and progress.dropped == 0
+    assert await progress.flush()
+    messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
+    # Every row arrives, in order, even those whose first write failed.
+    assert messages[0] == "generation started (attempt 1)" and messages[-1] == "generation succeeded"
+    assert len(messages) == 10
