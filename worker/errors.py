@@ -68,20 +68,74 @@ class ClaimLost(SitegenError):
 
 
 class AIError(SitegenError):
-    """A model call failed; subclasses say what to do about it."""
+    """A model call failed; the subclass says what to do about it. Carries what an operator needs."""
 
-    def __init__(self, message: str, *, provider: str, task: str, model: str = "", **details: Any) -> None:
-        super().__init__(message, provider=provider, task=task, model=model, **details)
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        task: str,
+        model: str = "",
+        status: int | None = None,
+        request_id: str | None = None,
+        body: str | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(
+            message,
+            provider=provider,
+            task=task,
+            model=model,
+            status=status,
+            request_id=request_id,
+            body=body,
+            **details,
+        )
         self.provider = provider
         self.task = task
+        self.model = model
+        self.status = status
+
+
+class AIAuthError(AIError):
+    """401/403: the key is missing, wrong or lacks permission. Fix the setting; retrying cannot help."""
+
+
+class AIBadRequest(AIError):
+    """400/404/422: the provider refused the request (wrong model name, URL or parameters)."""
+
+
+class AIQuotaExhausted(AIError):
+    """The provider's quota is used up for a long while (e.g. Cloudflare's daily allocation): use another."""
+
+
+class AIRateLimited(AIError):
+    """429: try again after `retry_after_s` (when the provider said) or a backoff."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
+class AIUnavailable(AIError):
+    """408/409/5xx/529, timeouts, refused or reset connections: the provider may be back soon."""
+
+    retryable = True
 
 
 class AIBadOutput(AIError):
     """The model's answer could not be parsed or validated, even after re-asking it."""
 
 
-class AIUnavailable(AIError):
-    retryable = True
+#: Failures after which the next provider in a task's fallback list is tried.
+FALLBACK_ON = (AIUnavailable, AIRateLimited, AIQuotaExhausted)
+
+
+class TokenBudgetExceeded(SitegenError):
+    """The generation used more tokens than `ai.max_tokens_per_generation` allows."""
 
 
 # --------------------------------------------------------------------------- output

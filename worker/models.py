@@ -254,6 +254,10 @@ class SiteCode(_Strict):
         paths = [f.path.lower() for f in files]
         if len(paths) != len(set(paths)):
             raise ValueError("file paths must be unique")
+        folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+        clashing = sorted(folders & set(paths))
+        if clashing:
+            raise ValueError(f"file path(s) {', '.join(clashing)} are also used as folders")
         return files
 
 

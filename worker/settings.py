@@ -211,7 +211,11 @@ def _explain(exc: ValidationError) -> str:
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced, for logs and `sitegen config`."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a malformed netloc, which must not be echoed either
+    except ValueError:
+        return "<unparseable URL>" if "@" in url else url
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)

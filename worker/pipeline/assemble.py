@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections import deque
 from urllib.parse import unquote, urlsplit
 
@@ -19,7 +20,22 @@ from worker.errors import SiteCheckFailed
 from worker.models import Manifest, ManifestFile, SiteCode, SitePlan, page_file
 from worker.store import OutputFile
 
-_LINKING = (("a", "href"), ("link", "href"), ("img", "src"), ("script", "src"), ("source", "src"), ("iframe", "src"))
+_LINKING = (
+    ("a", "href"),
+    ("area", "href"),
+    ("link", "href"),
+    ("img", "src"),
+    ("script", "src"),
+    ("source", "src"),
+    ("iframe", "src"),
+    ("embed", "src"),
+    ("object", "data"),
+    ("form", "action"),
+    ("button", "formaction"),
+)
+# Browsers drop these anywhere in a URL and leading C0 controls/spaces, so "java\tscript:" still runs.
+_IGNORED_IN_URL = re.compile(r"[\t\n\r]")
+_SCRIPT_SCHEMES = ("javascript:", "vbscript:", "data:text/html")
 
 
 def _internal_target(page: str, url: str) -> str | None:
@@ -37,8 +53,8 @@ def _links(page: str, tree: HTMLParser | LexborNode) -> tuple[set[str], list[str
     problems: list[str] = []
     for tag, attribute in _LINKING:
         for node in tree.css(f"{tag}[{attribute}]"):
-            url = node.attributes.get(attribute) or ""
-            if url.strip().lower().startswith(("javascript:", "vbscript:", "data:text/html")):
+            url = _IGNORED_IN_URL.sub("", node.attributes.get(attribute) or "").lstrip("".join(map(chr, range(33))))
+            if url.lower().startswith(_SCRIPT_SCHEMES):
                 problems.append(f"{page}: <{tag} {attribute}> uses a script URL")
                 continue
             target = _internal_target(page, url)

@@ -68,7 +68,7 @@ class Runtime:
 def backoff_s(settings: Settings, job_try: int) -> float:
     """Exponential backoff with jitter, so a crowd of failed jobs does not come back at once."""
     w = settings.worker
-    base: float = min(w.retry_backoff_max_s, w.retry_backoff_s * 2.0 ** max(job_try - 1, 0))
+    base: float = min(w.retry_backoff_max_s, w.retry_backoff_s * 2.0 ** min(max(job_try - 1, 0), 30))
     return base * random.uniform(0.5, 1.0)
 
 

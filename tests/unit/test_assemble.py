@@ -1,0 +1,282 @@
+"""worker/pipeline/assemble.py: whole-site checks, and the files plus manifest.json to write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from tests.helpers import SAMPLE_BRIEF
+from worker.ai.offline_site import offline_code, offline_content, offline_plan
+from worker.errors import SiteCheckFailed, is_retryable
+from worker.models import (
+    Brief,
+    GeneratedFile,
+    PagePlan,
+    Palette,
+    SectionPlan,
+    SiteCode,
+    SitePlan,
+    page_file,
+)
+from worker.pipeline.assemble import assemble_site, site_problems
+
+SLUGS = ("index", "about", "contact")
+
+
+def make_plan(slugs: tuple[str, ...] = SLUGS) -> SitePlan:
+    return SitePlan(
+        site_name="Rosa's Bakery",
+        palette=Palette(primary="#aa3300", secondary="#332211", accent="#ffcc00", background="#ffffff", text="#111111"),
+        pages=[
+            PagePlan(
+                slug=slug,
+                title=slug.title(),
+                nav_label=slug.title(),
+                sections=[SectionPlan(id="intro", kind="text", heading=f"About {slug}")],
+            )
+            for slug in slugs
+        ],
+        nav=list(slugs),
+    )
+
+
+def page_html(
+    slug: str,
+    *,
+    nav: tuple[str, ...] = SLUGS,
+    body: str = "",
+    h1: int = 1,
+    title: str | None = None,
+) -> str:
+    links = "".join(f'<a href="{page_file(s)}">{s}</a>' for s in nav)
+    heading = "".join(f"<h1>{slug}</h1>" for _ in range(h1))
+    return (
+        f"<!doctype html><html><head><title>{title if title is not None else slug}</title>"
+        f'<link rel="stylesheet" href="style.css"></head>'
+        f"<body><nav>{links}</nav><main>{heading}<p>Text</p>{body}</main></body></html>"
+    )
+
+
+def make_code(pages: dict[str, str] | None = None, *, extra: dict[str, str] | None = None) -> SiteCode:
+    files = {page_file(slug): page_html(slug) for slug in SLUGS}
+    files["style.css"] = "body { color: #111; }"
+    files.update(pages or {})
+    files.update(extra or {})
+    return SiteCode(files=[GeneratedFile(path=path, content=content) for path, content in files.items()])
+
+
+def without(code: SiteCode, path: str) -> SiteCode:
+    return SiteCode(files=[f for f in code.files if f.path != path])
+
+
+# --------------------------------------------------------------------------- good sites
+
+
+def test_hand_built_site_has_no_problems() -> None:
+    assert site_problems(make_plan(), make_code()) == []
+
+
+@pytest.mark.parametrize(
+    "brief",
+    [
+        SAMPLE_BRIEF,
+        {"business_name": "Northside Plumbing", "description": "Emergency and planned plumbing for homes."},
+        {
+            **SAMPLE_BRIEF,
+            "pages": [
+                {"slug": "menu", "title": "Our menu"},
+                {"slug": "visit-us", "title": "Visit us", "purpose": "Address and opening hours"},
+            ],
+        },
+    ],
+    ids=["sample", "minimal", "custom-pages"],
+)
+def test_offline_site_has_no_problems(brief: dict[str, object]) -> None:
+    valid = Brief.model_validate(brief)
+    plan = offline_plan(valid)
+    code = offline_code(plan, offline_content(valid, plan))
+    assert site_problems(plan, code) == []
+
+
+def test_anchors_external_mailto_and_tel_links_are_not_internal() -> None:
+    body = (
+        '<a href="#top">top</a><a href="?q=1">q</a><a href="https://example.com/x.html">ext</a>'
+        '<a href="//cdn.example.com/lib.js">cdn</a><a href="mailto:a@b.example">mail</a>'
+        '<a href="tel:+351222000111">call</a><a href="about.html#team">team</a>'
+    )
+    code = make_code({"index.html": page_html("index", body=body)})
+    assert site_problems(make_plan(), code) == []
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def test_missing_planned_page() -> None:
+    plan = make_plan((*SLUGS, "menu"))
+    problems = site_problems(plan, make_code())
+    assert "planned page menu.html was not generated" in problems
+
+
+def test_page_with_two_h1() -> None:
+    code = make_code({"about.html": page_html("about", h1=2)})
+    assert site_problems(make_plan(), code) == ["about.html: has 2 <h1> elements, expected exactly one"]
+
+
+def test_page_without_h1_or_title() -> None:
+    code = make_code({"about.html": page_html("about", h1=0, title="  ")})
+    problems = site_problems(make_plan(), code)
+    assert "about.html: has 0 <h1> elements, expected exactly one" in problems
+    assert "about.html: missing <title>" in problems
+
+
+def test_broken_internal_link() -> None:
+    code = make_code({"about.html": page_html("about", body='<a href="menu.html">menu</a>')})
+    assert site_problems(make_plan(), code) == ["about.html: link to menu.html does not resolve to a generated file"]
+
+
+def test_missing_asset_is_a_broken_link() -> None:
+    code = without(make_code(), "style.css")
+    problems = site_problems(make_plan(), code)
+    assert len(problems) == len(SLUGS)
+    assert all("link to style.css does not resolve" in p for p in problems)
+
+
+def test_link_escaping_the_site_is_broken() -> None:
+    code = make_code({"about.html": page_html("about", body='<img src="../secrets.svg" alt="">')})
+    assert site_problems(make_plan(), code) == [
+        "about.html: link to ../secrets.svg does not resolve to a generated file"
+    ]
+
+
+def test_links_resolve_relative_to_the_page_folder() -> None:
+    nested = (
+        '<html><head><title>Deep</title><link rel="stylesheet" href="../style.css"></head><body><h1>Deep</h1>'
+        '<a href="../index.html">home</a><a href="./../about.html">about</a><img src="pic.svg" alt=""></body></html>'
+    )
+    code = make_code(
+        {"index.html": page_html("index", body='<a href="blog/deep.html">deep</a>')},
+        extra={"blog/deep.html": nested, "blog/pic.svg": "<svg xmlns='http://www.w3.org/2000/svg'/>"},
+    )
+    assert site_problems(make_plan(), code) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '<a href="javascript:alert(1)">x</a>',
+        '<a href="  JavaScript:alert(1)">x</a>',
+        '<img src="vbscript:msgbox" alt="">',
+        '<iframe src="data:text/html,<script>alert(1)</script>"></iframe>',
+    ],
+)
+def test_script_urls_are_reported(body: str) -> None:
+    code = make_code({"about.html": page_html("about", body=body)})
+    problems = site_problems(make_plan(), code)
+    assert len(problems) == 1
+    assert problems[0].startswith("about.html: <")
+    assert "uses a script URL" in problems[0]
+
+
+def test_inline_event_handler_is_reported() -> None:
+    body = '<button onclick="go()" ONMOUSEOVER="x()">Go</button>'
+    code = make_code({"contact.html": page_html("contact", body=body)})
+    assert site_problems(make_plan(), code) == [
+        "contact.html: <button> has inline event handler(s) onclick, onmouseover"
+    ]
+
+
+def test_page_not_linked_from_the_home_nav() -> None:
+    # about.html is linked from the home page's body and from other pages' nav, but not from the home nav.
+    index = page_html("index", nav=("index", "contact"), body='<a href="about.html">about</a>')
+    code = make_code({"index.html": index})
+    assert site_problems(make_plan(), code) == ["page about.html is not linked from the home page's nav"]
+
+
+def test_unreachable_page() -> None:
+    index = page_html("index", nav=("index", "contact"))
+    contact = page_html("contact", nav=("index", "contact"))
+    about = page_html("about", nav=SLUGS)
+    code = make_code({"index.html": index, "contact.html": contact, "about.html": about})
+    problems = site_problems(make_plan(), code)
+    assert "page about.html is not linked from the home page's nav" in problems
+    assert "page about.html cannot be reached from index.html" in problems
+    assert len(problems) == 2
+
+
+def test_page_reached_through_another_page_is_reachable() -> None:
+    index = page_html("index", body='<a href="contact.html">c</a>')
+    contact = page_html("contact", body='<a href="about.html">a</a>')
+    code = make_code({"index.html": index, "contact.html": contact})
+    assert site_problems(make_plan(), code) == []
+
+
+# --------------------------------------------------------------------------- assemble_site
+
+
+def test_assemble_site_raises_listing_every_problem() -> None:
+    code = make_code({"about.html": page_html("about", h1=2, body='<a href="javascript:void(0)">x</a>')})
+    with pytest.raises(SiteCheckFailed) as caught:
+        assemble_site(1, 2, make_plan((*SLUGS, "menu")), code)
+    message = str(caught.value)
+    assert message.startswith("the generated site failed 4 check(s): ")
+    assert "planned page menu.html was not generated" in message
+    assert "page menu.html is not linked from the home page's nav" in message
+    assert "about.html: has 2 <h1> elements" in message
+    assert "uses a script URL" in message
+    assert not is_retryable(caught.value)
+
+
+def test_assemble_site_returns_files_with_manifest_last() -> None:
+    brief = Brief.model_validate(SAMPLE_BRIEF)
+    plan = offline_plan(brief)
+    code = offline_code(plan, offline_content(brief, plan))
+    manifest, files = assemble_site(41, 42, plan, code)
+
+    assert files[-1].path == "manifest.json"
+    site_files = files[:-1]
+    assert [f.path for f in site_files] == sorted(f.path for f in code.files)
+    by_path = {f.path: f.content for f in code.files}
+    assert all(f.content == by_path[f.path].encode() for f in site_files)
+
+    assert manifest.order_id == 41
+    assert manifest.generation_id == 42
+    assert manifest.site_name == plan.site_name
+    assert manifest.pages == [page_file(p.slug) for p in plan.pages]
+    assert [m.path for m in manifest.files] == [f.path for f in site_files]
+    for entry, file in zip(manifest.files, site_files, strict=True):
+        assert entry.sha256 == hashlib.sha256(file.content).hexdigest()
+        assert entry.bytes == len(file.content)
+
+    written = json.loads(files[-1].content)
+    assert written == manifest.model_dump(mode="json")
+    for entry in written["files"]:
+        assert entry["sha256"] == hashlib.sha256(by_path[entry["path"]].encode()).hexdigest()
+
+
+def test_manifest_sizes_count_bytes_not_characters() -> None:
+    code = make_code({"about.html": page_html("about", body="<p>Pão de Ló — café</p>")})
+    manifest, files = assemble_site(1, 1, make_plan(), code)
+    about = next(m for m in manifest.files if m.path == "about.html")
+    content = next(f.content for f in files if f.path == "about.html")
+    text = next(f.content for f in code.files if f.path == "about.html")
+    assert about.bytes == len(content) == len(text.encode("utf-8"))
+    assert about.bytes > len(text)
+
+
+def test_script_url_with_a_tab_in_the_scheme_is_reported() -> None:
+    code = make_code({"about.html": page_html("about", body='<a href="java&#9;script:alert(1)">x</a>')})
+    assert any("uses a script URL" in p for p in site_problems(make_plan(), code))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '<form action="javascript:alert(1)"><button>Go</button></form>',
+        '<map name="m"><area href="javascript:alert(1)" alt="x"></map>',
+    ],
+)
+def test_script_urls_in_other_url_attributes_are_reported(body: str) -> None:
+    code = make_code({"about.html": page_html("about", body=body)})
+    assert any("uses a script URL" in p for p in site_problems(make_plan(), code))

@@ -1,0 +1,224 @@
+"""worker/output.py and the path rules of worker/models.py: nothing is ever written outside the order's directory."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, SiteCode, check_relative_path
+from worker.output import UnsafePath, order_dir, safe_join, site_is_complete, write_site
+from worker.store import OutputFile
+
+UNSAFE_PATHS = [
+    "../x.html",
+    "/etc/passwd",
+    "a/../../b.html",
+    "a\\b.html",
+    "x\x00.html",
+    "x\n.html",
+    "file.exe",
+    "..",
+    "./x.html",
+    ".hidden.html",
+    "a//b.html",
+    "a/b/c/d/e.html",
+    "",
+]
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under a directory, by relative POSIX path."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "sites"
+
+
+@pytest.fixture
+def sibling(tmp_path: Path) -> Path:
+    """A directory next to the output root that nothing may ever write into."""
+    path = tmp_path / "sibling"
+    path.mkdir()
+    return path
+
+
+SITE = [
+    OutputFile("index.html", b"<h1>home</h1>"),
+    OutputFile("about.html", "<h1>Pão</h1>".encode()),
+    OutputFile("assets/css/style.css", b"body{}"),
+    OutputFile("manifest.json", b"{}"),
+]
+
+
+# --------------------------------------------------------------------------- write_site
+
+
+def test_write_site_writes_files_under_the_order_dir(root: Path) -> None:
+    target = write_site(root, 12, SITE)
+    assert target == root.resolve() / "12"
+    assert target == order_dir(root, 12)
+    assert tree(target) == {f.path: f.content for f in SITE}
+    assert site_is_complete(root, 12)
+    assert not site_is_complete(root, 13)
+
+
+def test_written_directories_are_world_readable(root: Path) -> None:
+    target = write_site(root, 3, SITE)
+    for directory in (target, target / "assets", target / "assets" / "css"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+
+
+def test_write_site_replaces_the_previous_site_whole(root: Path) -> None:
+    write_site(root, 5, [*SITE, OutputFile("old-page.html", b"old"), OutputFile("old/dir/x.css", b"x")])
+    new = [OutputFile("index.html", b"<h1>new</h1>"), OutputFile("manifest.json", b'{"v": 2}')]
+    target = write_site(root, 5, new)
+    assert tree(target) == {"index.html": b"<h1>new</h1>", "manifest.json": b'{"v": 2}'}
+    assert not (target / "old").exists()
+
+
+def test_write_site_leaves_no_build_or_old_copies(root: Path) -> None:
+    write_site(root, 9, SITE)
+    write_site(root, 9, SITE[:1])
+    assert sorted(p.name for p in root.iterdir()) == ["9"]
+
+
+def test_write_site_does_not_touch_other_orders(root: Path) -> None:
+    write_site(root, 1, SITE)
+    write_site(root, 10, SITE[:2])
+    write_site(root, 1, SITE[:1])
+    assert tree(root / "10") == {f.path: f.content for f in SITE[:2]}
+    assert tree(root / "1") == {"index.html": SITE[0].content}
+
+
+def test_write_site_cleans_leftovers_of_a_crash(root: Path) -> None:
+    root.mkdir()
+    for name in (".4.build-abc123", ".4.old-deadbeef"):
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "index.html").write_text("stale")
+    other = root / ".44.build-xyz"  # another order's build in progress: not ours to remove
+    other.mkdir()
+    write_site(root, 4, SITE)
+    assert sorted(p.name for p in root.iterdir()) == [".44.build-xyz", "4"]
+    assert tree(root / "4") == {f.path: f.content for f in SITE}
+
+
+def test_write_site_with_an_unsafe_path_writes_nothing(root: Path, sibling: Path) -> None:
+    files = [OutputFile("index.html", b"ok"), OutputFile("../sibling/evil.html", b"evil")]
+    with pytest.raises(ValueError, match="must be relative"):
+        write_site(root, 6, files)
+    assert list(sibling.iterdir()) == []
+    assert list(root.iterdir()) == []  # no site, no staging copy left behind
+    assert not (root.parent / "evil.html").exists()
+
+
+def test_rejected_rewrite_keeps_the_previous_site(root: Path, sibling: Path) -> None:
+    write_site(root, 8, SITE)
+    with pytest.raises(ValueError):
+        write_site(root, 8, [OutputFile("index.html", b"new"), OutputFile("/etc/passwd", b"x")])
+    assert tree(root / "8") == {f.path: f.content for f in SITE}
+    assert sorted(p.name for p in root.iterdir()) == ["8"]
+    assert list(sibling.iterdir()) == []
+
+
+def test_file_and_folder_with_the_same_name_is_rejected_as_model_output() -> None:
+    # Such a site could never be written, so it must fail validation (and be re-asked), not
+    # reach the disk and fail there as a seemingly transient OSError.
+    files = [{"path": "style.css", "content": "x"}, {"path": "style.css/x.html", "content": "y"}]
+    with pytest.raises(ValidationError, match=r"style\.css are also used as folders"):
+        SiteCode.model_validate({"files": files})
+
+
+# --------------------------------------------------------------------------- safe_join
+
+
+def test_safe_join_inside_the_base(tmp_path: Path) -> None:
+    assert safe_join(tmp_path, "a/b.html") == tmp_path.resolve() / "a" / "b.html"
+
+
+@pytest.mark.parametrize("path", UNSAFE_PATHS)
+def test_safe_join_refuses_unsafe_paths(tmp_path: Path, path: str) -> None:
+    with pytest.raises(ValueError):
+        safe_join(tmp_path, path)
+
+
+def test_safe_join_refuses_a_symlink_pointing_outside(tmp_path: Path) -> None:
+    base = tmp_path / "staging"
+    base.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (base / "evil").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafePath, match="resolves outside"):
+        safe_join(base, "evil/x.html")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_safe_join_allows_a_symlink_staying_inside(tmp_path: Path) -> None:
+    base = tmp_path / "staging"
+    (base / "real").mkdir(parents=True)
+    (base / "alias").symlink_to(base / "real", target_is_directory=True)
+    assert safe_join(base, "alias/x.html") == (base / "real" / "x.html").resolve()
+
+
+# --------------------------------------------------------------------------- model path rules
+
+
+@pytest.mark.parametrize("path", UNSAFE_PATHS)
+def test_generated_file_rejects_unsafe_paths(path: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        GeneratedFile(path=path, content="x")
+    assert "path" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("x\x00.html", "control or NUL"),
+        ("x\n.html", "control or NUL"),
+        ("../x.html", "must be relative"),
+        ("a\\b.html", "must be relative"),
+        ("file.exe", "not allowed"),
+        ("a b.html", "may only use"),
+    ],
+)
+def test_check_relative_path_says_what_is_wrong(path: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_relative_path(path)
+
+
+@pytest.mark.parametrize(
+    "path", ["index.html", "style.css", "assets/app.js", "img/logo.svg", "a/b/c/robots.txt", "site.webmanifest"]
+)
+def test_generated_file_accepts_safe_paths(path: str) -> None:
+    assert GeneratedFile(path=path, content="x").path == path
+
+
+def test_generated_file_size_limit_counts_bytes() -> None:
+    assert len(GeneratedFile(path="big.txt", content="a" * MAX_FILE_BYTES).content) == MAX_FILE_BYTES
+    with pytest.raises(ValidationError, match="larger than"):
+        GeneratedFile(path="big.txt", content="a" * (MAX_FILE_BYTES + 1))
+    with pytest.raises(ValidationError, match="larger than"):
+        GeneratedFile(path="big.txt", content="é" * (MAX_FILE_BYTES // 2 + 1))  # 2 bytes each
+
+
+def test_site_code_rejects_too_many_files() -> None:
+    files = [GeneratedFile(path=f"p{i}.html", content="x") for i in range(MAX_FILES + 1)]
+    with pytest.raises(ValidationError) as caught:
+        SiteCode(files=files)
+    assert "files" in str(caught.value)
+    assert len(SiteCode(files=files[:MAX_FILES]).files) == MAX_FILES
+
+
+@pytest.mark.parametrize("paths", [["index.html", "index.html"], ["Index.html", "index.HTML"]])
+def test_site_code_rejects_duplicate_paths(paths: list[str]) -> None:
+    with pytest.raises(ValidationError, match="unique"):
+        SiteCode(files=[GeneratedFile(path=p, content="x") for p in paths])
+
+
+def test_site_code_needs_a_file() -> None:
+    with pytest.raises(ValidationError):
+        SiteCode(files=[])
