@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -201,23 +202,44 @@ def config() -> None:
     data = settings.model_dump(mode="json")
     data["database"]["url"] = redact_url(settings.database.url)
     data["redis"]["url"] = redact_url(settings.redis.url)
+    for provider in data["ai"]["providers"].values():
+        # Custom headers may carry credentials (e.g. an Authorization header for a proxy).
+        provider["headers"] = {name: "***" for name in provider["headers"]}
     console.print_json(json.dumps(data))
 
 
 @app.command()
 def demo(
     order_id: Annotated[int, typer.Option(help="Order id for the sample order")] = 1001,
-    latency: Annotated[float, typer.Option(help="Seconds each offline model answer takes, to watch progress")] = 0.5,
+    latency: Annotated[float, typer.Option(help="Seconds each model answer takes, to watch progress")] = 0.5,
     brief: Annotated[Path | None, typer.Option(help="JSON file with a brief instead of the sample")] = None,
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="offline: templates in-process; fake: a local OpenAI-compatible server that "
+            "answers one request with 429 and one with 500, so you watch the retries"
+        ),
+    ] = "offline",
 ) -> None:
     """Generate a real site end to end: local PostgreSQL and Redis (unless DATABASE_URL/REDIS_URL are set),
     migrations, a worker, one sample order, live progress.
 
-    Example: sitegen demo --order-id 7
+    Example: sitegen demo --provider fake --order-id 7
     """
     from worker.services import LocalServices, ServicesUnavailable
 
+    if provider not in ("offline", "fake"):
+        console.print(f"[bold red]--provider must be offline or fake, not {provider!r}[/]")
+        raise typer.Exit(2)
     data = json.loads(brief.read_text()) if brief else SAMPLE_BRIEF
+    fake = None
+    if provider == "fake":
+        from worker.ai.fake_server import FakeProviderServer
+
+        fake = FakeProviderServer(latency_s=latency).start()
+        fake.script("429:1", "status:500")
+        os.environ.update(_fake_provider_env(fake.url))
+        console.print(f"fake OpenAI-compatible provider at {fake.url}/v1 (one 429, one 500 on the way)")
     services: LocalServices | None = None
     if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         console.print("[bold]starting local PostgreSQL and Redis[/] (set DATABASE_URL and REDIS_URL to use yours)")
@@ -230,7 +252,7 @@ def demo(
         os.environ["DATABASE_URL"] = services.database_url
         os.environ["REDIS_URL"] = services.redis_url
     worker_proc: subprocess.Popen[bytes] | None = None
-    log_path = Path(services.base_dir if services else ".") / "demo-worker.log"
+    log_path = Path(services.base_dir if services else tempfile.mkdtemp(prefix="sitegen-demo-")) / "demo-worker.log"
     try:
         settings = _settings()
         console.print(f"database {redact_url(settings.database.url)}  redis {redact_url(settings.redis.url)}")
@@ -267,6 +289,22 @@ def demo(
                 worker_proc.kill()
         if services is not None:
             services.stop()
+        if fake is not None:
+            fake.stop()
+
+
+def _fake_provider_env(url: str) -> dict[str, str]:
+    """Settings (as env vars, for this process and the worker's) routing every task to the fake server."""
+    env = {
+        "SITEGEN_AI__PROVIDERS__FAKE__KIND": "openai",
+        "SITEGEN_AI__PROVIDERS__FAKE__MODEL": "fake-gpt",
+        "SITEGEN_AI__PROVIDERS__FAKE__BASE_URL": f"{url}/v1",
+        "SITEGEN_AI__PROVIDERS__FAKE__API_KEY_ENV": "SITEGEN_DEMO_FAKE_KEY",
+        "SITEGEN_AI__PROVIDERS__FAKE__MAX_RETRY_WAIT_S": "5",
+        "SITEGEN_DEMO_FAKE_KEY": "demo-key-not-a-secret",
+    }
+    env.update({f"SITEGEN_AI__ROUTING__{task.upper()}": "fake" for task in ("planning", "content", "coding")})
+    return env
 
 
 async def _demo_run(

@@ -91,35 +91,101 @@ class LimitsSection(_Section):
     max_brief_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest brief accepted, as JSON bytes")
 
 
+ProviderKind = Literal["offline", "openai", "anthropic", "cloudflare"]
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "cloudflare": "https://api.cloudflare.com/client/v4",
+}
+
+
 class ProviderSettings(_Section):
-    kind: Literal["offline"] = Field(description="offline (more kinds come with the real providers)")
-    model: str = Field(default="offline-templates-1", description="Model name sent to the provider")
+    kind: ProviderKind = Field(description="offline, openai (any OpenAI-compatible API), anthropic or cloudflare")
+    model: str = Field(default="", description="Model name sent to the provider (required but for offline)")
+    base_url: str = Field(default="", description="API root; default: the provider's public API")
+    api_key_env: str = Field(default="", description="Name of the environment variable holding the API key")
+    account_id: str = Field(default="", description="cloudflare only: the account id in the URL")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent with every request")
+    connect_timeout_s: float = Field(default=10, gt=0, description="Connect timeout of one request")
+    read_timeout_s: float = Field(default=120, gt=0, description="Longest wait for the next bytes of an answer")
+    total_timeout_s: float = Field(default=300, gt=0, description="Longest one request may take in all")
+    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once to this provider")
+    max_retries: int = Field(default=3, ge=0, le=10, description="Retries of a failed request inside a phase")
+    max_retry_wait_s: float = Field(
+        default=60, ge=0, description="Longest wait inside a phase; a longer Retry-After goes back to the queue"
+    )
+    max_output_tokens: int = Field(default=8192, ge=1, description="max_tokens of a request")
+    temperature: float = Field(default=0.2, ge=0, le=2)
+    price_input_per_mtok: float = Field(default=0, ge=0, description="USD per million input tokens, for cost")
+    price_output_per_mtok: float = Field(default=0, ge=0, description="USD per million output tokens, for cost")
     latency_s: float = Field(default=0, ge=0, le=60, description="offline only: pretend each answer takes this long")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ProviderSettings:
+        if self.kind == "offline":
+            return self
+        if not self.model:
+            raise ValueError(f"model: required for a {self.kind} provider")
+        if self.kind in ("anthropic", "cloudflare") and not self.api_key_env:
+            raise ValueError(f"api_key_env: required for a {self.kind} provider (the env var holding its key)")
+        if self.kind == "cloudflare" and not self.account_id:
+            raise ValueError("account_id: required for a cloudflare provider")
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set (it holds the API key)")
+        base = self.base_url or DEFAULT_BASE_URLS[self.kind]
+        if urlsplit(base).scheme not in ("http", "https"):
+            raise ValueError(f"base_url: expected an http(s) URL, got {base!r}")
+        return self
+
+    @property
+    def api_root(self) -> str:
+        return self.base_url or DEFAULT_BASE_URLS.get(self.kind, "")
+
+
+def _route_list(value: Any) -> Any:
+    """A route is a provider name or a fallback list; env vars may give `a,b` or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class AISection(_Section):
     providers: dict[str, ProviderSettings] = Field(
-        default_factory=lambda: {"offline": ProviderSettings(kind="offline")},
+        default_factory=lambda: {"offline": ProviderSettings(kind="offline", model="offline-templates-1")},
         description="Providers by name (see below)",
     )
-    routing: dict[str, str] = Field(
-        default_factory=lambda: {task: "offline" for task in TASKS},
-        description="Provider name for each task: planning, content, coding",
+    routing: dict[str, list[str]] = Field(
+        default_factory=lambda: {task: ["offline"] for task in TASKS},
+        description="For each task (planning, content, coding): a provider name, or a list tried in order",
     )
     max_output_retries: int = Field(
         default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation"
     )
+    max_tokens_per_generation: int = Field(
+        default=0, ge=0, description="Stop a generation that uses more tokens than this (0: no limit)"
+    )
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _routes_as_lists(cls, routing: Any) -> Any:
+        if isinstance(routing, dict):
+            return {task: _route_list(route) for task, route in routing.items()}
+        return routing
 
     @model_validator(mode="after")
     def _routes_known(self) -> AISection:
         for task in TASKS:
-            name = self.routing.get(task)
-            if name is None:
+            names = self.routing.get(task)
+            if not names:
                 raise ValueError(f"routing.{task}: no provider routed for task {task!r}")
-            if name not in self.providers:
-                raise ValueError(
-                    f"routing.{task}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})"
-                )
+            for name in names:
+                if name not in self.providers:
+                    raise ValueError(
+                        f"routing.{task}: unknown provider {name!r} (known: {', '.join(sorted(self.providers))})"
+                    )
         unknown = sorted(set(self.routing) - set(TASKS))
         if unknown:
             raise ValueError(f"routing: unknown task(s) {', '.join(unknown)} (tasks: {', '.join(TASKS)})")
@@ -242,7 +308,12 @@ def settings_reference() -> str:
             if isinstance(default, Path):
                 default = default.relative_to(PROJECT_DIR) if default.is_relative_to(PROJECT_DIR) else default
             if isinstance(default, dict):
-                default = json.dumps({k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in default.items()})
+                default = json.dumps(
+                    {
+                        k: v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v
+                        for k, v in default.items()
+                    }
+                )
             if default == "":
                 default = "(empty)"
             env = f"SITEGEN_{section}__{key}".upper()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.ai.base import AIProvider, AIReply, AIRequest, AIRouter, Usage
+from worker.ai.base import AIProvider, AIReply, AIRequest, AIRouter, Notify, Usage
 from worker.ai.parsing import MalformedAnswer, ask_model, extract_json
 from worker.errors import AIBadOutput, is_retryable
 
@@ -99,7 +99,7 @@ class ScriptedProvider:
         self.usage = usage or Usage(input_tokens=10, output_tokens=5, calls=1)
         self.closed = False
 
-    async def complete(self, request: AIRequest) -> AIReply:
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
         self.requests.append(request)
         reply = self.replies.pop(0)
         if isinstance(reply, AIReply):

@@ -51,7 +51,7 @@ def test_defaults_with_an_empty_settings_file(write_toml: WriteToml) -> None:
     assert settings.output.dir == Path("generated_sites")
     assert settings.limits.max_brief_bytes == 64 * 1024
     assert settings.ai.max_output_retries == 2
-    assert settings.ai.routing == {"planning": "offline", "content": "offline", "coding": "offline"}
+    assert settings.ai.routing == {"planning": ["offline"], "content": ["offline"], "coding": ["offline"]}
     assert settings.ai.providers["offline"].kind == "offline"
 
 
@@ -122,7 +122,7 @@ coding = "local"
     assert settings.limits.max_brief_bytes == 4096
     assert settings.ai.max_output_retries == 4
     assert settings.ai.providers["local"].model == "templates-2"
-    assert settings.ai.routing["coding"] == "local"
+    assert settings.ai.routing["coding"] == ["local"]
 
 
 def test_env_overrides_toml(write_toml: WriteToml, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from worker.ai.base import AIProvider, AIReply, AIRequest, AIRouter, Task, Usage
+from worker.ai.http import KINDS
 from worker.ai.offline import OfflineProvider
 from worker.settings import AISection
 
@@ -10,9 +13,14 @@ __all__ = ["AIProvider", "AIReply", "AIRequest", "AIRouter", "Task", "Usage", "b
 
 
 def build_router(settings: AISection) -> AIRouter:
-    """Create every configured provider (and its HTTP client, for the networked kinds) once."""
+    """Create every routed provider (and its one HTTP client, for the networked kinds) once, at startup."""
+    routed = {name for names in settings.routing.values() for name in names}
     providers: dict[str, AIProvider] = {}
-    for name, config in settings.providers.items():
+    for name in sorted(routed):
+        config = settings.providers[name]
         if config.kind == "offline":
-            providers[name] = OfflineProvider(name=name, model=config.model, latency_s=config.latency_s)
-    return AIRouter(providers, dict(settings.routing))
+            providers[name] = OfflineProvider(name, config.model or "offline-templates-1", config.latency_s)
+        else:
+            api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+            providers[name] = KINDS[config.kind](name, config, api_key)
+    return AIRouter(providers, {task: list(names) for task, names in settings.routing.items()})

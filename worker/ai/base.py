@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from worker.errors import FALLBACK_ON
 
 Task = Literal["planning", "content", "coding"]
 
@@ -14,21 +17,37 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     calls: int = 0
+    cost_usd: float = 0.0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.calls + other.calls,
+            self.cost_usd + other.cost_usd,
         )
 
-    def as_dict(self) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "calls": self.calls}
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "calls": self.calls,
+            "cost_usd": round(self.cost_usd, 6),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Usage:
         data = data or {}
-        return cls(int(data.get("input_tokens", 0)), int(data.get("output_tokens", 0)), int(data.get("calls", 0)))
+        return cls(
+            int(data.get("input_tokens", 0)),
+            int(data.get("output_tokens", 0)),
+            int(data.get("calls", 0)),
+            float(data.get("cost_usd", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -48,29 +67,51 @@ class AIReply:
     finish_reason: str = "stop"
 
 
+Notify = Callable[..., Awaitable[None]]
+
+
 class AIProvider(Protocol):
     name: str
     model: str
 
-    async def complete(self, request: AIRequest) -> AIReply: ...
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
+        """Answer one request; `notify` (the progress log) hears about retries."""
+        ...
 
     async def aclose(self) -> None: ...
 
 
 class AIRouter:
-    """Which provider serves each task, and how many calls each has made (the tests count them)."""
+    """Which providers serve each task, in fallback order, and how many calls each task made."""
 
-    def __init__(self, providers: dict[str, AIProvider], routing: dict[str, str]) -> None:
+    def __init__(self, providers: dict[str, AIProvider], routing: dict[str, list[str]] | dict[str, str]) -> None:
         self.providers = providers
-        self.routing = routing
+        self.routing = {task: [names] if isinstance(names, str) else list(names) for task, names in routing.items()}
         self.calls: Counter[str] = Counter()
 
-    def for_task(self, task: Task) -> AIProvider:
-        return self.providers[self.routing[task]]
+    def chain(self, task: Task) -> list[AIProvider]:
+        return [self.providers[name] for name in self.routing[task]]
 
-    async def complete(self, request: AIRequest) -> AIReply:
-        self.calls[request.task] += 1
-        return await self.for_task(request.task).complete(request)
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
+        """Ask the task's providers in order; the next one is tried when one is down or out of quota."""
+        chain = self.chain(request.task)
+        for position, provider in enumerate(chain):
+            self.calls[request.task] += 1
+            try:
+                return await provider.complete(request, notify=notify)
+            except FALLBACK_ON as exc:
+                if position == len(chain) - 1:
+                    raise
+                following = chain[position + 1]
+                if notify is not None:
+                    await notify(
+                        f"{request.task}: provider {provider.name} failed ({type(exc).__name__}: {exc}); "
+                        f"falling back to {following.name}",
+                        level="warning",
+                        provider=provider.name,
+                        fallback=following.name,
+                    )
+        raise AssertionError("unreachable: a routing chain is never empty")
 
     async def aclose(self) -> None:
         for provider in self.providers.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from worker.ai.base import AIReply, AIRequest, Usage
+from worker.ai.base import AIReply, AIRequest, Notify, Usage
 from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import extract_input
 from worker.models import Brief, SiteContent, SitePlan
@@ -22,12 +22,12 @@ def _tokens(text: str) -> int:
 
 
 class OfflineProvider:
-    def __init__(self, name: str = "offline", model: str = "offline-templates-1", latency_s: float = 0) -> None:
+    def __init__(self, name: str = "offline", model: str = "offline-templates-1", latency_s: float = 0.0) -> None:
         self.name = name
         self.model = model
         self.latency_s = latency_s
 
-    async def complete(self, request: AIRequest) -> AIReply:
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
         if self.latency_s:
             # Lets the demo and benchmarks behave like a model that takes its time.
             await asyncio.sleep(self.latency_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +20,10 @@ import json_repair
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
-from worker.ai.base import AIRequest, AIRouter, Task, Usage
+from worker.ai.base import AIRequest, AIRouter, Notify, Task, Usage
 from worker.errors import AIBadOutput
 
 M = TypeVar("M", bound=BaseModel)
-Notify = Callable[..., Awaitable[None]]
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -59,6 +58,11 @@ def extract_input(prompt: str) -> Any:
 
 def extract_json(text: str) -> Any:
     """The JSON value in a model's answer; raises MalformedAnswer saying where it broke."""
+    return _extract(text)[0]
+
+
+def _extract(text: str) -> tuple[Any, str | None]:
+    """The JSON value and, when it had to be repaired, where the original broke."""
     fenced = _FENCE.search(text)
     candidate = fenced.group(1) if fenced else text
     start = min((i for i in (candidate.find("{"), candidate.find("[")) if i >= 0), default=-1)
@@ -67,7 +71,7 @@ def extract_json(text: str) -> Any:
     candidate = candidate[start:]
     try:
         value, _ = json.JSONDecoder().raw_decode(candidate)
-        return value
+        return value, None
     except json.JSONDecodeError as exc:
         context = candidate[max(exc.pos - 60, 0) : exc.pos + 60]
         logger.warning(
@@ -79,13 +83,12 @@ def extract_json(text: str) -> Any:
             exc.msg,
             context,
         )
+        where = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} (near {context!r})"
         repaired = json_repair.loads(candidate)
         if isinstance(repaired, dict | list) and repaired:
             logger.info("repaired the malformed JSON with json-repair")
-            return repaired
-        raise MalformedAnswer(
-            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg} (near {context!r})"
-        ) from exc
+            return repaired, where
+        raise MalformedAnswer(where) from exc
 
 
 def _validation_summary(exc: ValidationError) -> str:
@@ -117,12 +120,14 @@ async def ask_model(
                 "Answer again with one JSON object that fixes this, and nothing else.",
             )
         )
-        reply = await router.complete(asked)
+        reply = await router.complete(asked, notify=notify)
         usage += reply.usage
+        repair_note = None
         try:
             if reply.finish_reason == "length":
                 raise MalformedAnswer("the answer was cut off at the provider's length limit")
-            answer = schema.model_validate(extract_json(reply.text))
+            value, repair_note = _extract(reply.text)
+            answer = schema.model_validate(value)
             if check is not None:
                 check(answer)
             return answer, usage
@@ -130,6 +135,8 @@ async def ask_model(
             problem = _validation_summary(exc)
         except ValueError as exc:  # MalformedAnswer and the phase's own checks
             problem = str(exc)
+        if repair_note:
+            problem = f"{repair_note}; after repair: {problem}"
         await notify(
             f"{task} answer rejected (attempt {attempt + 1} of {max_retries + 1})",
             level="warning",

@@ -24,12 +24,14 @@ from pydantic import BaseModel, ValidationError
 from worker.ai.base import AIRouter, Task, Usage
 from worker.ai.parsing import ask_model
 from worker.errors import (
+    AIRateLimited,
     BriefInvalid,
     ClaimLost,
     InputError,
     JobArgumentsInvalid,
     OrderBusy,
     OrderNotFound,
+    TokenBudgetExceeded,
     describe,
     is_retryable,
     message_of,
@@ -198,7 +200,20 @@ class GenerationRun:
             total_usage=_usage_summary(self.usage),
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+        self._check_budget()
         return dumped, usage
+
+    def _check_budget(self) -> None:
+        """Stop after a phase that took the generation over its token budget (its output is kept)."""
+        budget = self.rt.settings.ai.max_tokens_per_generation
+        used = sum(self.usage.values(), Usage()).tokens
+        if budget and used > budget:
+            raise TokenBudgetExceeded(
+                f"the generation used {used:,} tokens, over its budget of {budget:,} "
+                "(setting ai.max_tokens_per_generation)",
+                used=used,
+                budget=budget,
+            )
 
     async def _assemble(self, started: float) -> dict[str, Any]:
         manifest, files = assemble_site(
@@ -289,6 +304,8 @@ async def run_generation(
         )
         if is_retryable(exc) and not final_try:
             defer = backoff_s(settings, job_try)
+            if isinstance(exc, AIRateLimited) and exc.retry_after_s:
+                defer = max(defer, exc.retry_after_s)
             await _store_quietly(rt.store.release_generation(claim, error))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",

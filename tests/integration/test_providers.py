@@ -1,0 +1,371 @@
+"""Real providers through the fake provider server (real HTTP on loopback), real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from arq import ArqRedis
+from arq.jobs import JobResult, SerializationError
+from loguru import logger
+
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
+from worker import client
+from worker.ai.fake_server import FakeProviderServer
+from worker.services import free_port
+from worker.settings import AISection, ProviderSettings, Settings
+
+KEY_ENV = "SITEGEN_TEST_PROVIDER_KEY"
+KEY = "sk-test-0123456789abcdefSECRET"
+CLOUDFLARE_MODEL = "@cf/meta/llama-3.1-8b-instruct"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Everything the worker logs during the test, exceptions included."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def remote(kind: str, url: str, **overrides: Any) -> ProviderSettings:
+    base = {"openai": f"{url}/v1", "anthropic": url, "cloudflare": f"{url}/client/v4"}[kind]
+    config: dict[str, Any] = {
+        "kind": kind,
+        "model": CLOUDFLARE_MODEL if kind == "cloudflare" else f"{kind}-test-model",
+        "base_url": base,
+        "api_key_env": KEY_ENV,
+        "read_timeout_s": 5,
+        "max_retry_wait_s": 10,
+        **({"account_id": "acc-123"} if kind == "cloudflare" else {}),
+        **overrides,
+    }
+    return ProviderSettings(**config)
+
+
+def with_ai(
+    settings: Settings, providers: dict[str, ProviderSettings], routing: dict[str, list[str]] | None = None, **ai: Any
+) -> Settings:
+    routing = routing or {task: [next(iter(providers))] for task in ("planning", "content", "coding")}
+    return settings.model_copy(update={"ai": AISection(providers=providers, routing=routing, **ai)})
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+async def _failed(redis: ArqRedis, order_id: int) -> JobResult:
+    job = order_job(redis, order_id)
+    with pytest.raises(SerializationError):
+        await job.result(timeout=60, poll_delay=0.05)
+    info = await job.result_info()
+    assert info is not None
+    return info
+
+
+async def _all_text(db: asyncpg.Connection) -> str:
+    """Every stored row that a person or a frontend could read, as text."""
+    parts = []
+    for table in ("site_generations", "site_generation_phases", "site_generation_logs", "site_orders"):
+        parts += [json.dumps(dict(r), default=str) for r in await db.fetch(f"SELECT * FROM {table}")]
+    return "\n".join(parts)
+
+
+async def _messages(db: asyncpg.Connection, order_id: int) -> list[str]:
+    rows = await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = $1 ORDER BY id", order_id)
+    return [r["message"] for r in rows]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "cloudflare"])
+async def test_each_provider_kind_generates_a_site_with_the_right_requests(
+    kind: str,
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    log_lines: list[str],
+) -> None:
+    await start_worker(with_ai(settings, {"remote": remote(kind, fake.url)}))
+    await client.enqueue_generation(redis, 60, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 60)
+
+    assert result["status"] == "succeeded" and result["usage"]["calls"] == 3
+    assert [r.api for r in fake.requests] == [kind] * 3
+    first = fake.requests[0]
+    path = {
+        "openai": "/v1/chat/completions",
+        "anthropic": "/v1/messages",
+        "cloudflare": f"/client/v4/accounts/acc-123/ai/run/{CLOUDFLARE_MODEL}",
+    }[kind]
+    assert first.path == path and first.method == "POST"
+    if kind == "anthropic":
+        assert first.headers["x-api-key"] == KEY and first.headers["anthropic-version"] == "2023-06-01"
+        assert first.body["model"] == "anthropic-test-model" and first.body["max_tokens"] == 8192
+        assert "JSON" in first.body["system"] and first.body["messages"][0]["role"] == "user"
+        prompt = first.body["messages"][0]["content"]
+    else:
+        assert first.headers["authorization"] == f"Bearer {KEY}"
+        roles = [m["role"] for m in first.body["messages"]]
+        assert roles == ["system", "user"]
+        prompt = first.body["messages"][1]["content"]
+        if kind == "openai":
+            assert first.body["model"] == "openai-test-model"
+    assert "Rosa's Bakery" in prompt and "<input>" in prompt
+    assert KEY not in await _all_text(db)
+    assert not [line for line in log_lines if KEY in line]
+
+
+async def test_401_fails_at_once_naming_provider_and_env_var(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    log_lines: list[str],
+) -> None:
+    fake.script("status:401")
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}))
+    await client.enqueue_generation(redis, 61, SAMPLE_BRIEF)
+
+    info = await _failed(redis, 61)
+
+    assert info.job_try == 1 and info.result["error"] == "AIAuthError"
+    assert len(fake.requests) == 1, "an authentication error is never retried"
+    error = await db.fetchval("SELECT error FROM site_generations WHERE order_id = 61")
+    assert "remote" in error["message"] and KEY_ENV in error["message"]
+    assert "ai.providers.remote.api_key_env" in error["message"]
+    assert error["details"]["status"] == 401 and error["details"]["provider"] == "remote"
+    assert error["details"]["request_id"] and error["phase"] == "plan"
+    assert KEY not in await _all_text(db)
+    assert not [line for line in log_lines if KEY in line]
+
+
+async def test_429_with_retry_after_waits_that_long_then_succeeds(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script("429:2")
+    await start_worker(with_ai(settings, {"remote": remote("anthropic", fake.url)}))
+    await client.enqueue_generation(redis, 62, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 62)
+
+    assert result["status"] == "succeeded"
+    first, second = fake.requests[:2]
+    assert first.fault == "429:2" and second.fault == "ok"
+    assert second.at - first.at >= 2.0, "Retry-After: 2 must be honoured"
+    assert any("rate limited; retry after 2s" in m for m in await _messages(db, 62))
+
+
+async def test_500_twice_then_success(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    fake.script("status:500", "status:500")
+    await start_worker(with_ai(settings, {"remote": remote("cloudflare", fake.url)}))
+    await client.enqueue_generation(redis, 63, SAMPLE_BRIEF)
+    result = await wait_for_result(redis, 63)
+    assert result["status"] == "succeeded"
+    assert [r.fault for r in fake.requests] == ["status:500", "status:500", "ok", "ok", "ok"]
+
+
+async def test_provider_down_for_good_falls_back_to_the_next_one(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    down = remote("openai", f"http://127.0.0.1:{free_port()}", max_retries=1)  # nothing listens there
+    custom = with_ai(
+        settings,
+        {"down": down, "remote": remote("openai", fake.url)},
+        routing={task: ["down", "remote"] for task in ("planning", "content", "coding")},
+    )
+    await start_worker(custom)
+    await client.enqueue_generation(redis, 64, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 64)
+
+    assert result["status"] == "succeeded" and len(fake.requests) == 3
+    fallbacks = [m for m in await _messages(db, 64) if "falling back to remote" in m]
+    assert len(fallbacks) == 3 and "provider down failed (AIUnavailable" in fallbacks[0]
+
+
+async def test_cloudflare_daily_quota_is_not_retried_but_falls_back(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script("cf-quota", api="cloudflare")
+    custom = with_ai(
+        settings,
+        {"cf": remote("cloudflare", fake.url), "remote": remote("openai", fake.url)},
+        routing={"planning": ["cf", "remote"], "content": ["remote"], "coding": ["remote"]},
+    )
+    await start_worker(custom)
+    await client.enqueue_generation(redis, 65, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 65))["status"] == "succeeded"
+    assert [r.api for r in fake.requests] == ["cloudflare", "openai", "openai", "openai"]
+    assert any("AIQuotaExhausted" in m and "falling back to remote" in m for m in await _messages(db, 65))
+
+
+@pytest.mark.parametrize("fault", ["malformed", "fenced", "truncated", "wrong-schema"])
+async def test_bad_answers_recover_within_the_bounded_re_asks(
+    fault: str,
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script(fault)
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}))
+    await client.enqueue_generation(redis, 66, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 66))["status"] == "succeeded"
+    re_asked = fault in ("truncated", "wrong-schema")
+    assert len(fake.requests) == (4 if re_asked else 3)
+    rejected = [m for m in await _messages(db, 66) if "answer rejected" in m]
+    assert len(rejected) == (1 if re_asked else 0)
+    if re_asked:
+        assert "Your previous answer was rejected" in fake.requests[1].body["messages"][1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "shown"),
+    [
+        ("malformed-hard", "invalid JSON at line 1 column"),
+        ("wrong-schema", "pages: Input should be a valid list"),
+        ("truncated", "cut off at the provider's length limit"),
+    ],
+)
+async def test_bad_answers_that_never_recover_fail_showing_what_was_wrong(
+    fault: str,
+    shown: str,
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script(fault, fault, fault)
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_output_retries=2))
+    await client.enqueue_generation(redis, 67, SAMPLE_BRIEF)
+
+    info = await _failed(redis, 67)
+
+    assert info.job_try == 1 and info.result["error"] == "AIBadOutput" and len(fake.requests) == 3
+    error = await db.fetchval("SELECT error FROM site_generations WHERE order_id = 67")
+    assert error["type"] == "AIBadOutput" and shown in error["message"] and error["phase"] == "plan"
+
+
+async def test_hung_provider_times_out_and_is_retried_while_other_generations_progress(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script("hang")
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=1.5)}))
+    await client.enqueue_generation(redis, 68, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 1)  # order 68's first call is now hanging
+    await client.enqueue_generation(redis, 69, SAMPLE_BRIEF)
+
+    other = await wait_for_result(redis, 69)
+    hung = await wait_for_result(redis, 68)
+
+    assert other["status"] == hung["status"] == "succeeded"
+    finished_69 = await db.fetchval("SELECT finished_at FROM site_generations WHERE order_id = 69")
+    retried_68 = await db.fetchval(
+        "SELECT created_at FROM site_generation_logs WHERE order_id = 68 AND message LIKE 'planning: %retrying%'"
+    )
+    assert finished_69 < retried_68, "order 69 finished while order 68's request hung"
+    assert fake.requests[0].fault == "hang"
+
+
+async def test_usage_and_cost_add_up_per_phase_and_generation(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    priced = remote("openai", fake.url, price_input_per_mtok=3.0, price_output_per_mtok=15.0)
+    await start_worker(with_ai(settings, {"remote": priced}))
+    await client.enqueue_generation(redis, 70, SAMPLE_BRIEF)
+    result = await wait_for_result(redis, 70)
+
+    phases = {r["phase"]: r["usage"] for r in await db.fetch("SELECT phase, usage FROM site_generation_phases")}
+    total = await db.fetchval("SELECT usage FROM site_generations WHERE order_id = 70")
+    for key in ("input_tokens", "output_tokens", "calls"):
+        assert total[key] == sum(p[key] for p in phases.values()) == result["usage"][key]
+    assert total["input_tokens"] > 0 and total["output_tokens"] > 0 and total["calls"] == 3
+    expected_cost = (total["input_tokens"] * 3.0 + total["output_tokens"] * 15.0) / 1_000_000
+    assert total["cost_usd"] == pytest.approx(expected_cost, abs=1e-5)
+    assert total["by_phase"]["plan"] == phases["plan"]
+
+
+async def test_token_budget_lower_than_the_need_stops_the_generation(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_tokens_per_generation=2000))
+    await client.enqueue_generation(redis, 71, SAMPLE_BRIEF)
+    info = await _failed(redis, 71)
+    assert info.job_try == 1 and info.result["error"] == "TokenBudgetExceeded"
+    error = await db.fetchval("SELECT error FROM site_generations WHERE order_id = 71")
+    assert "over its budget of 2,000" in error["message"] and "ai.max_tokens_per_generation" in error["message"]
+    assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 71") == "failed"
+
+
+async def test_rerun_after_a_crash_reuses_committed_phases(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    custom = with_ai(settings, {"remote": remote("openai", fake.url)})
+    fake.script("ok", "ok", "hang")  # the coding call hangs: the worker dies in the middle of it
+    first = await start_worker(custom)
+    await client.enqueue_generation(redis, 72, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 3)
+    await first.close()
+
+    await start_worker(custom)
+    result = await wait_for_result(redis, 72)
+
+    assert result["status"] == "succeeded"
+    tasks = [_task_of(r.body) for r in fake.requests]
+    assert tasks == ["planning", "content", "coding", "coding"], "no call repeated for a committed phase"
+    messages = await _messages(db, 72)
+    assert "handed back at phase code: interrupted (worker shutting down, job aborted or timed out)" in messages
+    assert "generation resumed at phase code (attempt 2)" in messages
+
+
+def _task_of(body: Any) -> str:
+    prompt = body["messages"][-1]["content"]
+    inputs = json.loads(prompt[prompt.rindex("<input>") + 7 : prompt.index("</input>")])
+    return "coding" if "content" in inputs else "content" if "plan" in inputs else "planning"

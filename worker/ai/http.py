@@ -1,0 +1,313 @@
+"""The networked providers: OpenAI-compatible chat completions, Anthropic Messages, Cloudflare Workers AI.
+
+Each owns one `httpx.AsyncClient` for the life of the worker. One request goes through one
+place (`HTTPProvider.complete`) that bounds concurrency and time, classifies every failure into
+the `AIError` family, and retries what may pass (honouring Retry-After) a bounded number of
+times. The kinds differ only in how a request is written and an answer read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import re
+import time
+from typing import Any, ClassVar
+
+import httpx
+from loguru import logger
+
+from worker.ai.base import AIReply, AIRequest, Notify, Usage
+from worker.errors import (
+    AIAuthError,
+    AIBadRequest,
+    AIError,
+    AIQuotaExhausted,
+    AIRateLimited,
+    AIUnavailable,
+)
+from worker.settings import ProviderSettings
+
+#: Cloudflare's error code for a used-up daily allocation: waiting minutes will not help.
+CLOUDFLARE_QUOTA_CODES = frozenset({3036})
+_SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9_\-\.=]{8,}|key-[A-Za-z0-9]{16,})")
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
+
+
+def redact(text: str, *secrets: str) -> str:
+    """`text` with the given secrets and anything shaped like an API key or bearer token masked."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _SECRET_PATTERNS.sub("***", text)
+
+
+def _duration_s(value: str) -> float | None:
+    """Seconds in `1.5`, `6m0s`, `20ms` or `1h2m3s` (OpenAI's x-ratelimit-reset-* format)."""
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    match = _DURATION.match(value)
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def retry_after_s(headers: httpx.Headers) -> float | None:
+    """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*."""
+    if "retry-after-ms" in headers:
+        try:
+            return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+        except ValueError:
+            pass
+    if "retry-after" in headers:
+        value = headers["retry-after"]
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(parsed.timestamp() - time.time(), 0.0)
+    resets = [
+        _duration_s(headers[name])
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
+        if name in headers
+    ]
+    known = [r for r in resets if r is not None]
+    return max(known) if known else None
+
+
+class HTTPProvider:
+    """Shared request, retry and error handling; subclasses write the request and read the answer."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, config: ProviderSettings, api_key: str) -> None:
+        self.name = name
+        self.model = config.model
+        self.config = config
+        self._api_key = api_key
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self.client = httpx.AsyncClient(
+            base_url=config.api_root.rstrip("/") + "/",
+            headers={"user-agent": "sitegen-worker", **config.headers, **self.auth_headers(api_key)},
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.read_timeout_s,
+                pool=config.total_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
+            ),
+        )
+
+    # -- what differs between kinds
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    def body(self, request: AIRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def read(self, data: Any) -> tuple[str, int, int, str]:
+        """(text, input tokens, output tokens, finish reason) from a successful answer."""
+        raise NotImplementedError
+
+    def request_id(self, response: httpx.Response) -> str | None:
+        found: str | None = response.headers.get("x-request-id") or response.headers.get("request-id")
+        return found
+
+    def is_quota_exhausted(self, response: httpx.Response) -> bool:
+        return False
+
+    # -- shared
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _error(self, cls: type[AIError], message: str, request: AIRequest, **extra: Any) -> AIError:
+        return cls(
+            f"{self.name} ({self.kind}, model {self.model}): {message}",
+            provider=self.name,
+            task=request.task,
+            model=self.model,
+            **extra,
+        )
+
+    def _classify(self, response: httpx.Response, request: AIRequest) -> AIError:
+        status = response.status_code
+        excerpt = redact(response.text[:500], self._api_key)
+        extra: dict[str, Any] = {"status": status, "request_id": self.request_id(response), "body": excerpt}
+        if status in (401, 403):
+            where = (
+                f"the key in environment variable {self.config.api_key_env} "
+                f"(setting ai.providers.{self.name}.api_key_env)"
+                if self.config.api_key_env
+                else f"setting ai.providers.{self.name}.api_key_env (no key is configured)"
+            )
+            return self._error(AIAuthError, f"HTTP {status}: authentication refused; check {where}", request, **extra)
+        if status == 429:
+            if self.is_quota_exhausted(response):
+                return self._error(AIQuotaExhausted, f"HTTP 429: quota used up: {excerpt}", request, **extra)
+            wait = retry_after_s(response.headers)
+            said = f"; retry after {wait:g}s" if wait is not None else ""
+            return self._error(AIRateLimited, f"HTTP 429: rate limited{said}", request, retry_after_s=wait, **extra)
+        if status in (408, 409) or status >= 500:
+            return self._error(AIUnavailable, f"HTTP {status}: provider unavailable: {excerpt}", request, **extra)
+        return self._error(
+            AIBadRequest,
+            f"HTTP {status}: request refused (check ai.providers.{self.name}.model and base_url): {excerpt}",
+            request,
+            **extra,
+        )
+
+    async def _attempt(self, request: AIRequest) -> AIReply:
+        try:
+            async with self._slots, asyncio.timeout(self.config.total_timeout_s):
+                response = await self.client.post(self.endpoint(), json=self.body(request))
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise self._error(AIUnavailable, f"timed out ({type(exc).__name__})", request) from exc
+        except httpx.TransportError as exc:
+            raise self._error(AIUnavailable, f"connection failed: {type(exc).__name__}: {exc}", request) from exc
+        if response.status_code >= 400:
+            raise self._classify(response, request)
+        try:
+            text, tokens_in, tokens_out, finish = self.read(response.json())
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._error(
+                AIUnavailable,
+                f"unreadable answer ({type(exc).__name__}: {exc}): {redact(response.text[:300], self._api_key)}",
+                request,
+                status=response.status_code,
+                request_id=self.request_id(response),
+            ) from exc
+        cost = (
+            tokens_in * self.config.price_input_per_mtok + tokens_out * self.config.price_output_per_mtok
+        ) / 1_000_000
+        return AIReply(text, Usage(tokens_in, tokens_out, 1, cost), self.name, self.model, finish)
+
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                return await self._attempt(request)
+            except (AIRateLimited, AIUnavailable) as exc:
+                asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
+                wait = asked if asked is not None else min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0)
+                if attempt == self.config.max_retries or wait > self.config.max_retry_wait_s:
+                    raise
+                logger.warning("{}; retry {} of {} in {:.1f}s", exc, attempt + 1, self.config.max_retries, wait)
+                if notify is not None:
+                    await notify(
+                        f"{request.task}: {exc}; retrying in {wait:.1f}s ({attempt + 1}/{self.config.max_retries})",
+                        level="warning",
+                        provider=self.name,
+                        status=exc.status,
+                    )
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+class OpenAIProvider(HTTPProvider):
+    """Any OpenAI-compatible `/chat/completions`: OpenAI, Ollama, vLLM, OpenRouter, Cloudflare's compat API."""
+
+    kind = "openai"
+
+    def endpoint(self) -> str:
+        return "chat/completions"
+
+    def body(self, request: AIRequest) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": [{"role": "system", "content": request.system}, {"role": "user", "content": request.prompt}],
+            "max_tokens": self.config.max_output_tokens,
+            "temperature": self.config.temperature,
+        }
+
+    def read(self, data: Any) -> tuple[str, int, int, str]:
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        return (
+            choice["message"]["content"] or "",
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            finish,
+        )
+
+
+class AnthropicProvider(HTTPProvider):
+    """Anthropic's Messages API."""
+
+    kind = "anthropic"
+    API_VERSION = "2023-06-01"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"x-api-key": api_key, "anthropic-version": self.API_VERSION}
+
+    def endpoint(self) -> str:
+        return "v1/messages"
+
+    def body(self, request: AIRequest) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "max_tokens": self.config.max_output_tokens,
+            "temperature": self.config.temperature,
+            "system": request.system,
+            "messages": [{"role": "user", "content": request.prompt}],
+        }
+
+    def read(self, data: Any) -> tuple[str, int, int, str]:
+        text = "".join(block.get("text", "") for block in data["content"] if block.get("type") == "text")
+        usage = data.get("usage") or {}
+        finish = "length" if data.get("stop_reason") == "max_tokens" else "stop"
+        return text, usage.get("input_tokens", 0), usage.get("output_tokens", 0), finish
+
+
+class CloudflareProvider(HTTPProvider):
+    """Cloudflare Workers AI: `/accounts/{account_id}/ai/run/{model}`, the answer under `result.response`."""
+
+    kind = "cloudflare"
+
+    def endpoint(self) -> str:
+        return f"accounts/{self.config.account_id}/ai/run/{self.model}"
+
+    def body(self, request: AIRequest) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "system", "content": request.system}, {"role": "user", "content": request.prompt}],
+            "max_tokens": self.config.max_output_tokens,
+            "temperature": self.config.temperature,
+        }
+
+    def read(self, data: Any) -> tuple[str, int, int, str]:
+        result = data["result"]
+        answer = result["response"]
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        usage = result.get("usage") or {}
+        return text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "stop"
+
+    def request_id(self, response: httpx.Response) -> str | None:
+        found: str | None = response.headers.get("cf-ray")
+        return found
+
+    def is_quota_exhausted(self, response: httpx.Response) -> bool:
+        try:
+            errors = response.json().get("errors") or []
+        except ValueError:
+            return False
+        return any(isinstance(e, dict) and e.get("code") in CLOUDFLARE_QUOTA_CODES for e in errors)
+
+
+KINDS: dict[str, type[HTTPProvider]] = {
+    "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "cloudflare": CloudflareProvider,
+}
