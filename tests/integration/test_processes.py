@@ -162,6 +162,21 @@ async def test_demo_generates_the_sample_site_with_live_progress(
     assert out.index("phase plan started") < out.index("phase assemble done") < out.index("site ready")
 
 
+async def test_demo_with_the_fake_provider_shows_retries_and_succeeds(
+    service_env: dict[str, str], redis: ArqRedis, tmp_path: Path
+) -> None:
+    sites = tmp_path / "sites"
+    env = cli_env(service_env, SITEGEN_OUTPUT__DIR=str(sites))
+    code, out, err = await run(
+        SITEGEN, "demo", "--provider", "fake", "--latency", "0", "--order-id", "4244", env=env, cwd=tmp_path,
+        timeout=120,
+    )
+    assert code == 0, out + err
+    assert "HTTP 429: rate limited; retry after 1s" in out and "HTTP 500" in out
+    assert out.index("HTTP 429") < out.index("phase plan done") < out.index("generation succeeded")
+    assert (sites / "4244" / "index.html").is_file()
+
+
 async def test_sitegen_status_and_logs_show_the_generation(
     start_worker: WorkerFactory, redis: ArqRedis, service_env: dict[str, str]
 ) -> None:

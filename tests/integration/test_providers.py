@@ -369,3 +369,22 @@ def _task_of(body: Any) -> str:
     prompt = body["messages"][-1]["content"]
     inputs = json.loads(prompt[prompt.rindex("<input>") + 7 : prompt.index("</input>")])
     return "coding" if "content" in inputs else "content" if "plan" in inputs else "planning"
+
+
+async def test_exhausted_retries_send_the_job_back_to_the_queue_and_it_resumes(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script("ok", "status:503", "status:503")  # content fails twice: once more than max_retries allows
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url, max_retries=1)}))
+    await client.enqueue_generation(redis, 73, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 73)
+
+    assert result["status"] == "succeeded"
+    info = await order_job(redis, 73).result_info()
+    assert info is not None and info.job_try == 2
+    assert [_task_of(r.body) for r in fake.requests] == ["planning", "content", "content", "content", "coding"]
+    messages = await _messages(db, 73)
+    assert any(m.startswith("phase content failed, will retry in") and "HTTP 503" in m for m in messages)
+    assert "generation resumed at phase content (attempt 2)" in messages

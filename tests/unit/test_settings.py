@@ -326,3 +326,31 @@ def test_redact_url_masks_the_password(url: str, redacted: str) -> None:
 )
 def test_redact_url_leaves_urls_without_password_untouched(url: str) -> None:
     assert redact_url(url) == url
+
+
+def test_provider_whose_api_key_env_var_is_missing_fails_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOPE_API_KEY", raising=False)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            ai={
+                "providers": {"gpt": {"kind": "openai", "model": "gpt-4o", "api_key_env": "NOPE_API_KEY"}},
+                "routing": {"planning": "gpt", "content": "gpt", "coding": "gpt"},
+            }
+        )
+    message = str(caught.value)
+    assert "ai.providers.gpt" in message and "NOPE_API_KEY is not set" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_unknown_provider_kind_fails_naming_the_setting() -> None:
+    with pytest.raises(SettingsError, match=r"ai\.providers\.x\.kind"):
+        load_settings(ai={"providers": {"x": {"kind": "gemini", "model": "m"}}, "routing": {"planning": "x"}})
+
+
+def test_routing_accepts_a_fallback_list_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SITEGEN_AI__ROUTING__CODING", "offline,backup")
+    monkeypatch.setenv("SITEGEN_AI__PROVIDERS__BACKUP__KIND", "offline")
+    settings = load_settings()
+    assert settings.ai.routing["coding"] == ["offline", "backup"]

@@ -70,7 +70,10 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
         try:
             return max(float(value), 0.0)
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                parsed = None  # a value we cannot read is no instruction: back off as usual
             if parsed is not None:
                 return max(parsed.timestamp() - time.time(), 0.0)
     resets = [

@@ -1,0 +1,42 @@
+"""What the HTTP providers read from headers and hide from logs."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import httpx
+import pytest
+
+from worker.ai.http import redact, retry_after_s
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"x-ratelimit-reset-requests": "6m0s"}, 360.0),
+        ({"x-ratelimit-reset-tokens": "20ms"}, 0.02),
+        ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "1h2m3s"}, 3723.0),
+        ({}, None),
+        ({"retry-after": "soon"}, None),
+    ],
+)
+def test_retry_after_is_read_from_every_header_providers_use(headers: dict[str, str], expected: float | None) -> None:
+    assert retry_after_s(httpx.Headers(headers)) == expected
+
+
+def test_retry_after_as_an_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    wait = retry_after_s(httpx.Headers({"retry-after": when}))
+    assert wait is not None and 25 <= wait <= 31
+
+
+def test_redact_hides_given_secrets_and_key_shaped_strings() -> None:
+    text = 'bad key "my-own-secret-value" sk-abcdefghijklmnop and Authorization: Bearer abc.def-ghi_jkl'
+    shown = redact(text, "my-own-secret-value")
+    assert "my-own-secret-value" not in shown and "sk-abcdefghijklmnop" not in shown
+    assert "abc.def-ghi_jkl" not in shown and shown.count("***") == 3
