@@ -7,11 +7,14 @@ created in `startup` on the worker's own event loop, kept in arq's `ctx`, and cl
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 from typing import Any
 
 from arq import Retry
 from arq.connections import RedisSettings
+from arq.cron import cron
 from arq.worker import Worker, func
 from loguru import logger
 
@@ -20,10 +23,11 @@ from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
 from worker.migrate import migrate
-from worker.pipeline.runner import RetryLater, Runtime, run_generation, validate_job_args
+from worker.pipeline.runner import RetryLater, Runtime, keep_job_alive, run_generation, validate_job_args
 from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
 from worker.store import Store, create_pool
+from worker.sweeper import sweep
 
 
 async def generate_site(
@@ -46,6 +50,7 @@ async def generate_site(
             else:
                 logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
             raise
+        await keep_job_alive(rt, ctx.get("job_id"))
         try:
             return await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
         except RetryLater as exc:
@@ -67,18 +72,48 @@ async def startup(ctx: dict[str, Any]) -> None:
     db = settings.database
     pool = await create_pool(db, max_size=db.pool_max_size, min_size=db.pool_min_size, name="generation")
     progress_pool = await create_pool(db, max_size=db.progress_pool_max_size, min_size=1, name="progress")
-    ctx["runtime"] = Runtime(
+    rt = Runtime(
         settings=settings,
         store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
         progress=ProgressLog(progress_pool, replica_id=replica),
         ai=build_router(settings.ai),
+        redis=ctx["redis"],
     )
+    ctx["runtime"] = rt
+    ctx["progress_flusher"] = asyncio.create_task(rt.progress.flush_periodically())
+    _drain_on_signals(rt)
+
+
+def _drain_on_signals(rt: Runtime) -> None:
+    """Also tell running generations to stop at their next phase boundary when arq is told to stop.
+
+    arq installs its own SIGTERM/SIGINT handlers (stop taking jobs, wait `shutdown_grace_s`,
+    cancel the rest); asyncio keeps one handler per signal, so ours wraps arq's. This reads
+    asyncio's handler table, the one private detail we rely on; without it, running generations
+    are still handed back when arq cancels them at the end of the grace period.
+    """
+    loop = asyncio.get_running_loop()
+    handlers: dict[int, asyncio.Handle] = getattr(loop, "_signal_handlers", {})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        original = handlers.get(sig)
+        if original is None:
+            continue
+
+        def on_signal(original: asyncio.Handle = original, sig: signal.Signals = sig) -> None:
+            logger.info("{}: finishing current phases, then handing generations back", sig.name)
+            rt.draining.set()
+            original._run()
+
+        loop.add_signal_handler(sig, on_signal)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     rt: Runtime | None = ctx.pop("runtime", None)
     if rt is None:
         return
+    flusher: asyncio.Task[None] | None = ctx.pop("progress_flusher", None)
+    if flusher is not None:
+        flusher.cancel()
     await rt.progress.flush()
     if rt.progress.pending:
         logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))
@@ -98,6 +133,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     w = settings.worker
     return {
         "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=w.max_tries, keep_result=w.keep_result_s)],
+        "cron_jobs": [cron(sweep, name="sweep", second=set(range(0, 60, w.sweep_every_s)), run_at_startup=True)],
         "queue_name": w.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis.url),
         "job_serializer": serialize,

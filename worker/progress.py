@@ -65,6 +65,13 @@ class ProgressLog:
         self.pending.append(row)
         await self.flush()
 
+    async def flush_periodically(self, every_s: float = 1.0) -> None:
+        """Write rows left buffered by a failed write even when no new row comes to carry them."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.pending:
+                await self.flush()
+
     async def flush(self) -> bool:
         """Write every buffered row in order; False if PostgreSQL could not take them now."""
         async with self._lock:

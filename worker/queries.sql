@@ -84,6 +84,15 @@ UPDATE site_generations
 SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $3)
 WHERE id = $1 AND claim_token = $2 AND status = 'running';
 
+-- name: stale_generations
+-- Active generations nobody has touched for a lease: their owner died, or their job left Redis.
+SELECT id, order_id, status, current_phase, replica_id
+FROM site_generations
+WHERE status IN ('queued', 'running')
+  AND coalesce(lease_expires_at, heartbeat_at + make_interval(secs => $1), created_at + make_interval(secs => $1)) < now()
+ORDER BY id
+LIMIT $2;
+
 -- name: load_files
 SELECT path, content FROM site_files WHERE generation_id = $1 ORDER BY path;
 

@@ -47,9 +47,31 @@ class WorkerSection(_Section):
     )
     retry_backoff_s: float = Field(default=5, ge=0, description="First delay before a retryable failure is retried")
     retry_backoff_max_s: float = Field(default=300, ge=0, description="Longest delay between retries")
-    lease_s: float = Field(default=60, gt=0, description="How long a claim on a generation lasts without heartbeat")
+    lease_s: float = Field(
+        default=20,
+        ge=2,
+        description="A replica's claim on a running job lasts this long without a heartbeat (every lease_s/4): "
+        "the generations of a SIGKILLed replica are resumed elsewhere after about this long",
+    )
+    sweep_every_s: int = Field(
+        default=30,
+        ge=1,
+        le=60,
+        description="How often (seconds, dividing 60) the sweeper re-enqueues active generations whose job was lost",
+    )
     run_migrations: bool = Field(default=True, description="Apply pending migrations at startup")
-    shutdown_grace_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running jobs may finish")
+    shutdown_grace_s: float = Field(
+        default=30,
+        ge=0,
+        description="On SIGTERM, how long running generations may take to finish their current phase",
+    )
+
+    @field_validator("sweep_every_s")
+    @classmethod
+    def _divides_a_minute(cls, every: int) -> int:
+        if 60 % every:
+            raise ValueError("must divide 60 (e.g. 5, 10, 15, 30, 60)")
+        return every
 
     @cached_property
     def replica(self) -> str:

@@ -247,6 +247,11 @@ class Store:
             )
             return generation_id
 
+    async def stale_generations(self, limit: int = 500) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, limit)
+        return [dict(r) for r in rows]
+
     async def order_exists(self, order_id: int) -> bool:
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(QUERIES["order_exists"], order_id))

@@ -13,11 +13,13 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from arq import ArqRedis
+from arq.constants import in_progress_key_prefix
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
@@ -57,6 +59,10 @@ class RetryLater(Exception):
         self.cause = cause
 
 
+class ShuttingDown(Exception):
+    """The replica was asked to stop: hand the generation back between two phases."""
+
+
 @dataclass
 class Runtime:
     """Everything a job uses, created once in the worker's on_startup on its event loop."""
@@ -65,6 +71,9 @@ class Runtime:
     store: Store
     progress: ProgressLog
     ai: AIRouter
+    redis: ArqRedis | None = None
+    #: Set on SIGTERM/SIGINT: running generations stop at their next phase boundary.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def backoff_s(settings: Settings, job_try: int) -> float:
@@ -166,6 +175,8 @@ class GenerationRun:
         for phase in PHASES:
             if phase in self.outputs:
                 continue
+            if self.rt.draining.is_set():
+                raise ShuttingDown(f"stopping before phase {phase}")
             self.phase = phase
             started = time.monotonic()
             await self.log(f"phase {phase} started")
@@ -240,11 +251,22 @@ class GenerationRun:
         return SitePlan.model_validate(self.outputs["plan"])
 
 
-async def _heartbeat(rt: Runtime, claim: Claim) -> None:
-    interval = rt.settings.worker.lease_s / 3
+async def keep_job_alive(rt: Runtime, job_id: str | None) -> None:
+    """Shorten arq's in-progress marker of the job to `lease_s`, so a crash frees the job that soon.
+
+    arq keeps the marker for job_timeout + 10 s (half an hour by default): a SIGKILLed replica's
+    job would be invisible to the others until then. Refreshed by every heartbeat.
+    """
+    if job_id and rt.redis is not None:
+        await rt.redis.pexpire(in_progress_key_prefix + job_id, int(rt.settings.worker.lease_s * 1000))
+
+
+async def _heartbeat(rt: Runtime, claim: Claim, job_id: str | None) -> None:
+    interval = rt.settings.worker.lease_s / 4
     while True:
         await asyncio.sleep(interval)
         try:
+            await keep_job_alive(rt, job_id)
             if not await rt.store.heartbeat(claim):
                 logger.warning("generation {}: claim taken over by another replica", claim.generation_id)
                 return
@@ -288,9 +310,12 @@ async def run_generation(
     else:
         await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
 
-    heartbeat = asyncio.create_task(_heartbeat(rt, claim))
+    heartbeat = asyncio.create_task(_heartbeat(rt, claim, job_id))
     try:
         return await run.run()
+    except ShuttingDown:
+        await _hand_back(run, f"replica {settings.worker.replica} is shutting down")
+        raise RetryLater(0.0, ShuttingDown("handed back for another replica")) from None
     except asyncio.CancelledError:
         await asyncio.shield(_hand_back(run, "interrupted (worker shutting down, job aborted or timed out)"))
         raise
