@@ -175,9 +175,9 @@ class GenerationRun:
         for phase in PHASES:
             if phase in self.outputs:
                 continue
+            self.phase = phase
             if self.rt.draining.is_set():
                 raise ShuttingDown(f"stopping before phase {phase}")
-            self.phase = phase
             started = time.monotonic()
             await self.log(f"phase {phase} started")
             output, usage = await self._run_phase(phase, brief, started)

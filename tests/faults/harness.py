@@ -1,0 +1,272 @@
+"""A small cluster for fault tests: real `arq worker.main.WorkerSettings` replicas as processes, their own
+PostgreSQL and Redis, and the fake provider, with ways to kill, restart and wait on them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from worker import client
+from worker.ai.fake_server import FakeProviderServer
+from worker.services import LocalServices
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = ("planning", "content", "coding")
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> float:
+    """Poll `predicate` until true; returns the seconds it took. Fails the test with `what` on timeout."""
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started
+
+
+def brief_for(order_id: int) -> dict[str, Any]:
+    """A brief whose business name identifies the order in every prompt the fake provider sees."""
+    return {
+        "business_name": f"Order {order_id} Bakery",
+        "description": f"Bakery number {order_id}: sourdough, pastries and cakes made every morning.",
+        "services": ["Bread", "Pastries", "Cakes"],
+    }
+
+
+def order_of_request(body: Any) -> tuple[int, str]:
+    """(order id, task) of a request the fake provider saw."""
+    prompt = body["messages"][-1]["content"]
+    inputs = json.loads(prompt[prompt.rindex("<input>") + 7 : prompt.index("</input>")])
+    order_id = int(inputs["brief"]["business_name"].split()[1])
+    task = "coding" if "content" in inputs else "content" if "plan" in inputs else "planning"
+    return order_id, task
+
+
+@dataclass
+class Replica:
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "arq", "worker.main.WorkerSettings"],
+            cwd=ROOT,
+            env={**self.env, "SITEGEN_WORKER__REPLICA_ID": self.name},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    async def wait_exit(self, timeout: float) -> int:
+        assert self.process is not None
+        process = self.process
+        await wait_until(lambda: _exited(process), timeout, what=f"replica {self.name} to exit")
+        return process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is not None
+
+
+@dataclass
+class Cluster:
+    services: LocalServices
+    fake: FakeProviderServer
+    workdir: Path
+    settings_env: dict[str, str] = field(default_factory=dict)
+    replicas: list[Replica] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.workdir / "sites"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
+        env.update(
+            DATABASE_URL=self.services.database_url,
+            REDIS_URL=self.services.redis_url,
+            PYTHONPATH=str(ROOT),
+            SITEGEN_OUTPUT__DIR=str(self.output_dir),
+            SITEGEN_WORKER__HEALTH_CHECK_INTERVAL_S="1",
+            SITEGEN_WORKER__RETRY_BACKOFF_S="0.2",
+            SITEGEN_WORKER__RETRY_BACKOFF_MAX_S="2",
+            SITEGEN_WORKER__JOB_TIMEOUT_S="1800",
+            SITEGEN_WORKER__POLL_DELAY_S="0.05",
+            SITEGEN_AI__PROVIDERS__FAKE__KIND="openai",
+            SITEGEN_AI__PROVIDERS__FAKE__MODEL="fake-gpt",
+            SITEGEN_AI__PROVIDERS__FAKE__BASE_URL=f"{self.fake.url}/v1",
+            SITEGEN_AI__PROVIDERS__FAKE__API_KEY_ENV="FAULTS_FAKE_KEY",
+            SITEGEN_AI__PROVIDERS__FAKE__READ_TIMEOUT_S="10",
+            SITEGEN_AI__PROVIDERS__FAKE__MAX_RETRY_WAIT_S="5",
+            FAULTS_FAKE_KEY="faults-key-not-secret",
+            **{f"SITEGEN_AI__ROUTING__{task.upper()}": "fake" for task in TASKS},
+        )
+        env.update(self.settings_env)
+        return env
+
+    def add_replica(self, name: str) -> Replica:
+        replica = Replica(name, self.env(), self.workdir / f"{name}.log")
+        replica.start()
+        self.replicas.append(replica)
+        return replica
+
+    async def wait_healthy(self, replica: Replica, timeout: float = 30) -> None:
+        redis = await client.connect(self.services.redis_url)
+        key = f"site_generation:health-check:{replica.name}"
+        try:
+
+            async def up() -> bool:
+                if not replica.alive():
+                    raise AssertionError(f"replica {replica.name} exited:\n{replica.log()[-3000:]}")
+                return bool(await redis.exists(key))
+
+            await wait_until(up, timeout, what=f"replica {replica.name} to be healthy")
+        finally:
+            await redis.aclose()
+
+    def stop_all(self) -> None:
+        for replica in self.replicas:
+            if replica.alive():
+                replica.kill()
+
+    async def enqueue(self, order_ids: list[int]) -> None:
+        redis = await client.connect(self.services.redis_url)
+        try:
+            for order_id in order_ids:
+                await client.enqueue_generation(redis, order_id, brief_for(order_id))
+        finally:
+            await redis.aclose()
+
+    async def connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self.services.database_url)
+        await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        return conn
+
+    async def statuses(self, order_ids: list[int]) -> dict[int, str]:
+        conn = await self.connect()
+        try:
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (order_id) order_id, status FROM site_generations "
+                "WHERE order_id = ANY($1::bigint[]) ORDER BY order_id, id DESC",
+                order_ids,
+            )
+        finally:
+            await conn.close()
+        return {r["order_id"]: r["status"] for r in rows}
+
+    async def wait_all_succeeded(self, order_ids: list[int], timeout: float) -> None:
+        async def done() -> bool:
+            try:
+                statuses = await self.statuses(order_ids)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return False  # PostgreSQL restarting
+            failed = {o: s for o, s in statuses.items() if s == "failed"}
+            if failed:
+                raise AssertionError(f"orders failed: {failed}\n{await self.errors(list(failed))}")
+            return len(statuses) == len(order_ids) and set(statuses.values()) == {"succeeded"}
+
+        await wait_until(done, timeout, interval=0.5, what=f"{len(order_ids)} orders to succeed")
+
+    async def errors(self, order_ids: list[int]) -> list[Any]:
+        conn = await self.connect()
+        try:
+            return [
+                dict(r)
+                for r in await conn.fetch(
+                    "SELECT order_id, error FROM site_generations WHERE order_id = ANY($1::bigint[])", order_ids
+                )
+            ]
+        finally:
+            await conn.close()
+
+    async def check_invariants(self, order_ids: list[int]) -> None:
+        """Every site matches its manifest, each phase committed once, no model call after its phase committed,
+        and no order ran on two replicas at once."""
+        conn = await self.connect()
+        try:
+            for order_id in order_ids:
+                self._check_site_files(order_id)
+            committed = {
+                (r["order_id"], r["phase"]): r["completed_at"].timestamp()
+                for r in await conn.fetch(
+                    "SELECT g.order_id, p.phase, p.completed_at FROM site_generation_phases p "
+                    "JOIN site_generations g ON g.id = p.generation_id WHERE g.status = 'succeeded'"
+                )
+            }
+            phase_of_task = {"planning": "plan", "content": "content", "coding": "code"}
+            for request in self.fake.requests:
+                order_id, task = order_of_request(request.body)
+                done_at = committed.get((order_id, phase_of_task[task]))
+                assert done_at is not None and request.wall <= done_at + 0.5, (
+                    f"order {order_id}: a {task} call at {request.wall:.3f} came after its phase committed at {done_at}"
+                )
+            logs = await conn.fetch(
+                "SELECT order_id, replica_id, message, created_at FROM site_generation_logs "
+                "WHERE order_id = ANY($1::bigint[]) ORDER BY order_id, created_at, id",
+                order_ids,
+            )
+        finally:
+            await conn.close()
+        _check_single_owner(logs)
+
+    def _check_site_files(self, order_id: int) -> None:
+        site = self.output_dir / str(order_id)
+        manifest = json.loads((site / "manifest.json").read_text())
+        on_disk = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()} - {"manifest.json"}
+        assert on_disk == {f["path"] for f in manifest["files"]}, f"order {order_id}: files differ from manifest"
+        for entry in manifest["files"]:
+            assert hashlib.sha256((site / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+#: Rows written by a replica that does not run the generation (it found the order busy).
+_BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start")
+
+
+def _check_single_owner(logs: list[asyncpg.Record]) -> None:
+    """Walk each order's progress rows in time order: only the replica that last started or resumed the
+    generation may write about it until another one takes over."""
+    owner: dict[int, str] = {}
+    for row in logs:
+        message: str = row["message"]
+        if message.startswith(_BYSTANDER):
+            continue
+        if message.startswith(("generation started", "generation resumed")):
+            owner[row["order_id"]] = row["replica_id"]
+            continue
+        expected = owner.get(row["order_id"])
+        assert expected == row["replica_id"], (
+            f"order {row['order_id']}: {row['replica_id']} wrote {message!r} at {row['created_at']} while "
+            f"{expected} owned the generation"
+        )
