@@ -14,9 +14,11 @@ import asyncpg
 import pytest
 from arq import ArqRedis
 from arq.worker import Worker
+from loguru import logger
 
-from tests.helpers import WorkerFactory
+from tests.helpers import KEY, KEY_ENV, WorkerFactory
 from worker import client
+from worker.ai.fake_server import FakeProviderServer
 from worker.migrate import migrate
 from worker.services import LocalServices
 from worker.settings import Settings, load_settings
@@ -99,3 +101,25 @@ async def start_worker(settings: Settings, db: asyncpg.Connection, redis: ArqRed
         await worker.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    """The fake provider: a real HTTP server on loopback speaking the OpenAI, Anthropic and Cloudflare APIs."""
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def provider_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API key env var that `tests.helpers.remote` providers name."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Everything the worker logs during the test, exceptions included."""
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG", format="{message}")
+    yield lines
+    logger.remove(sink)

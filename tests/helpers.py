@@ -10,6 +10,7 @@ from arq.jobs import Job
 from arq.worker import Worker
 
 from worker import client
+from worker.settings import AISection, ProviderSettings, Settings
 
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
@@ -34,3 +35,33 @@ def order_job(redis: ArqRedis, order_id: int) -> Job:
 async def wait_for_result(redis: ArqRedis, order_id: int, timeout: float = 60) -> Any:
     """The result of the order's job, as a client would read it."""
     return await order_job(redis, order_id).result(timeout=timeout, poll_delay=0.05)
+
+
+#: The API key tests configure for providers behind the fake server (see the `provider_key` fixture).
+KEY_ENV = "SITEGEN_TEST_PROVIDER_KEY"
+KEY = "sk-test-0123456789abcdefSECRET"
+CLOUDFLARE_MODEL = "@cf/meta/llama-3.1-8b-instruct"
+
+
+def remote(kind: str, url: str, **overrides: Any) -> ProviderSettings:
+    """Settings of a provider of `kind` served by the fake provider server at `url`."""
+    base = {"openai": f"{url}/v1", "anthropic": url, "cloudflare": f"{url}/client/v4"}[kind]
+    config: dict[str, Any] = {
+        "kind": kind,
+        "model": CLOUDFLARE_MODEL if kind == "cloudflare" else f"{kind}-test-model",
+        "base_url": base,
+        "api_key_env": KEY_ENV,
+        "read_timeout_s": 5,
+        "max_retry_wait_s": 10,
+        **({"account_id": "acc-123"} if kind == "cloudflare" else {}),
+        **overrides,
+    }
+    return ProviderSettings(**config)
+
+
+def with_ai(
+    settings: Settings, providers: dict[str, ProviderSettings], routing: dict[str, list[str]] | None = None, **ai: Any
+) -> Settings:
+    """`settings` with these providers, routed (by default every task to the first one)."""
+    routing = routing or {task: [next(iter(providers))] for task in ("planning", "content", "coding")}
+    return settings.model_copy(update={"ai": AISection(providers=providers, routing=routing, **ai)})

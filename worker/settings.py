@@ -107,6 +107,9 @@ class RedisSection(_Section):
 
 class OutputSection(_Section):
     dir: Path = Field(default=Path("generated_sites"), description="Sites are written to <dir>/<order_id>/")
+    allowed_embed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts whose scripts and iframes generated pages may load; others are removed"
+    )
 
 
 class LimitsSection(_Section):

@@ -107,6 +107,13 @@ class Cluster:
     workdir: Path
     settings_env: dict[str, str] = field(default_factory=dict)
     replicas: list[Replica] = field(default_factory=list)
+    #: Override the services' URLs (e.g. with credentials in them).
+    database_url: str = ""
+    redis_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.database_url = self.database_url or self.services.database_url
+        self.redis_url = self.redis_url or self.services.redis_url
 
     @property
     def output_dir(self) -> Path:
@@ -115,8 +122,8 @@ class Cluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
         env.update(
-            DATABASE_URL=self.services.database_url,
-            REDIS_URL=self.services.redis_url,
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
             PYTHONPATH=str(ROOT),
             SITEGEN_OUTPUT__DIR=str(self.output_dir),
             SITEGEN_WORKER__HEALTH_CHECK_INTERVAL_S="1",
@@ -143,7 +150,7 @@ class Cluster:
         return replica
 
     async def wait_healthy(self, replica: Replica, timeout: float = 30) -> None:
-        redis = await client.connect(self.services.redis_url)
+        redis = await client.connect(self.redis_url)
         key = f"site_generation:health-check:{replica.name}"
         try:
 
@@ -162,7 +169,7 @@ class Cluster:
                 replica.kill()
 
     async def enqueue(self, order_ids: list[int]) -> None:
-        redis = await client.connect(self.services.redis_url)
+        redis = await client.connect(self.redis_url)
         try:
             for order_id in order_ids:
                 await client.enqueue_generation(redis, order_id, brief_for(order_id))
@@ -170,7 +177,7 @@ class Cluster:
             await redis.aclose()
 
     async def connect(self) -> asyncpg.Connection:
-        conn = await asyncpg.connect(self.services.database_url)
+        conn = await asyncpg.connect(self.database_url)
         await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
         return conn
 

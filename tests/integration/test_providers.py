@@ -4,66 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 from arq import ArqRedis
 from arq.jobs import JobResult, SerializationError
-from loguru import logger
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
+from tests.helpers import (
+    CLOUDFLARE_MODEL,
+    KEY,
+    KEY_ENV,
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    order_job,
+    remote,
+    wait_for_result,
+    with_ai,
+)
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
 from worker.services import free_port
-from worker.settings import AISection, ProviderSettings, Settings
+from worker.settings import Settings
 
-KEY_ENV = "SITEGEN_TEST_PROVIDER_KEY"
-KEY = "sk-test-0123456789abcdefSECRET"
-CLOUDFLARE_MODEL = "@cf/meta/llama-3.1-8b-instruct"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """Everything the worker logs during the test, exceptions included."""
-    lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG", format="{message}")
-    yield lines
-    logger.remove(sink)
-
-
-def remote(kind: str, url: str, **overrides: Any) -> ProviderSettings:
-    base = {"openai": f"{url}/v1", "anthropic": url, "cloudflare": f"{url}/client/v4"}[kind]
-    config: dict[str, Any] = {
-        "kind": kind,
-        "model": CLOUDFLARE_MODEL if kind == "cloudflare" else f"{kind}-test-model",
-        "base_url": base,
-        "api_key_env": KEY_ENV,
-        "read_timeout_s": 5,
-        "max_retry_wait_s": 10,
-        **({"account_id": "acc-123"} if kind == "cloudflare" else {}),
-        **overrides,
-    }
-    return ProviderSettings(**config)
-
-
-def with_ai(
-    settings: Settings, providers: dict[str, ProviderSettings], routing: dict[str, list[str]] | None = None, **ai: Any
-) -> Settings:
-    routing = routing or {task: [next(iter(providers))] for task in ("planning", "content", "coding")}
-    return settings.model_copy(update={"ai": AISection(providers=providers, routing=routing, **ai)})
-
-
-@pytest.fixture(autouse=True)
-def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KEY_ENV, KEY)
+pytestmark = pytest.mark.usefixtures("provider_key")
 
 
 async def _failed(redis: ArqRedis, order_id: int) -> JobResult:

@@ -20,7 +20,7 @@ from worker.models import (
     SitePlan,
     page_file,
 )
-from worker.pipeline.assemble import assemble_site, site_problems
+from worker.pipeline.assemble import MAX_WARNINGS, assemble_site, normalize_hosts, sanitize_site, site_problems
 
 SLUGS = ("index", "about", "contact")
 
@@ -280,3 +280,210 @@ def test_script_url_with_a_tab_in_the_scheme_is_reported() -> None:
 def test_script_urls_in_other_url_attributes_are_reported(body: str) -> None:
     code = make_code({"about.html": page_html("about", body=body)})
     assert any("uses a script URL" in p for p in site_problems(make_plan(), code))
+
+
+# --------------------------------------------------------------------------- embeds from other hosts
+
+EVIL_SCRIPT = '<script src="https://evil.example/x.js"></script>'
+EVIL_IFRAME = '<iframe src="https://evil.example/"></iframe>'
+
+
+def assembled(code: SiteCode, allowed: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """The manifest's warnings and the written files' text, by path."""
+    manifest, files = assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed)
+    written = {f.path: f.content.decode() for f in files}
+    assert json.loads(written["manifest.json"])["warnings"] == manifest.warnings
+    return manifest.warnings, written
+
+
+def test_external_script_and_iframe_are_removed_and_reported() -> None:
+    code = make_code({"index.html": page_html("index", body=EVIL_SCRIPT + "<p>keep me</p>" + EVIL_IFRAME)})
+    assert site_problems(make_plan(), code) == [], "removals are not problems: the code phase does not re-ask"
+    warnings, written = assembled(code)
+    assert warnings == [
+        "index.html: removed <script src=https://evil.example/x.js> "
+        "(host evil.example not in output.allowed_embed_hosts)",
+        "index.html: removed <iframe src=https://evil.example/> (host evil.example not in output.allowed_embed_hosts)",
+    ]
+    assert "evil.example" not in written["index.html"]
+    assert "<p>keep me</p>" in written["index.html"] and "<h1>index</h1>" in written["index.html"]
+
+
+def test_sanitized_page_is_what_the_manifest_describes() -> None:
+    code = make_code({"about.html": page_html("about", body=EVIL_SCRIPT)})
+    manifest, files = assemble_site(1, 2, make_plan(), code)
+    about = next(f for f in files if f.path == "about.html")
+    entry = next(m for m in manifest.files if m.path == "about.html")
+    assert b"evil.example" not in about.content
+    assert entry.sha256 == hashlib.sha256(about.content).hexdigest() and entry.bytes == len(about.content)
+
+
+@pytest.mark.parametrize(
+    ("element", "shown"),
+    [
+        ('<embed src="https://evil.example/x.swf">', "<embed src=https://evil.example/x.swf>"),
+        ('<object data="https://evil.example/x.pdf"></object>', "<object data=https://evil.example/x.pdf>"),
+        ('<script src="//evil.example/x.js"></script>', "<script src=//evil.example/x.js>"),
+        ('<script src="HTTPS://EVIL.EXAMPLE:8443/x.js"></script>', "<script src=HTTPS://EVIL.EXAMPLE:8443/x.js>"),
+        ('<script src="/\\evil.example/x.js"></script>', "<script src=/\\evil.example/x.js>"),
+        ('<script src="https:evil.example/x.js"></script>', "<script src=https:evil.example/x.js>"),
+        ('<script src=" \thttps://evil.example/x.js"></script>', "<script src=https://evil.example/x.js>"),
+        ('<iframe src="https://evil.example\\@cdn.allowed.example/"></iframe>', "<iframe src=https://evil.example"),
+        ('<iframe src="https://cdn.allowed.example@evil.example/"></iframe>', "<iframe src=https://cdn.allowed"),
+        ('<frameset><frame src="https://evil.example/f"></frameset>', None),
+        ('<svg><script href="https://evil.example/s.js"></script></svg>', "<script href=https://evil.example/s.js>"),
+        ('<svg><script xlink:href="https://evil.example/s.js"></script></svg>', "<script xlink:href="),
+        ('<base href="https://evil.example/">', "<base href=https://evil.example/>"),
+        ('<template><script src="https://evil.example/t.js"></script></template>', "<script src=https://evil"),
+    ],
+)
+def test_every_kind_of_external_embed_is_removed(element: str, shown: str | None) -> None:
+    code = make_code({"contact.html": page_html("contact", body=element)})
+    warnings, written = assembled(code, frozenset({"allowed.example"}))
+    if shown is None:  # a <frameset> cannot sit in a <body>: the parser drops it, nothing loads
+        assert warnings == [] or "evil.example" in warnings[0]
+        return
+    assert len(warnings) == 1 and warnings[0].startswith(f"contact.html: removed {shown}")
+    assert warnings[0].endswith("(host evil.example not in output.allowed_embed_hosts)")
+    assert "evil.example" not in written["contact.html"]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("data:text/javascript,alert(1)", "data: addresses are not allowed for embedded resources"),
+        ("blob:https://evil.example/123", "blob: addresses are not allowed for embedded resources"),
+        ("https://", "its address has no host"),
+        ("https:///x.js", "host x.js not in output.allowed_embed_hosts"),  # browsers skip the extra slashes
+        ("https://[oops/x.js", "its address cannot be parsed"),
+    ],
+)
+def test_script_sources_without_an_allowed_host_are_removed(url: str, reason: str) -> None:
+    code = make_code({"about.html": page_html("about", body=f'<script src="{url}"></script>')})
+    warnings, written = assembled(code, frozenset({"evil.example"}))
+    assert len(warnings) == 1 and warnings[0].endswith(f"({reason})")
+    assert "<script" not in written["about.html"]
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [{"allowed.example"}, {"cdn.allowed.example"}, {"CDN.Allowed.Example."}, {"*.allowed.example"}],
+)
+def test_allowed_hosts_and_their_subdomains_are_kept(allowed: set[str]) -> None:
+    body = (
+        '<script src="https://cdn.allowed.example/lib.js"></script>'
+        '<iframe src="//a.cdn.allowed.example/map"></iframe>'
+        '<script src="https://cdn.allowed.example.:443/x.js"></script>'
+    )
+    code = make_code({"index.html": page_html("index", body=body)})
+    warnings, written = assembled(code, frozenset(allowed))
+    assert warnings == []
+    assert written["index.html"] == page_html("index", body=body)
+
+
+@pytest.mark.parametrize(
+    "host", ["evil-allowed.example", "allowed.example.evil.example", "xallowed.example", "allowed.exampl"]
+)
+def test_look_alike_hosts_are_not_allowed(host: str) -> None:
+    code = make_code({"index.html": page_html("index", body=f'<script src="https://{host}/x.js"></script>')})
+    warnings, written = assembled(code, frozenset({"allowed.example"}))
+    assert warnings == [
+        f"index.html: removed <script src=https://{host}/x.js> (host {host} not in output.allowed_embed_hosts)"
+    ]
+    assert host not in written["index.html"]
+
+
+def test_pages_with_nothing_removed_are_byte_identical() -> None:
+    quirky = (
+        "<!DOCTYPE html>\n<HTML><head><TITLE>about</TITLE>  <link rel=stylesheet href=style.css>\n"
+        "<body><nav><a href=index.html>i</a><a href='contact.html'>c</a><a href=about.html>a</a></nav>"
+        "<h1>about</h1><p>unclosed <b>tags<script>let x = 1 < 2;</script>"
+        '<a href="https://evil.example/">links to other hosts are not embeds</a>'
+    )
+    code = make_code({"about.html": quirky, "index.html": page_html("index", body=EVIL_SCRIPT)})
+    warnings, written = assembled(code)
+    assert len(warnings) == 1 and warnings[0].startswith("index.html: ")
+    assert written["about.html"] == quirky
+    assert written["contact.html"] == page_html("contact") and written["style.css"] == "body { color: #111; }"
+
+
+def test_object_fallback_content_is_kept() -> None:
+    body = '<object data="https://evil.example/x.pdf"><p>Download <a href="contact.html">here</a></p></object>'
+    code = make_code({"about.html": page_html("about", body=body)})
+    warnings, written = assembled(code)
+    assert len(warnings) == 1
+    assert "evil.example" not in written["about.html"]
+    assert '<p>Download <a href="contact.html">here</a></p>' in written["about.html"]
+
+
+def test_internal_and_inline_scripts_stay() -> None:
+    body = '<script src="app.js"></script><script>document.title = "x";</script><iframe src="contact.html"></iframe>'
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"app.js": "console.log(1)"})
+    warnings, written = assembled(code)
+    assert warnings == [] and written["about.html"] == page_html("about", body=body)
+
+
+def test_event_handlers_and_script_urls_still_fail_the_site() -> None:
+    code = make_code(
+        {"about.html": page_html("about", body=EVIL_SCRIPT + '<iframe src="javascript:alert(1)"></iframe>')}
+    )
+    with pytest.raises(SiteCheckFailed, match="uses a script URL"):
+        assemble_site(1, 2, make_plan(), code)
+    handler = make_code(
+        {"about.html": page_html("about", body='<script src="https://evil.example/x.js" onload="go()"></script>')}
+    )
+    with pytest.raises(SiteCheckFailed, match="inline event handler"):
+        assemble_site(1, 2, make_plan(), handler)
+
+
+def test_control_characters_in_a_removed_url_are_escaped() -> None:
+    code = make_code(
+        {"about.html": page_html("about", body='<script src="https://%00evil.example/x\x01.js"></script>')}
+    )
+    warnings, _ = assembled(code)
+    assert len(warnings) == 1 and all(c.isprintable() for c in warnings[0])
+    assert "\\x00evil.example" in warnings[0]
+
+
+def test_many_removals_are_listed_up_to_a_cap() -> None:
+    body = "".join(f'<script src="https://evil{i}.example/x.js"></script>' for i in range(MAX_WARNINGS + 7))
+    code = make_code({"about.html": page_html("about", body=body)})
+    warnings, written = assembled(code)
+    assert len(warnings) == MAX_WARNINGS + 1
+    assert warnings[-1] == "... and 7 more removal(s) not listed"
+    assert "<script" not in written["about.html"]
+
+
+def test_long_urls_are_clipped_in_warnings() -> None:
+    url = "https://evil.example/" + "a" * 5000
+    code = make_code({"about.html": page_html("about", body=f'<script src="{url}"></script>')})
+    warnings, _ = assembled(code)
+    assert len(warnings) == 1 and len(warnings[0]) < 400 and "…>" in warnings[0]
+
+
+def test_sanitize_site_leaves_the_input_alone() -> None:
+    code = make_code({"about.html": page_html("about", body=EVIL_SCRIPT)})
+    sanitized, warnings = sanitize_site(code, ["other.example"])
+    assert len(warnings) == 1
+    assert "evil.example" in next(f.content for f in code.files if f.path == "about.html")
+    assert "evil.example" not in next(f.content for f in sanitized.files if f.path == "about.html")
+    assert [f.path for f in sanitized.files] == [f.path for f in code.files]
+
+
+def test_normalize_hosts() -> None:
+    assert normalize_hosts([" CDN.Example.com. ", "*.fonts.example", "https://Maps.Example:443/x", "", "."]) == {
+        "cdn.example.com",
+        "fonts.example",
+        "maps.example",
+    }
+
+
+def test_unparseable_link_is_not_a_crash() -> None:
+    code = make_code({"about.html": page_html("about", body='<a href="https://[oops/">x</a><a href="//[::1">y</a>')})
+    assert site_problems(make_plan(), code) == []
+
+
+def test_backslashes_in_links_read_as_browsers_do() -> None:
+    body = '<a href="contact.html">c</a><img src="assets\\logo.svg" alt=""><a href="/\\evil.example/">ext</a>'
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"assets/logo.svg": "<svg/>"})
+    assert site_problems(make_plan(), code) == []

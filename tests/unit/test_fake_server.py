@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +19,7 @@ from worker.ai.base import AIRequest
 from worker.ai.fake_server import CF_QUOTA_MESSAGE, FakeProviderServer, validate_fault
 from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import extract_json, render_prompt
-from worker.models import Brief, SiteCode, SiteContent, SitePlan
+from worker.models import Brief, GeneratedFile, SiteCode, SiteContent, SitePlan
 
 APIS = ["openai", "anthropic", "cloudflare"]
 CF_MODEL = "@cf/meta/llama-3.1-8b-instruct"
@@ -72,10 +75,10 @@ def shared() -> Iterator[FakeProviderServer]:
 @pytest.fixture
 def server(shared: FakeProviderServer) -> Iterator[FakeProviderServer]:
     shared.reset()
-    shared.configure(latency_s=0, rate_429=0, rate_500=0, seed=0)
+    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0)
     yield shared
     shared.reset()
-    shared.configure(latency_s=0, rate_429=0, rate_500=0, seed=0)
+    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0)
 
 
 @pytest.fixture
@@ -457,7 +460,7 @@ def test_control_endpoints(server: FakeProviderServer, client: httpx.Client) -> 
 
     recorded = client.get(f"{base}/requests").json()
     assert [(r["api"], r["fault"]) for r in recorded] == [("anthropic", "ok"), ("openai", "status:503")]
-    assert set(recorded[0]) == {"at", "method", "path", "headers", "body", "api", "fault"}
+    assert set(recorded[0]) == {"at", "wall", "method", "path", "headers", "body", "api", "fault"}
     assert recorded[1]["headers"]["authorization"] == "Bearer sk-test"
     assert recorded[1]["body"]["model"] == "gpt-test"
 
@@ -500,3 +503,149 @@ def test_stop_releases_a_hanging_request() -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], httpx.HTTPError)
     with pytest.raises(httpx.ConnectError):
         httpx.post(f"{url}/v1/chat/completions", json={}, timeout=1)
+
+
+# --------------------------------------------------------------------------- text:<payload>
+
+ODD_TEXT = 'Sure! Here: {"a": "b:c"}\n\tline two: \u00e9\u00e8 \u2603 "quoted" \\ back\\slash\r\nend:'
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_text_fault_answers_the_payload_verbatim(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+    server.script(f"text:{ODD_TEXT}", "text:")
+    response = call(client, server, api, "coding")
+    assert response.status_code == 200
+    assert text_of(api, response) == ODD_TEXT
+    assert finish_of(api, response) in ("stop", "end_turn", None)
+    assert server.requests[-1].fault == f"text:{ODD_TEXT}"
+    empty = call(client, server, api)
+    assert empty.status_code == 200 and text_of(api, empty) == ""
+    usage = response.json().get("usage") or response.json()["result"]["usage"]
+    assert usage.get("completion_tokens", usage.get("output_tokens")) == max(1, len(ODD_TEXT) // 4)
+
+
+def test_text_fault_needs_no_input_block(server: FakeProviderServer, client: httpx.Client) -> None:
+    server.script("text:plain words")
+    response = client.post(
+        f"{server.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert response.status_code == 200 and text_of("openai", response) == "plain words"
+
+
+def test_text_fault_is_a_known_fault() -> None:
+    assert validate_fault("text:a:b:c") == "text:a:b:c"
+    assert validate_fault("text:") == "text:"
+    with pytest.raises(ValueError, match="text:<answer text>"):
+        validate_fault("texts:x")
+
+
+def big_site_code_text(files: int) -> str:
+    code = SiteCode.model_construct(
+        files=[
+            *CODE.files,
+            *(GeneratedFile.model_construct(path=f"extra/f{i}.txt", content=f"file {i}") for i in range(files)),
+        ]
+    )
+    return code.model_dump_json()
+
+
+def test_big_text_payload_in_process(server: FakeProviderServer, client: httpx.Client) -> None:
+    payload = '{"files": [{"path": "index.html", "content": "' + "x" * 50_000_000 + '"}]}'
+    server.script("text:" + payload)
+    response = call(client, server, "openai", "coding", timeout=60)
+    assert response.status_code == 200
+    assert text_of("openai", response) == payload
+
+
+def test_big_text_payload_over_the_control_endpoint(server: FakeProviderServer, client: httpx.Client) -> None:
+    payload = big_site_code_text(5000)
+    assert len(payload) > 150_000
+    answer = client.post(f"{server.url}/_fake/script", json={"faults": [f"text:{payload}"], "repeat": 2}, timeout=60)
+    assert answer.json() == {"ok": True, "queued": 2}
+    for api in ("anthropic", "cloudflare"):
+        text = text_of(api, call(client, server, api, "coding"))
+        assert text == payload
+        assert len(json.loads(text)["files"]) == len(CODE.files) + 5000
+    assert server.pending_script() == []
+    for bad in (0, "2", True, 10_001):
+        assert client.post(f"{server.url}/_fake/script", json={"faults": ["ok"], "repeat": bad}).status_code == 400
+
+
+# --------------------------------------------------------------------------- latency ranges, wall clock
+
+
+def test_latency_range_is_uniform_and_seeded(server: FakeProviderServer) -> None:
+    server.configure(latency_s=0.1, latency_max_s=0.3, seed=5)
+    draws = [server._latency() for _ in range(200)]
+    assert all(0.1 <= d <= 0.3 for d in draws)
+    assert min(draws) < 0.13 and max(draws) > 0.27 and len(set(draws)) == 200
+    server.reset()  # starts the seeded sequence over
+    assert [server._latency() for _ in range(200)] == draws
+    server.configure(seed=6)
+    assert [server._latency() for _ in range(5)] != draws[:5]
+    server.configure(latency_max_s=0.05)  # not above latency_s: a fixed latency
+    assert {server._latency() for _ in range(5)} == {0.1}
+    with pytest.raises(ValueError):
+        server.configure(latency_max_s=-1)
+
+
+def test_latency_range_does_not_change_the_random_faults(server: FakeProviderServer, client: httpx.Client) -> None:
+    def statuses(latency_max_s: float) -> list[int]:
+        server.reset()
+        server.configure(rate_500=0.5, seed=11, latency_s=0, latency_max_s=latency_max_s)
+        return [call(client, server, "openai").status_code for _ in range(8)]
+
+    assert statuses(0.0) == statuses(0.02)
+
+
+def test_latency_range_delays_each_answer(server: FakeProviderServer, client: httpx.Client) -> None:
+    server.configure(latency_s=0.1, latency_max_s=0.2)
+    for _ in range(3):
+        started = time.monotonic()
+        assert call(client, server, "openai").status_code == 200
+        assert 0.1 <= time.monotonic() - started < 1.0
+    with pytest.raises(httpx.ReadTimeout):
+        call(client, server, "openai", timeout=0.05)
+
+
+def test_latency_range_over_the_control_endpoint(server: FakeProviderServer, client: httpx.Client) -> None:
+    base = f"{server.url}/_fake"
+    assert client.post(f"{base}/configure", json={"latency_s": 0.01, "latency_max_s": 0.02}).status_code == 200
+    assert (server.latency_s, server.latency_max_s) == (0.01, 0.02)
+    assert client.post(f"{base}/configure", json={"latency_max_s": -0.5}).status_code == 400
+    assert client.post(f"{base}/configure", json={"latency_max_s": "soon"}).status_code == 400
+    assert server.latency_max_s == 0.02
+
+
+def test_requests_record_the_wall_clock(server: FakeProviderServer, client: httpx.Client) -> None:
+    before = time.time()
+    call(client, server, "openai")
+    client.post(f"{server.url}/v1/unknown", json={})
+    after = time.time()
+    recorded = server.wait_for_requests(2)
+    assert all(before <= r.wall <= after for r in recorded)
+    assert recorded[0].wall <= recorded[1].wall
+    listed = client.get(f"{server.url}/_fake/requests").json()
+    assert [r["wall"] for r in listed] == [r.wall for r in recorded]
+
+
+def test_cli_latency_range() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.ai.fake_server", "--latency", "0.15", "--latency-max", "0.3", "--seed", "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("FAKE_PROVIDER_URL=http://127.0.0.1:")
+        url = line.partition("=")[2]
+        with httpx.Client(timeout=10) as c:
+            for _ in range(2):
+                started = time.monotonic()
+                response = c.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+                assert response.status_code == 200
+                assert 0.15 <= time.monotonic() - started < 1.5
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0

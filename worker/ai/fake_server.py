@@ -1,5 +1,10 @@
 """A fake AI provider: a real HTTP server on loopback speaking the OpenAI, Anthropic and Cloudflare
-Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, bad JSON) on request."""
+Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, bad JSON) on request.
+
+Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, truncated,
+malformed, malformed-hard, fenced, wrong-schema, cf-quota, delay:<s>, status:<400-599>, 429:<s>,
+429ms:<ms>, and text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size,
+any characters, colons and newlines included)."""
 
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ HANG_S = 300.0
 CF_QUOTA_MESSAGE = (
     "Capacity temporarily exceeded, please try again. You have used up your daily free allocation of 10,000 neurons."
 )
+#: `text:<payload>` answers 200 with the payload as the model's text, verbatim.
+TEXT_PREFIX = "text:"
 WRONG_SCHEMA_TEXT = '{"unexpected": "shape", "pages": "not a list"}'
 MALFORMED_HARD_TEXT = '{"pages": [<<<not json>>>'
 
@@ -64,12 +71,13 @@ class RecordedRequest:
     headers: dict[str, str]  # lower-cased names
     body: Any  # parsed JSON (or None)
     api: str  # "openai" | "anthropic" | "cloudflare" | "control" | "unknown"
-    fault: str  # the behaviour applied ("ok", "429:2", ...)
+    fault: str  # the behaviour applied ("ok", "429:2", "text:...", ...)
+    wall: float = 0.0  # time.time() when the request arrived (to line up with other processes' clocks)
 
 
 def validate_fault(fault: str) -> str:
     """`fault` itself when it names a known behaviour; ValueError saying what is wrong otherwise."""
-    if fault in SIMPLE_FAULTS:
+    if fault in SIMPLE_FAULTS or fault.startswith(TEXT_PREFIX):
         return fault
     kind, sep, arg = fault.partition(":")
     try:
@@ -83,7 +91,7 @@ def validate_fault(fault: str) -> str:
         pass
     raise ValueError(
         f"unknown fault {fault!r}; expected one of {', '.join(sorted(SIMPLE_FAULTS))}, "
-        "delay:<s>, status:<400-599>, 429:<s>, 429ms:<ms>"
+        "delay:<s>, status:<400-599>, 429:<s>, 429ms:<ms>, text:<answer text>"
     )
 
 
@@ -241,24 +249,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        at = time.monotonic()
+        at, wall = time.monotonic(), time.time()
         _, body = self._read_body()
         path = urlsplit(self.path).path
         api = _api_of(path)
         if api == "control":
             try:
                 status, answer = self.fake._control(self.command, path, body)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 status, answer = 400, {"error": str(exc)}
             self._send(status, answer)
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
         if api == "unknown" or self.command != "POST":
-            self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, "not-found"))
+            self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, "not-found", wall))
             self._send(404, {"error": {"message": f"no route for {self.command} {path}", "type": "not_found"}})
             return
         fault = self.fake._next_fault(api)
-        n = self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, fault))
+        n = self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, fault, wall))
         self._answer(api, path, body, fault, n)
 
     # ----------------------------------------------------------------- provider answers
@@ -269,7 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
             stopping.wait(HANG_S)
             self._drop(reset=False)
             return
-        latency = self.fake.latency_s
+        latency = self.fake._latency()
         if latency > 0 and stopping.wait(latency):
             self._drop(reset=False)
             return
@@ -291,7 +299,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, answer, {**id_headers, **extra})
 
     def _build(self, api: str, path: str, body: Any, fault: str, n: int) -> tuple[int, Any, dict[str, str]]:
-        kind, _, arg = fault.partition(":")
+        scripted_text = fault.startswith(TEXT_PREFIX)
+        kind, arg = "text", ""  # a text payload may be tens of megabytes: sliced once, below
+        if not scripted_text:
+            kind, _, arg = fault.partition(":")
         if fault == "cf-quota":
             return 429, _cloudflare_error(3036, CF_QUOTA_MESSAGE), {}
         if kind == "status":
@@ -312,11 +323,14 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = _text_of(users[-1].get("content"))
         chars = sum(len(_text_of(m.get("content"))) for m in messages if isinstance(m, dict))
         chars += len(_text_of(body.get("system")))
-        try:
-            text = answer_for(prompt)
-        except Exception as exc:
-            message = f"the fake provider could not read the prompt's <input> block: {exc}"
-            raise _Reply(400, _error_body(api, 400, message[:2000])) from exc
+        if scripted_text:
+            text = fault[len(TEXT_PREFIX) :]
+        else:
+            try:
+                text = answer_for(prompt)
+            except Exception as exc:
+                message = f"the fake provider could not read the prompt's <input> block: {exc}"
+                raise _Reply(400, _error_body(api, 400, message[:2000])) from exc
 
         stop = True
         if fault == "truncated":
@@ -380,6 +394,11 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
+def _latency_rng(seed: int) -> random.Random:
+    """The latency draws' own generator, so turning latency on does not change which requests fail."""
+    return random.Random(f"latency:{seed}")
+
+
 def _cloudflare_error(code: int, message: str) -> dict[str, Any]:
     return {"result": None, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
 
@@ -406,6 +425,7 @@ class FakeProviderServer:
         port: int = 0,
         *,
         latency_s: float = 0.0,
+        latency_max_s: float = 0.0,
         rate_429: float = 0.0,
         rate_500: float = 0.0,
         seed: int = 0,
@@ -413,6 +433,8 @@ class FakeProviderServer:
         self.host = host
         self.port = port
         self.latency_s = latency_s
+        #: Above `latency_s`: each answer waits uniform(latency_s, latency_max_s) instead (seeded).
+        self.latency_max_s = latency_max_s
         self.rate_429 = rate_429
         self.rate_500 = rate_500
         self.seed = seed
@@ -422,6 +444,7 @@ class FakeProviderServer:
         self._script: list[tuple[str, str | None]] = []
         self._counter = 0
         self._random = random.Random(seed)
+        self._latency_random = _latency_rng(seed)
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -487,13 +510,19 @@ class FakeProviderServer:
         self,
         *,
         latency_s: float | None = None,
+        latency_max_s: float | None = None,
         rate_429: float | None = None,
         rate_500: float | None = None,
         seed: int | None = None,
     ) -> None:
+        for name, value in (("latency_s", latency_s), ("latency_max_s", latency_max_s)):
+            if value is not None and not float(value) >= 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         with self._lock:
             if latency_s is not None:
                 self.latency_s = float(latency_s)
+            if latency_max_s is not None:
+                self.latency_max_s = float(latency_max_s)
             if rate_429 is not None:
                 self.rate_429 = float(rate_429)
             if rate_500 is not None:
@@ -501,6 +530,7 @@ class FakeProviderServer:
             if seed is not None:
                 self.seed = int(seed)
                 self._random = random.Random(self.seed)
+                self._latency_random = _latency_rng(self.seed)
 
     def reset(self) -> None:
         """Forget the script, the recorded requests and the counters (the random faults start over)."""
@@ -509,6 +539,7 @@ class FakeProviderServer:
             self.requests.clear()
             self._counter = 0
             self._random = random.Random(self.seed)
+            self._latency_random = _latency_rng(self.seed)
 
     def pending_script(self) -> list[tuple[str, str | None]]:
         """The script entries not used yet, as (fault, api)."""
@@ -523,6 +554,14 @@ class FakeProviderServer:
             return list(self.requests)
 
     # ----------------------------------------------------------------- used by the handler
+
+    def _latency(self) -> float:
+        """How long the next answer waits: latency_s, or uniform(latency_s, latency_max_s) when that is larger."""
+        with self._lock:
+            low, high = self.latency_s, self.latency_max_s
+            if high > low:
+                return self._latency_random.uniform(low, high)
+            return low
 
     def _next_fault(self, api: str) -> str:
         with self._lock:
@@ -555,10 +594,14 @@ class FakeProviderServer:
             faults = args.get("faults", [])
             if not isinstance(faults, list) or not all(isinstance(f, str) for f in faults):
                 raise ValueError("'faults' must be a list of strings")
-            self.script(*faults, api=args.get("api"))
-            return 200, {"ok": True, "queued": len(faults)}
+            # `repeat` queues the list that many times without sending a big `text:` payload again.
+            repeat = args.get("repeat", 1)
+            if isinstance(repeat, bool) or not isinstance(repeat, int) or not 1 <= repeat <= 10_000:
+                raise ValueError("'repeat' must be an integer from 1 to 10000")
+            self.script(*(faults * repeat), api=args.get("api"))
+            return 200, {"ok": True, "queued": len(faults) * repeat}
         if method == "POST" and path == "/_fake/configure":
-            unknown = sorted(set(args) - {"latency_s", "rate_429", "rate_500", "seed"})
+            unknown = sorted(set(args) - {"latency_s", "latency_max_s", "rate_429", "rate_500", "seed"})
             if unknown:
                 raise ValueError(f"unknown settings: {', '.join(unknown)}")
             self.configure(**args)
@@ -574,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added before every answer")
+    parser.add_argument(
+        "--latency-max",
+        type=float,
+        default=0.0,
+        help="when above --latency: each answer waits a random (seeded) time between the two",
+    )
     parser.add_argument("--rate-429", type=float, default=0.0, help="share of requests answered 429")
     parser.add_argument("--rate-500", type=float, default=0.0, help="share of requests answered 500")
     parser.add_argument("--seed", type=int, default=0)
@@ -587,7 +636,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     server = FakeProviderServer(
-        args.host, args.port, latency_s=args.latency, rate_429=args.rate_429, rate_500=args.rate_500, seed=args.seed
+        args.host,
+        args.port,
+        latency_s=args.latency,
+        latency_max_s=args.latency_max,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        seed=args.seed,
     ).start()
     try:
         print(f"FAKE_PROVIDER_URL={server.url}", flush=True)

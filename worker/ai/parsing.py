@@ -44,7 +44,8 @@ def render_prompt(task: Task, inputs: dict[str, Any], schema: type[BaseModel]) -
     system, template = _template(task)
     prompt = template.substitute(
         schema=json.dumps(schema.model_json_schema(), separators=(",", ":")),
-        input=json.dumps(inputs, ensure_ascii=False, separators=(",", ":")),
+        # "<" escaped as \u003c (same JSON value) so no text in the brief can close the <input> block.
+        input=json.dumps(inputs, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c"),
     )
     return AIRequest(task=task, system=system, prompt=prompt)
 

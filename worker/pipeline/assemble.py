@@ -3,6 +3,11 @@
 Checks: every planned page exists, each page has a title and exactly one <h1>, every internal
 link and asset resolves to a generated file, every page is linked from the home page's nav,
 and nothing runs script through a `javascript:` URL or an inline event handler.
+
+Then the pages are sanitized: a `<script>`, `<iframe>`, `<frame>`, `<embed>`, `<object>` or
+`<base>` that would load from a host not in `output.allowed_embed_hosts` is removed (not a
+failure) and each removal is reported in the manifest's `warnings`. Pages with nothing to
+remove are written byte for byte as the model wrote them.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import json
 import posixpath
 import re
 from collections import deque
+from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser as HTMLParser
 from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
-from worker.models import Manifest, ManifestFile, SiteCode, SitePlan, page_file
+from worker.models import GeneratedFile, Manifest, ManifestFile, SiteCode, SitePlan, page_file
 from worker.store import OutputFile
 
 _LINKING = (
@@ -35,12 +41,42 @@ _LINKING = (
 )
 # Browsers drop these anywhere in a URL and leading C0 controls/spaces, so "java\tscript:" still runs.
 _IGNORED_IN_URL = re.compile(r"[\t\n\r]")
+_LEADING_IN_URL = "".join(map(chr, range(33)))
 _SCRIPT_SCHEMES = ("javascript:", "vbscript:", "data:text/html")
+
+#: Elements that load another resource and run or show it, with the attributes that name it
+#: (`<base href>` too: it would send every relative script address to its host).
+_EMBEDDING: dict[str, tuple[str, ...]] = {
+    "script": ("src", "href", "xlink:href"),  # href / xlink:href: <script> inside inline SVG
+    "iframe": ("src",),
+    "frame": ("src",),
+    "embed": ("src",),
+    "object": ("data",),
+    "base": ("href",),
+}
+_EMBEDDING_SELECTOR = ", ".join(_EMBEDDING)
+#: Schemes whose "scheme:host/path" (no slashes) browsers still read as an address on `host`.
+_SPECIAL_SCHEMES = ("http", "https", "ws", "wss", "ftp")
+ALLOWED_HOSTS_SETTING = "output.allowed_embed_hosts"
+#: At most this many removal warnings are listed; the rest are counted in one last line.
+MAX_WARNINGS = 50
+_SHOWN_URL_CHARS = 200
+
+
+def _clean_url(raw: str) -> str:
+    """A URL attribute as browsers read it: tabs and newlines dropped, leading controls and spaces stripped."""
+    return _IGNORED_IN_URL.sub("", raw).lstrip(_LEADING_IN_URL)
 
 
 def _internal_target(page: str, url: str) -> str | None:
     """The site path a URL on `page` points to, or None for external/anchor/mailto/tel links."""
-    parts = urlsplit(url.strip())
+    url = url.strip().replace("\\", "/")  # browsers read a backslash as '/' in http(s) URLs
+    if url.startswith("//"):  # protocol-relative, however many slashes
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: no file of the site, and no browser loads it
+        return None
     if parts.scheme or parts.netloc or not parts.path:
         return None
     base = posixpath.dirname(page)
@@ -53,7 +89,7 @@ def _links(page: str, tree: HTMLParser | LexborNode) -> tuple[set[str], list[str
     problems: list[str] = []
     for tag, attribute in _LINKING:
         for node in tree.css(f"{tag}[{attribute}]"):
-            url = _IGNORED_IN_URL.sub("", node.attributes.get(attribute) or "").lstrip("".join(map(chr, range(33))))
+            url = _clean_url(node.attributes.get(attribute) or "")
             if url.lower().startswith(_SCRIPT_SCHEMES):
                 problems.append(f"{page}: <{tag} {attribute}> uses a script URL")
                 continue
@@ -109,20 +145,154 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
     return problems
 
 
-def assemble_site(
-    order_id: int, generation_id: int, plan: SitePlan, code: SiteCode
-) -> tuple[Manifest, list[OutputFile]]:
-    """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem."""
-    problems = site_problems(plan, code)
+# --------------------------------------------------------------------------- embedded resources
+
+
+def normalize_hosts(hosts: Iterable[str]) -> frozenset[str]:
+    """Allowed hosts as compared: lower case, no trailing dot; `*.example.com` or a URL also work."""
+    normalized: set[str] = set()
+    for entry in hosts:
+        host = entry.strip().lower()
+        if "://" in host:
+            try:
+                host = urlsplit(host).hostname or ""
+            except ValueError:
+                continue
+        host = host.removeprefix("*.").strip(".")
+        if host:
+            normalized.add(host)
+    return frozenset(normalized)
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """`host` is an allowed host or a subdomain of one (both already normalized)."""
+    return any(host == a or host.endswith("." + a) for a in allowed)
+
+
+def _blocked(raw_url: str, allowed: frozenset[str]) -> str | None:
+    """Why an embedded resource at `raw_url` may not load (None: it may: internal, or an allowed host)."""
+    url = _clean_url(raw_url).replace("\\", "/")  # browsers read a backslash as '/' in http(s) URLs
+    if not url or url.lower().startswith(_SCRIPT_SCHEMES):  # script URLs are site_problems' business
+        return None
+    try:
+        parts = urlsplit(url)
+        if url.startswith("//"):  # protocol-relative; browsers skip any number of slashes: "///evil.example"
+            parts = urlsplit(f"https://{url.lstrip('/')}")
+        elif parts.scheme in _SPECIAL_SCHEMES and not parts.netloc:  # "https:evil.example/x.js" (no slashes)
+            parts = urlsplit(f"{parts.scheme}://{url.partition(':')[2].lstrip('/')}")
+        if not parts.scheme and not parts.netloc:
+            return None  # a file of the site (site_problems checks that it exists)
+        if parts.scheme and parts.scheme not in _SPECIAL_SCHEMES:
+            return f"{parts.scheme}: addresses are not allowed for embedded resources"
+        host = unquote(parts.hostname or "").strip(".")
+    except ValueError:
+        return "its address cannot be parsed"
+    if not host:
+        return "its address has no host"
+    if host_allowed(host, allowed):
+        return None
+    return f"host {host} not in {ALLOWED_HOSTS_SETTING}"
+
+
+def _printable(text: str) -> str:
+    """`text` with control (and other unprintable) characters escaped: safe for logs and jsonb."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _SHOWN_URL_CHARS else text[: _SHOWN_URL_CHARS - 1] + "…"
+
+
+def _remove_blocked(root: LexborNode, page: str, allowed: frozenset[str]) -> list[str]:
+    """Remove the blocked embeds under `root` (template contents included); one warning each."""
+    warnings: list[str] = []
+    for node in root.css(_EMBEDDING_SELECTOR):
+        tag = node.tag or ""
+        for attribute in _EMBEDDING.get(tag, ()):
+            raw = node.attributes.get(attribute)
+            reason = None if raw is None else _blocked(raw, allowed)
+            if raw is None or reason is None:
+                continue
+            warnings.append(_printable(f"{page}: removed <{tag} {attribute}={_clip(raw.strip())}> ({reason})"))
+            if tag == "object":
+                node.unwrap(
+                    delete_empty=True
+                )  # what a browser shows when the object does not load: its fallback content
+            else:
+                node.decompose()
+            break
+    for fragment in root.template_fragments():  # inert until a script clones it, so checked too
+        warnings += _remove_blocked(fragment, page, allowed)
+    return warnings
+
+
+def sanitize_page(page: str, html: str, allowed: frozenset[str]) -> tuple[str, list[str]]:
+    """The page without embeds from hosts not allowed, and a warning per removal; unchanged if none."""
+    tree = HTMLParser(html)
+    if tree.root is None:
+        return html, []
+    warnings = _remove_blocked(tree.root, page, allowed)
+    if not warnings:
+        return html, []
+    return tree.html or "", warnings
+
+
+def sanitize_site(code: SiteCode, allowed_hosts: Iterable[str] = ()) -> tuple[SiteCode, list[str]]:
+    """Every page sanitized (see `sanitize_page`), with the removals' warnings in page order."""
+    allowed = normalize_hosts(allowed_hosts)
+    files: list[GeneratedFile] = []
+    warnings: list[str] = []
+    for file in code.files:
+        if not file.path.endswith(".html"):
+            files.append(file)
+            continue
+        content, removed = sanitize_page(file.path, file.content, allowed)
+        warnings += removed
+        # Built without validation: a page re-serialized a few bytes longer must not fail the size limit here.
+        files.append(file if not removed else GeneratedFile.model_construct(path=file.path, content=content))
+    return SiteCode.model_construct(files=files), warnings
+
+
+def _capped(warnings: list[str]) -> list[str]:
+    if len(warnings) <= MAX_WARNINGS:
+        return warnings
+    return [*warnings[:MAX_WARNINGS], f"... and {len(warnings) - MAX_WARNINGS} more removal(s) not listed"]
+
+
+# --------------------------------------------------------------------------- assemble
+
+
+def _raise_problems(problems: list[str], *, after_removal: bool = False) -> None:
     if problems:
-        raise SiteCheckFailed(f"the generated site failed {len(problems)} check(s): " + "; ".join(problems[:20]))
-    files = [OutputFile(f.path, f.content.encode()) for f in sorted(code.files, key=lambda f: f.path)]
+        when = " once the embeds not allowed were removed" if after_removal else ""
+        raise SiteCheckFailed(f"the generated site failed {len(problems)} check(s){when}: " + "; ".join(problems[:20]))
+
+
+def assemble_site(
+    order_id: int,
+    generation_id: int,
+    plan: SitePlan,
+    code: SiteCode,
+    *,
+    allowed_hosts: frozenset[str] = frozenset(),
+) -> tuple[Manifest, list[OutputFile]]:
+    """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem.
+
+    Embeds from hosts not in `allowed_hosts` are removed from the pages; the manifest's
+    `warnings` list each removal.
+    """
+    _raise_problems(site_problems(plan, code))
+    sanitized, warnings = sanitize_site(code, allowed_hosts)
+    if warnings:  # removing elements cannot break a page the checks passed; checked anyway
+        _raise_problems(site_problems(plan, sanitized), after_removal=True)
+    files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]
     manifest = Manifest(
         order_id=order_id,
         generation_id=generation_id,
         site_name=plan.site_name,
         pages=[page_file(p.slug) for p in plan.pages],
         files=[ManifestFile(path=f.path, sha256=f.sha256, bytes=len(f.content)) for f in files],
+        warnings=_capped(warnings),
     )
     manifest_json = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     return manifest, [*files, OutputFile("manifest.json", manifest_json.encode())]

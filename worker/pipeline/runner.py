@@ -228,8 +228,14 @@ class GenerationRun:
 
     async def _assemble(self, started: float) -> dict[str, Any]:
         manifest, files = assemble_site(
-            self.order_id, self.claim.generation_id, self._plan(), SiteCode.model_validate(self.outputs["code"])
+            self.order_id,
+            self.claim.generation_id,
+            self._plan(),
+            SiteCode.model_validate(self.outputs["code"]),
+            allowed_hosts=frozenset(self.rt.settings.output.allowed_embed_hosts),
         )
+        for warning in manifest.warnings:  # embeds removed from the pages, logged before the files are written
+            await self.log(warning, level="warning")
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
         # never a generation marked done without its files.
         root = self.rt.settings.output.dir
