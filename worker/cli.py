@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
+from arq.constants import abort_jobs_ss
 from rich.console import Console
 from rich.table import Table
 
@@ -24,7 +25,7 @@ from worker.follow import follow_logs
 from worker.logs import setup_logging
 from worker.migrate import migrate as run_migrations
 from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
-from worker.store import QUERIES
+from worker.store import QUERIES, Store, create_pool
 
 app = typer.Typer(help="sitegen-worker: AI site generation on arq, with live progress.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -190,6 +191,45 @@ def logs(
             return
 
     _run(go())
+
+
+@app.command()
+def cancel(order_id: int) -> None:
+    """Cancel an order's active generation: it ends `cancelled` at its next safe point, committed phases kept.
+
+    A queued generation is cancelled at once; a running one is interrupted (arq abort) and
+    stops without committing the phase it was in.
+
+    Example: sitegen cancel 42
+    """
+    settings = _settings()
+    found = _run(_cancel(settings, order_id))
+    if found is None:
+        console.print(f"order {order_id} has no queued or running generation")
+        raise typer.Exit(1)
+    console.print(
+        f"generation {found['id']} of order {order_id}: "
+        + ("cancelled" if found["status"] == "cancelled" else "cancel requested; it stops at a safe point")
+    )
+
+
+async def _cancel(settings: Settings, order_id: int) -> dict[str, Any] | None:
+    pool = await create_pool(settings.database, max_size=1, name="cli")
+    try:
+        found = await Store(pool, replica_id="sitegen-cli", lease_s=settings.worker.lease_s).request_cancel(
+            order_id, "cancelled with sitegen cancel"
+        )
+    finally:
+        await pool.close()
+    if found is None or found["status"] == "cancelled":
+        return found
+    redis = await client.connect(settings.redis.url)
+    try:
+        # Interrupts a model call in flight; the generation sees the request and ends `cancelled`.
+        await redis.zadd(abort_jobs_ss, {client.job_id(order_id): int(time.time() * 1000)})
+    finally:
+        await redis.aclose()
+    return found
 
 
 @app.command()

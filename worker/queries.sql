@@ -93,6 +93,26 @@ WHERE status IN ('queued', 'running')
 ORDER BY id
 LIMIT $2;
 
+-- name: request_cancel
+-- Queued generations (no replica working on them) are cancelled at once; running ones are asked to stop.
+UPDATE site_generations
+SET cancel_requested_at = now(),
+    status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+    error = CASE WHEN status = 'queued'
+                 THEN jsonb_build_object('type', 'Cancelled', 'message', $2::text) ELSE error END
+WHERE order_id = $1 AND status IN ('queued', 'running')
+RETURNING id, status;
+
+-- name: cancel_requested
+SELECT cancel_requested_at IS NOT NULL FROM site_generations WHERE id = $1;
+
+-- name: cancel_generation
+UPDATE site_generations
+SET status = 'cancelled', finished_at = now(), claim_token = NULL, lease_expires_at = NULL,
+    error = jsonb_build_object('type', 'Cancelled', 'message', $3::text, 'phase', $4::text)
+WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
 -- name: load_files
 SELECT path, content FROM site_files WHERE generation_id = $1 ORDER BY path;
 

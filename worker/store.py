@@ -224,6 +224,20 @@ class Store:
         async with self.pool.acquire() as conn:
             await conn.execute(QUERIES["release_generation"], claim.generation_id, claim.token, error)
 
+    async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
+        """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["request_cancel"], order_id, reason)
+        return dict(row) if row else None
+
+    async def cancel_requested(self, claim: Claim) -> bool:
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval(QUERIES["cancel_requested"], claim.generation_id))
+
+    async def cancel_generation(self, claim: Claim, reason: str, phase: str | None) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(QUERIES["cancel_generation"], claim.generation_id, claim.token, reason, phase)
+
     async def heartbeat(self, claim: Claim) -> bool:
         """Extend the claim; False once it has been taken over."""
         async with self.pool.acquire() as conn:

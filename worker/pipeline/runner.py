@@ -63,6 +63,10 @@ class ShuttingDown(Exception):
     """The replica was asked to stop: hand the generation back between two phases."""
 
 
+class CancelRequested(Exception):
+    """`sitegen cancel` asked this generation to stop: end it `cancelled`, keeping its committed phases."""
+
+
 @dataclass
 class Runtime:
     """Everything a job uses, created once in the worker's on_startup on its event loop."""
@@ -176,6 +180,8 @@ class GenerationRun:
             if phase in self.outputs:
                 continue
             self.phase = phase
+            if await self.rt.store.cancel_requested(self.claim):
+                raise CancelRequested(f"cancelled before phase {phase}")
             if self.rt.draining.is_set():
                 raise ShuttingDown(f"stopping before phase {phase}")
             started = time.monotonic()
@@ -322,8 +328,12 @@ async def run_generation(
     except ShuttingDown:
         await _hand_back(run, f"replica {settings.worker.replica} is shutting down")
         raise RetryLater(0.0, ShuttingDown("handed back for another replica")) from None
+    except CancelRequested:
+        await _cancel(run)
+        return run.result("cancelled")
     except asyncio.CancelledError:
-        await asyncio.shield(_hand_back(run, "interrupted (worker shutting down, job aborted or timed out)"))
+        # An abort from `sitegen cancel`, a shutdown past its grace period, or arq's job timeout.
+        await asyncio.shield(_interrupted(run))
         raise
     except ClaimLost as exc:
         await run.log(f"stopped: {exc}", level="warning")
@@ -361,6 +371,26 @@ async def _store_quietly(write: Any) -> None:
         await write
     except Exception as exc:
         logger.opt(exception=exc).error("could not store the generation's failure: {}", message_of(exc))
+
+
+async def _cancel(run: GenerationRun) -> None:
+    committed = [p for p in PHASES if p in run.outputs]
+    await _store_quietly(run.rt.store.cancel_generation(run.claim, "cancelled on request", run.phase))
+    await run.log(
+        f"generation cancelled at phase {run.phase}; committed phases kept: {', '.join(committed) or 'none'}",
+        level="warning",
+    )
+
+
+async def _interrupted(run: GenerationRun) -> None:
+    try:
+        cancel = await run.rt.store.cancel_requested(run.claim)
+    except Exception:
+        cancel = False
+    if cancel:
+        await _cancel(run)
+    else:
+        await _hand_back(run, "interrupted (worker shutting down, job aborted or timed out)")
 
 
 async def _hand_back(run: GenerationRun, reason: str) -> None:

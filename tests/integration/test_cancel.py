@@ -1,0 +1,84 @@
+"""`sitegen cancel`: a running generation ends `cancelled` at a safe point, its committed phases kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+from arq import ArqRedis
+from arq.jobs import SerializationError
+
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, remote, with_ai
+from worker import client
+from worker.ai.fake_server import FakeProviderServer
+from worker.services import LocalServices
+from worker.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("provider_key")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _sitegen(services: LocalServices, *args: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
+    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, COLUMNS="200")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_cancel_ends_a_running_generation_cancelled_with_committed_phases_kept(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    services: LocalServices,
+) -> None:
+    fake.script("ok", "ok", "hang")  # the coding call hangs until the generation is cancelled
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=30)}))
+    await client.enqueue_generation(redis, 80, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 3)
+
+    code, out = await _sitegen(services, "cancel", "80")
+    assert code == 0, out
+    assert "cancel requested" in out
+
+    with pytest.raises(SerializationError):  # the job ends aborted
+        await order_job(redis, 80).result(timeout=30, poll_delay=0.05)
+    assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 80") == "cancelled"
+    generation = await db.fetchrow("SELECT id, error, finished_at FROM site_generations WHERE order_id = 80")
+    assert generation["error"]["type"] == "Cancelled" and generation["error"]["phase"] == "code"
+    phases = await db.fetch("SELECT phase FROM site_generation_phases WHERE generation_id = $1", generation["id"])
+    assert sorted(p["phase"] for p in phases) == ["content", "plan"], "committed phases are kept"
+    messages = [
+        r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = 80 ORDER BY id")
+    ]
+    assert "generation cancelled at phase code; committed phases kept: plan, content" in messages
+    assert len(fake.requests) == 3, "a cancelled generation is not retried"
+
+    code, out = await _sitegen(services, "cancel", "80")
+    assert code == 1 and "no queued or running generation" in out
+
+
+async def test_cancel_of_a_queued_generation_is_immediate(
+    settings: Settings, redis: ArqRedis, db: asyncpg.Connection, services: LocalServices, migrated: None
+) -> None:
+    await db.execute("INSERT INTO site_orders (id, brief) VALUES (81, '{}')")
+    await db.execute("INSERT INTO site_generations (order_id, status, current_phase) VALUES (81, 'queued', 'content')")
+    code, out = await _sitegen(services, "cancel", "81")
+    assert code == 0 and "cancelled" in out
+    assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 81") == "cancelled"
