@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+import pytest
 from arq import ArqRedis
-from arq.jobs import Job
+from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from worker import client
@@ -30,6 +32,26 @@ SAMPLE_BRIEF: dict[str, Any] = {
 
 def order_job(redis: ArqRedis, order_id: int) -> Job:
     return Job(client.job_id(order_id), redis, _queue_name=client.QUEUE_NAME, _deserializer=client.deserialize)
+
+
+async def failed_result(redis: ArqRedis, order_id: int, timeout: float = 60) -> JobResult:
+    """The result info of the order's job, which must have failed.
+
+    A failed job's result is our JSON description of the error, which arq hands back as a
+    SerializationError (it only re-raises real exception objects).
+    """
+    job = order_job(redis, order_id)
+    with pytest.raises(SerializationError):
+        await job.result(timeout=timeout, poll_delay=0.05)
+    info = await job.result_info()
+    assert info is not None
+    return info
+
+
+async def progress_messages(db: asyncpg.Connection, order_id: int) -> list[str]:
+    """The order's progress-log messages, oldest first."""
+    rows = await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = $1 ORDER BY id", order_id)
+    return [r["message"] for r in rows]
 
 
 async def wait_for_result(redis: ArqRedis, order_id: int, timeout: float = 60) -> Any:

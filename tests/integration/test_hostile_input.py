@@ -16,9 +16,16 @@ from typing import Any
 import asyncpg
 import pytest
 from arq import ArqRedis
-from arq.jobs import JobResult, SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, remote, wait_for_result, with_ai
+from tests.helpers import (
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    failed_result,
+    progress_messages,
+    remote,
+    wait_for_result,
+    with_ai,
+)
 from worker import client
 from worker.ai.fake_server import TEXT_PREFIX, FakeProviderServer
 from worker.ai.offline_site import offline_code, offline_content, offline_plan
@@ -44,21 +51,6 @@ def canaries(settings: Settings, tmp_path: Path) -> None:
     (other / "index.html").write_text("<p>another order's site</p>")
     (tmp_path / "x.html").write_text("canary next to the output root")
     (tmp_path / "b.html").write_text("canary next to the output root")
-
-
-async def _failed(redis: ArqRedis, order_id: int) -> JobResult:
-    """The result info of the order's job, which must have failed."""
-    job = order_job(redis, order_id)
-    with pytest.raises(SerializationError):
-        await job.result(timeout=60, poll_delay=0.05)
-    info = await job.result_info()
-    assert info is not None
-    return info
-
-
-async def _messages(db: asyncpg.Connection, order_id: int) -> list[str]:
-    rows = await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = $1 ORDER BY id", order_id)
-    return [r["message"] for r in rows]
 
 
 # --------------------------------------------------------------------------- building hostile answers
@@ -141,7 +133,7 @@ async def assert_failed_for_good(
     redis: ArqRedis, db: asyncpg.Connection, fake: FakeProviderServer, order_id: int, error_type: str, shown: str
 ) -> dict[str, Any]:
     """The job failed on its first try, with `shown` in the stored error and in the progress log."""
-    info = await _failed(redis, order_id)
+    info = await failed_result(redis, order_id)
     assert info.job_try == 1, "a hostile answer is never retried"
     assert info.result["error"] == error_type
     assert len(fake.requests) == 2 + ASKS, "plan, content, then the coding answer and its re-asks only"
@@ -152,7 +144,7 @@ async def assert_failed_for_good(
     assert error["type"] == error_type and error["phase"] == "code" and error["retryable"] is False
     assert shown in error["message"], error["message"]
 
-    messages = await _messages(db, order_id)
+    messages = await progress_messages(db, order_id)
     failed = [m for m in messages if m.startswith(f"generation failed: {error_type}: ")]
     assert len(failed) == 1 and shown in failed[0]
     rejected = await db.fetch(

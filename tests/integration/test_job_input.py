@@ -9,21 +9,10 @@ import asyncpg
 import pytest
 from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
-from arq.jobs import JobResult, SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, failed_result
 from worker import client
 from worker.settings import Settings
-
-
-async def _failed_result(redis: ArqRedis, order_id: int) -> JobResult:
-    job = order_job(redis, order_id)
-    with pytest.raises(SerializationError):
-        # A failed job's result is our JSON description of the error, which arq hands back this way.
-        await job.result(timeout=30, poll_delay=0.05)
-    info = await job.result_info()
-    assert info is not None
-    return info
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -56,7 +45,7 @@ async def test_bad_brief_fails_once_with_stored_error_naming_the_field(
     worker = await start_worker()
     await redis.enqueue_job("generate_site", 30, brief, _job_id=client.job_id(30), _queue_name=client.QUEUE_NAME)
 
-    info = await _failed_result(redis, 30)
+    info = await failed_result(redis, 30)
 
     assert info.job_try == 1 and not info.success, "an input error is never retried"
     assert info.result["error"] == "BriefInvalid" and field in info.result["message"]
@@ -76,7 +65,7 @@ async def test_unknown_order_without_brief_fails_with_logged_error(
 ) -> None:
     await start_worker()
     await redis.enqueue_job("generate_site", 31, _job_id=client.job_id(31), _queue_name=client.QUEUE_NAME)
-    info = await _failed_result(redis, 31)
+    info = await failed_result(redis, 31)
     assert info.job_try == 1 and info.result["error"] == "OrderNotFound"
     assert "order 31 does not exist" in info.result["message"]
     assert await db.fetchval("SELECT count(*) FROM site_orders") == 0, "an unknown order is not created"
@@ -104,7 +93,7 @@ async def test_wrong_job_arguments_fail_without_retry_naming_the_argument(
 ) -> None:
     await start_worker()
     await redis.enqueue_job("generate_site", *args, _job_id=client.job_id(32), _queue_name=client.QUEUE_NAME, **kwargs)
-    info = await _failed_result(redis, 32)
+    info = await failed_result(redis, 32)
     assert info.job_try == 1 and info.result["error"] == "JobArgumentsInvalid"
     assert named in info.result["message"]
     assert await db.fetchval("SELECT count(*) FROM site_generations") == 0
@@ -122,7 +111,7 @@ async def test_pickled_job_is_refused_and_never_executed(
     finally:
         await pickling.aclose()
 
-    info = await _failed_result(redis, 33)
+    info = await failed_result(redis, 33)
 
     assert not info.success
     assert "not JSON" in info.result["cause"] and "pickle" in info.result["cause"]

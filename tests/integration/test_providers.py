@@ -9,7 +9,6 @@ from typing import Any
 import asyncpg
 import pytest
 from arq import ArqRedis
-from arq.jobs import JobResult, SerializationError
 
 from tests.helpers import (
     CLOUDFLARE_MODEL,
@@ -17,7 +16,9 @@ from tests.helpers import (
     KEY_ENV,
     SAMPLE_BRIEF,
     WorkerFactory,
+    failed_result,
     order_job,
+    progress_messages,
     remote,
     wait_for_result,
     with_ai,
@@ -30,26 +31,12 @@ from worker.settings import Settings
 pytestmark = pytest.mark.usefixtures("provider_key")
 
 
-async def _failed(redis: ArqRedis, order_id: int) -> JobResult:
-    job = order_job(redis, order_id)
-    with pytest.raises(SerializationError):
-        await job.result(timeout=60, poll_delay=0.05)
-    info = await job.result_info()
-    assert info is not None
-    return info
-
-
 async def _all_text(db: asyncpg.Connection) -> str:
     """Every stored row that a person or a frontend could read, as text."""
     parts = []
     for table in ("site_generations", "site_generation_phases", "site_generation_logs", "site_orders"):
         parts += [json.dumps(dict(r), default=str) for r in await db.fetch(f"SELECT * FROM {table}")]
     return "\n".join(parts)
-
-
-async def _messages(db: asyncpg.Connection, order_id: int) -> list[str]:
-    rows = await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = $1 ORDER BY id", order_id)
-    return [r["message"] for r in rows]
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic", "cloudflare"])
@@ -105,7 +92,7 @@ async def test_401_fails_at_once_naming_provider_and_env_var(
     await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}))
     await client.enqueue_generation(redis, 61, SAMPLE_BRIEF)
 
-    info = await _failed(redis, 61)
+    info = await failed_result(redis, 61)
 
     assert info.job_try == 1 and info.result["error"] == "AIAuthError"
     assert len(fake.requests) == 1, "an authentication error is never retried"
@@ -135,7 +122,7 @@ async def test_429_with_retry_after_waits_that_long_then_succeeds(
     first, second = fake.requests[:2]
     assert first.fault == "429:2" and second.fault == "ok"
     assert second.at - first.at >= 2.0, "Retry-After: 2 must be honoured"
-    assert any("rate limited; retry after 2s" in m for m in await _messages(db, 62))
+    assert any("rate limited; retry after 2s" in m for m in await progress_messages(db, 62))
 
 
 async def test_500_twice_then_success(
@@ -168,7 +155,7 @@ async def test_provider_down_for_good_falls_back_to_the_next_one(
     result = await wait_for_result(redis, 64)
 
     assert result["status"] == "succeeded" and len(fake.requests) == 3
-    fallbacks = [m for m in await _messages(db, 64) if "falling back to remote" in m]
+    fallbacks = [m for m in await progress_messages(db, 64) if "falling back to remote" in m]
     assert len(fallbacks) == 3 and "provider down failed (AIUnavailable" in fallbacks[0]
 
 
@@ -189,7 +176,7 @@ async def test_cloudflare_daily_quota_is_not_retried_but_falls_back(
     await client.enqueue_generation(redis, 65, SAMPLE_BRIEF)
     assert (await wait_for_result(redis, 65))["status"] == "succeeded"
     assert [r.api for r in fake.requests] == ["cloudflare", "openai", "openai", "openai"]
-    assert any("AIQuotaExhausted" in m and "falling back to remote" in m for m in await _messages(db, 65))
+    assert any("AIQuotaExhausted" in m and "falling back to remote" in m for m in await progress_messages(db, 65))
 
 
 @pytest.mark.parametrize("fault", ["malformed", "fenced", "truncated", "wrong-schema"])
@@ -207,7 +194,7 @@ async def test_bad_answers_recover_within_the_bounded_re_asks(
     assert (await wait_for_result(redis, 66))["status"] == "succeeded"
     re_asked = fault in ("truncated", "wrong-schema")
     assert len(fake.requests) == (4 if re_asked else 3)
-    rejected = [m for m in await _messages(db, 66) if "answer rejected" in m]
+    rejected = [m for m in await progress_messages(db, 66) if "answer rejected" in m]
     assert len(rejected) == (1 if re_asked else 0)
     if re_asked:
         assert "Your previous answer was rejected" in fake.requests[1].body["messages"][1]["content"]
@@ -234,7 +221,7 @@ async def test_bad_answers_that_never_recover_fail_showing_what_was_wrong(
     await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_output_retries=2))
     await client.enqueue_generation(redis, 67, SAMPLE_BRIEF)
 
-    info = await _failed(redis, 67)
+    info = await failed_result(redis, 67)
 
     assert info.job_try == 1 and info.result["error"] == "AIBadOutput" and len(fake.requests) == 3
     error = await db.fetchval("SELECT error FROM site_generations WHERE order_id = 67")
@@ -297,7 +284,7 @@ async def test_token_budget_lower_than_the_need_stops_the_generation(
 ) -> None:
     await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_tokens_per_generation=2000))
     await client.enqueue_generation(redis, 71, SAMPLE_BRIEF)
-    info = await _failed(redis, 71)
+    info = await failed_result(redis, 71)
     assert info.job_try == 1 and info.result["error"] == "TokenBudgetExceeded"
     error = await db.fetchval("SELECT error FROM site_generations WHERE order_id = 71")
     assert "over its budget of 2,000" in error["message"] and "ai.max_tokens_per_generation" in error["message"]
@@ -324,7 +311,7 @@ async def test_rerun_after_a_crash_reuses_committed_phases(
     assert result["status"] == "succeeded"
     tasks = [_task_of(r.body) for r in fake.requests]
     assert tasks == ["planning", "content", "coding", "coding"], "no call repeated for a committed phase"
-    messages = await _messages(db, 72)
+    messages = await progress_messages(db, 72)
     assert "handed back at phase code: interrupted (worker shutting down, job aborted or timed out)" in messages
     assert "generation resumed at phase code (attempt 2)" in messages
 
@@ -336,7 +323,10 @@ def _task_of(body: Any) -> str:
 
 
 async def test_exhausted_retries_send_the_job_back_to_the_queue_and_it_resumes(
-    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis,
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
     db: asyncpg.Connection,
 ) -> None:
     fake.script("ok", "status:503", "status:503")  # content fails twice: once more than max_retries allows
@@ -349,6 +339,6 @@ async def test_exhausted_retries_send_the_job_back_to_the_queue_and_it_resumes(
     info = await order_job(redis, 73).result_info()
     assert info is not None and info.job_try == 2
     assert [_task_of(r.body) for r in fake.requests] == ["planning", "content", "content", "content", "coding"]
-    messages = await _messages(db, 73)
+    messages = await progress_messages(db, 73)
     assert any(m.startswith("phase content failed, will retry in") and "HTTP 503" in m for m in messages)
     assert "generation resumed at phase content (attempt 2)" in messages
