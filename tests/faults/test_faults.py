@@ -21,7 +21,8 @@ from worker.ai.fake_server import FakeProviderServer
 from worker.migrate import migrate
 from worker.services import LocalServices
 
-pytestmark = pytest.mark.faults
+# Real processes on a 2-core machine: generous per-test limits, each scenario has its own deadline too.
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 

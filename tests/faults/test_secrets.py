@@ -18,7 +18,8 @@ from worker.ai.fake_server import FakeProviderServer
 from worker.migrate import migrate
 from worker.services import LocalServices, RedisServer
 
-pytestmark = pytest.mark.faults
+# Real processes on a 2-core machine: generous per-test limits, each scenario has its own deadline too.
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 API_KEY = "sk-live-RECOGNISABLE-0123456789"
 PG_PASSWORD = "pg-RECOGNISABLE-pass"
