@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint typecheck pytest services clean
+.PHONY: install quality-tools demo test lint typecheck pytest services clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sitegen-worker needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## Chromium, the HTML validator and axe-core, for the site-quality tests and the demo's screenshot.
+## Best effort: a step that cannot run here prints a warning, and what needs it skips with the reason.
+quality-tools: install
+	scripts/install-quality-tools.sh
+
 ## Generate the sample site with live progress (local services unless DATABASE_URL and REDIS_URL are set).
-demo: install
+demo: install quality-tools
 	$(BIN)/sitegen demo
 
 ## Lint, type-check and run every test against real PostgreSQL and Redis.
@@ -30,12 +35,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy worker
 
-pytest: install
+pytest: install quality-tools
 	$(BIN)/pytest
 
 ## Throwaway PostgreSQL + Redis in the foreground; prints DATABASE_URL / REDIS_URL to export.
 services: install
 	$(BIN)/python -m worker.services
+
+## Benchmarks against real worker processes: writes bench/results/RESULTS.md and charts (BENCH_ARGS=--check ...).
+bench: install
+	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib psutil py-spy
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) generated_sites .pytest_cache .mypy_cache .ruff_cache

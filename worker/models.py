@@ -279,3 +279,5 @@ class Manifest(_Strict):
     pages: list[str]
     files: list[ManifestFile]
     warnings: list[str] = Field(default_factory=list)
+    #: Page path -> its quality warnings (see assemble.quality_report); only pages with some, empty when clean.
+    quality: dict[str, list[str]] = Field(default_factory=dict)

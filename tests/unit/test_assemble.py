@@ -20,7 +20,14 @@ from worker.models import (
     SitePlan,
     page_file,
 )
-from worker.pipeline.assemble import MAX_WARNINGS, assemble_site, normalize_hosts, sanitize_site, site_problems
+from worker.pipeline.assemble import (
+    MAX_WARNINGS,
+    assemble_site,
+    normalize_hosts,
+    quality_report,
+    sanitize_site,
+    site_problems,
+)
 
 SLUGS = ("index", "about", "contact")
 
@@ -53,7 +60,9 @@ def page_html(
     links = "".join(f'<a href="{page_file(s)}">{s}</a>' for s in nav)
     heading = "".join(f"<h1>{slug}</h1>" for _ in range(h1))
     return (
-        f"<!doctype html><html><head><title>{title if title is not None else slug}</title>"
+        f'<!doctype html><html lang="en"><head><title>{title if title is not None else slug}</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="description" content="The {slug} page">'
         f'<link rel="stylesheet" href="style.css"></head>'
         f"<body><nav>{links}</nav><main>{heading}<p>Text</p>{body}</main></body></html>"
     )
@@ -402,7 +411,9 @@ def test_pages_with_nothing_removed_are_byte_identical() -> None:
     )
     code = make_code({"about.html": quirky, "index.html": page_html("index", body=EVIL_SCRIPT)})
     warnings, written = assembled(code)
-    assert len(warnings) == 1 and warnings[0].startswith("index.html: ")
+    # The quirky page lacks lang, viewport and description: reported, after the removal, not fixed.
+    assert len(warnings) == 2 and warnings[0].startswith("index.html: removed ")
+    assert warnings[1].startswith("about.html: quality: missing <html lang>")
     assert written["about.html"] == quirky
     assert written["contact.html"] == page_html("contact") and written["style.css"] == "body { color: #111; }"
 
@@ -487,3 +498,94 @@ def test_backslashes_in_links_read_as_browsers_do() -> None:
     body = '<a href="contact.html">c</a><img src="assets\\logo.svg" alt=""><a href="/\\evil.example/">ext</a>'
     code = make_code({"about.html": page_html("about", body=body)}, extra={"assets/logo.svg": "<svg/>"})
     assert site_problems(make_plan(), code) == []
+
+
+# --------------------------------------------------------------------------- assets and quality warnings
+
+
+@pytest.mark.parametrize(
+    ("body", "missing"),
+    [
+        ('<img src="logo.svg" srcset="logo.svg 1x, missing@2x.png 2x" alt="">', "missing@2x.png"),
+        ('<picture><source srcset="missing.webp"><img src="logo.svg" alt=""></picture>', "missing.webp"),
+        ('<video src="logo.svg" poster="missing.jpg"></video>', "missing.jpg"),
+        ('<audio src="missing.mp3"></audio>', "missing.mp3"),
+        ('<video src="logo.svg"><track src="missing.vtt"></video>', "missing.vtt"),
+        ("<style>.hero { background: url('missing.jpg'); }</style>", "missing.jpg"),
+        ('<div style="background-image: url(missing.jpg)">x</div>', "missing.jpg"),
+    ],
+)
+def test_missing_media_and_css_assets_are_broken_links(body: str, missing: str) -> None:
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"logo.svg": "<svg/>"})
+    assert site_problems(make_plan(), code) == [f"about.html: link to {missing} does not resolve to a generated file"]
+
+
+def test_present_media_and_data_urls_are_fine() -> None:
+    body = (
+        '<img src="logo.svg" srcset="logo.svg 1x, data:image/png;base64,iVBO,RK5C 2x" alt="Logo">'
+        '<div style="background: url(&quot;logo.svg&quot;), url(data:image/svg+xml,%3Csvg%3E)">x</div>'
+        "<svg><rect fill=\"url(#grad)\"/></svg><style>@import 'style.css';</style>"
+    )
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"logo.svg": "<svg/>"})
+    assert site_problems(make_plan(), code) == []
+
+
+def test_stylesheet_urls_resolve_from_the_stylesheet_folder() -> None:
+    css = "@import 'base.css'; .a { background: url(../img/a.svg); } .b { background: url(img/b.svg) }"
+    code = make_code(extra={"assets/site.css": css, "assets/base.css": "", "img/a.svg": "<svg/>"})
+    assert site_problems(make_plan(), code) == [
+        "assets/site.css: url assets/img/b.svg does not resolve to a generated file"
+    ]
+
+
+def test_clean_pages_have_an_empty_quality_report() -> None:
+    assert quality_report(make_code()) == {}
+
+
+def test_quality_report_lists_each_page_s_warnings() -> None:
+    bare = "<!doctype html><html><head><title>About</title></head><body><h1>About</h1></body></html>"
+    images = page_html("contact", body='<img src="a.png"><img src="b.png" alt=""><img src="c.png">')
+    empty = (
+        '<html lang=" "><head><title>i</title><meta name="Viewport" content="initial-scale=1">'
+        '<meta name="description" content="  "></head><body><h1>i</h1></body></html>'
+    )
+    report = quality_report(make_code({"about.html": bare, "contact.html": images, "index.html": empty}))
+    assert report == {
+        "about.html": ["missing <html lang>", "missing <meta name=viewport>", "missing <meta name=description>"],
+        "contact.html": ["2 <img> without alt"],
+        "index.html": [
+            "missing <html lang>",
+            "<meta name=viewport> does not set a width",
+            "empty <meta name=description>",
+        ],
+    }
+
+
+def test_quality_warnings_do_not_fail_the_site_but_are_reported() -> None:
+    images = page_html("about", body='<img src="logo.svg">')
+    code = make_code(
+        {"about.html": images.replace('<meta name="description" content="The about page">', "")},
+        extra={"logo.svg": "<svg/>"},
+    )
+    assert site_problems(make_plan(), code) == []  # not re-asked from the model, not a failure
+    manifest, files = assemble_site(1, 2, make_plan(), code)
+    assert manifest.quality == {"about.html": ["missing <meta name=description>", "1 <img> without alt"]}
+    assert manifest.warnings == ["about.html: quality: missing <meta name=description>; 1 <img> without alt"]
+    written = json.loads(next(f.content for f in files if f.path == "manifest.json"))
+    assert written["quality"] == manifest.quality
+
+
+def test_quality_is_checked_on_the_pages_as_written() -> None:
+    body = '<object data="https://evil.example/x.swf"><img src="logo.svg"></object>'
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"logo.svg": "<svg/>"})
+    manifest, _ = assemble_site(1, 2, make_plan(), code)
+    assert manifest.quality == {"about.html": ["1 <img> without alt"]}  # the fallback image is what readers see
+    assert manifest.warnings[-1] == "about.html: quality: 1 <img> without alt"
+
+
+def test_offline_sites_have_no_quality_warnings() -> None:
+    for brief in (SAMPLE_BRIEF, {"business_name": "Northside Plumbing", "description": "Plumbing for homes."}):
+        valid = Brief.model_validate(brief)
+        plan = offline_plan(valid)
+        manifest, _ = assemble_site(1, 2, plan, offline_code(plan, offline_content(valid, plan)))
+        assert manifest.quality == {} and manifest.warnings == []

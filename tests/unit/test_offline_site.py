@@ -19,6 +19,7 @@ from worker.ai.offline_site import (
     site_palette,
 )
 from worker.models import Brief, PageRequest, SiteCode, page_file
+from worker.pipeline.assemble import quality_report
 
 HOSTILE_NAME = "<script>alert(1)</script>"
 HOSTILE_TEXT = '"><img src=x onerror=alert(1)>'
@@ -49,12 +50,14 @@ def minimal_brief() -> Brief:
 
 
 def custom_pages_brief() -> Brief:
-    return sample_brief(pages=[
-        PageRequest(slug="menu", title="Our menu", purpose="Breads, pastries and cakes with prices"),
-        PageRequest(slug="story", title="Our story"),
-        PageRequest(slug="visit-us", title="Visit us", purpose="Address and opening hours"),
-        PageRequest(slug="catering", title="Catering"),
-    ])
+    return sample_brief(
+        pages=[
+            PageRequest(slug="menu", title="Our menu", purpose="Breads, pastries and cakes with prices"),
+            PageRequest(slug="story", title="Our story"),
+            PageRequest(slug="visit-us", title="Visit us", purpose="Address and opening hours"),
+            PageRequest(slug="catering", title="Catering"),
+        ]
+    )
 
 
 def generate(brief: Brief) -> SiteCode:
@@ -347,3 +350,11 @@ def test_stylesheet_uses_the_palette_and_is_responsive() -> None:
     assert "--primary:" in css and "@media" in css and ":focus-visible" in css
     assert "repeat(auto-fit, minmax(" in css and "position: sticky" in css
     assert "linear-gradient(" in css and "system-ui" in css
+
+
+@pytest.mark.parametrize("name", [*BRIEFS, "hostile"])
+def test_pages_pass_the_assemble_quality_checks(name: str) -> None:
+    brief = BRIEFS.get(name) or sample_brief(
+        business_name=HOSTILE_NAME, description=HOSTILE_TEXT, industry=HOSTILE_NAME
+    )
+    assert quality_report(generate(brief)) == {}

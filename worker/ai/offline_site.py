@@ -719,13 +719,14 @@ a:hover { text-decoration-thickness: 2px; }
 .hero { padding: clamp(4rem, 11vw, 8rem) 0; }
 .page-banner { padding: clamp(2.75rem, 7vw, 4.5rem) 0; }
 .hero .container, .page-banner .container { position: relative; }
-.hero-art { position: absolute; right: -6rem; top: -5rem; width: min(38rem, 80vw); color: #ffffff;
+.hero-art { position: absolute; right: -6rem; top: -5rem; width: min(38rem, 80vw); color: #000000;
   pointer-events: none; }
 .hero h1 { font-size: clamp(2.5rem, 6vw, 4.25rem); margin: 0.5rem 0 1.25rem; max-width: 16ch; }
 .page-banner h1 { font-size: clamp(2.1rem, 4.5vw, 3.25rem); margin: 0.5rem 0 0; }
 .lead { font-size: clamp(1.1rem, 2vw, 1.3rem); max-width: 58ch; }
+/* Overlays on white text darken, never lighten: primary and secondary only just reach AA against white. */
 .eyebrow { display: inline-block; margin: 0; padding: 0.3rem 0.85rem; border-radius: 999px;
-  background: rgb(255 255 255 / 16%); font-size: 0.85rem; font-weight: 700; letter-spacing: 0.06em;
+  background: rgb(0 0 0 / 16%); font-size: 0.85rem; font-weight: 700; letter-spacing: 0.06em;
   text-transform: uppercase; }
 .actions { margin: 1.75rem 0 0; }
 .button { display: inline-flex; align-items: center; gap: 0.5rem; padding: 0.9rem 1.6rem; border-radius: 999px;

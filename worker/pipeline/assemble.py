@@ -1,8 +1,14 @@
 """Phase `assemble`: check the generated site as a whole and turn it into files plus `manifest.json`.
 
-Checks: every planned page exists, each page has a title and exactly one <h1>, every internal
-link and asset resolves to a generated file, every page is linked from the home page's nav,
-and nothing runs script through a `javascript:` URL or an inline event handler.
+Checks that fail the site (`site_problems`; the `code` phase re-asks the model on them first):
+every planned page exists, each page has a title and exactly one <h1>, every internal link and
+asset (srcset, media, CSS `url()` / `@import` included) resolves to a generated file, every page
+is linked from the home page's nav, and nothing runs script through a `javascript:` URL or an
+inline event handler.
+
+Quality warnings (`quality_report`): a page without `<html lang>`, meta viewport or meta
+description, or with an `<img>` lacking `alt`, is still published (a reader can use it), but
+the manifest's `quality` lists the warnings per page and its `warnings` carry one line per page.
 
 Then the pages are sanitized: a `<script>`, `<iframe>`, `<frame>`, `<embed>`, `<object>` or
 `<base>` that would load from a host not in `output.allowed_embed_hosts` is removed (not a
@@ -103,6 +109,45 @@ def _links(page: str, tree: HTMLParser | LexborNode) -> tuple[set[str], list[str
     return targets, problems
 
 
+#: Elements whose URL attributes load a resource but cannot run script, so only their existence is checked.
+_ASSETS = (
+    ("video", "src"),
+    ("video", "poster"),
+    ("audio", "src"),
+    ("track", "src"),
+    ("input", "src"),
+)
+_CSS_URL = re.compile(r"""url\(\s*(?:"([^"]*)"|'([^']*)'|([^)'"\s]*))\s*\)|@import\s+(?:"([^"]*)"|'([^']*)')""", re.I)
+
+
+def _srcset_urls(srcset: str) -> list[str]:
+    """The candidate URLs of a `srcset`: whitespace-free runs, so data: URLs with commas stay whole."""
+    urls: list[str] = []
+    for candidate in re.finditer(r"[\s,]*([^\s,][^\s]*)[^,]*", srcset):
+        url = candidate.group(1).rstrip(",")
+        if url:
+            urls.append(url)
+    return urls
+
+
+def _css_urls(css: str) -> list[str]:
+    return [next(g for g in m.groups() if g is not None) for m in _CSS_URL.finditer(css)]
+
+
+def _asset_targets(page: str, tree: HTMLParser) -> set[str]:
+    """Internal files a page loads that `_links` does not see: srcset, media, inline CSS `url()`."""
+    urls: list[str] = []
+    for tag, attribute in _ASSETS:
+        urls += [node.attributes.get(attribute) or "" for node in tree.css(f"{tag}[{attribute}]")]
+    for node in tree.css("img[srcset], source[srcset]"):
+        urls += _srcset_urls(node.attributes.get("srcset") or "")
+    for node in tree.css("style"):
+        urls += _css_urls(node.text(deep=True))
+    for node in tree.css("[style]"):
+        urls += _css_urls(node.attributes.get("style") or "")
+    return {t for u in urls if (t := _internal_target(page, _clean_url(u))) is not None}
+
+
 def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
     """Everything wrong with the generated site, one readable sentence each (empty: all good)."""
     files = {f.path: f.content for f in code.files}
@@ -113,6 +158,12 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
     links: dict[str, set[str]] = {}
     nav_targets: set[str] = set()
     for path, content in files.items():
+        if path.endswith(".css"):
+            css_targets = {t for u in _css_urls(content) if (t := _internal_target(path, _clean_url(u))) is not None}
+            problems += [
+                f"{path}: url {t} does not resolve to a generated file" for t in sorted(css_targets - set(files))
+            ]
+            continue
         if not path.endswith(".html"):
             continue
         tree = HTMLParser(content)
@@ -123,6 +174,7 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
         if h1_count != 1:
             problems.append(f"{path}: has {h1_count} <h1> elements, expected exactly one")
         targets, link_problems = _links(path, tree)
+        targets |= _asset_targets(path, tree)
         problems += link_problems
         links[path] = targets
         problems += [f"{path}: link to {t} does not resolve to a generated file" for t in sorted(targets - set(files))]
@@ -143,6 +195,57 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
             f"page {page} cannot be reached from index.html" for page in pages if page in files and page not in reached
         ]
     return problems
+
+
+def _meta_content(tree: HTMLParser, name: str) -> str | None:
+    """The content of `<meta name=...>` (name matched case-insensitively), None when there is none."""
+    for node in tree.css("meta[name]"):
+        if (node.attributes.get("name") or "").strip().lower() == name:
+            return (node.attributes.get("content") or "").strip()
+    return None
+
+
+def page_quality(tree: HTMLParser) -> list[str]:
+    """A page's quality warnings: what search engines, phones and screen readers miss on it."""
+    warnings: list[str] = []
+    root = tree.css_first("html")
+    if root is None or not (root.attributes.get("lang") or "").strip():
+        warnings.append("missing <html lang>")
+    viewport = _meta_content(tree, "viewport")
+    if viewport is None:
+        warnings.append("missing <meta name=viewport>")
+    elif "width" not in viewport.lower():
+        warnings.append("<meta name=viewport> does not set a width")
+    description = _meta_content(tree, "description")
+    if description is None:
+        warnings.append("missing <meta name=description>")
+    elif not description:
+        warnings.append("empty <meta name=description>")
+    # alt="" is right for a decorative image; only an absent alt is a problem.
+    no_alt = [n for n in tree.css("img, input[type=image]") if "alt" not in n.attributes]
+    if no_alt:
+        warnings.append(f"{len(no_alt)} <img> without alt")
+    return warnings
+
+
+def quality_report(code: SiteCode) -> dict[str, list[str]]:
+    """Quality warnings by page path, only for pages that have some (empty: every page is clean).
+
+    Warnings, not problems: the page still works, so the site is published and they are reported.
+    """
+    report: dict[str, list[str]] = {}
+    for file in code.files:
+        if file.path.endswith(".html") and (warnings := page_quality(HTMLParser(file.content))):
+            report[file.path] = warnings
+    return report
+
+
+def quality_warnings(report: dict[str, list[str]]) -> list[str]:
+    """One progress-log line per page with quality warnings, capped like the removals."""
+    lines = [f"{page}: quality: {'; '.join(warnings)}" for page, warnings in report.items()]
+    if len(lines) <= MAX_WARNINGS:
+        return lines
+    return [*lines[:MAX_WARNINGS], f"... and {len(lines) - MAX_WARNINGS} more page(s) with quality warnings"]
 
 
 # --------------------------------------------------------------------------- embedded resources
@@ -279,12 +382,14 @@ def assemble_site(
     """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem.
 
     Embeds from hosts not in `allowed_hosts` are removed from the pages; the manifest's
-    `warnings` list each removal.
+    `warnings` list each removal, then one line per page with quality warnings, which the
+    manifest's `quality` holds in full.
     """
     _raise_problems(site_problems(plan, code))
     sanitized, warnings = sanitize_site(code, allowed_hosts)
     if warnings:  # removing elements cannot break a page the checks passed; checked anyway
         _raise_problems(site_problems(plan, sanitized), after_removal=True)
+    quality = quality_report(sanitized)  # of the pages as written, after the removals
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]
     manifest = Manifest(
         order_id=order_id,
@@ -292,7 +397,8 @@ def assemble_site(
         site_name=plan.site_name,
         pages=[page_file(p.slug) for p in plan.pages],
         files=[ManifestFile(path=f.path, sha256=f.sha256, bytes=len(f.content)) for f in files],
-        warnings=_capped(warnings),
+        warnings=[*_capped(warnings), *quality_warnings(quality)],
+        quality=quality,
     )
     manifest_json = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     return manifest, [*files, OutputFile("manifest.json", manifest_json.encode())]
