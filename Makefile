@@ -30,7 +30,7 @@ demo: install quality-tools
 test: lint typecheck pytest
 
 lint: install
-	$(BIN)/ruff check worker tests
+	$(BIN)/ruff check worker tests bench
 
 typecheck: install
 	$(BIN)/mypy worker

@@ -39,11 +39,17 @@ def _template(task: Task) -> tuple[str, string.Template]:
     return system.strip(), string.Template(prompt.strip())
 
 
+@cache
+def _schema_text(schema: type[BaseModel]) -> str:
+    # Building a JSON schema walks the whole model: once per model, not once per call.
+    return json.dumps(schema.model_json_schema(), separators=(",", ":"))
+
+
 def render_prompt(task: Task, inputs: dict[str, Any], schema: type[BaseModel]) -> AIRequest:
     """The request for a task: its template with the inputs and the answer's JSON schema filled in."""
     system, template = _template(task)
     prompt = template.substitute(
-        schema=json.dumps(schema.model_json_schema(), separators=(",", ":")),
+        schema=_schema_text(schema),
         # "<" escaped as \u003c (same JSON value) so no text in the brief can close the <input> block.
         input=json.dumps(inputs, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c"),
     )

@@ -1,0 +1,723 @@
+"""sitegen-worker benchmarks: real `arq worker.main.WorkerSettings` processes against their own throwaway
+PostgreSQL, Redis and fake provider processes. `make bench`, or `python -m bench.run --help`.
+
+Writes bench/results/RESULTS.md, results.json, the charts (PNG) and profile.txt. `--check` exits 1 when a
+target of issue 6 is missed. Timings are measured here only; no test asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+from worker import client
+from worker.services import LocalServices
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("planning", "content", "coding")
+CALLS_PER_SITE = 3  # plan, content, code; assemble calls no model
+HEALTH_KEY = "site_generation:health-check:{}"
+BRIEF = {
+    "business_name": "Bench Bakery",
+    "description": "A family bakery: sourdough, pastries and cakes made every morning.",
+    "services": ["Bread", "Pastries", "Cakes"],
+}
+OLD = {  # the Celery + SQLAlchemy design, same machine (issue 6)
+    "zero": "10.6 sites/s (2 processes), 157 ms/site, 237 MiB, 5 sessions/site",
+    "200/8": "7.1 sites/s = 71% of 10, 710 MiB, 11 sessions",
+    "200/32": "9.1 sites/s = 23% of 40, 2.6 GiB, 43 sessions",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+class Fake:
+    """One fake provider process (bench/fake.py)."""
+
+    def __init__(self, latency_s: float, log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fake", "--latency", str(latency_s)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log_path.open("ab"),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("FAKE_PROVIDER_URL="):
+            raise RuntimeError(f"fake provider did not start: {line!r}\n{log_path.read_text()[-2000:]}")
+        self.url = line.split("=", 1)[1]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Worker:
+    """One replica: `python -m arq worker.main.WorkerSettings`, optionally under py-spy."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, profile_to: Path | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "arq", "worker.main.WorkerSettings"],
+            cwd=ROOT,
+            env={**env, "SITEGEN_WORKER__REPLICA_ID": name},
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.log_path = log_path
+        self.spy: subprocess.Popen[bytes] | None = None
+        self.profile_to = profile_to
+
+    def start_profile(self, rate: int) -> None:
+        assert self.profile_to is not None
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if spy is None:
+            raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        self.spy = subprocess.Popen(
+            [spy, "record", "--pid", str(self.proc.pid), "--rate", str(rate), "--format", "raw",
+             "--output", str(self.profile_to), "--threads", "--nonblocking"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop_profile(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)
+            try:
+                self.spy.wait(20)
+            except subprocess.TimeoutExpired:
+                self.spy.kill()
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class CpuMeter:
+    """CPU seconds used by a set of processes (and their children, e.g. PostgreSQL backends) over a window."""
+
+    def __init__(self, roots: list[psutil.Process], *, children: bool = True) -> None:
+        self.roots = roots
+        self.children = children
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> dict[int, float]:
+        seen: dict[int, float] = {}
+        for root in self.roots:
+            try:
+                procs = [root, *(root.children(recursive=True) if self.children else [])]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    seen[p.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+        return seen
+
+    def used(self) -> float:
+        end = self._snapshot()
+        return sum(v - self.start.get(pid, 0.0) for pid, v in end.items())
+
+
+class RssSampler(threading.Thread):
+    """RSS (MiB) of each worker every `every_s`."""
+
+    def __init__(self, workers: list[Worker], every_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.workers = workers
+        self.every_s = every_s
+        self.t0 = time.time()
+        self.samples: list[tuple[float, list[float]]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            row = []
+            for w in self.workers:
+                try:
+                    row.append(w.ps.memory_info().rss / 2**20)
+                except psutil.Error:
+                    row.append(0.0)
+            self.samples.append((time.time() - self.t0, row))
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> list[tuple[float, list[float]]]:
+        self._halt.set()
+        self.join(5)
+        return self.samples
+
+    def peak(self) -> float:
+        return max((max(r) for _, r in self.samples if r), default=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+
+
+@dataclass
+class Scenario:
+    name: str
+    label: str
+    latency_s: float
+    max_jobs: int
+    sites: int
+    replicas: int = 1
+    rate: float = 0.0  # jobs/s when paced; 0 = all at once
+    poll_delay_s: float = 0.05
+    slow_log_ms: float = 0.0
+    profile: bool = False
+    fakes: int = 1
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.work = Path(tempfile.mkdtemp(prefix="sitegen-bench-"))
+        self.work.chmod(0o755)  # PostgreSQL runs as `nobody` when we are root and must reach its data dir
+        self.services = LocalServices(base_dir=self.work / "services").start()
+        self.db_url = self.services.database_url
+        self.redis_url = self.services.redis_url
+        self.results: list[dict[str, Any]] = []
+        self.rss_series: dict[str, list[tuple[float, float]]] = {}
+        self.migrated = False
+        me = psutil.Process()
+        kids = me.children(recursive=False)
+        self.pg_roots = [p for p in kids if "postgres" in p.name()]
+        self.redis_roots = [p for p in kids if "redis" in p.name()]
+        if not self.pg_roots or not self.redis_roots:  # started through a wrapper: look one level down
+            every = me.children(recursive=True)
+            kid_pids = {k.pid for k in kids}
+            self.pg_roots = self.pg_roots or [p for p in every if p.name() == "postgres" and p.ppid() in kid_pids]
+            self.redis_roots = self.redis_roots or [p for p in every if "redis" in p.name()]
+
+    def close(self) -> None:
+        self.services.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # -- environment
+
+    def env(self, sc: Scenario, fakes: list[Fake]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
+        env.update(
+            DATABASE_URL=self.db_url,
+            REDIS_URL=self.redis_url,
+            PYTHONPATH=str(ROOT),
+            SITEGEN_OUTPUT__DIR=str(self.work / "sites"),
+            SITEGEN_LOG__LEVEL="WARNING",
+            SITEGEN_WORKER__MAX_JOBS=str(sc.max_jobs),
+            SITEGEN_WORKER__POLL_DELAY_S=str(sc.poll_delay_s),
+            SITEGEN_DATABASE__POOL_MAX_SIZE=str(self.args.pool_max),
+            SITEGEN_DATABASE__PROGRESS_POOL_MAX_SIZE=str(self.args.progress_pool_max),
+            BENCH_FAKE_KEY="bench-key-not-secret",
+        )
+        for i, fake in enumerate(fakes):
+            p = f"SITEGEN_AI__PROVIDERS__FAKE{i}__"
+            env.update({
+                p + "KIND": "openai",
+                p + "MODEL": "fake-gpt",
+                p + "BASE_URL": f"{fake.url}/v1",
+                p + "API_KEY_ENV": "BENCH_FAKE_KEY",
+                p + "READ_TIMEOUT_S": "30",
+                # The default (8 requests in flight per provider) would cap 200 ms calls at 40/s.
+                p + "MAX_CONCURRENCY": str(max(sc.max_jobs, 8)),
+            })
+        for i, task in enumerate(TASKS):
+            env[f"SITEGEN_AI__ROUTING__{task.upper()}"] = f"fake{i % len(fakes)}"
+        env.update(sc.extra_env)
+        return env
+
+    # -- database helpers
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.db_url, server_settings={"application_name": "sitegen-bench"})
+
+    async def reset(self) -> None:
+        redis = await client.connect(self.redis_url)
+        try:
+            await redis.flushdb()
+        finally:
+            await redis.aclose()
+        if self.migrated:
+            conn = await self.connect()
+            try:
+                await conn.execute(
+                    "TRUNCATE site_generation_logs, site_files, site_generation_phases, site_generations, "
+                    "site_orders RESTART IDENTITY CASCADE"
+                )
+                await conn.execute("DROP TRIGGER IF EXISTS bench_slow_log ON site_generation_logs")
+                await conn.execute("VACUUM ANALYZE")
+            finally:
+                await conn.close()
+        shutil.rmtree(self.work / "sites", ignore_errors=True)
+
+    async def wait_healthy(self, workers: list[Worker], timeout: float = 60) -> None:
+        redis = await client.connect(self.redis_url)
+        try:
+            deadline = time.monotonic() + timeout
+            for w in workers:
+                while not await redis.exists(HEALTH_KEY.format(w.name)):
+                    if w.proc.poll() is not None:
+                        raise RuntimeError(f"worker {w.name} exited:\n{w.log_path.read_text()[-3000:]}")
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"worker {w.name} not healthy after {timeout}s")
+                    await asyncio.sleep(0.1)
+        finally:
+            await redis.aclose()
+        self.migrated = True
+
+    # -- one scenario
+
+    async def run(self, sc: Scenario) -> dict[str, Any]:
+        log(f"{sc.name}: {sc.label}")
+        await self.reset()
+        fakes = [Fake(sc.latency_s, self.work / f"fake-{sc.name}-{i}.log") for i in range(sc.fakes)]
+        env = self.env(sc, fakes)
+        workers = [
+            Worker(f"bench-{sc.name}-{i}", env, self.work / f"worker-{sc.name}-{i}.log",
+                   profile_to=self.out / "profile.raw" if sc.profile and i == 0 else None)
+            for i in range(sc.replicas)
+        ]
+        try:
+            await self.wait_healthy(workers)
+            if sc.slow_log_ms:
+                await self._slow_log(sc.slow_log_ms)
+            return await self._measure(sc, workers, fakes)
+        finally:
+            for w in workers:
+                w.stop_profile()
+                w.stop()
+            for f in fakes:
+                f.stop()
+
+    async def _slow_log(self, ms: float) -> None:
+        conn = await self.connect()
+        try:
+            await conn.execute(
+                f"""CREATE OR REPLACE FUNCTION bench_slow_log() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_sleep({ms / 1000.0}); RETURN NEW; END $$;
+                CREATE TRIGGER bench_slow_log BEFORE INSERT ON site_generation_logs
+                FOR EACH ROW EXECUTE FUNCTION bench_slow_log();"""
+            )
+        finally:
+            await conn.close()
+
+    async def _measure(self, sc: Scenario, workers: list[Worker], fakes: list[Fake]) -> dict[str, Any]:
+        conn = await self.connect()
+        redis = await client.connect(self.redis_url)
+        bound = sc.replicas * (self.args.pool_max + self.args.progress_pool_max)
+        sessions0 = await self._sessions(conn)
+        cmds0 = int((await redis.info("stats"))["total_commands_processed"])
+        worker_cpu0 = [w.cpu_s() for w in workers]
+        meters = {
+            "fake": CpuMeter([psutil.Process(f.proc.pid) for f in fakes]),
+            "postgres": CpuMeter(self.pg_roots),
+            "redis": CpuMeter(self.redis_roots),
+            "bench": CpuMeter([psutil.Process()], children=False),  # this driver only: the rest are its children
+        }
+        rss = RssSampler(workers)
+        rss.start()
+        if sc.profile:
+            workers[0].start_profile(self.args.profile_rate)
+        base = self.args.order_base
+        order_ids = list(range(base, base + sc.sites))
+        enqueued: dict[int, float] = {}
+        poll: dict[str, Any] = {"conns": [], "running": [], "t": []}
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            mon = await self.connect()
+            try:
+                while not done.is_set():
+                    row = await mon.fetchrow(
+                        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sitegen-worker:%')"
+                        " AS conns, (SELECT count(*) FROM site_generations WHERE status = 'running') AS running"
+                    )
+                    poll["t"].append(time.time())
+                    poll["conns"].append(row["conns"])
+                    poll["running"].append(row["running"])
+                    await asyncio.sleep(0.1)
+            finally:
+                await mon.close()
+
+        sampler = asyncio.create_task(sample())
+        t_start = time.time()
+        await self._enqueue(redis, order_ids, enqueued, sc.rate)
+        t_enqueued = time.time()
+        timeout = self.args.scenario_timeout
+        while True:
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok, "
+                "count(*) FILTER (WHERE status = 'failed') AS failed FROM site_generations"
+            )
+            if row["failed"]:
+                errors = await conn.fetch("SELECT order_id, error FROM site_generations WHERE status='failed' LIMIT 3")
+                raise RuntimeError(f"{sc.name}: {row['failed']} generations failed: {[dict(e) for e in errors]}")
+            if row["ok"] >= sc.sites:
+                break
+            if time.time() - t_start > timeout:
+                raise RuntimeError(f"{sc.name}: only {row['ok']}/{sc.sites} sites after {timeout}s")
+            for w in workers:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(f"worker {w.name} died:\n{w.log_path.read_text()[-3000:]}")
+            await asyncio.sleep(0.2)
+        t_end = time.time()
+        done.set()
+        await sampler
+        if sc.profile:
+            workers[0].stop_profile()
+        worker_cpu = sum(w.cpu_s() - c for w, c in zip(workers, worker_cpu0, strict=True))
+        other_cpu = {k: m.used() for k, m in meters.items()}
+        samples = rss.stop()
+        cmds = int((await redis.info("stats"))["total_commands_processed"]) - cmds0
+        sessions = await self._sessions(conn) - sessions0
+        gens = await conn.fetch(
+            "SELECT order_id, extract(epoch FROM started_at)::float8 AS s, extract(epoch FROM finished_at)::float8 AS f"
+            " FROM site_generations WHERE status = 'succeeded'"
+        )
+        logs = await conn.fetchrow(
+            "SELECT count(*) AS n, extract(epoch FROM min(created_at))::float8 AS a, "
+            "extract(epoch FROM max(created_at))::float8 AS b FROM site_generation_logs"
+        )
+        retries = await conn.fetchval("SELECT count(*) FROM site_generations WHERE attempt > 1")
+        await redis.aclose()
+        await conn.close()
+
+        finished = sorted(g["f"] for g in gens)
+        n = len(finished)
+        lo, hi = finished[int(n * 0.1)], finished[min(int(n * 0.9), n - 1)]
+        steady = (int(n * 0.9) - int(n * 0.1)) / (hi - lo) if hi > lo else float("nan")
+        wall = finished[-1] - t_start
+        to_start = [(g["s"] - enqueued[g["order_id"]]) * 1000 for g in gens if g["order_id"] in enqueued]
+        durations = [(g["f"] - g["s"]) * 1000 for g in gens]
+        ideal = sc.replicas * sc.max_jobs / (CALLS_PER_SITE * sc.latency_s) if sc.latency_s else None
+        self.rss_series[sc.name] = [(t, max(r)) for t, r in samples if r]
+        window = t_end - t_start
+        result = {
+            "name": sc.name,
+            "label": sc.label,
+            "latency_ms": sc.latency_s * 1000,
+            "max_jobs": sc.max_jobs,
+            "replicas": sc.replicas,
+            "fakes": sc.fakes,
+            "poll_delay_s": sc.poll_delay_s,
+            "slow_log_ms": sc.slow_log_ms,
+            "sites": n,
+            "enqueue_s": round(t_enqueued - t_start, 2),
+            "wall_s": round(wall, 2),
+            "throughput": round(steady, 1),
+            "throughput_overall": round(n / wall, 1),
+            "ideal": round(ideal, 1) if ideal else None,
+            "of_ideal": round(steady / ideal, 3) if ideal else None,
+            "worker_cpu_ms_per_site": round(worker_cpu / n * 1000, 2),
+            "worker_cpu_pct": round(worker_cpu / window / sc.replicas * 100, 1),  # of one core, per replica
+            "cpu_ms_per_site": {k: round(v / n * 1000, 2) for k, v in other_cpu.items()},
+            "machine_cpu_pct": round((worker_cpu + sum(other_cpu.values())) / window / psutil.cpu_count() * 100, 1),
+            "peak_rss_mib": round(rss.peak(), 1),
+            "peak_running": max(poll["running"], default=0),
+            "peak_pg_conns": max(poll["conns"], default=0),
+            "pg_conn_bound": bound,
+            "pg_sessions_per_site": round(sessions / n, 3),
+            "to_start_ms": {"p50": round(pct(to_start, 0.5), 1), "p95": round(pct(to_start, 0.95), 1),
+                            "max": round(max(to_start, default=float("nan")), 1)},
+            "duration_ms": {"p50": round(pct(durations, 0.5), 1), "p95": round(pct(durations, 0.95), 1)},
+            "log_rows": logs["n"],
+            "log_rows_per_s": (
+                round(logs["n"] / (logs["b"] - logs["a"]), 1) if logs["b"] and logs["b"] > logs["a"] else None
+            ),
+            "redis_cmds_per_site": round(cmds / n, 1),
+            "retried_generations": retries,
+            "to_start_samples": [round(x, 2) for x in to_start] if sc.rate else [],
+            "duration_samples": [round(x, 1) for x in durations[:5000]],
+        }
+        log(
+            f"{sc.name}: {n} sites, {result['throughput']}/s steady"
+            + (f" ({result['of_ideal']:.0%} of {result['ideal']})" if ideal else "")
+            + f", worker {result['worker_cpu_ms_per_site']} ms CPU/site ({result['worker_cpu_pct']}% of a core),"
+            f" RSS {result['peak_rss_mib']} MiB, pg conns {result['peak_pg_conns']}/{bound},"
+            f" to-start p50/p95 {result['to_start_ms']['p50']}/{result['to_start_ms']['p95']} ms,"
+            f" machine {result['machine_cpu_pct']}%"
+        )
+        self.results.append(result)
+        return result
+
+    async def _sessions(self, conn: asyncpg.Connection) -> int:
+        try:
+            return int(await conn.fetchval("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"))
+        except asyncpg.PostgresError:
+            return 0
+
+    async def _enqueue(self, redis: Any, order_ids: list[int], enqueued: dict[int, float], rate: float) -> None:
+        if rate:
+            t0 = time.time()
+            for i, oid in enumerate(order_ids):
+                delay = t0 + i / rate - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                enqueued[oid] = time.time()
+                await client.enqueue_generation(redis, oid, BRIEF)
+            return
+        gate = asyncio.Semaphore(32)
+
+        async def one(oid: int) -> None:
+            async with gate:
+                enqueued[oid] = time.time()
+                await client.enqueue_generation(redis, oid, BRIEF)
+
+        await asyncio.gather(*(one(o) for o in order_ids))
+
+    async def idle_poll_cost(self, poll_delay_s: float, seconds: float) -> dict[str, Any]:
+        """Redis commands/s and worker CPU of one idle replica polling every `poll_delay_s`."""
+        log(f"idle: one replica polling every {poll_delay_s}s for {seconds}s")
+        await self.reset()
+        fake = Fake(0, self.work / "fake-idle.log")
+        sc = Scenario("idle", "idle", 0, 50, 0, poll_delay_s=poll_delay_s)
+        w = Worker(f"bench-idle-{poll_delay_s}", self.env(sc, [fake]), self.work / "worker-idle.log")
+        try:
+            await self.wait_healthy([w])
+            await asyncio.sleep(1.0)
+            redis = await client.connect(self.redis_url)
+            c0, cpu0, t0 = int((await redis.info("stats"))["total_commands_processed"]), w.cpu_s(), time.time()
+            await asyncio.sleep(seconds)
+            c1, cpu1, t1 = int((await redis.info("stats"))["total_commands_processed"]), w.cpu_s(), time.time()
+            await redis.aclose()
+        finally:
+            w.stop()
+            fake.stop()
+        res = {"poll_delay_s": poll_delay_s, "redis_cmds_per_s": round((c1 - c0 - 2) / (t1 - t0), 1),
+               "worker_cpu_pct": round((cpu1 - cpu0) / (t1 - t0) * 100, 2)}
+        log(f"idle poll {poll_delay_s}s: {res}")
+        return res
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def summarize_profile(raw: Path, rate: int, sites: int) -> dict[str, Any]:
+    """Top functions (self and inclusive) from py-spy's collapsed stacks."""
+    if not raw.exists():
+        return {}
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    bucket: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f and not f.startswith("thread ") and not f.startswith("process ")]
+        if not frames:
+            continue
+        total += n
+        self_c[_short(frames[-1])] += n
+        for f in {_short(f) for f in frames}:
+            incl[f] += n
+        bucket[_bucket(frames)] += n
+    ms = lambda c: round(c / rate / sites * 1000, 3)  # noqa: E731
+    return {
+        "samples": total,
+        "rate": rate,
+        "sites": sites,
+        "cpu_ms_per_site": ms(total),
+        "self": [(f, ms(c), round(c / total * 100, 1)) for f, c in self_c.most_common(25)],
+        "inclusive_worker": [
+            (f, ms(c), round(c / total * 100, 1)) for f, c in incl.most_common(400)
+            if "worker/" in f and "__main__" not in f
+        ][:25],
+        "buckets": [(b, ms(c), round(c / total * 100, 1)) for b, c in bucket.most_common()],
+    }
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (pkg/file.py)"
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    path = path.lstrip("/").removeprefix(".11/").removeprefix(".12/").removeprefix(".13/")
+    return f"{name} ({path})"
+
+
+_BUCKETS = [
+    ("json_repair", "json-repair"), ("pydantic", "pydantic (validation, dump, schema)"),
+    ("selectolax", "selectolax (assemble's HTML checks)"), ("loguru", "loguru (logging)"),
+    ("asyncpg", "asyncpg (PostgreSQL protocol)"), ("httpx", "httpx/httpcore (model calls)"),
+    ("httpcore", "httpx/httpcore (model calls)"), ("h11", "httpx/httpcore (model calls)"),
+    ("arq/", "arq (queue)"), ("redis/", "redis-py (queue)"), ("json/", "json (stdlib)"),
+    ("asyncio/", "asyncio event loop"), ("selectors", "asyncio event loop"),
+    ("worker/", "worker code (own frames)"),
+]
+
+
+def _bucket(frames: list[str]) -> str:
+    """Attribute a sample to the innermost frame that belongs to a known library or the worker."""
+    for f in reversed(frames):
+        for needle, name in _BUCKETS:
+            if needle in f:
+                return name
+    return "other (stdlib, os, ssl, threads)"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--scenarios", default="zero,profile,latency,enqueue,slowlog,scale,idle",
+                   help="which scenarios to run, comma-separated")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
+    p.add_argument("--zero-sites", type=int, default=600, help="sites in the latency-0 run")
+    p.add_argument("--zero-max-jobs", type=int, default=50, help="max_jobs in the latency-0 runs")
+    p.add_argument("--profile-sites", type=int, default=300, help="sites in the profiled latency-0 run")
+    p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--latency-ms", type=float, default=200, help="model latency of the latency scenarios")
+    p.add_argument("--max-jobs", type=ints, default=[50, 200, 500], help="max_jobs values of the latency scenario")
+    p.add_argument("--waves", type=float, default=2, help="latency scenario: sites = waves x max_jobs ...")
+    p.add_argument("--latency-min-sites", type=int, default=300, help="... but at least this many")
+    p.add_argument("--enqueue-rate", type=float, default=10, help="jobs/s of the paced enqueue-to-start run")
+    p.add_argument("--enqueue-sites", type=int, default=150, help="sites of the paced enqueue-to-start run")
+    p.add_argument("--slow-log-ms", type=float, default=5, help="delay added to each progress-row INSERT")
+    p.add_argument("--slowlog-max-jobs", type=int, default=50, help="max_jobs of the slow-progress-log run")
+    p.add_argument("--replicas", type=ints, default=[1, 2, 4], help="replica counts of the scale-out run")
+    p.add_argument("--scale-sites", type=int, default=600, help="sites of each scale-out run (latency 0)")
+    p.add_argument("--fakes", type=int, default=1, help="fake provider processes (tasks are spread over them)")
+    p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
+    p.add_argument("--pool-max", type=int, default=10, help="SITEGEN_DATABASE__POOL_MAX_SIZE (worker default 10)")
+    p.add_argument("--progress-pool-max", type=int, default=2, help="SITEGEN_DATABASE__PROGRESS_POOL_MAX_SIZE")
+    p.add_argument("--order-base", type=int, default=100_001, help="first order id")
+    p.add_argument("--scenario-timeout", type=float, default=180, help="seconds before a scenario is abandoned")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    wanted = set(args.scenarios.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    report: dict[str, Any] = {"runs": bench.results, "idle": [], "profile": {}}
+    began = time.time()
+    try:
+        lat = args.latency_ms / 1000
+        zj = args.zero_max_jobs
+        if "zero" in wanted or "scale" in wanted:
+            await bench.run(Scenario("zero", f"latency 0, max_jobs {zj}, 1 replica", 0, zj, args.zero_sites,
+                                     fakes=args.fakes))
+        if "profile" in wanted:
+            (args.out / "profile.raw").unlink(missing_ok=True)
+            r = await bench.run(Scenario("profile", f"latency 0, max_jobs {zj}, under py-spy", 0, zj,
+                                         args.profile_sites, profile=True, fakes=args.fakes))
+            report["profile"] = summarize_profile(args.out / "profile.raw", args.profile_rate, r["sites"])
+        if "latency" in wanted:
+            for mj in args.max_jobs:
+                await bench.run(Scenario(f"lat{mj}", f"latency {args.latency_ms:g} ms, max_jobs {mj}", lat, mj,
+                                         max(args.latency_min_sites, int(args.waves * mj)), fakes=args.fakes))
+        if "enqueue" in wanted:
+            await bench.run(Scenario("enqueue", f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
+                                     " max_jobs 50, poll 0.05 s", lat, 50, args.enqueue_sites, rate=args.enqueue_rate,
+                                     fakes=args.fakes))
+        if "slowlog" in wanted:
+            mj = args.slowlog_max_jobs
+            base = next((r for r in bench.results if r["name"] == f"lat{mj}"), None)
+            if base is None:
+                await bench.run(Scenario(f"lat{mj}", f"latency {args.latency_ms:g} ms, max_jobs {mj}", lat, mj,
+                                         max(args.latency_min_sites, int(args.waves * mj)), fakes=args.fakes))
+            await bench.run(Scenario("slowlog", f"latency {args.latency_ms:g} ms, max_jobs {mj}, progress INSERT "
+                                     f"+{args.slow_log_ms:g} ms", lat, mj,
+                                     max(args.latency_min_sites, int(args.waves * mj)),
+                                     slow_log_ms=args.slow_log_ms, fakes=args.fakes))
+        if "scale" in wanted:
+            for n in args.replicas:
+                if n == 1:
+                    continue  # the `zero` run
+                await bench.run(Scenario(f"scale{n}", f"latency 0, max_jobs {zj}, {n} replicas", 0, zj,
+                                         args.scale_sites, replicas=n, fakes=args.fakes))
+        if "idle" in wanted:
+            for pd in (0.05, 0.5):
+                report["idle"].append(await bench.idle_poll_cost(pd, args.idle_seconds))
+    finally:
+        bench.close()
+    report["rss_series"] = bench.rss_series
+    report["elapsed_s"] = round(time.time() - began, 1)
+    report["machine"] = {
+        "cpus": psutil.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "mem_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = asyncio.run(amain(args))
+    from bench.report import check_targets, write_report
+
+    checks = check_targets(report, args)
+    report["checks"] = checks
+    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    write_report(report, args)
+    log(f"done in {report['elapsed_s']} s; results in {args.out}/RESULTS.md")
+    missed = [c for c in checks if c["status"] == "missed"]
+    for c in checks:
+        log(f"{c['status']:>7}: {c['target']} -> {c['measured']}")
+    if args.check and missed:
+        log(f"{len(missed)} target(s) missed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
