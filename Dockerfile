@@ -1,24 +1,44 @@
-# sitegen-worker: one replica per container; scale with more containers.
+# syntax=docker/dockerfile:1
+# sitegen-worker: one replica per container; scale with more containers (see docker-compose.yml).
 #   docker build -t sitegen-worker .
-#   docker run -e DATABASE_URL=... -e REDIS_URL=... sitegen-worker
+#   docker run -e DATABASE_URL=postgresql://... -e REDIS_URL=redis://... sitegen-worker
+# Every setting comes from the environment: SITEGEN_<SECTION>__<KEY>, DATABASE_URL, REDIS_URL,
+# and the API key variables the providers name (docs/settings.md).
+
+# ---- build: install the project into a venv (every dependency has wheels; slim has no compiler)
 FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker ./worker
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install . \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
+# ---- runtime: the venv, the migrations and the settings file; no compiler, no pip in the venv, not root
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 sitegen
+RUN groupadd --gid 10001 sitegen \
+    && useradd --create-home --uid 10001 --gid 10001 sitegen \
+    && mkdir -p /app/generated_sites \
+    && chown 10001:10001 /app/generated_sites
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY migrations ./migrations
 COPY settings.toml ./settings.toml
-RUN mkdir -p /app/generated_sites && chown sitegen /app/generated_sites
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SITEGEN_SETTINGS=/app/settings.toml \
     SITEGEN_DATABASE__MIGRATIONS_DIR=/app/migrations \
     SITEGEN_OUTPUT__DIR=/app/generated_sites
-USER sitegen
+# Numeric, so a runtime's runAsNonRoot check can verify it without the image's /etc/passwd.
+USER 10001:10001
+# Exit 0 only while THIS container's replica refreshes its health key (the replica id defaults
+# to the host name, which is the container id: every replica has its own key).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["arq", "worker.main.WorkerSettings", "--check"]
+# SIGTERM: stop taking jobs, finish the current phase within worker.shutdown_grace_s, hand back the rest.
+STOPSIGNAL SIGTERM
 CMD ["arq", "worker.main.WorkerSettings"]

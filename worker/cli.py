@@ -1,8 +1,10 @@
-"""`sitegen`: the command line for people: migrate, enqueue, status, logs (live) and the demo."""
+"""`sitegen`: the command line for people: migrate, enqueue, status, logs (live), retry, cancel, preview,
+check and the demo."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -11,21 +13,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
+import httpx
+import redis.asyncio
+import redis.exceptions
 import typer
 from arq.constants import abort_jobs_ss
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from worker import client
-from worker.follow import follow_logs
+from worker.follow import follow_logs, follow_position
 from worker.logs import setup_logging
+from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
+from worker.screenshot import screenshot
 from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
-from worker.store import QUERIES, Store, create_pool
+from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
 
 app = typer.Typer(help="sitegen-worker: AI site generation on arq, with live progress.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -34,6 +44,15 @@ T = TypeVar("T")
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 PHASE_STYLE = {"plan": "cyan", "content": "magenta", "code": "blue", "assemble": "green"}
 FINAL_MESSAGES = ("generation succeeded", "generation failed", "job rejected", "already generated")
+#: Progress rows after which `logs --follow` asks whether the order's generation has ended.
+END_MESSAGES = ("generation succeeded", "generation failed", "generation cancelled", "job rejected")
+STATUS_STYLE = {
+    "queued": "blue",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "bold red",
+    "cancelled": "yellow",
+}
 
 SAMPLE_BRIEF: dict[str, Any] = {
     "business_name": "Rosa's Bakery",
@@ -70,7 +89,7 @@ def _settings() -> Settings:
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, redis.exceptions.RedisError) as exc:
         console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
 
@@ -134,7 +153,7 @@ def status(
     order_id: Annotated[int | None, typer.Argument(help="Order id; all recent generations if omitted")] = None,
     limit: int = 20,
 ) -> None:
-    """Show recent generations (of one order, or of all).
+    """Show recent generations (of one order, or of all): status, phase, attempt, duration, tokens, cost, error.
 
     Example: sitegen status 42
     """
@@ -152,32 +171,51 @@ def status(
             await conn.close()
 
     rows = _run(go())
-    table = Table("order", "generation", "status", "phase", "attempt", "duration", "tokens", "error")
+    table = Table("order", "generation", "status", "phase", "attempt", "duration", "tokens", "cost", "error")
     for r in rows:
         usage = json.loads(r["usage"]) if r["usage"] else {}
         error = json.loads(r["error"]) if r["error"] else None
+        cost = usage.get("cost_usd")
         table.add_row(
             str(r.get("order_id", order_id)),
             str(r["id"]),
-            r["status"],
+            f"[{STATUS_STYLE.get(r['status'], 'white')}]{r['status']}[/]",
             r["current_phase"] or "",
             str(r["attempt"]),
             f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "",
             str(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
-            f"{error['type']}: {error['message'][:80]}" if error else "",
+            f"${cost:.4f}" if isinstance(cost, int | float) else "",
+            _error_summary(error),
         )
     console.print(table if rows else f"no generations{'' if order_id is None else f' for order {order_id}'}")
 
 
+def _error_summary(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    text = f"{error.get('type', 'Error')}: {error.get('message', '')}"
+    if error.get("phase"):
+        text += f" (phase {error['phase']})"
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
 @app.command()
 def logs(
-    order_id: int, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new rows live")] = False
+    order_id: int,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new rows live")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="With --follow: keep following after the generation ends (Ctrl-C stops)")
+    ] = False,
 ) -> None:
-    """Print an order's progress log; --follow streams it live (LISTEN/NOTIFY).
+    """Print an order's progress log; --follow streams it live (LISTEN/NOTIFY) with a phase progress bar.
+
+    --follow stops by itself when the order's generation ends (succeeded, failed or cancelled);
+    if none is queued or running, it waits for the next one. It survives PostgreSQL restarts.
 
     Example: sitegen logs 42 --follow
     """
     settings = _settings()
+    dsn = settings.database.url
 
     async def go() -> None:
         stop = asyncio.Event()
@@ -185,12 +223,271 @@ def logs(
             stop.set()  # one pass over the stored rows
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        async for row in follow_logs(settings.database.url, order_id, stop=stop):
-            _print_row(row)
-        if not follow:
-            return
+        watch_end = follow and not keep
+        history_end = 0
+        if watch_end:
+            history_end, active = await follow_position(dsn, order_id)
+            if not active:
+                console.print(
+                    f"[dim]order {order_id} has no queued or running generation: following until the next one "
+                    "ends (Ctrl-C stops)[/]"
+                )
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            disable=not follow or not console.is_terminal,
+        )
+        bar = progress.add_task("phases", total=len(PHASES))
+        with progress:
+            async for row in follow_logs(dsn, order_id, stop=stop):
+                _print_row(row)
+                _advance(progress, bar, row["message"])
+                if (
+                    watch_end
+                    and not stop.is_set()
+                    and row["id"] > history_end
+                    and row["message"].startswith(END_MESSAGES)
+                    and await _generation_ended(dsn, order_id, stop)
+                ):
+                    stop.set()
 
     _run(go())
+
+
+def _advance(progress: Progress, bar: TaskID, message: str) -> None:
+    """Move the phase bar on "generation started", "phase X started" and "phase X done" rows."""
+    words = message.split()
+    if message.startswith("generation started"):
+        progress.update(bar, completed=0, description="generation started")
+    elif len(words) >= 3 and words[0] == "phase" and words[1] in PHASES:
+        index = PHASES.index(words[1])
+        if words[2] == "done":
+            progress.update(bar, completed=index + 1, description=f"phase {words[1]} done")
+        elif words[2] == "started":
+            progress.update(bar, completed=index, description=f"phase {words[1]}")
+
+
+async def _generation_ended(dsn: str, order_id: int, stop: asyncio.Event, wait_s: float = 60) -> bool:
+    """True when no generation of the order is queued or running (asked again while PostgreSQL is away)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _, active = await follow_position(dsn, order_id)
+            return not active
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if stop.is_set() or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(1)
+
+
+@app.command()
+def retry(order_id: int) -> None:
+    """Run a failed or cancelled generation again: a fresh generation with the order's stored brief.
+
+    A queued or running generation is left alone (the job is deduplicated); a succeeded one is not
+    redone (use `sitegen enqueue ORDER --regenerate` for a new site).
+
+    Example: sitegen retry 42 && sitegen logs 42 --follow
+    """
+    settings = _settings()
+    overview = _run(_order_overview(settings, order_id))
+    if overview is None or not overview["has_brief"]:
+        reason = "does not exist" if overview is None else "has no stored brief"
+        console.print(
+            f"[bold red]order {order_id} {reason}[/]: enqueue it with a brief: "
+            f"sitegen enqueue {order_id} --brief brief.json"
+        )
+        raise typer.Exit(1)
+    status_ = overview["status"]
+    if status_ == "succeeded":
+        console.print(
+            f"the latest generation of order {order_id} ({overview['generation_id']}) succeeded: nothing to retry. "
+            f"For a fresh site: sitegen enqueue {order_id} --regenerate"
+        )
+        raise typer.Exit(1)
+
+    async def go() -> str | None:
+        redis_ = await client.connect(settings.redis.url)
+        try:
+            job = await client.enqueue_generation(redis_, order_id, None, False, queue_name=settings.worker.queue_name)
+        finally:
+            await redis_.aclose()
+        return job.job_id if job else None
+
+    job_id = _run(go())
+    if job_id is None:
+        console.print(f"a job for order {order_id} is already queued or running; follow it: sitegen logs {order_id} -f")
+        raise typer.Exit(1)
+    if status_ in ACTIVE:
+        what = f"generation {overview['generation_id']} ({status_}) resumes after its last committed phase"
+    elif status_ is None:
+        what = "a first generation starts with the stored brief"
+    else:
+        error = overview["error"]
+        summary = _error_summary(json.loads(error) if isinstance(error, str) else error)
+        what = (
+            f"a fresh generation starts with the stored brief (generation {overview['generation_id']} ended "
+            f"{status_}{': ' + summary if summary else ''})"
+        )
+    console.print(f"enqueued job {job_id}: {what}\nfollow it: sitegen logs {order_id} --follow")
+
+
+async def _order_overview(settings: Settings, order_id: int) -> dict[str, Any] | None:
+    pool = await create_pool(settings.database, max_size=1, name="cli")
+    try:
+        return await Store(pool, replica_id="sitegen-cli", lease_s=settings.worker.lease_s).order_overview(order_id)
+    finally:
+        await pool.close()
+
+
+class _SiteHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        console.print(f"[dim]{self.address_string()} {format % args}[/]")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def preview(
+    order_id: int,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port)")] = 0,
+) -> None:
+    """Serve an order's generated site on 127.0.0.1 until Ctrl-C, and print its URL.
+
+    Example: sitegen preview 42 --port 8000   (then open http://127.0.0.1:8000/)
+    """
+    settings = _settings()
+    site = settings.output.dir / str(order_id)
+    if not (site / "index.html").is_file():
+        console.print(
+            f"[bold red]no site for order {order_id}[/] ({site.absolute()}/index.html does not exist): "
+            f"see `sitegen status {order_id}`; generate it with `sitegen enqueue {order_id}`"
+        )
+        raise typer.Exit(1)
+    handler = functools.partial(_SiteHandler, directory=str(site.absolute()))
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        console.print(f"[bold red]cannot listen on 127.0.0.1:{port}:[/] {exc}")
+        raise typer.Exit(1) from None
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    console.print(f"serving {site.absolute()} at [bold]{url}[/] (Ctrl-C stops)")
+    screenshot = settings.output.dir / f"{order_id}.png"
+    if screenshot.is_file():
+        console.print(f"screenshot: {screenshot.absolute()}")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    console.print("stopped")
+
+
+@app.command()
+def check(
+    timeout: Annotated[float, typer.Option(help="Seconds each check may take")] = 5.0,
+) -> None:
+    """Check every dependency: Redis, PostgreSQL, migrations and each routed AI provider; exit 1 if any fails.
+
+    A provider is reachable when its API root answers HTTP at all (no key is sent).
+
+    Example: sitegen check
+    """
+    settings = _settings()
+    results = asyncio.run(_checks(settings, timeout))
+    table = Table("check", "result", "detail")
+    for name, ok, detail in results:
+        table.add_row(name, "[green]ok[/]" if ok else "[bold red]FAIL[/]", _scrub(detail, settings))
+    console.print(table)
+    failed = [name for name, ok, _ in results if not ok]
+    if failed:
+        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
+    console.print("[green]all checks passed[/]")
+
+
+def _scrub(text: str, settings: Settings) -> str:
+    """Never echo a password from the URLs, whatever a driver put in its message."""
+    for url in (settings.database.url, settings.redis.url):
+        try:
+            password = httpx.URL(url).password
+        except Exception:
+            password = None
+        if password:
+            text = text.replace(password, "***")
+    return text
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, str]]:
+    results: list[tuple[str, bool, str]] = []
+    redis_url = redact_url(settings.redis.url)
+    try:
+        conn = redis.asyncio.Redis.from_url(
+            settings.redis.url, socket_connect_timeout=limit_s, socket_timeout=limit_s
+        )
+        try:
+            await asyncio.wait_for(conn.ping(), limit_s)
+        finally:
+            await conn.aclose()
+        results.append(("redis", True, f"PING answered by {redis_url}"))
+    except Exception as exc:
+        results.append(("redis", False, f"{redis_url}: {_failure(exc)}"))
+
+    db_url = redact_url(settings.database.url)
+    postgres_ok = False
+    try:
+        pg = await asyncpg.connect(settings.database.url, timeout=limit_s)
+        try:
+            await asyncio.wait_for(pg.fetchval("SELECT 1"), limit_s)
+        finally:
+            await pg.close()
+        postgres_ok = True
+        results.append(("postgresql", True, f"SELECT 1 on {db_url}"))
+    except Exception as exc:
+        results.append(("postgresql", False, f"{db_url}: {_failure(exc)}"))
+
+    if not postgres_ok:
+        results.append(("migrations", False, "not checked: PostgreSQL is unreachable"))
+    else:
+        try:
+            pending = await asyncio.wait_for(
+                pending_migrations(settings.database.url, settings.database.migrations_dir), limit_s
+            )
+            if pending:
+                results.append(("migrations", False, f"pending: {', '.join(pending)} (run `sitegen migrate`)"))
+            else:
+                results.append(("migrations", True, "up to date"))
+        except (MigrationError, OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            results.append(("migrations", False, _failure(exc)))
+
+    routed = list(dict.fromkeys(name for names in settings.ai.routing.values() for name in names))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(limit_s), follow_redirects=False) as http:
+        for name in routed:
+            provider = settings.ai.providers[name]
+            label = f"provider {name} ({provider.kind})"
+            if provider.kind == "offline":
+                results.append((label, True, "offline templates, no network"))
+                continue
+            url = redact_url(provider.api_root)
+            try:
+                # Any HTTP answer (even 401/404) proves the host is reachable; no key or header is sent.
+                response = await http.get(provider.api_root)
+                results.append((label, True, f"HTTP {response.status_code} from {url}"))
+            except Exception as exc:
+                results.append((label, False, f"{url}: {_failure(exc)}"))
+    return results
 
 
 @app.command()
@@ -320,6 +617,12 @@ def demo(
             f"pages: {', '.join(result['pages'])}   tokens: {result['usage']['input_tokens']} in, "
             f"{result['usage']['output_tokens']} out   model calls: {result['usage']['calls']}"
         )
+        shot = site.parent / f"{order_id}.png"
+        if screenshot(site / "index.html", shot):
+            console.print(f"[bold green]screenshot:[/] {shot}")
+        else:
+            console.print("[yellow]no screenshot: Chromium is not installed (make quality-tools installs it)[/]")
+        console.print(f"[dim]browse it: sitegen preview {order_id}[/]")
     finally:
         if worker_proc is not None and worker_proc.poll() is None:
             worker_proc.send_signal(signal.SIGTERM)

@@ -86,3 +86,14 @@ async def _wait(stop: asyncio.Event, wake: asyncio.Event, wait_s: float, lost: a
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def follow_position(dsn: str, order_id: int, *, timeout_s: float = 10) -> tuple[int, bool]:
+    """(id of the order's last progress row, whether a generation of the order is queued or running)."""
+    conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    try:
+        row = await conn.fetchrow(QUERIES["follow_position"], order_id)
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row["last_log_id"]), bool(row["active"])

@@ -141,3 +141,17 @@ FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT $2;
 SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, created_at, started_at, finished_at,
        EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at)::float8 AS duration_s
 FROM site_generations ORDER BY id DESC LIMIT $1;
+
+-- name: order_overview
+-- `sitegen retry`: whether the order has a stored brief, and its latest generation.
+SELECT o.id, o.brief IS NOT NULL AS has_brief, g.id AS generation_id, g.status, g.current_phase, g.error
+FROM site_orders o
+LEFT JOIN LATERAL (
+    SELECT id, status, current_phase, error FROM site_generations WHERE order_id = o.id ORDER BY id DESC LIMIT 1
+) g ON true
+WHERE o.id = $1;
+
+-- name: follow_position
+-- `sitegen logs --follow`: the order's last progress row and whether a generation is queued or running.
+SELECT coalesce((SELECT max(id) FROM site_generation_logs WHERE order_id = $1), 0)::bigint AS last_log_id,
+       EXISTS (SELECT 1 FROM site_generations WHERE order_id = $1 AND status IN ('queued', 'running')) AS active;

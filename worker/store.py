@@ -287,3 +287,9 @@ class Store:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, limit)
         return [dict(r) for r in rows]
+
+    async def order_overview(self, order_id: int) -> dict[str, Any] | None:
+        """The order's brief presence and latest generation (id, status, phase, error); None: no such order."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["order_overview"], order_id)
+        return dict(row) if row else None
