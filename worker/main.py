@@ -22,6 +22,7 @@ from worker.ai import build_router
 from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
+from worker.metrics import Metrics
 from worker.migrate import migrate
 from worker.pipeline.runner import RetryLater, Runtime, keep_job_alive, run_generation, validate_job_args
 from worker.progress import ProgressLog
@@ -36,7 +37,7 @@ async def generate_site(
     """The job: generate (or resume, or return) the site of an order. See DESIGN.md, "Public contract"."""
     rt: Runtime = ctx["runtime"]
     job_try = int(ctx.get("job_try", 1))
-    with logger.contextualize(order_id=order_id, job_try=job_try):
+    with logger.contextualize(order_id=order_id, job_try=job_try), rt.metrics.job() as job:
         try:
             checked_id = validate_job_args(order_id, brief, regenerate, unknown, args)
         except SitegenError as exc:
@@ -52,10 +53,12 @@ async def generate_site(
             raise
         await keep_job_alive(rt, ctx.get("job_id"))
         try:
-            return await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
+            result = await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
         except RetryLater as exc:
             # The one translation of our retry decision into arq's.
             raise Retry(defer=exc.defer_s) from exc.cause
+        job.outcome = str(result["status"])
+        return result
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -72,14 +75,21 @@ async def startup(ctx: dict[str, Any]) -> None:
     db = settings.database
     pool = await create_pool(db, max_size=db.pool_max_size, min_size=db.pool_min_size, name="generation")
     progress_pool = await create_pool(db, max_size=db.progress_pool_max_size, min_size=1, name="progress")
+    metrics = Metrics(replica)
     rt = Runtime(
         settings=settings,
         store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
         progress=ProgressLog(progress_pool, replica_id=replica),
         ai=build_router(settings.ai),
         redis=ctx["redis"],
+        metrics=metrics,
     )
     ctx["runtime"] = rt
+    rt.ai.observe(metrics)
+    metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress)
+    if settings.metrics.port:
+        await metrics.serve(settings.metrics.host, settings.metrics.port)
+        metrics.sample_queue(ctx["redis"], settings.worker.queue_name, settings.metrics.queue_sample_every_s)
     ctx["progress_flusher"] = asyncio.create_task(rt.progress.flush_periodically())
     _drain_on_signals(rt)
 
@@ -117,6 +127,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await rt.progress.flush()
     if rt.progress.pending:
         logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))
+    await rt.metrics.close()
     await rt.ai.aclose()
     await rt.store.pool.close()
     await rt.progress.pool.close()

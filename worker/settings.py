@@ -219,7 +219,20 @@ class AISection(_Section):
 
 class LogSection(_Section):
     level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
-    json_lines: bool = Field(default=False, description="Log JSON lines instead of text")
+    json_lines: bool = Field(
+        default=False,
+        description="Log JSON lines instead of text (also on when the environment variable SITEGEN_LOG_JSON=1)",
+    )
+
+
+class MetricsSection(_Section):
+    port: int = Field(
+        default=0, ge=0, le=65535, description="Serve Prometheus metrics at http://host:port/metrics (0: off)"
+    )
+    host: str = Field(default="127.0.0.1", description="Address the metrics server listens on (0.0.0.0: all)")
+    queue_sample_every_s: float = Field(
+        default=5, gt=0, description="How often the queue depth is read from Redis for the metrics"
+    )
 
 
 class Settings(BaseSettings):
@@ -234,6 +247,7 @@ class Settings(BaseSettings):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     ai: AISection = Field(default_factory=AISection)
     log: LogSection = Field(default_factory=LogSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
     @classmethod
     def settings_customise_sources(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -70,6 +72,12 @@ class AIReply:
 Notify = Callable[..., Awaitable[None]]
 
 
+class CallObserver(Protocol):
+    """Hears about every model call (the worker's metrics): `status` is "ok", an HTTP status or an error class."""
+
+    def model_call(self, *, provider: str, task: str, status: str, seconds: float, usage: Usage | None) -> None: ...
+
+
 class AIProvider(Protocol):
     name: str
     model: str
@@ -88,6 +96,14 @@ class AIRouter:
         self.providers = providers
         self.routing = {task: [names] if isinstance(names, str) else list(names) for task, names in routing.items()}
         self.calls: Counter[str] = Counter()
+        self.observer: CallObserver | None = None
+
+    def observe(self, observer: CallObserver) -> None:
+        """Report every call to `observer`; providers with an `observer` of their own report each HTTP attempt."""
+        self.observer = observer
+        for provider in self.providers.values():
+            if hasattr(provider, "observer"):
+                setattr(provider, "observer", observer)  # noqa: B010 - not part of the AIProvider protocol
 
     def chain(self, task: Task) -> list[AIProvider]:
         return [self.providers[name] for name in self.routing[task]]
@@ -98,7 +114,7 @@ class AIRouter:
         for position, provider in enumerate(chain):
             self.calls[request.task] += 1
             try:
-                return await provider.complete(request, notify=notify)
+                return await self._call(provider, request, notify)
             except FALLBACK_ON as exc:
                 if position == len(chain) - 1:
                     raise
@@ -112,6 +128,27 @@ class AIRouter:
                         fallback=following.name,
                     )
         raise AssertionError("unreachable: a routing chain is never empty")
+
+    async def _call(self, provider: AIProvider, request: AIRequest, notify: Notify | None) -> AIReply:
+        observer = self.observer
+        if observer is None or hasattr(provider, "observer"):
+            return await provider.complete(request, notify=notify)
+        started = time.monotonic()
+        status = "ok"
+        usage: Usage | None = None
+        try:
+            reply = await provider.complete(request, notify=notify)
+            usage = reply.usage
+            return reply
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = type(exc).__name__
+            raise
+        finally:
+            seconds = time.monotonic() - started
+            observer.model_call(provider=provider.name, task=request.task, status=status, seconds=seconds, usage=usage)
 
     async def aclose(self) -> None:
         for provider in self.providers.values():

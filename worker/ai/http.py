@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import httpx
 from loguru import logger
 
-from worker.ai.base import AIReply, AIRequest, Notify, Usage
+from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage
 from worker.errors import (
     AIAuthError,
     AIBadRequest,
@@ -85,10 +85,23 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
     return max(known) if known else None
 
 
+def call_status(exc: BaseException) -> str:
+    """A failed attempt's metrics label: its HTTP error status, else what failed (ReadTimeout, ConnectError...)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status >= 400:
+        return str(status)
+    cause = exc.__cause__
+    if isinstance(cause, httpx.TransportError | TimeoutError):
+        return type(cause).__name__
+    return type(exc).__name__
+
+
 class HTTPProvider:
     """Shared request, retry and error handling; subclasses write the request and read the answer."""
 
     kind: ClassVar[str]
+    #: Set by `AIRouter.observe`: hears about each HTTP attempt, retries included.
+    observer: CallObserver | None = None
 
     def __init__(self, name: str, config: ProviderSettings, api_key: str) -> None:
         self.name = name
@@ -198,10 +211,32 @@ class HTTPProvider:
         ) / 1_000_000
         return AIReply(text, Usage(tokens_in, tokens_out, 1, cost), self.name, self.model, finish)
 
+    async def _observed_attempt(self, request: AIRequest) -> AIReply:
+        observer = self.observer
+        if observer is None:
+            return await self._attempt(request)
+        started = time.monotonic()
+        status = "ok"
+        usage: Usage | None = None
+        try:
+            reply = await self._attempt(request)
+            usage = reply.usage
+            return reply
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as exc:
+            status = call_status(exc)
+            raise
+        finally:
+            observer.model_call(
+                provider=self.name, task=request.task, status=status, seconds=time.monotonic() - started, usage=usage
+            )
+
     async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
         for attempt in range(self.config.max_retries + 1):
             try:
-                return await self._attempt(request)
+                return await self._observed_attempt(request)
             except (AIRateLimited, AIUnavailable) as exc:
                 asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
                 wait = asked if asked is not None else min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0)

@@ -38,6 +38,7 @@ from worker.errors import (
     is_retryable,
     message_of,
 )
+from worker.metrics import Metrics
 from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
 from worker.output import order_dir, site_is_complete, write_site
 from worker.pipeline import M
@@ -78,6 +79,8 @@ class Runtime:
     redis: ArqRedis | None = None
     #: Set on SIGTERM/SIGINT: running generations stop at their next phase boundary.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Prometheus metrics of this replica (its own registry; served only when `metrics.port` is set).
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def backoff_s(settings: Settings, job_try: int) -> float:
@@ -186,7 +189,11 @@ class GenerationRun:
                 raise ShuttingDown(f"stopping before phase {phase}")
             started = time.monotonic()
             await self.log(f"phase {phase} started")
-            output, usage = await self._run_phase(phase, brief, started)
+            with (
+                self.rt.metrics.phase(phase),
+                logger.contextualize(generation_id=self.claim.generation_id, phase=phase),
+            ):
+                output, usage = await self._run_phase(phase, brief, started)
             self.outputs[phase] = output
             await self.log(
                 f"phase {phase} done", duration_ms=round((time.monotonic() - started) * 1000), **usage.as_dict()
@@ -322,7 +329,8 @@ async def run_generation(
     else:
         await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
 
-    heartbeat = asyncio.create_task(_heartbeat(rt, claim, job_id))
+    with logger.contextualize(generation_id=claim.generation_id):
+        heartbeat = asyncio.create_task(_heartbeat(rt, claim, job_id))
     try:
         return await run.run()
     except ShuttingDown:
@@ -340,7 +348,7 @@ async def run_generation(
         return run.result("superseded")
     except Exception as exc:
         error = describe(exc, phase=run.phase)
-        logger.opt(exception=exc).error(
+        logger.opt(exception=exc).bind(generation_id=claim.generation_id, phase=run.phase).error(
             "order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase
         )
         if is_retryable(exc) and not final_try:
