@@ -434,9 +434,7 @@ async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, s
     results: list[tuple[str, bool, str]] = []
     redis_url = redact_url(settings.redis.url)
     try:
-        conn = redis.asyncio.Redis.from_url(
-            settings.redis.url, socket_connect_timeout=limit_s, socket_timeout=limit_s
-        )
+        conn = redis.asyncio.Redis.from_url(settings.redis.url, socket_connect_timeout=limit_s, socket_timeout=limit_s)
         try:
             await asyncio.wait_for(conn.ping(), limit_s)
         finally:

@@ -36,6 +36,22 @@ async def generate_site(
 ) -> dict[str, Any]:
     """The job: generate (or resume, or return) the site of an order. See DESIGN.md, "Public contract"."""
     rt: Runtime = ctx["runtime"]
+    try:
+        return await _generate_site(rt, ctx, order_id, brief, regenerate, args, unknown)
+    finally:
+        # A job's progress rows are in PostgreSQL by the time its result is (or it failed to get them there).
+        await asyncio.shield(rt.progress.flush())
+
+
+async def _generate_site(
+    rt: Runtime,
+    ctx: dict[str, Any],
+    order_id: Any,
+    brief: Any,
+    regenerate: Any,
+    args: tuple[Any, ...],
+    unknown: dict[str, Any],
+) -> dict[str, Any]:
     job_try = int(ctx.get("job_try", 1))
     with logger.contextualize(order_id=order_id, job_try=job_try), rt.metrics.job() as job:
         try:
@@ -90,7 +106,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     if settings.metrics.port:
         await metrics.serve(settings.metrics.host, settings.metrics.port)
         metrics.sample_queue(ctx["redis"], settings.worker.queue_name, settings.metrics.queue_sample_every_s)
-    ctx["progress_flusher"] = asyncio.create_task(rt.progress.flush_periodically())
+    ctx["progress_writer"] = asyncio.create_task(rt.progress.run_writer())
     _drain_on_signals(rt)
 
 
@@ -121,9 +137,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt: Runtime | None = ctx.pop("runtime", None)
     if rt is None:
         return
-    flusher: asyncio.Task[None] | None = ctx.pop("progress_flusher", None)
-    if flusher is not None:
-        flusher.cancel()
+    writer: asyncio.Task[None] | None = ctx.pop("progress_writer", None)
+    if writer is not None:
+        writer.cancel()
     await rt.progress.flush()
     if rt.progress.pending:
         logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))

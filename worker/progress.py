@@ -1,9 +1,9 @@
 """The progress log a frontend shows: rows written through their own small autocommit pool.
 
 A write never joins a generation's transaction, so a failed phase cannot take its logs with it,
-and a failed write never fails the generation: it is reported through loguru, kept in a
-bounded buffer and written with the next write that succeeds. Rows dropped because the
-buffer was full are counted, never silent.
+and a failed write never fails the generation: it is reported through loguru and the rows stay
+in a bounded buffer until PostgreSQL takes them. Rows dropped because the buffer was full are
+counted, never silent.
 """
 
 from __future__ import annotations
@@ -35,14 +35,23 @@ class ProgressRow:
 
 
 class ProgressLog:
-    def __init__(self, pool: asyncpg.Pool, *, replica_id: str, buffer_size: int = 1000) -> None:
+    """Rows are buffered by `log` and sent in batches by one writer task, in the order they were logged.
+
+    `log` never waits for PostgreSQL, so a slow or restarting database delays the log, never the
+    generations; one batch is one statement (and one commit) however many generations are running.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, replica_id: str, buffer_size: int = 1000, batch_size: int = 500) -> None:
         self.pool = pool
         self.replica_id = replica_id
-        self.pending: deque[ProgressRow] = deque(maxlen=buffer_size)
+        self.buffer_size = buffer_size
+        self.batch_size = batch_size
+        self.pending: deque[ProgressRow] = deque()
         self.written = 0
         self.failed_writes = 0
         self.dropped = 0
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
 
     async def log(
         self,
@@ -54,51 +63,59 @@ class ProgressLog:
         level: Level = "info",
         **details: Any,
     ) -> None:
-        """Record one progress row and announce it; never raises."""
+        """Record one progress row; the writer stores and announces it. Never raises, never waits."""
         row = ProgressRow(order_id, generation_id, phase, level, message, details or None, datetime.now(UTC))
         logger.bind(order_id=order_id, generation_id=generation_id, phase=phase).log(
             level.upper(), "{}{}", message, f" {details}" if details else ""
         )
-        if len(self.pending) == self.pending.maxlen:
+        self.pending.append(row)
+        self._enforce_bound()
+        self._wake.set()
+
+    def _enforce_bound(self) -> None:
+        while len(self.pending) > self.buffer_size:
+            self.pending.popleft()
             self.dropped += 1
             logger.error("progress buffer full: dropped the oldest unwritten progress row ({} so far)", self.dropped)
-        self.pending.append(row)
-        await self.flush()
 
-    async def flush_periodically(self, every_s: float = 1.0) -> None:
-        """Write rows left buffered by a failed write even when no new row comes to carry them."""
+    async def run_writer(self, retry_s: float = 0.5, max_retry_s: float = 5.0) -> None:
+        """The writer task: sends rows as they come; backs off while PostgreSQL cannot take them."""
+        delay = retry_s
         while True:
-            await asyncio.sleep(every_s)
-            if self.pending:
-                await self.flush()
+            await self._wake.wait()
+            self._wake.clear()
+            if await self.flush():
+                delay = retry_s
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_retry_s)
+            self._wake.set()
 
     async def flush(self) -> bool:
-        """Write every buffered row in order; False if PostgreSQL could not take them now."""
+        """Write every buffered row now, in order; False if PostgreSQL could not take them."""
         async with self._lock:
             while self.pending:
-                row = self.pending[0]
+                batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
                 try:
                     async with self.pool.acquire() as conn:
                         await conn.execute(
-                            QUERIES["insert_log"],
-                            row.order_id,
-                            row.generation_id,
-                            row.phase,
-                            row.level,
-                            row.message,
-                            row.details,
+                            QUERIES["insert_logs"],
+                            [r.order_id for r in batch],
+                            [r.generation_id for r in batch],
+                            [r.phase for r in batch],
+                            [r.level for r in batch],
+                            [r.message for r in batch],
+                            [r.details for r in batch],
+                            [r.created_at for r in batch],
                             self.replica_id,
-                            row.created_at,
                         )
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                    self.pending.extendleft(reversed(batch))  # back in front, order kept
+                    self._enforce_bound()
                     self.failed_writes += 1
                     logger.opt(exception=exc).warning(
-                        "progress row for order {} not written yet ({} buffered): {}",
-                        row.order_id,
-                        len(self.pending),
-                        message_of(exc),
+                        "{} progress row(s) not written yet, kept to retry: {}", len(self.pending), message_of(exc)
                     )
                     return False
-                self.pending.popleft()
-                self.written += 1
+                self.written += len(batch)
         return True

@@ -116,11 +116,13 @@ WHERE id = $1 AND claim_token = $2 AND status = 'running';
 -- name: load_files
 SELECT path, content FROM site_files WHERE generation_id = $1 ORDER BY path;
 
--- name: insert_log
--- One statement: the row and its announcement commit together (NOTIFY is sent on commit).
+-- name: insert_logs
+-- A batch of rows in one statement; each is announced, and NOTIFY is sent when it commits.
 WITH row AS (
-    INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, replica_id, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, created_at, replica_id)
+    SELECT o, g, p, l, m, d, c, $8::text
+    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[])
+         AS batch (o, g, p, l, m, d, c)
     RETURNING id, order_id, generation_id, phase, level, message, created_at
 )
 SELECT pg_notify('site_generation_progress', json_build_object(

@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+async def insert_log(
+    conn: asyncpg.Connection, order_id: int, generation_id: int | None, phase: str | None, level: str, message: str
+) -> None:
+    """A progress row written (and announced) the way the worker's progress log writes it."""
+    await conn.execute(
+        QUERIES["insert_logs"], [order_id], [generation_id], [phase], [level], [message], [None],
+        [datetime.now(UTC)], "test",
+    )
+
+
 def _env(services: LocalServices, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_") and k != "PYTHONUNBUFFERED"}
     env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, COLUMNS="200", PYTHONPATH=str(ROOT))
@@ -292,9 +302,7 @@ async def test_logs_follow_survives_a_postgres_restart_and_stops_when_the_genera
         return await asyncpg.connect(services.database_url)
 
     async def log(conn: asyncpg.Connection, message: str, phase: str | None = None) -> None:
-        await conn.execute(
-            QUERIES["insert_log"], 95, generation_id, phase, "info", message, "{}", "test", datetime.now(UTC)
-        )
+        await insert_log(conn, 95, generation_id, phase, "info", message)
 
     conn = await connect()
     try:
@@ -368,17 +376,12 @@ async def test_logs_follow_keep_goes_on_after_the_generation_ends(
     )
     try:
         await db.execute("UPDATE site_generations SET status = 'failed' WHERE id = $1", generation_id)
-        await db.execute(
-            QUERIES["insert_log"], 94, generation_id, None, "error", "generation failed: Boom: no", "{}", "t",
-            datetime.now(UTC),
-        )
+        await insert_log(db, 94, generation_id, None, "error", "generation failed: Boom: no")
         assert follower.stdout is not None
         line = await asyncio.wait_for(follower.stdout.readline(), 20)
         assert b"generation failed" in line
         # --keep: a row written after the end still arrives; Ctrl-C stops.
-        await db.execute(
-            QUERIES["insert_log"], 94, None, None, "info", "a later row", "{}", "t", datetime.now(UTC)
-        )
+        await insert_log(db, 94, None, None, "info", "a later row")
         line = await asyncio.wait_for(follower.stdout.readline(), 20)
         assert b"a later row" in line
         follower.send_signal(signal.SIGINT)
