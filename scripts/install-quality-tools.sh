@@ -68,6 +68,19 @@ install_axe() {
         npm install --silent --no-audit --no-fund --prefix "$AXE_DIR" axe-core@4 >/dev/null
 }
 
+install_compose() {  # only to validate docker-compose.yml (`docker-compose config`); no engine is needed
+    if command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; then
+        echo "[quality-tools] docker compose already installed"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" -ne 0 ]; then
+        echo "docker-compose is missing (apt-get install -y docker-compose, as root)" >&2
+        return 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+}
+
 total_start=$(date +%s)
 if ! command -v java >/dev/null; then
     echo "WARNING: no java on PATH: the HTML validator (vnu.jar) tests will be skipped" >&2
@@ -75,6 +88,7 @@ fi
 step "chromium (apt)" install_chromium
 step "pip extra [quality]" install_pip_extra
 step "axe-core (npm)" install_axe
+step "docker-compose (apt)" install_compose
 echo "[quality-tools] total: $(( $(date +%s) - total_start )) s"
 [ "$failed" -eq 0 ] || echo "WARNING: some quality tools are missing; see the warnings above" >&2
 exit 0

@@ -8,6 +8,7 @@ created in `startup` on the worker's own event loop, kept in arq's `ctx`, and cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from typing import Any
@@ -39,8 +40,10 @@ async def generate_site(
     try:
         return await _generate_site(rt, ctx, order_id, brief, regenerate, args, unknown)
     finally:
-        # A job's progress rows are in PostgreSQL by the time its result is (or it failed to get them there).
-        await asyncio.shield(rt.progress.flush())
+        # A job's progress rows are in PostgreSQL by the time its result is, unless PostgreSQL is
+        # too slow to take them within a second: then the writer carries on and the job does not wait.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(rt.progress.flush()), timeout=1.0)
 
 
 async def _generate_site(
