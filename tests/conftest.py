@@ -16,7 +16,7 @@ from arq import ArqRedis
 from arq.worker import Worker
 from loguru import logger
 
-from tests.helpers import KEY, KEY_ENV, WorkerFactory
+from tests.helpers import KEY, KEY_ENV, WorkerFactory, close_worker
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
 from worker.migrate import migrate
@@ -98,7 +98,7 @@ async def start_worker(settings: Settings, db: asyncpg.Connection, redis: ArqRed
 
     yield start
     for worker, task in running:
-        await worker.close()
+        await close_worker(worker)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +34,19 @@ SAMPLE_BRIEF: dict[str, Any] = {
 
 def order_job(redis: ArqRedis, order_id: int) -> Job:
     return Job(client.job_id(order_id), redis, _queue_name=client.QUEUE_NAME, _deserializer=client.deserialize)
+
+
+async def close_worker(worker: Worker) -> None:
+    """Stop an in-process worker the way a shutdown does, then close it.
+
+    arq's `Worker.close()` gathers the job tasks it cancels and re-raises a CancelledError from
+    one cancelled before its job started (e.g. a cron job still reading Redis), skipping its
+    shutdown hook. Letting the cancelled tasks finish, and forgetting them, first avoids that.
+    """
+    worker.handle_sig(signal.SIGUSR1)
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    worker.tasks.clear()
+    await worker.close()
 
 
 async def failed_result(redis: ArqRedis, order_id: int, timeout: float = 60) -> JobResult:

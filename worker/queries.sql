@@ -15,9 +15,6 @@ WHERE site_orders.brief IS DISTINCT FROM EXCLUDED.brief;
 -- name: ensure_order
 INSERT INTO site_orders (id) VALUES ($1) ON CONFLICT (id) DO NOTHING;
 
--- name: order_exists
-SELECT EXISTS (SELECT 1 FROM site_orders WHERE id = $1);
-
 -- name: latest_generation
 SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, brief,
        claim_token, replica_id, lease_expires_at,

@@ -266,27 +266,10 @@ class Store:
             rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, limit)
         return [dict(r) for r in rows]
 
-    async def order_exists(self, order_id: int) -> bool:
-        async with self.pool.acquire() as conn:
-            return bool(await conn.fetchval(QUERIES["order_exists"], order_id))
-
     async def load_files(self, generation_id: int) -> list[OutputFile]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["load_files"], generation_id)
         return [OutputFile(r["path"], r["content"]) for r in rows]
-
-    async def generations(self, order_id: int | None, limit: int = 20) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
-            if order_id is None:
-                rows = await conn.fetch(QUERIES["recent_generations"], limit)
-            else:
-                rows = await conn.fetch(QUERIES["generations_for_order"], order_id, limit)
-        return [dict(r) for r in rows]
-
-    async def logs(self, order_id: int, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["logs_for_order"], order_id, after_id, limit)
-        return [dict(r) for r in rows]
 
     async def order_overview(self, order_id: int) -> dict[str, Any] | None:
         """The order's brief presence and latest generation (id, status, phase, error); None: no such order."""

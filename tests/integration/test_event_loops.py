@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.helpers import SAMPLE_BRIEF, wait_for_result
+from tests.helpers import SAMPLE_BRIEF, close_worker, wait_for_result
 from worker import client
 from worker.main import create_worker
 from worker.settings import Settings
@@ -26,7 +26,7 @@ async def _one_worker_on_this_loop(settings: Settings, order_id: int) -> dict[st
         return result
     finally:
         await redis.aclose()
-        await worker.close()
+        await close_worker(worker)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

@@ -17,7 +17,7 @@ import pytest
 from arq import ArqRedis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import KEY, KEY_ENV, SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
+from tests.helpers import KEY, KEY_ENV, SAMPLE_BRIEF, WorkerFactory, close_worker, remote, wait_for_result, with_ai
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
 from worker.services import free_port
@@ -117,7 +117,7 @@ async def test_a_generation_shows_in_the_metrics(
     assert total(m, "sitegen_queue_oldest_ready_seconds") == 0, "the deferred job is not due yet"
     assert total(m, "sitegen_queue_sampled_timestamp_seconds") > time.time() - 60
 
-    await worker.close()
+    await close_worker(worker)
     with pytest.raises(httpx.ConnectError):
         await scrape(port, wait_s=0)
 

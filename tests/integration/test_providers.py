@@ -16,6 +16,7 @@ from tests.helpers import (
     KEY_ENV,
     SAMPLE_BRIEF,
     WorkerFactory,
+    close_worker,
     failed_result,
     order_job,
     progress_messages,
@@ -303,7 +304,7 @@ async def test_rerun_after_a_crash_reuses_committed_phases(
     first = await start_worker(custom)
     await client.enqueue_generation(redis, 72, SAMPLE_BRIEF)
     await asyncio.to_thread(fake.wait_for_requests, 3)
-    await first.close()
+    await close_worker(first)
 
     await start_worker(custom)
     result = await wait_for_result(redis, 72)
