@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import httpx
+
 from worker.errors import FALLBACK_ON
 
 Task = Literal["planning", "content", "coding"]
@@ -89,6 +91,40 @@ class AIProvider(Protocol):
     async def aclose(self) -> None: ...
 
 
+def call_status(exc: BaseException) -> str:
+    """A failed call's metrics label: its HTTP error status, else what failed (ReadTimeout, ConnectError...)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status >= 400:
+        return str(status)
+    cause = exc.__cause__
+    if isinstance(cause, httpx.TransportError | TimeoutError):
+        return type(cause).__name__
+    return type(exc).__name__
+
+
+async def observe_call(observer: CallObserver | None, provider: str, task: str, call: Awaitable[AIReply]) -> AIReply:
+    """Await one model call, reporting its status, duration and usage to `observer` (if any)."""
+    if observer is None:
+        return await call
+    started = time.monotonic()
+    status = "ok"
+    usage: Usage | None = None
+    try:
+        reply = await call
+        usage = reply.usage
+        return reply
+    except asyncio.CancelledError:
+        status = "cancelled"
+        raise
+    except Exception as exc:
+        status = call_status(exc)
+        raise
+    finally:
+        observer.model_call(
+            provider=provider, task=task, status=status, seconds=time.monotonic() - started, usage=usage
+        )
+
+
 class AIRouter:
     """Which providers serve each task, in fallback order, and how many calls each task made."""
 
@@ -130,25 +166,9 @@ class AIRouter:
         raise AssertionError("unreachable: a routing chain is never empty")
 
     async def _call(self, provider: AIProvider, request: AIRequest, notify: Notify | None) -> AIReply:
-        observer = self.observer
-        if observer is None or hasattr(provider, "observer"):
+        if hasattr(provider, "observer"):  # it reports each of its HTTP attempts itself
             return await provider.complete(request, notify=notify)
-        started = time.monotonic()
-        status = "ok"
-        usage: Usage | None = None
-        try:
-            reply = await provider.complete(request, notify=notify)
-            usage = reply.usage
-            return reply
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        except Exception as exc:
-            status = type(exc).__name__
-            raise
-        finally:
-            seconds = time.monotonic() - started
-            observer.model_call(provider=provider.name, task=request.task, status=status, seconds=seconds, usage=usage)
+        return await observe_call(self.observer, provider.name, request.task, provider.complete(request, notify=notify))
 
     async def aclose(self) -> None:
         for provider in self.providers.values():

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import httpx
 from loguru import logger
 
-from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage
+from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
 from worker.errors import (
     AIAuthError,
     AIBadRequest,
@@ -83,17 +83,6 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
     ]
     known = [r for r in resets if r is not None]
     return max(known) if known else None
-
-
-def call_status(exc: BaseException) -> str:
-    """A failed attempt's metrics label: its HTTP error status, else what failed (ReadTimeout, ConnectError...)."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and status >= 400:
-        return str(status)
-    cause = exc.__cause__
-    if isinstance(cause, httpx.TransportError | TimeoutError):
-        return type(cause).__name__
-    return type(exc).__name__
 
 
 class HTTPProvider:
@@ -212,26 +201,7 @@ class HTTPProvider:
         return AIReply(text, Usage(tokens_in, tokens_out, 1, cost), self.name, self.model, finish)
 
     async def _observed_attempt(self, request: AIRequest) -> AIReply:
-        observer = self.observer
-        if observer is None:
-            return await self._attempt(request)
-        started = time.monotonic()
-        status = "ok"
-        usage: Usage | None = None
-        try:
-            reply = await self._attempt(request)
-            usage = reply.usage
-            return reply
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        except Exception as exc:
-            status = call_status(exc)
-            raise
-        finally:
-            observer.model_call(
-                provider=self.name, task=request.task, status=status, seconds=time.monotonic() - started, usage=usage
-            )
+        return await observe_call(self.observer, self.name, request.task, self._attempt(request))
 
     async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
         for attempt in range(self.config.max_retries + 1):
