@@ -19,22 +19,39 @@ def order_dir(root: Path, order_id: int) -> Path:
     return root.resolve() / str(order_id)
 
 
-def _work_dir(root: Path, order_id: int) -> Path:
-    """Where an order's site is built and its old copy dropped: beside the site, on the same filesystem."""
-    return root / f".{order_id}.work"
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+#: Read once at import, while nothing else runs: a umask that strips bits from 0o755 means
+#: folders need a chmod to stay world-readable (web servers read them as another user).
+_CHMOD_FOLDERS = (0o755 & ~_umask()) != 0o755
+
+
+def _write_file(path: Path, content: bytes) -> None:
+    # os-level: a site is several files per generation, and io's file objects cost more than the write.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
     """Write the files as the order's site, replacing the previous one in one step; returns its path."""
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    target = order_dir(root, order_id)
-    work = _work_dir(root, order_id)
-    # Only one generation of an order runs at a time, so anything already in its work dir was
-    # left by a crash. Looking only there keeps this independent of how many sites exist.
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o755)
-    staging = work / "build"
+    target = root / str(order_id)
+    # Only one generation of an order runs at a time, so a build or old copy of this order that
+    # is still here was left by a crash. Fixed names keep this independent of how many sites exist.
+    staging, old = root / f".{order_id}.build", root / f".{order_id}.old"
+    for leftover in (staging, old):
+        if os.path.lexists(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
     try:
         staging.mkdir(mode=0o755)
         folders = {staging}
@@ -46,20 +63,24 @@ def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
                 for folder in reversed(destination.relative_to(staging).parents[:-1]):
                     (staging / folder).mkdir(mode=0o755, exist_ok=True)
                     folders.add(staging / folder)
-            destination.write_bytes(file.content)
-        for folder in folders:
-            os.chmod(folder, 0o755)  # mkdir's mode is filtered by the umask; sites must be world-readable
-        old = work / "old"
-        if target.exists() or target.is_symlink():
+            _write_file(destination, file.content)
+        if _CHMOD_FOLDERS:
+            for folder in folders:
+                os.chmod(folder, 0o755)
+        replacing = os.path.lexists(target)
+        if replacing:
             os.rename(target, old)
         try:
             os.rename(staging, target)
         except OSError:
-            if old.exists() or old.is_symlink():
+            if replacing:
                 os.rename(old, target)  # put the previous site back rather than lose it
             raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if replacing:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 

@@ -97,13 +97,13 @@ def test_write_site_does_not_touch_other_orders(root: Path) -> None:
 
 def test_write_site_cleans_leftovers_of_a_crash(root: Path) -> None:
     root.mkdir()
-    for name in (".4.work/build", ".4.work/old"):
+    for name in (".4.build", ".4.old"):
         (root / name / "sub").mkdir(parents=True)
         (root / name / "sub" / "index.html").write_text("stale")
-    other = root / ".44.work" / "build"  # another order's build in progress: not ours to remove
+    other = root / ".44.build"  # another order's build in progress: not ours to remove
     other.mkdir(parents=True)
     write_site(root, 4, SITE)
-    assert sorted(p.name for p in root.iterdir()) == [".44.work", "4"]
+    assert sorted(p.name for p in root.iterdir()) == [".44.build", "4"]
     assert tree(root / "4") == {f.path: f.content for f in SITE}
 
 

@@ -378,14 +378,17 @@ def assemble_site(
     code: SiteCode,
     *,
     allowed_hosts: frozenset[str] = frozenset(),
+    checked: bool = False,
 ) -> tuple[Manifest, list[OutputFile]]:
     """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem.
 
     Embeds from hosts not in `allowed_hosts` are removed from the pages; the manifest's
     `warnings` list each removal, then one line per page with quality warnings, which the
-    manifest's `quality` holds in full.
+    manifest's `quality` holds in full. `checked`: the code passed `site_problems` in this
+    process already (the code phase's check), so it is not parsed again for that.
     """
-    _raise_problems(site_problems(plan, code))
+    if not checked:
+        _raise_problems(site_problems(plan, code))
     sanitized, warnings = sanitize_site(code, allowed_hosts)
     if warnings:  # removing elements cannot break a page the checks passed; checked anyway
         _raise_problems(site_problems(plan, sanitized), after_removal=True)

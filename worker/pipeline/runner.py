@@ -146,6 +146,8 @@ class GenerationRun:
         self.claim = claim
         self.job_try = job_try
         self.outputs: dict[str, Any] = dict(claim.checkpoints)
+        #: Phase outputs made (and validated and checked) by this run, so they are not validated again.
+        self.made: dict[str, BaseModel] = {}
         self.usage = {phase: Usage.from_dict(u) for phase, u in claim.usage.items()}
         self.phase: str | None = None
 
@@ -209,11 +211,10 @@ class GenerationRun:
         elif phase == "content":
             output, usage = await make_content(brief, self._plan(), self.ask)
         elif phase == "code":
-            output, usage = await make_code(
-                brief, self._plan(), SiteContent.model_validate(self.outputs["content"]), self.ask
-            )
+            output, usage = await make_code(brief, self._plan(), self._output("content", SiteContent), self.ask)
         else:
             return await self._assemble(started), Usage()
+        self.made[phase] = output
         self.usage[phase] = usage
         dumped = output.model_dump(mode="json")
         await self.rt.store.commit_phase(
@@ -244,8 +245,10 @@ class GenerationRun:
             self.order_id,
             self.claim.generation_id,
             self._plan(),
-            SiteCode.model_validate(self.outputs["code"]),
+            self._output("code", SiteCode),
             allowed_hosts=frozenset(self.rt.settings.output.allowed_embed_hosts),
+            # Code made in this run passed the same checks in the code phase; a checkpoint is checked again.
+            checked="code" in self.made,
         )
         for warning in manifest.warnings:  # embeds removed from the pages, logged before the files are written
             await self.log(warning, level="warning")
@@ -267,7 +270,12 @@ class GenerationRun:
         return dumped
 
     def _plan(self) -> SitePlan:
-        return SitePlan.model_validate(self.outputs["plan"])
+        return self._output("plan", SitePlan)
+
+    def _output(self, phase: str, model: type[M]) -> M:
+        """A phase's output as its model: the one this run made, else its checkpoint, validated."""
+        made = self.made.get(phase)
+        return made if isinstance(made, model) else model.model_validate(self.outputs[phase])
 
 
 async def keep_job_alive(rt: Runtime, job_id: str | None) -> None:
