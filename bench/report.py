@@ -46,7 +46,9 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
                f"replica at ~{1000 / r['worker_cpu_ms_per_site']:.0f} sites/s" if cpu_bound and not ok else "")
         add(f"latency {r['latency_ms']:g} ms, max_jobs {r['max_jobs']}: >= 90% of ideal {r['ideal']}", ok,
             f"{r['throughput']} sites/s = {r['of_ideal']:.0%}", why, status)
-    big = max((r for n, r in runs.items() if n.startswith("lat")), key=lambda r: r["max_jobs"], default=None)
+    big = runs.get("inflight") or max(
+        (r for n, r in runs.items() if n.startswith("lat")), key=lambda r: r["max_jobs"], default=None
+    )
     if big:
         add(f"peak RSS at {big['max_jobs']} max_jobs (peak {big['peak_running']} running) < {TARGET_RSS_MIB:g} MiB",
             big["peak_rss_mib"] < TARGET_RSS_MIB, f"{big['peak_rss_mib']} MiB")

@@ -618,7 +618,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--scenarios", default="zero,profile,latency,enqueue,slowlog,scale,idle",
+    p.add_argument("--scenarios", default="zero,profile,latency,inflight,enqueue,slowlog,scale,idle",
                    help="which scenarios to run, comma-separated")
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
@@ -630,6 +630,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-jobs", type=ints, default=[50, 200, 500], help="max_jobs values of the latency scenario")
     p.add_argument("--waves", type=float, default=2, help="latency scenario: sites = waves x max_jobs ...")
     p.add_argument("--latency-min-sites", type=int, default=300, help="... but at least this many")
+    p.add_argument("--inflight-jobs", type=int, default=500, help="generations in flight at once in the RSS run")
+    p.add_argument("--inflight-latency-s", type=float, default=8,
+                   help="model latency of the in-flight run: long enough that every generation is started at once")
     p.add_argument("--enqueue-rate", type=float, default=10, help="jobs/s of the paced enqueue-to-start run")
     p.add_argument("--enqueue-sites", type=int, default=150, help="sites of the paced enqueue-to-start run")
     p.add_argument("--slow-log-ms", type=float, default=5, help="delay added to each progress-row INSERT")
@@ -666,6 +669,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for mj in args.max_jobs:
                 await bench.run(Scenario(f"lat{mj}", f"latency {args.latency_ms:g} ms, max_jobs {mj}", lat, mj,
                                          max(args.latency_min_sites, int(args.waves * mj)), fakes=args.fakes))
+        if "inflight" in wanted:
+            n, slow = args.inflight_jobs, args.inflight_latency_s
+            await bench.run(Scenario("inflight", f"{n} in flight: latency {slow:g} s, max_jobs {n}", slow, n, n,
+                                     fakes=args.fakes))
         if "enqueue" in wanted:
             await bench.run(Scenario("enqueue", f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
                                      " max_jobs 50, poll 0.05 s", lat, 50, args.enqueue_sites, rate=args.enqueue_rate,

@@ -110,6 +110,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         await metrics.serve(settings.metrics.host, settings.metrics.port)
         metrics.sample_queue(ctx["redis"], settings.worker.queue_name, settings.metrics.queue_sample_every_s)
     ctx["progress_writer"] = asyncio.create_task(rt.progress.run_writer())
+    ctx["heartbeat"] = asyncio.create_task(rt.heartbeat.run(rt))
     _drain_on_signals(rt)
 
 
@@ -140,9 +141,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt: Runtime | None = ctx.pop("runtime", None)
     if rt is None:
         return
-    writer: asyncio.Task[None] | None = ctx.pop("progress_writer", None)
-    if writer is not None:
-        writer.cancel()
+    for name in ("progress_writer", "heartbeat"):
+        task: asyncio.Task[None] | None = ctx.pop(name, None)
+        if task is not None:
+            task.cancel()
     await rt.progress.flush()
     if rt.progress.pending:
         logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))

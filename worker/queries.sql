@@ -77,9 +77,11 @@ SET status = 'queued', error = $3, claim_token = NULL, lease_expires_at = NULL
 WHERE id = $1 AND claim_token = $2 AND status = 'running';
 
 -- name: heartbeat
+-- Every claim a replica holds, extended in one statement; the claims it returns are still ours.
 UPDATE site_generations
-SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = $1 AND claim_token = $2 AND status = 'running';
+SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $2)
+WHERE claim_token = ANY($1::uuid[]) AND status = 'running'
+RETURNING claim_token;
 
 -- name: stale_generations
 -- Active generations nobody has touched for a lease: their owner died, or their job left Redis.

@@ -238,11 +238,11 @@ class Store:
         async with self.pool.acquire() as conn:
             await conn.execute(QUERIES["cancel_generation"], claim.generation_id, claim.token, reason, phase)
 
-    async def heartbeat(self, claim: Claim) -> bool:
-        """Extend the claim; False once it has been taken over."""
+    async def heartbeat(self, tokens: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Extend these claims; returns those still held (the others were taken over or ended)."""
         async with self.pool.acquire() as conn:
-            status = await conn.execute(QUERIES["heartbeat"], claim.generation_id, claim.token, self.lease_s)
-        return bool(status == "UPDATE 1")
+            rows = await conn.fetch(QUERIES["heartbeat"], tokens, self.lease_s)
+        return {r["claim_token"] for r in rows}
 
     async def record_failed_start(self, order_id: int, error: dict[str, Any], *, job_id: str | None) -> int | None:
         """Store a failure that happened before a generation could start, on a generation of its own.

@@ -343,3 +343,28 @@ async def test_exhausted_retries_send_the_job_back_to_the_queue_and_it_resumes(
     messages = await progress_messages(db, 73)
     assert any(m.startswith("phase content failed, will retry in") and "HTTP 503" in m for m in messages)
     assert "generation resumed at phase content (attempt 2)" in messages
+
+
+async def test_heartbeat_keeps_a_long_model_call_claimed_and_its_job_marker_short(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    fake.script("hang")  # the plan call takes longer than several leases
+    custom = with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=30)})
+    custom = custom.model_copy(update={"worker": custom.worker.model_copy(update={"lease_s": 2})})
+    await start_worker(custom)
+    await client.enqueue_generation(redis, 74, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 1)
+    first = await db.fetchval("SELECT lease_expires_at FROM site_generations WHERE order_id = 74")
+
+    # Nothing announces a heartbeat: let one lease pass (about four beats) while the call hangs.
+    await asyncio.sleep(2)
+
+    later = await db.fetchval("SELECT lease_expires_at FROM site_generations WHERE order_id = 74")
+    assert later > first, "the heartbeat extended the claim"
+    assert await db.fetchval("SELECT lease_expires_at > now() FROM site_generations WHERE order_id = 74")
+    ttl_ms = await redis.pttl(f"arq:in-progress:{client.job_id(74)}")
+    assert 0 < ttl_ms <= 2000, "arq's in-progress marker lives one lease, not job_timeout + 10 s"

@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,6 +78,7 @@ class Runtime:
     progress: ProgressLog
     ai: AIRouter
     redis: ArqRedis | None = None
+    heartbeat: Heartbeat = field(default_factory=lambda: Heartbeat())
     #: Set on SIGTERM/SIGINT: running generations stop at their next phase boundary.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     #: Prometheus metrics of this replica (its own registry; served only when `metrics.port` is set).
@@ -288,17 +290,44 @@ async def keep_job_alive(rt: Runtime, job_id: str | None) -> None:
         await rt.redis.pexpire(in_progress_key_prefix + job_id, int(rt.settings.worker.lease_s * 1000))
 
 
-async def _heartbeat(rt: Runtime, claim: Claim, job_id: str | None) -> None:
-    interval = rt.settings.worker.lease_s / 4
-    while True:
-        await asyncio.sleep(interval)
+class Heartbeat:
+    """One heartbeat for every generation this replica runs: per beat, one UPDATE for all claims and one
+    Redis round trip for all in-progress markers, so its cost does not grow with each job."""
+
+    def __init__(self) -> None:
+        self.running: dict[uuid.UUID, tuple[Claim, str | None]] = {}
+
+    def track(self, claim: Claim, job_id: str | None) -> None:
+        assert claim.token is not None
+        self.running[claim.token] = (claim, job_id)
+
+    def forget(self, claim: Claim) -> None:
+        if claim.token is not None:
+            self.running.pop(claim.token, None)
+
+    async def run(self, rt: Runtime) -> None:
+        while True:
+            await asyncio.sleep(rt.settings.worker.lease_s / 4)
+            if self.running:
+                await self.beat(rt)
+
+    async def beat(self, rt: Runtime) -> None:
+        running = dict(self.running)
         try:
-            await keep_job_alive(rt, job_id)
-            if not await rt.store.heartbeat(claim):
-                logger.warning("generation {}: claim taken over by another replica", claim.generation_id)
-                return
-        except Exception as exc:  # the next commit is fenced by the claim anyway
-            logger.warning("generation {}: heartbeat failed: {}", claim.generation_id, message_of(exc))
+            if rt.redis is not None:
+                ttl_ms = int(rt.settings.worker.lease_s * 1000)
+                async with rt.redis.pipeline(transaction=False) as pipe:
+                    for _, job_id in running.values():
+                        if job_id:
+                            pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+                    await pipe.execute()
+            held = await rt.store.heartbeat(list(running))
+        except Exception as exc:  # each commit is fenced by its claim anyway
+            logger.warning("heartbeat of {} generation(s) failed: {}", len(running), message_of(exc))
+            return
+        for token in running.keys() - held:
+            if token in self.running:
+                logger.warning("generation {}: claim taken over by another replica", running[token][0].generation_id)
 
 
 async def run_generation(
@@ -337,8 +366,7 @@ async def run_generation(
     else:
         await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
 
-    with logger.contextualize(generation_id=claim.generation_id):
-        heartbeat = asyncio.create_task(_heartbeat(rt, claim, job_id))
+    rt.heartbeat.track(claim, job_id)
     try:
         return await run.run()
     except ShuttingDown:
@@ -374,7 +402,7 @@ async def run_generation(
         await run.log(f"generation failed: {error['type']}: {error['message']}", level="error", error=_short(error))
         raise
     finally:
-        heartbeat.cancel()
+        rt.heartbeat.forget(claim)
 
 
 def _short(error: dict[str, Any]) -> dict[str, Any]:
