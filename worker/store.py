@@ -56,6 +56,14 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
     return pool
 
 
+async def _checkpoints(
+    conn: asyncpg.Connection, generation_id: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A generation's committed phases: phase -> output, and phase -> usage."""
+    phases = await conn.fetch(QUERIES["load_checkpoints"], generation_id)
+    return {p["phase"]: p["output"] for p in phases}, {p["phase"]: p["usage"] for p in phases}
+
+
 @dataclass(frozen=True)
 class Claim:
     """The outcome of claiming an order: a generation to run, or the one that already succeeded."""
@@ -135,26 +143,26 @@ class Store:
                         QUERIES["resume_generation"], latest["id"], token, self.replica_id, job_id, self.lease_s
                     )
                     assert row is not None
-                    phases = await conn.fetch(QUERIES["load_checkpoints"], row["id"])
+                    checkpoints, usage = await _checkpoints(conn, row["id"])
                     return Claim(
                         kind="resumed",
                         generation_id=row["id"],
                         attempt=row["attempt"],
                         brief=row["brief"],
                         token=token,
-                        checkpoints={p["phase"]: p["output"] for p in phases},
-                        usage={p["phase"]: p["usage"] for p in phases},
+                        checkpoints=checkpoints,
+                        usage=usage,
                         warnings=tuple(warnings),
                     )
             elif latest is not None and latest["status"] == "succeeded" and not regenerate:
-                phases = await conn.fetch(QUERIES["load_checkpoints"], latest["id"])
+                checkpoints, usage = await _checkpoints(conn, latest["id"])
                 return Claim(
                     kind="done",
                     generation_id=latest["id"],
                     attempt=latest["attempt"],
                     brief=latest["brief"],
-                    checkpoints={p["phase"]: p["output"] for p in phases},
-                    usage={p["phase"]: p["usage"] for p in phases},
+                    checkpoints=checkpoints,
+                    usage=usage,
                     output_dir=latest["output_dir"],
                 )
 
