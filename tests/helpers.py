@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,6 +17,7 @@ from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from worker import client
+from worker.services import LocalServices
 from worker.settings import AISection, ProviderSettings, Settings
 
 WorkerFactory = Callable[..., Awaitable[Worker]]
@@ -34,6 +38,39 @@ SAMPLE_BRIEF: dict[str, Any] = {
 
 def order_job(redis: ArqRedis, order_id: int) -> Job:
     return Job(client.job_id(order_id), redis, _queue_name=client.QUEUE_NAME, _deserializer=client.deserialize)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_env(services: LocalServices, **extra: str) -> dict[str, str]:
+    """Environment for `sitegen` subprocesses: the test services, none of the caller's SITEGEN_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_") and k != "PYTHONUNBUFFERED"}
+    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, COLUMNS="200", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+async def run_sitegen(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run `python -m worker.cli ARGS` to completion: (exit code, stdout + stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        *args,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode()
 
 
 async def close_worker(worker: Worker) -> None:

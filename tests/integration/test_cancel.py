@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -12,7 +10,7 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, remote, with_ai
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, cli_env, order_job, remote, run_sitegen, with_ai
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
 from worker.services import LocalServices
@@ -20,24 +18,6 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _sitegen(services: LocalServices, *args: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_")}
-    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, COLUMNS="200")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker.cli",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
 
 
 async def test_cancel_ends_a_running_generation_cancelled_with_committed_phases_kept(
@@ -53,7 +33,7 @@ async def test_cancel_ends_a_running_generation_cancelled_with_committed_phases_
     await client.enqueue_generation(redis, 80, SAMPLE_BRIEF)
     await asyncio.to_thread(fake.wait_for_requests, 3)
 
-    code, out = await _sitegen(services, "cancel", "80")
+    code, out = await run_sitegen(cli_env(services), "cancel", "80")
     assert code == 0, out
     assert "cancel requested" in out
 
@@ -70,7 +50,7 @@ async def test_cancel_ends_a_running_generation_cancelled_with_committed_phases_
     assert "generation cancelled at phase code; committed phases kept: plan, content" in messages
     assert len(fake.requests) == 3, "a cancelled generation is not retried"
 
-    code, out = await _sitegen(services, "cancel", "80")
+    code, out = await run_sitegen(cli_env(services), "cancel", "80")
     assert code == 1 and "no queued or running generation" in out
 
 
@@ -79,6 +59,6 @@ async def test_cancel_of_a_queued_generation_is_immediate(
 ) -> None:
     await db.execute("INSERT INTO site_orders (id, brief) VALUES (81, '{}')")
     await db.execute("INSERT INTO site_generations (order_id, status, current_phase) VALUES (81, 'queued', 'content')")
-    code, out = await _sitegen(services, "cancel", "81")
+    code, out = await run_sitegen(cli_env(services), "cancel", "81")
     assert code == 0 and "cancelled" in out
     assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 81") == "cancelled"

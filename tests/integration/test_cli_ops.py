@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
@@ -21,7 +20,17 @@ import httpx
 import pytest
 from arq import ArqRedis
 
-from tests.helpers import KEY, KEY_ENV, SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
+from tests.helpers import (
+    KEY,
+    KEY_ENV,
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    cli_env,
+    remote,
+    run_sitegen,
+    wait_for_result,
+    with_ai,
+)
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
 from worker.services import LocalServices, free_port
@@ -37,32 +46,16 @@ async def insert_log(
 ) -> None:
     """A progress row written (and announced) the way the worker's progress log writes it."""
     await conn.execute(
-        QUERIES["insert_logs"], [order_id], [generation_id], [phase], [level], [message], [None],
-        [datetime.now(UTC)], "test",
+        QUERIES["insert_logs"],
+        [order_id],
+        [generation_id],
+        [phase],
+        [level],
+        [message],
+        [None],
+        [datetime.now(UTC)],
+        "test",
     )
-
-
-def _env(services: LocalServices, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEGEN_") and k != "PYTHONUNBUFFERED"}
-    env.update(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url, COLUMNS="200", PYTHONPATH=str(ROOT))
-    env.update(extra)
-    return env
-
-
-async def _sitegen(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str]:
-    """Run `python -m worker.cli ARGS` to completion: (exit code, stdout + stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode()
 
 
 async def _wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -97,7 +90,7 @@ async def fresh_database(services: LocalServices) -> AsyncIterator[str]:
 
 
 async def test_check_passes_with_everything_up(services: LocalServices, migrated: None) -> None:
-    code, out = await _sitegen(_env(services), "check")
+    code, out = await run_sitegen(cli_env(services), "check")
     assert code == 0, out
     for name in ("redis", "postgresql", "migrations", "provider offline"):
         assert "ok" in _row(out, name)
@@ -105,7 +98,7 @@ async def test_check_passes_with_everything_up(services: LocalServices, migrated
 
 
 async def test_check_fails_naming_an_unreachable_redis(services: LocalServices, migrated: None) -> None:
-    code, out = await _sitegen(_env(services, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"), "check")
+    code, out = await run_sitegen(cli_env(services, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"), "check")
     assert code == 1, out
     assert "FAIL" in _row(out, "redis") and "ok" in _row(out, "postgresql")
     assert "1 check(s) failed: redis" in out
@@ -113,7 +106,7 @@ async def test_check_fails_naming_an_unreachable_redis(services: LocalServices, 
 
 async def test_check_fails_naming_an_unreachable_postgresql(services: LocalServices) -> None:
     url = f"postgresql://sitegen:pw-not-shown@127.0.0.1:{free_port()}/sitegen"
-    code, out = await _sitegen(_env(services, DATABASE_URL=url), "check")
+    code, out = await run_sitegen(cli_env(services, DATABASE_URL=url), "check")
     assert code == 1, out
     assert "FAIL" in _row(out, "postgresql") and "FAIL" in _row(out, "migrations")
     assert "ok" in _row(out, "redis")
@@ -123,8 +116,8 @@ async def test_check_fails_naming_an_unreachable_postgresql(services: LocalServi
 async def test_check_fails_on_pending_migrations_until_the_compose_migrate_command_ran(
     services: LocalServices, fresh_database: str
 ) -> None:
-    env = _env(services, DATABASE_URL=fresh_database)
-    code, out = await _sitegen(env, "check")
+    env = cli_env(services, DATABASE_URL=fresh_database)
+    code, out = await run_sitegen(env, "check")
     assert code == 1, out
     row = _row(out, "migrations")
     assert "FAIL" in row and "pending: 0001_initial" in row and "sitegen migrate" in row
@@ -133,19 +126,23 @@ async def test_check_fails_on_pending_migrations_until_the_compose_migrate_comma
     command = _compose_command("migrate")
     assert command == ["sitegen", "migrate"]
     process = await asyncio.create_subprocess_exec(
-        str(BIN / command[0]), *command[1:], cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        str(BIN / command[0]),
+        *command[1:],
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out_migrate, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, out_migrate.decode()
 
-    code, out = await _sitegen(env, "check")
+    code, out = await run_sitegen(env, "check")
     assert code == 0, out
     assert "ok" in _row(out, "migrations")
 
 
 async def test_check_fails_naming_an_unreachable_routed_provider(services: LocalServices, migrated: None) -> None:
-    env = _env(
+    env = cli_env(
         services,
         SITEGEN_AI__PROVIDERS__GPT__KIND="openai",
         SITEGEN_AI__PROVIDERS__GPT__MODEL="gpt-test",
@@ -154,7 +151,7 @@ async def test_check_fails_naming_an_unreachable_routed_provider(services: Local
         SITEGEN_AI__ROUTING__CONTENT="gpt",
         **{KEY_ENV: KEY},
     )
-    code, out = await _sitegen(env, "check", "--timeout", "3")
+    code, out = await run_sitegen(env, "check", "--timeout", "3")
     assert code == 1, out
     assert "FAIL" in _row(out, "provider gpt (openai)")
     assert "ok" in _row(out, "provider offline")
@@ -165,7 +162,7 @@ async def test_check_fails_naming_an_unreachable_routed_provider(services: Local
 async def test_check_counts_any_http_answer_as_reachable(
     services: LocalServices, migrated: None, fake: FakeProviderServer
 ) -> None:
-    env = _env(
+    env = cli_env(
         services,
         SITEGEN_AI__PROVIDERS__GPT__KIND="openai",
         SITEGEN_AI__PROVIDERS__GPT__MODEL="gpt-test",
@@ -174,7 +171,7 @@ async def test_check_counts_any_http_answer_as_reachable(
         SITEGEN_AI__ROUTING__PLANNING="gpt,offline",
         **{KEY_ENV: KEY},
     )
-    code, out = await _sitegen(env, "check")
+    code, out = await run_sitegen(env, "check")
     assert code == 0, out
     assert re.search(r"HTTP \d{3} from", _row(out, "provider gpt (openai)"))
     assert all(KEY not in r.headers.get("authorization", "") for r in fake.requests), "no key is sent"
@@ -200,12 +197,12 @@ async def test_retry_runs_a_failed_order_again_and_then_refuses_a_succeeded_one(
         return await db.fetchval("SELECT status FROM site_generations WHERE order_id = 90") == "failed"
 
     await _wait_until(failed, 30, "the first generation fails")
-    env = _env(services)
-    code, out = await _sitegen(env, "status", "90")
+    env = cli_env(services)
+    code, out = await run_sitegen(env, "status", "90")
     assert code == 0, out
     assert "failed" in out and "AIAuthError" in out
 
-    code, out = await _sitegen(env, "retry", "90")  # the fake answers normally from now on
+    code, out = await run_sitegen(env, "retry", "90")  # the fake answers normally from now on
     assert code == 0, out
     assert "enqueued job generate_site:90" in out and "ended failed" in out
     result = await wait_for_result(redis, 90)
@@ -215,17 +212,15 @@ async def test_retry_runs_a_failed_order_again_and_then_refuses_a_succeeded_one(
     assert result["generation_id"] == rows[1]["id"]
     assert (Path(result["output_dir"]) / "index.html").is_file()
 
-    code, out = await _sitegen(env, "retry", "90")
+    code, out = await run_sitegen(env, "retry", "90")
     assert code == 1, out
     assert "succeeded: nothing to retry" in out and "sitegen enqueue 90 --regenerate" in out
 
-    code, out = await _sitegen(env, "retry", "91")
+    code, out = await run_sitegen(env, "retry", "91")
     assert code == 1 and "order 91 does not exist" in out
 
 
-async def test_status_shows_cost_tokens_and_the_error_summary(
-    db: asyncpg.Connection, services: LocalServices
-) -> None:
+async def test_status_shows_cost_tokens_and_the_error_summary(db: asyncpg.Connection, services: LocalServices) -> None:
     await db.execute("INSERT INTO site_orders (id, brief) VALUES (96, '{}')")
     usage = {"input_tokens": 1200, "output_tokens": 300, "calls": 3, "cost_usd": 0.0123}
     await db.execute(
@@ -239,7 +234,7 @@ async def test_status_shows_cost_tokens_and_the_error_summary(
         " VALUES (96, 'failed', 'plan', 1, $1, now(), now())",
         json.dumps(error),
     )
-    code, out = await _sitegen(_env(services), "status", "96")
+    code, out = await run_sitegen(cli_env(services), "status", "96")
     assert code == 0, out
     header = next(line for line in out.splitlines() if "status" in line and "cost" in line)
     assert "tokens" in header and "error" in header
@@ -255,15 +250,24 @@ async def test_preview_serves_the_site_and_stops_on_sigterm(services: LocalServi
     site.mkdir(parents=True)
     (site / "index.html").write_text("<!doctype html><h1>Rosa's Bakery</h1>")
     (site / "menu.html").write_text("<h1>Menu</h1>")
-    env = _env(services, SITEGEN_OUTPUT__DIR=str(tmp_path / "sites"))
+    env = cli_env(services, SITEGEN_OUTPUT__DIR=str(tmp_path / "sites"))
 
-    code, out = await _sitegen(env, "preview", "98")
+    code, out = await run_sitegen(env, "preview", "98")
     assert code == 1 and "no site for order 98" in out
 
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", "preview", "97", "--port", str(port), cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "preview",
+        "97",
+        "--port",
+        str(port),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -318,8 +322,16 @@ async def test_logs_follow_survives_a_postgres_restart_and_stops_when_the_genera
         await conn.close()
 
     follower = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", "logs", "95", "--follow", cwd=ROOT, env=_env(services),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "logs",
+        "95",
+        "--follow",
+        cwd=ROOT,
+        env=cli_env(services),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     seen: list[str] = []
 
@@ -345,8 +357,9 @@ async def test_logs_follow_survives_a_postgres_restart_and_stops_when_the_genera
             await log(conn, "phase content done", "content")
             await read_until("phase content done", 30)  # written after the restart
             assert follower.returncode is None, "the generation is still running: keep following"
-            await conn.execute("UPDATE site_generations SET status = 'succeeded', finished_at = now() WHERE id = $1",
-                               generation_id)
+            await conn.execute(
+                "UPDATE site_generations SET status = 'succeeded', finished_at = now() WHERE id = $1", generation_id
+            )
             await log(conn, "generation succeeded")
         finally:
             await conn.close()
@@ -371,8 +384,17 @@ async def test_logs_follow_keep_goes_on_after_the_generation_ends(
         "INSERT INTO site_generations (order_id, status, current_phase) VALUES (94, 'running', 'plan') RETURNING id"
     )
     follower = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", "logs", "94", "--follow", "--keep", cwd=ROOT, env=_env(services),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "logs",
+        "94",
+        "--follow",
+        "--keep",
+        cwd=ROOT,
+        env=cli_env(services),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await db.execute("UPDATE site_generations SET status = 'failed' WHERE id = $1", generation_id)
@@ -424,7 +446,7 @@ async def test_the_images_worker_command_passes_its_healthcheck_while_running(
     healthcheck = _dockerfile_instruction("HEALTHCHECK")
     assert healthcheck == ["arq", "worker.main.WorkerSettings", "--check"]
     # As in the compose file: no replica id set, so the host name names the health key.
-    env = _env(
+    env = cli_env(
         services,
         SITEGEN_WORKER__RUN_MIGRATIONS="false",
         SITEGEN_WORKER__HEALTH_CHECK_INTERVAL_S="1",
@@ -433,16 +455,25 @@ async def test_the_images_worker_command_passes_its_healthcheck_while_running(
 
     async def check() -> int:
         probe = await asyncio.create_subprocess_exec(
-            str(BIN / healthcheck[0]), *healthcheck[1:], cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            str(BIN / healthcheck[0]),
+            *healthcheck[1:],
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         return await asyncio.wait_for(probe.wait(), 30)
 
     worker = await asyncio.create_subprocess_exec(
-        str(BIN / worker_command[0]), *worker_command[1:], cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        str(BIN / worker_command[0]),
+        *worker_command[1:],
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
+
         async def healthy() -> bool:
             assert worker.returncode is None, "the worker exited early"
             return await check() == 0
