@@ -33,7 +33,7 @@ SET status = 'running', attempt = attempt + 1, claim_token = $2, replica_id = $3
     heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5),
     started_at = coalesce(started_at, now()), error = NULL
 WHERE id = $1
-RETURNING id, current_phase, attempt, brief;
+RETURNING id, current_phase, attempt, brief, cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: start_generation
 INSERT INTO site_generations (order_id, status, current_phase, attempt, brief, claim_token, replica_id, job_id,
@@ -50,20 +50,40 @@ RETURNING id;
 -- name: load_checkpoints
 SELECT phase, output, usage FROM site_generation_phases WHERE generation_id = $1;
 
--- name: advance_generation
--- Fenced by the claim: a replica whose claim was taken over changes nothing.
-UPDATE site_generations
-SET current_phase = $3, usage = $4, heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5)
-WHERE id = $1 AND claim_token = $2 AND status = 'running';
-
--- name: insert_phase
-INSERT INTO site_generation_phases (generation_id, phase, output, usage, duration_ms) VALUES ($1, $2, $3, $4, $5);
+-- name: commit_phase
+-- One statement, so one round trip and atomic without a transaction block: advance the generation
+-- (fenced by the claim: a replica whose claim was taken over changes nothing and gets no row) and
+-- store the phase's checkpoint. Returns whether a cancel was requested, read in the same step.
+WITH advanced AS (
+    UPDATE site_generations
+    SET current_phase = $3, usage = $4, heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5)
+    WHERE id = $1 AND claim_token = $2 AND status = 'running'
+    RETURNING id, cancel_requested_at IS NOT NULL AS cancel_requested
+), phase AS (
+    INSERT INTO site_generation_phases (generation_id, phase, output, usage, duration_ms)
+    SELECT id, $6, $7, $8, $9 FROM advanced
+)
+SELECT cancel_requested FROM advanced;
 
 -- name: finish_generation
-UPDATE site_generations
-SET status = 'succeeded', current_phase = NULL, usage = $3, output_dir = $4, finished_at = now(),
-    claim_token = NULL, lease_expires_at = NULL, heartbeat_at = now()
-WHERE id = $1 AND claim_token = $2 AND status = 'running';
+-- The last phase in one statement: the generation's success (fenced by the claim), the manifest
+-- and every file, all or nothing. No row back means the claim was lost and nothing was written.
+WITH finished AS (
+    UPDATE site_generations
+    SET status = 'succeeded', current_phase = NULL, usage = $3, output_dir = $4, finished_at = now(),
+        claim_token = NULL, lease_expires_at = NULL, heartbeat_at = now()
+    WHERE id = $1 AND claim_token = $2 AND status = 'running'
+    RETURNING id
+), phase AS (
+    INSERT INTO site_generation_phases (generation_id, phase, output, usage, duration_ms)
+    SELECT id, 'assemble', $5, $6, $7 FROM finished
+), files AS (
+    INSERT INTO site_files (generation_id, path, content, sha256, bytes, media_type)
+    SELECT finished.id, f.path, f.content, f.sha256, f.bytes, f.media_type
+    FROM finished, unnest($8::text[], $9::bytea[], $10::text[], $11::int[], $12::text[])
+         AS f (path, content, sha256, bytes, media_type)
+)
+SELECT id FROM finished;
 
 -- name: fail_generation
 UPDATE site_generations
@@ -104,6 +124,7 @@ WHERE order_id = $1 AND status IN ('queued', 'running')
 RETURNING id, status;
 
 -- name: cancel_requested
+-- Only where no commit just said so: a generation interrupted in the middle of a phase.
 SELECT cancel_requested_at IS NOT NULL FROM site_generations WHERE id = $1;
 
 -- name: cancel_generation

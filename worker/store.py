@@ -42,6 +42,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(pg_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to its pool.
+
+    asyncpg's default runs `RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()`, one more
+    round trip per use. The worker changes none of that session state: no SET, LISTEN, cursor or
+    session-level advisory lock (only `pg_advisory_xact_lock`, released at commit). asyncpg still
+    rolls back a transaction left open before it calls this.
+    """
+
+
 async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, name: str) -> asyncpg.Pool:
     """A pool whose connections speak JSON for json/jsonb and name themselves in pg_stat_activity."""
     pool = await asyncpg.create_pool(
@@ -50,6 +60,7 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
         max_size=max_size,
         command_timeout=db.command_timeout_s,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"application_name": f"sitegen-worker:{name}"},
     )
     assert pool is not None
@@ -78,6 +89,8 @@ class Claim:
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_dir: str | None = None
     warnings: tuple[str, ...] = ()
+    #: `sitegen cancel` asked a resumed generation to stop while no replica held it.
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,7 @@ class Store:
                         checkpoints=checkpoints,
                         usage=usage,
                         warnings=tuple(warnings),
+                        cancel_requested=row["cancel_requested"],
                     )
             elif latest is not None and latest["status"] == "succeeded" and not regenerate:
                 checkpoints, usage = await _checkpoints(conn, latest["id"])
@@ -181,12 +195,28 @@ class Store:
         usage: dict[str, Any],
         total_usage: dict[str, Any],
         duration_ms: int,
-    ) -> None:
-        """Store a phase's checkpoint and advance the generation to the next phase, in one transaction."""
+    ) -> bool:
+        """Store a phase's checkpoint and advance the generation to the next phase, in one statement.
+
+        Returns whether `sitegen cancel` asked the generation to stop, read in the same step.
+        """
         next_phase = PHASES[PHASES.index(phase) + 1]
-        async with self.pool.acquire() as conn, conn.transaction():
-            await self._advance(conn, claim, next_phase, total_usage)
-            await conn.execute(QUERIES["insert_phase"], claim.generation_id, phase, output, usage, duration_ms)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                QUERIES["commit_phase"],
+                claim.generation_id,
+                claim.token,
+                next_phase,
+                total_usage,
+                self.lease_s,
+                phase,
+                output,
+                usage,
+                duration_ms,
+            )
+        if not rows:
+            raise ClaimLost(f"generation {claim.generation_id} was taken over by another replica")
+        return bool(rows[0]["cancel_requested"])
 
     async def finish_generation(
         self,
@@ -199,30 +229,25 @@ class Store:
         duration_ms: int,
         output_dir: str,
     ) -> None:
-        """Commit the last phase: the manifest, every file and the generation's success together."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                QUERIES["finish_generation"], claim.generation_id, claim.token, total_usage, output_dir
+        """Commit the last phase: the manifest, every file and the generation's success, in one statement."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                QUERIES["finish_generation"],
+                claim.generation_id,
+                claim.token,
+                total_usage,
+                output_dir,
+                manifest,
+                usage,
+                duration_ms,
+                [f.path for f in files],
+                [f.content for f in files],
+                [f.sha256 for f in files],
+                [len(f.content) for f in files],
+                [f.media_type for f in files],
             )
-            if status != "UPDATE 1":
-                raise ClaimLost(f"generation {claim.generation_id} was taken over before it could be finished")
-            await conn.execute(QUERIES["insert_phase"], claim.generation_id, "assemble", manifest, usage, duration_ms)
-            await conn.copy_records_to_table(
-                "site_files",
-                records=[
-                    (claim.generation_id, f.path, f.content, f.sha256, len(f.content), f.media_type) for f in files
-                ],
-                columns=["generation_id", "path", "content", "sha256", "bytes", "media_type"],
-            )
-
-    async def _advance(
-        self, conn: asyncpg.Connection, claim: Claim, next_phase: str, total_usage: dict[str, Any]
-    ) -> None:
-        status = await conn.execute(
-            QUERIES["advance_generation"], claim.generation_id, claim.token, next_phase, total_usage, self.lease_s
-        )
-        if status != "UPDATE 1":
-            raise ClaimLost(f"generation {claim.generation_id} was taken over by another replica")
+        if not rows:
+            raise ClaimLost(f"generation {claim.generation_id} was taken over before it could be finished")
 
     async def fail_generation(self, claim: Claim, error: dict[str, Any]) -> None:
         async with self.pool.acquire() as conn:

@@ -152,6 +152,9 @@ class GenerationRun:
         self.made: dict[str, BaseModel] = {}
         self.usage = {phase: Usage.from_dict(u) for phase, u in claim.usage.items()}
         self.phase: str | None = None
+        #: Whether `sitegen cancel` asked this generation to stop: read by the claim and by every
+        #: phase commit, in the same statement, so checking it before a phase costs no query.
+        self.cancel_requested = claim.cancel_requested
 
     async def log(self, message: str, **kwargs: Any) -> None:
         kwargs.setdefault("phase", self.phase)
@@ -187,7 +190,7 @@ class GenerationRun:
             if phase in self.outputs:
                 continue
             self.phase = phase
-            if await self.rt.store.cancel_requested(self.claim):
+            if self.cancel_requested:
                 raise CancelRequested(f"cancelled before phase {phase}")
             if self.rt.draining.is_set():
                 raise ShuttingDown(f"stopping before phase {phase}")
@@ -219,7 +222,7 @@ class GenerationRun:
         self.made[phase] = output
         self.usage[phase] = usage
         dumped = output.model_dump(mode="json")
-        await self.rt.store.commit_phase(
+        self.cancel_requested = await self.rt.store.commit_phase(
             self.claim,
             phase,
             dumped,
