@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
-import httpx
+import httpx2
 import redis.asyncio
 import redis.exceptions
 import typer
@@ -416,7 +416,7 @@ def _scrub(text: str, settings: Settings) -> str:
     """Never echo a password from the URLs, whatever a driver put in its message."""
     for url in (settings.database.url, settings.redis.url):
         try:
-            password = httpx.URL(url).password
+            password = httpx2.URL(url).password
         except Exception:
             password = None
         if password:
@@ -471,7 +471,7 @@ async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, s
             results.append(("migrations", False, _failure(exc)))
 
     routed = list(dict.fromkeys(name for names in settings.ai.routing.values() for name in names))
-    async with httpx.AsyncClient(timeout=httpx.Timeout(limit_s), follow_redirects=False) as http:
+    async with httpx2.AsyncClient(timeout=httpx2.Timeout(limit_s), follow_redirects=False) as http:
         for name in routed:
             provider = settings.ai.providers[name]
             label = f"provider {name} ({provider.kind})"

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
+import httpx2
 import pytest
 from arq import ArqRedis
 
@@ -271,13 +271,13 @@ async def test_preview_serves_the_site_and_stops_on_sigterm(services: LocalServi
     )
     url = f"http://127.0.0.1:{port}/"
     try:
-        async with httpx.AsyncClient(timeout=2) as http:
+        async with httpx2.AsyncClient(timeout=2) as http:
 
             async def serving() -> bool:
                 assert server.returncode is None, "sitegen preview exited early"
                 try:
                     return (await http.get(url)).status_code == 200
-                except httpx.TransportError:
+                except httpx2.TransportError:
                     return False
 
             await _wait_until(serving, 30, "sitegen preview serves the site")

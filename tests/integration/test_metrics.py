@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
+import httpx2
 import pytest
 from arq import ArqRedis
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,12 +33,12 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 async def scrape(port: int, *, wait_s: float = 15) -> Samples:
     """Every sample the replica exposes, by sample name (`*_total`, `*_count`...); waits `wait_s` for it to be up."""
     deadline = time.monotonic() + wait_s
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         while True:
             try:
                 response = await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
                 break
-            except httpx.ConnectError:
+            except httpx2.ConnectError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
@@ -118,7 +118,7 @@ async def test_a_generation_shows_in_the_metrics(
     assert total(m, "sitegen_queue_sampled_timestamp_seconds") > time.time() - 60
 
     await close_worker(worker)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(httpx2.ConnectError):
         await scrape(port, wait_s=0)
 
 

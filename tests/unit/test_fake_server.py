@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import json_repair
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -82,14 +82,14 @@ def server(shared: FakeProviderServer) -> Iterator[FakeProviderServer]:
 
 
 @pytest.fixture
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10) as c:
+def client() -> Iterator[httpx2.Client]:
+    with httpx2.Client(timeout=10) as c:
         yield c
 
 
 def call(
-    client: httpx.Client, server: FakeProviderServer, api: str, task: str = "planning", **kwargs: Any
-) -> httpx.Response:
+    client: httpx2.Client, server: FakeProviderServer, api: str, task: str = "planning", **kwargs: Any
+) -> httpx2.Response:
     request = PROMPTS[task][0]
     if api == "openai":
         return client.post(
@@ -132,7 +132,7 @@ def call(
     )
 
 
-def text_of(api: str, response: httpx.Response) -> str:
+def text_of(api: str, response: httpx2.Response) -> str:
     data = response.json()
     if api == "openai":
         return str(data["choices"][0]["message"]["content"])
@@ -141,7 +141,7 @@ def text_of(api: str, response: httpx.Response) -> str:
     return str(data["result"]["response"])
 
 
-def finish_of(api: str, response: httpx.Response) -> str | None:
+def finish_of(api: str, response: httpx2.Response) -> str | None:
     data = response.json()
     if api == "openai":
         return str(data["choices"][0]["finish_reason"])
@@ -150,7 +150,7 @@ def finish_of(api: str, response: httpx.Response) -> str | None:
     return None
 
 
-def error_type(api: str, response: httpx.Response) -> Any:
+def error_type(api: str, response: httpx2.Response) -> Any:
     data = response.json()
     if api == "openai":
         return data["error"]["type"]
@@ -165,7 +165,7 @@ def error_type(api: str, response: httpx.Response) -> Any:
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_each_api_answers_a_planning_prompt(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+def test_each_api_answers_a_planning_prompt(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     response = call(client, server, api)
     assert response.status_code == 200
     assert SitePlan.model_validate_json(text_of(api, response)) == PLAN
@@ -194,7 +194,7 @@ def test_each_api_answers_a_planning_prompt(server: FakeProviderServer, client: 
 
 
 @pytest.mark.parametrize("task", ["content", "coding"])
-def test_content_and_coding_tasks(server: FakeProviderServer, client: httpx.Client, task: str) -> None:
+def test_content_and_coding_tasks(server: FakeProviderServer, client: httpx2.Client, task: str) -> None:
     _, schema, expected = PROMPTS[task]
     response = call(client, server, "anthropic", task)
     assert response.status_code == 200
@@ -202,7 +202,7 @@ def test_content_and_coding_tasks(server: FakeProviderServer, client: httpx.Clie
     assert answer == expected
 
 
-def test_prompt_without_input_block_gets_a_small_json_answer(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_prompt_without_input_block_gets_a_small_json_answer(server: FakeProviderServer, client: httpx2.Client) -> None:
     response = client.post(
         f"{server.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     )
@@ -210,19 +210,19 @@ def test_prompt_without_input_block_gets_a_small_json_answer(server: FakeProvide
     assert json.loads(text_of("openai", response)) == {"ok": True}
 
 
-def test_unknown_path_is_404_json(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_unknown_path_is_404_json(server: FakeProviderServer, client: httpx2.Client) -> None:
     response = client.post(f"{server.url}/v1/nothing-here", json={})
     assert response.status_code == 404
     assert "error" in response.json()
 
 
-def test_bad_request_body_is_a_400_in_the_provider_shape(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_bad_request_body_is_a_400_in_the_provider_shape(server: FakeProviderServer, client: httpx2.Client) -> None:
     response = client.post(f"{server.url}/v1/messages", json={"model": "m", "max_tokens": 10})
     assert response.status_code == 400
     assert error_type("anthropic", response) == "invalid_request_error"
 
 
-def test_requests_are_recorded_with_headers_and_bodies(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_requests_are_recorded_with_headers_and_bodies(server: FakeProviderServer, client: httpx2.Client) -> None:
     call(client, server, "openai")
     call(client, server, "cloudflare")
     first, second = server.wait_for_requests(2)
@@ -236,7 +236,7 @@ def test_requests_are_recorded_with_headers_and_bodies(server: FakeProviderServe
 
 def test_wait_for_requests_blocks_until_they_arrive(server: FakeProviderServer) -> None:
     def later() -> None:
-        with httpx.Client() as c:
+        with httpx2.Client() as c:
             call(c, server, "openai")
 
     thread = threading.Thread(target=later)
@@ -265,7 +265,7 @@ def test_wait_for_requests_blocks_until_they_arrive(server: FakeProviderServer) 
     ],
 )
 def test_status_faults(
-    server: FakeProviderServer, client: httpx.Client, api: str, status: int, expected: dict[str, str]
+    server: FakeProviderServer, client: httpx2.Client, api: str, status: int, expected: dict[str, str]
 ) -> None:
     server.script(f"status:{status}")
     response = call(client, server, api)
@@ -281,13 +281,13 @@ def test_status_faults(
     assert server.requests[-1].fault == f"status:{status}"
 
 
-def test_status_fault_then_normal_answers(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_status_fault_then_normal_answers(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("status:500", "ok", "status:503")
     assert [call(client, server, "openai").status_code for _ in range(4)] == [500, 200, 503, 200]
     assert [r.fault for r in server.requests] == ["status:500", "ok", "status:503", "ok"]
 
 
-def test_429_with_retry_after(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_429_with_retry_after(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("429:2")
     response = call(client, server, "anthropic")
     assert response.status_code == 429
@@ -295,7 +295,7 @@ def test_429_with_retry_after(server: FakeProviderServer, client: httpx.Client) 
     assert error_type("anthropic", response) == "rate_limit_error"
 
 
-def test_429_with_retry_after_ms(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_429_with_retry_after_ms(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("429ms:250")
     response = call(client, server, "openai")
     assert response.status_code == 429
@@ -304,7 +304,7 @@ def test_429_with_retry_after_ms(server: FakeProviderServer, client: httpx.Clien
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_cloudflare_quota_body(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+def test_cloudflare_quota_body(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     server.script("cf-quota")
     response = call(client, server, api)
     assert response.status_code == 429
@@ -316,9 +316,9 @@ def test_cloudflare_quota_body(server: FakeProviderServer, client: httpx.Client,
     }
 
 
-def test_delay_then_answer(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_delay_then_answer(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("delay:0.3")
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx2.ReadTimeout):
         call(client, server, "openai", timeout=0.1)
     server.script("delay:0.05")
     response = call(client, server, "openai")
@@ -326,24 +326,24 @@ def test_delay_then_answer(server: FakeProviderServer, client: httpx.Client) -> 
     assert SitePlan.model_validate_json(text_of("openai", response)) == PLAN
 
 
-def test_hang_times_out(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_hang_times_out(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("hang")
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx2.ReadTimeout):
         call(client, server, "anthropic", timeout=0.5)
     assert server.requests[-1].fault == "hang"
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_reset_drops_the_connection(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+def test_reset_drops_the_connection(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     server.script("reset")
-    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
+    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.ConnectError)):
         call(client, server, api)
     # The server keeps serving afterwards.
     assert call(client, server, api).status_code == 200
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_truncated(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+def test_truncated(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     server.script("truncated")
     response = call(client, server, api)
     assert response.status_code == 200
@@ -353,7 +353,7 @@ def test_truncated(server: FakeProviderServer, client: httpx.Client, api: str) -
 
 
 @pytest.mark.parametrize("task", ["planning", "content"])
-def test_malformed_is_repairable(server: FakeProviderServer, client: httpx.Client, task: str) -> None:
+def test_malformed_is_repairable(server: FakeProviderServer, client: httpx2.Client, task: str) -> None:
     server.script("malformed")
     response = call(client, server, "openai", task)
     text = text_of("openai", response)
@@ -364,7 +364,7 @@ def test_malformed_is_repairable(server: FakeProviderServer, client: httpx.Clien
     assert extract_json(text) == expected
 
 
-def test_malformed_coding_answer_is_still_invalid_json(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_malformed_coding_answer_is_still_invalid_json(server: FakeProviderServer, client: httpx2.Client) -> None:
     # json-repair rewrites some escapes inside CSS strings, so only the shape is checked here.
     server.script("malformed")
     text = text_of("cloudflare", call(client, server, "cloudflare", "coding"))
@@ -374,7 +374,7 @@ def test_malformed_coding_answer_is_still_invalid_json(server: FakeProviderServe
     assert len(repaired["files"]) == len(CODE.files)
 
 
-def test_malformed_hard_is_beyond_repair(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_malformed_hard_is_beyond_repair(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("malformed-hard")
     text = text_of("anthropic", call(client, server, "anthropic"))
     assert text.startswith('{"pages": [')
@@ -384,7 +384,7 @@ def test_malformed_hard_is_beyond_repair(server: FakeProviderServer, client: htt
         SitePlan.model_validate(json_repair.loads(text))
 
 
-def test_fenced(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_fenced(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("fenced")
     text = text_of("openai", call(client, server, "openai"))
     assert text.startswith("Here is the JSON you asked for:\n```json\n")
@@ -392,7 +392,7 @@ def test_fenced(server: FakeProviderServer, client: httpx.Client) -> None:
     assert SitePlan.model_validate(extract_json(text)) == PLAN
 
 
-def test_wrong_schema(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_wrong_schema(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("wrong-schema")
     text = text_of("cloudflare", call(client, server, "cloudflare"))
     assert json.loads(text) == {"unexpected": "shape", "pages": "not a list"}
@@ -400,7 +400,7 @@ def test_wrong_schema(server: FakeProviderServer, client: httpx.Client) -> None:
         SitePlan.model_validate_json(text)
 
 
-def test_script_for_one_api_leaves_the_others_alone(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_script_for_one_api_leaves_the_others_alone(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("status:529", "status:529", api="anthropic")
     assert call(client, server, "openai").status_code == 200
     assert call(client, server, "cloudflare").status_code == 200
@@ -420,7 +420,7 @@ def test_unknown_faults_are_refused(server: FakeProviderServer) -> None:
     assert validate_fault("429:1.5") == "429:1.5"
 
 
-def test_random_429s(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_random_429s(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.configure(rate_429=1.0)
     responses = [call(client, server, "openai") for _ in range(3)]
     assert [r.status_code for r in responses] == [429, 429, 429]
@@ -430,7 +430,7 @@ def test_random_429s(server: FakeProviderServer, client: httpx.Client) -> None:
     assert call(client, server, "openai").status_code == 200
 
 
-def test_random_500s_are_seeded(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_random_500s_are_seeded(server: FakeProviderServer, client: httpx2.Client) -> None:
     def run() -> list[int]:
         server.reset()
         server.configure(rate_500=0.5, seed=7)
@@ -441,17 +441,17 @@ def test_random_500s_are_seeded(server: FakeProviderServer, client: httpx.Client
     assert run() == first
 
 
-def test_latency_applies_to_every_answer(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_latency_applies_to_every_answer(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.configure(latency_s=0.3)
     server.script("status:500")
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx2.ReadTimeout):
         call(client, server, "openai", timeout=0.1)
 
 
 # --------------------------------------------------------------------------- control over HTTP
 
 
-def test_control_endpoints(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_control_endpoints(server: FakeProviderServer, client: httpx2.Client) -> None:
     base = f"{server.url}/_fake"
     assert client.post(f"{base}/script", json={"faults": ["status:503"], "api": "openai"}).json()["ok"] is True
     assert client.post(f"{base}/script", json={"faults": ["nonsense"], "api": None}).status_code == 400
@@ -488,9 +488,9 @@ def test_stop_releases_a_hanging_request() -> None:
 
     def hang() -> None:
         try:
-            with httpx.Client(timeout=30) as c:
+            with httpx2.Client(timeout=30) as c:
                 outcome.append(call(c, server, "openai").status_code)
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             outcome.append(exc)
 
     server.script("hang")
@@ -500,9 +500,9 @@ def test_stop_releases_a_hanging_request() -> None:
     server.stop()
     thread.join(timeout=2)
     assert not thread.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], httpx.HTTPError)
-    with pytest.raises(httpx.ConnectError):
-        httpx.post(f"{url}/v1/chat/completions", json={}, timeout=1)
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx2.HTTPError)
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.post(f"{url}/v1/chat/completions", json={}, timeout=1)
 
 
 # --------------------------------------------------------------------------- text:<payload>
@@ -511,7 +511,7 @@ ODD_TEXT = 'Sure! Here: {"a": "b:c"}\n\tline two: \u00e9\u00e8 \u2603 "quoted" \
 
 
 @pytest.mark.parametrize("api", APIS)
-def test_text_fault_answers_the_payload_verbatim(server: FakeProviderServer, client: httpx.Client, api: str) -> None:
+def test_text_fault_answers_the_payload_verbatim(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     server.script(f"text:{ODD_TEXT}", "text:")
     response = call(client, server, api, "coding")
     assert response.status_code == 200
@@ -524,7 +524,7 @@ def test_text_fault_answers_the_payload_verbatim(server: FakeProviderServer, cli
     assert usage.get("completion_tokens", usage.get("output_tokens")) == max(1, len(ODD_TEXT) // 4)
 
 
-def test_text_fault_needs_no_input_block(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_text_fault_needs_no_input_block(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.script("text:plain words")
     response = client.post(
         f"{server.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -549,7 +549,7 @@ def big_site_code_text(files: int) -> str:
     return code.model_dump_json()
 
 
-def test_big_text_payload_in_process(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_big_text_payload_in_process(server: FakeProviderServer, client: httpx2.Client) -> None:
     payload = '{"files": [{"path": "index.html", "content": "' + "x" * 50_000_000 + '"}]}'
     server.script("text:" + payload)
     response = call(client, server, "openai", "coding", timeout=60)
@@ -557,7 +557,7 @@ def test_big_text_payload_in_process(server: FakeProviderServer, client: httpx.C
     assert text_of("openai", response) == payload
 
 
-def test_big_text_payload_over_the_control_endpoint(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_big_text_payload_over_the_control_endpoint(server: FakeProviderServer, client: httpx2.Client) -> None:
     payload = big_site_code_text(5000)
     assert len(payload) > 150_000
     answer = client.post(f"{server.url}/_fake/script", json={"faults": [f"text:{payload}"], "repeat": 2}, timeout=60)
@@ -589,7 +589,7 @@ def test_latency_range_is_uniform_and_seeded(server: FakeProviderServer) -> None
         server.configure(latency_max_s=-1)
 
 
-def test_latency_range_does_not_change_the_random_faults(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_latency_range_does_not_change_the_random_faults(server: FakeProviderServer, client: httpx2.Client) -> None:
     def statuses(latency_max_s: float) -> list[int]:
         server.reset()
         server.configure(rate_500=0.5, seed=11, latency_s=0, latency_max_s=latency_max_s)
@@ -598,17 +598,17 @@ def test_latency_range_does_not_change_the_random_faults(server: FakeProviderSer
     assert statuses(0.0) == statuses(0.02)
 
 
-def test_latency_range_delays_each_answer(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_latency_range_delays_each_answer(server: FakeProviderServer, client: httpx2.Client) -> None:
     server.configure(latency_s=0.1, latency_max_s=0.2)
     for _ in range(3):
         started = time.monotonic()
         assert call(client, server, "openai").status_code == 200
         assert 0.1 <= time.monotonic() - started < 1.0
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx2.ReadTimeout):
         call(client, server, "openai", timeout=0.05)
 
 
-def test_latency_range_over_the_control_endpoint(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_latency_range_over_the_control_endpoint(server: FakeProviderServer, client: httpx2.Client) -> None:
     base = f"{server.url}/_fake"
     assert client.post(f"{base}/configure", json={"latency_s": 0.01, "latency_max_s": 0.02}).status_code == 200
     assert (server.latency_s, server.latency_max_s) == (0.01, 0.02)
@@ -617,7 +617,7 @@ def test_latency_range_over_the_control_endpoint(server: FakeProviderServer, cli
     assert server.latency_max_s == 0.02
 
 
-def test_requests_record_the_wall_clock(server: FakeProviderServer, client: httpx.Client) -> None:
+def test_requests_record_the_wall_clock(server: FakeProviderServer, client: httpx2.Client) -> None:
     before = time.time()
     call(client, server, "openai")
     client.post(f"{server.url}/v1/unknown", json={})
@@ -640,7 +640,7 @@ def test_cli_latency_range() -> None:
         line = process.stdout.readline().strip()
         assert line.startswith("FAKE_PROVIDER_URL=http://127.0.0.1:")
         url = line.partition("=")[2]
-        with httpx.Client(timeout=10) as c:
+        with httpx2.Client(timeout=10) as c:
             for _ in range(2):
                 started = time.monotonic()
                 response = c.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import time
 
-import httpx
+import httpx2
 import pytest
 
 from worker.ai.http import redact, retry_after_s
@@ -26,12 +26,12 @@ from worker.ai.http import redact, retry_after_s
     ],
 )
 def test_retry_after_is_read_from_every_header_providers_use(headers: dict[str, str], expected: float | None) -> None:
-    assert retry_after_s(httpx.Headers(headers)) == expected
+    assert retry_after_s(httpx2.Headers(headers)) == expected
 
 
 def test_retry_after_as_an_http_date() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    wait = retry_after_s(httpx.Headers({"retry-after": when}))
+    wait = retry_after_s(httpx2.Headers({"retry-after": when}))
     assert wait is not None and 25 <= wait <= 31
 
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import httpx
+import httpx2
 
 from worker.errors import FALLBACK_ON
 
@@ -97,7 +97,7 @@ def call_status(exc: BaseException) -> str:
     if isinstance(status, int) and status >= 400:
         return str(status)
     cause = exc.__cause__
-    if isinstance(cause, httpx.TransportError | TimeoutError):
+    if isinstance(cause, httpx2.TransportError | TimeoutError):
         return type(cause).__name__
     return type(exc).__name__
 

@@ -1,6 +1,6 @@
 """The networked providers: OpenAI-compatible chat completions, Anthropic Messages, Cloudflare Workers AI.
 
-Each owns one `httpx.AsyncClient` for the life of the worker. One request goes through one
+Each owns one `httpx2.AsyncClient` for the life of the worker. One request goes through one
 place (`HTTPProvider.complete`) that bounds concurrency and time, classifies every failure into
 the `AIError` family, and retries what may pass (honouring Retry-After) a bounded number of
 times. The kinds differ only in how a request is written and an answer read.
@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, ClassVar
 
-import httpx
+import httpx2
 from loguru import logger
 
 from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
@@ -58,7 +58,7 @@ def _duration_s(value: str) -> float | None:
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
-def retry_after_s(headers: httpx.Headers) -> float | None:
+def retry_after_s(headers: httpx2.Headers) -> float | None:
     """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*."""
     if "retry-after-ms" in headers:
         try:
@@ -98,16 +98,16 @@ class HTTPProvider:
         self.config = config
         self._api_key = api_key
         self._slots = asyncio.Semaphore(config.max_concurrency)
-        self.client = httpx.AsyncClient(
+        self.client = httpx2.AsyncClient(
             base_url=config.api_root.rstrip("/") + "/",
             headers={"user-agent": "sitegen-worker", **config.headers, **self.auth_headers(api_key)},
-            timeout=httpx.Timeout(
+            timeout=httpx2.Timeout(
                 connect=config.connect_timeout_s,
                 read=config.read_timeout_s,
                 write=config.read_timeout_s,
                 pool=config.total_timeout_s,
             ),
-            limits=httpx.Limits(
+            limits=httpx2.Limits(
                 max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
             ),
         )
@@ -127,11 +127,11 @@ class HTTPProvider:
         """(text, input tokens, output tokens, finish reason) from a successful answer."""
         raise NotImplementedError
 
-    def request_id(self, response: httpx.Response) -> str | None:
+    def request_id(self, response: httpx2.Response) -> str | None:
         found: str | None = response.headers.get("x-request-id") or response.headers.get("request-id")
         return found
 
-    def is_quota_exhausted(self, response: httpx.Response) -> bool:
+    def is_quota_exhausted(self, response: httpx2.Response) -> bool:
         return False
 
     # -- shared
@@ -148,7 +148,7 @@ class HTTPProvider:
             **extra,
         )
 
-    def _classify(self, response: httpx.Response, request: AIRequest) -> AIError:
+    def _classify(self, response: httpx2.Response, request: AIRequest) -> AIError:
         status = response.status_code
         excerpt = redact(response.text[:500], self._api_key)
         extra: dict[str, Any] = {"status": status, "request_id": self.request_id(response), "body": excerpt}
@@ -179,9 +179,9 @@ class HTTPProvider:
         try:
             async with self._slots, asyncio.timeout(self.config.total_timeout_s):
                 response = await self.client.post(self.endpoint(), json=self.body(request))
-        except (httpx.TimeoutException, TimeoutError) as exc:
+        except (httpx2.TimeoutException, TimeoutError) as exc:
             raise self._error(AIUnavailable, f"timed out ({type(exc).__name__})", request) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise self._error(AIUnavailable, f"connection failed: {type(exc).__name__}: {exc}", request) from exc
         if response.status_code >= 400:
             raise self._classify(response, request)
@@ -302,11 +302,11 @@ class CloudflareProvider(HTTPProvider):
         usage = result.get("usage") or {}
         return text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "stop"
 
-    def request_id(self, response: httpx.Response) -> str | None:
+    def request_id(self, response: httpx2.Response) -> str | None:
         found: str | None = response.headers.get("cf-ray")
         return found
 
-    def is_quota_exhausted(self, response: httpx.Response) -> bool:
+    def is_quota_exhausted(self, response: httpx2.Response) -> bool:
         try:
             errors = response.json().get("errors") or []
         except ValueError:

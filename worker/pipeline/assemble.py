@@ -89,23 +89,42 @@ def _internal_target(page: str, url: str) -> str | None:
     return posixpath.normpath(posixpath.join(base, unquote(parts.path)))
 
 
-def _links(page: str, tree: HTMLParser | LexborNode) -> tuple[set[str], list[str]]:
-    """Internal targets of a page, and its problems with script-bearing URLs or attributes."""
+def _references(page: str, tree: HTMLParser | LexborNode, *, assets: bool = True) -> tuple[set[str], list[str]]:
+    """Internal targets of a page (links, and with `assets` what it loads), and its script problems.
+
+    One walk over the elements, each one's attributes read once: a query per tag and attribute
+    cost as much again as the walk that finds inline event handlers, which has to see them all.
+    """
     targets: set[str] = set()
     problems: list[str] = []
-    for tag, attribute in _LINKING:
-        for node in tree.css(f"{tag}[{attribute}]"):
-            url = _clean_url(node.attributes.get(attribute) or "")
+    asset_urls: list[str] = []
+    for node in tree.css("*"):
+        tag = node.tag or ""
+        if assets and tag == "style":
+            asset_urls += _css_urls(node.text(deep=True))
+        attributes = node.attributes
+        if not attributes:
+            continue
+        for attribute in _LINKING_BY_TAG.get(tag, ()):
+            if attribute not in attributes:
+                continue
+            url = _clean_url(attributes[attribute] or "")
             if url.lower().startswith(_SCRIPT_SCHEMES):
                 problems.append(f"{page}: <{tag} {attribute}> uses a script URL")
                 continue
             target = _internal_target(page, url)
             if target is not None:
                 targets.add(target)
-    for node in tree.css("*"):
-        handlers = [name for name in node.attributes if name.lower().startswith("on")]
+        handlers = [name for name in attributes if name[:2].lower() == "on"]
         if handlers:
-            problems.append(f"{page}: <{node.tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
+            problems.append(f"{page}: <{tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
+        if assets:
+            asset_urls += [attributes[a] or "" for a in _ASSETS_BY_TAG.get(tag, ()) if a in attributes]
+            if "srcset" in attributes and tag in ("img", "source"):
+                asset_urls += _srcset_urls(attributes["srcset"] or "")
+            if "style" in attributes:
+                asset_urls += _css_urls(attributes["style"] or "")
+    targets.update(t for u in asset_urls if (t := _internal_target(page, _clean_url(u))) is not None)
     return targets, problems
 
 
@@ -117,6 +136,8 @@ _ASSETS = (
     ("track", "src"),
     ("input", "src"),
 )
+_LINKING_BY_TAG = {tag: tuple(a for t, a in _LINKING if t == tag) for tag, _ in _LINKING}
+_ASSETS_BY_TAG = {tag: tuple(a for t, a in _ASSETS if t == tag) for tag, _ in _ASSETS}
 _CSS_URL = re.compile(r"""url\(\s*(?:"([^"]*)"|'([^']*)'|([^)'"\s]*))\s*\)|@import\s+(?:"([^"]*)"|'([^']*)')""", re.I)
 
 
@@ -132,20 +153,6 @@ def _srcset_urls(srcset: str) -> list[str]:
 
 def _css_urls(css: str) -> list[str]:
     return [next(g for g in m.groups() if g is not None) for m in _CSS_URL.finditer(css)]
-
-
-def _asset_targets(page: str, tree: HTMLParser) -> set[str]:
-    """Internal files a page loads that `_links` does not see: srcset, media, inline CSS `url()`."""
-    urls: list[str] = []
-    for tag, attribute in _ASSETS:
-        urls += [node.attributes.get(attribute) or "" for node in tree.css(f"{tag}[{attribute}]")]
-    for node in tree.css("img[srcset], source[srcset]"):
-        urls += _srcset_urls(node.attributes.get("srcset") or "")
-    for node in tree.css("style"):
-        urls += _css_urls(node.text(deep=True))
-    for node in tree.css("[style]"):
-        urls += _css_urls(node.attributes.get("style") or "")
-    return {t for u in urls if (t := _internal_target(page, _clean_url(u))) is not None}
 
 
 def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
@@ -173,14 +180,13 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
         h1_count = len(tree.css("h1"))
         if h1_count != 1:
             problems.append(f"{path}: has {h1_count} <h1> elements, expected exactly one")
-        targets, link_problems = _links(path, tree)
-        targets |= _asset_targets(path, tree)
+        targets, link_problems = _references(path, tree)
         problems += link_problems
         links[path] = targets
         problems += [f"{path}: link to {t} does not resolve to a generated file" for t in sorted(targets - set(files))]
         if path == "index.html":
             for nav in tree.css("nav"):
-                nav_targets |= _links(path, nav)[0]
+                nav_targets |= _references(path, nav, assets=False)[0]
 
     if "index.html" in files:
         problems += [f"page {page} is not linked from the home page's nav" for page in pages if page not in nav_targets]
