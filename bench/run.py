@@ -489,7 +489,8 @@ class Bench:
         log(
             f"{sc.name}: {n} sites, {result['throughput']}/s steady"
             + (f" ({result['of_ideal']:.0%} of {result['ideal']})" if ideal else "")
-            + f", worker {result['worker_cpu_ms_per_site']} ms CPU/site ({result['worker_sys_ms_per_site']} in the kernel, {result['worker_cpu_pct']}% of a core),"
+            + f", worker {result['worker_cpu_ms_per_site']} ms CPU/site"
+            f" ({result['worker_sys_ms_per_site']} in the kernel, {result['worker_cpu_pct']}% of a core),"
             f" RSS {result['peak_rss_mib']} MiB, pg conns {result['peak_pg_conns']}/{bound},"
             f" to-start p50/p95 {result['to_start_ms']['p50']}/{result['to_start_ms']['p95']} ms,"
             f" machine {result['machine_cpu_pct']}%"

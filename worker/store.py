@@ -8,7 +8,6 @@ a model call.
 from __future__ import annotations
 
 import hashlib
-import json
 import mimetypes
 import re
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 
 from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
 from worker.settings import DatabaseSection
@@ -37,9 +37,13 @@ def _load_queries() -> dict[str, str]:
 QUERIES = _load_queries()
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for pg_type in ("json", "jsonb"):
-        await conn.set_type_codec(pg_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(pg_type, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -17,6 +17,7 @@ import time
 from typing import Any, ClassVar
 
 import httpx2
+import orjson
 from loguru import logger
 
 from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
@@ -33,6 +34,7 @@ from worker.settings import ProviderSettings
 #: Cloudflare's error code for a used-up daily allocation: waiting minutes will not help.
 CLOUDFLARE_QUOTA_CODES = frozenset({3036})
 _SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9_\-\.=]{8,}|key-[A-Za-z0-9]{16,})")
+_JSON_CONTENT = {"content-type": "application/json"}
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
 
 
@@ -178,7 +180,9 @@ class HTTPProvider:
     async def _attempt(self, request: AIRequest) -> AIReply:
         try:
             async with self._slots, asyncio.timeout(self.config.total_timeout_s):
-                response = await self.client.post(self.endpoint(), json=self.body(request))
+                response = await self.client.post(
+                    self.endpoint(), content=orjson.dumps(self.body(request)), headers=_JSON_CONTENT
+                )
         except (httpx2.TimeoutException, TimeoutError) as exc:
             raise self._error(AIUnavailable, f"timed out ({type(exc).__name__})", request) from exc
         except httpx2.TransportError as exc:
@@ -186,7 +190,7 @@ class HTTPProvider:
         if response.status_code >= 400:
             raise self._classify(response, request)
         try:
-            text, tokens_in, tokens_out, finish = self.read(response.json())
+            text, tokens_in, tokens_out, finish = self.read(orjson.loads(response.content))
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise self._error(
                 AIUnavailable,

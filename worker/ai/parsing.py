@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import json_repair
+import orjson
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
@@ -51,7 +52,7 @@ def render_prompt(task: Task, inputs: dict[str, Any], schema: type[BaseModel]) -
     prompt = template.substitute(
         schema=_schema_text(schema),
         # "<" escaped as \u003c (same JSON value) so no text in the brief can close the <input> block.
-        input=json.dumps(inputs, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c"),
+        input=orjson.dumps(inputs).decode().replace("<", "\\u003c"),
     )
     return AIRequest(task=task, system=system, prompt=prompt)
 
@@ -76,6 +77,10 @@ def _extract(text: str) -> tuple[Any, str | None]:
     if start < 0:
         raise MalformedAnswer(f"the answer holds no JSON object ({len(text)} characters)")
     candidate = candidate[start:]
+    try:
+        return orjson.loads(candidate), None  # the usual answer: JSON and nothing after it
+    except orjson.JSONDecodeError:
+        pass
     try:
         value, _ = json.JSONDecoder().raw_decode(candidate)
         return value, None
