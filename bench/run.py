@@ -257,7 +257,7 @@ class Bench:
             REDIS_URL=self.redis_url,
             PYTHONPATH=str(ROOT),
             SITEGEN_OUTPUT__DIR=str(self.work / "sites"),
-            SITEGEN_LOG__LEVEL="WARNING",
+            SITEGEN_LOG__LEVEL=self.args.log_level,
             SITEGEN_WORKER__MAX_JOBS=str(sc.max_jobs),
             SITEGEN_WORKER__POLL_DELAY_S=str(sc.poll_delay_s),
             SITEGEN_DATABASE__POOL_MAX_SIZE=str(self.args.pool_max),
@@ -648,6 +648,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-sites", type=int, default=600, help="sites of each scale-out run (latency 0)")
     p.add_argument("--fakes", type=int, default=1, help="fake provider processes (tasks are spread over them)")
     p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
+    p.add_argument("--log-level", default="INFO",
+                   help="the workers' log level (INFO, the default, writes ~13 JSON lines per site to their log files)")
     p.add_argument("--pool-max", type=int, default=10, help="SITEGEN_DATABASE__POOL_MAX_SIZE (worker default 10)")
     p.add_argument("--progress-pool-max", type=int, default=2, help="SITEGEN_DATABASE__PROGRESS_POOL_MAX_SIZE")
     p.add_argument("--order-base", type=int, default=100_001, help="first order id")

@@ -21,6 +21,7 @@ from worker.errors import message_of
 from worker.store import QUERIES
 
 Level = Literal["debug", "info", "warning", "error"]
+_ECHO_LEVEL = {"debug": "DEBUG", "info": "DEBUG", "warning": "WARNING", "error": "ERROR"}
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,10 @@ class ProgressLog:
     ) -> None:
         """Record one progress row; the writer stores and announces it. Never raises, never waits."""
         row = ProgressRow(order_id, generation_id, phase, level, message, details or None, datetime.now(UTC))
+        # Warnings and errors are logged at their level; the routine rows (a phase started or done)
+        # at DEBUG: they are what `sitegen logs` shows, and echoing ~10 per site cost ~1 ms of CPU.
         logger.bind(order_id=order_id, generation_id=generation_id, phase=phase).log(
-            level.upper(), "{}{}", message, f" {details}" if details else ""
+            _ECHO_LEVEL[level], "{}{}", message, f" {details}" if details else ""
         )
         self.pending.append(row)
         self._enforce_bound()
