@@ -256,7 +256,7 @@ class Bench:
             DATABASE_URL=self.db_url,
             REDIS_URL=self.redis_url,
             PYTHONPATH=str(ROOT),
-            SITEGEN_OUTPUT__DIR=str(self.work / "sites"),
+            SITEGEN_OUTPUT__DIR=str(self.work / "sites" / sc.name),
             SITEGEN_LOG__LEVEL=self.args.log_level,
             SITEGEN_WORKER__MAX_JOBS=str(sc.max_jobs),
             SITEGEN_WORKER__POLL_DELAY_S=str(sc.poll_delay_s),
@@ -273,7 +273,8 @@ class Bench:
                 p + "API_KEY_ENV": "BENCH_FAKE_KEY",
                 p + "READ_TIMEOUT_S": "30",
                 # The default (8 requests in flight per provider) would cap 200 ms calls at 40/s.
-                p + "MAX_CONCURRENCY": str(max(sc.max_jobs, 8)),
+                # At latency 0 the default is kept: calls do not wait, so 8 at a time never limits.
+                p + "MAX_CONCURRENCY": str(max(sc.max_jobs, 8) if sc.latency_s else 8),
             })
         for i, task in enumerate(TASKS):
             env[f"SITEGEN_AI__ROUTING__{task.upper()}"] = f"fake{i % len(fakes)}"
@@ -302,7 +303,9 @@ class Bench:
                 await conn.execute("VACUUM ANALYZE")
             finally:
                 await conn.close()
-        shutil.rmtree(self.work / "sites", ignore_errors=True)
+        # Sites are not deleted between scenarios (each has its own folder; all go at the end): ext4
+        # scans past inodes freed in the last seconds when it allocates new ones, so deleting the
+        # previous scenario's thousands of files would bill the next one's file writes for it.
 
     async def wait_healthy(self, workers: list[Worker], timeout: float = 60) -> None:
         redis = await client.connect(self.redis_url)

@@ -8,7 +8,6 @@ created in `startup` on the worker's own event loop, kept in arq's `ctx`, and cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from typing import Any
@@ -41,9 +40,8 @@ async def generate_site(
         return await _generate_site(rt, ctx, order_id, brief, regenerate, args, unknown)
     finally:
         # A job's progress rows are in PostgreSQL by the time its result is, unless PostgreSQL is
-        # too slow to take them within a second: then the writer carries on and the job does not wait.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(rt.progress.flush()), timeout=1.0)
+        # too slow to take them (see ProgressLog.settle): then the writer carries on alone.
+        await rt.progress.settle(rt.settings.database.progress_wait_s)
 
 
 async def _generate_site(
@@ -98,7 +96,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     rt = Runtime(
         settings=settings,
         store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
-        progress=ProgressLog(progress_pool, replica_id=replica),
+        progress=ProgressLog(progress_pool, replica_id=replica, buffer_size=db.progress_buffer_rows),
         ai=build_router(settings.ai),
         redis=ctx["redis"],
         metrics=metrics,

@@ -42,7 +42,9 @@ class ProgressLog:
     generations; one batch is one statement (and one commit) however many generations are running.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, replica_id: str, buffer_size: int = 1000, batch_size: int = 500) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, replica_id: str, buffer_size: int = 10_000, batch_size: int = 500
+    ) -> None:
         self.pool = pool
         self.replica_id = replica_id
         self.buffer_size = buffer_size
@@ -51,6 +53,8 @@ class ProgressLog:
         self.written = 0
         self.failed_writes = 0
         self.dropped = 0
+        #: Set when a finishing job gave up waiting for the writer; cleared when the buffer is empty again.
+        self.behind = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -94,6 +98,25 @@ class ProgressLog:
             delay = min(delay * 2, max_retry_s)
             self._wake.set()
 
+    async def settle(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for every row logged so far to be written (a finishing job's rows).
+
+        While the log is behind (a wait already timed out and the buffer has not emptied since),
+        return at once: a database slower than the log then delays the log, bounded by the
+        buffer, and never the generations, which would otherwise each wait the full timeout.
+        """
+        if self.behind or timeout_s <= 0 or not (self.pending or self._lock.locked()):
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.flush()), timeout_s)
+        except TimeoutError:
+            self.behind = True
+            logger.warning(
+                "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
+                "until it catches up",
+                len(self.pending),
+            )
+
     async def flush(self) -> bool:
         """Write every buffered row now, in order; False if PostgreSQL could not take them."""
         async with self._lock:
@@ -121,4 +144,7 @@ class ProgressLog:
                     )
                     return False
                 self.written += len(batch)
+        if self.behind:
+            self.behind = False
+            logger.info("progress log caught up with PostgreSQL")
         return True

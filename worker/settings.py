@@ -83,6 +83,18 @@ class DatabaseSection(_Section):
     pool_min_size: int = Field(default=1, ge=0, description="Connections the generation pool keeps open")
     pool_max_size: int = Field(default=10, ge=1, description="Most connections of the generation pool")
     progress_pool_max_size: int = Field(default=2, ge=1, description="Most connections of the progress pool")
+    progress_buffer_rows: int = Field(
+        default=10_000,
+        ge=100,
+        description="Progress rows held in memory while PostgreSQL is slower than the log; beyond this the "
+        "oldest are dropped, each drop logged and counted (metric sitegen_progress_rows_dropped)",
+    )
+    progress_wait_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long a finishing job waits for its progress rows to be written before its result is "
+        "stored; jobs stop waiting while the log is behind, so a slow database never holds generations up",
+    )
     command_timeout_s: float = Field(default=30, gt=0, description="Longest a single SQL statement may take")
     migrations_dir: Path = Field(default=PROJECT_DIR / "migrations", description="Folder of the *.sql migrations")
 

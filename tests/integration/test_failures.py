@@ -9,6 +9,7 @@ from arq.jobs import SerializationError
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
 from worker import client
+from worker.services import LocalServices
 from worker.settings import Settings
 
 
@@ -76,3 +77,42 @@ async def test_failing_progress_writes_never_fail_the_generation_and_are_written
     # Every row arrives, in order, even those whose first write failed.
     assert messages[0] == "generation started (attempt 1)" and messages[-1] == "generation succeeded"
     assert len(messages) == 10
+
+
+async def test_a_stalled_progress_log_holds_no_generation_up_and_loses_no_row(
+    start_worker: WorkerFactory,
+    settings: Settings,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    services: LocalServices,
+    log_lines: list[str],
+) -> None:
+    """PostgreSQL takes no progress row at all (the log table is locked): jobs still finish, the
+    first one after waiting `database.progress_wait_s` for its rows, the others without waiting;
+    every row is kept and written, in order, once the table is free again."""
+    waits = settings.model_copy(update={"database": settings.database.model_copy(update={"progress_wait_s": 0.2})})
+    blocker = await asyncpg.connect(services.database_url)
+    lock = blocker.transaction()
+    await lock.start()
+    await blocker.execute("LOCK TABLE site_generation_logs IN EXCLUSIVE MODE")  # reads still work
+    try:
+        worker = await start_worker(waits)
+        for order_id in (52, 53, 54):
+            await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
+            assert (await wait_for_result(redis, order_id, timeout=30))["status"] == "succeeded"
+        progress = worker.ctx["runtime"].progress
+        assert progress.behind, "the first job gave up waiting; the log is marked behind"
+        gave_up = [line for line in log_lines if line.startswith("progress log is behind PostgreSQL")]
+        assert len(gave_up) == 1, "only the first job waited; the next two did not wait at all"
+        assert await db.fetchval("SELECT count(*) FROM site_generation_logs") == 0
+        assert await db.fetchval("SELECT count(*) FROM site_generations WHERE status = 'succeeded'") == 3
+    finally:
+        await lock.rollback()
+        await blocker.close()
+    assert await progress.flush()
+    assert not progress.behind and progress.dropped == 0
+    rows = await db.fetch("SELECT order_id, message FROM site_generation_logs ORDER BY id")
+    assert len(rows) == 30, "ten rows per generation, none lost"
+    for order_id in (52, 53, 54):
+        messages = [r["message"] for r in rows if r["order_id"] == order_id]
+        assert messages[0] == "generation started (attempt 1)" and messages[-1] == "generation succeeded"

@@ -241,6 +241,7 @@ async def test_arq_worker_process_logs_json_lines_with_context_and_serves_metric
     assert retry[0]["order_id"] == 84 and retry[0]["generation_id"] == generation_id
     assert retry[0]["phase"] == "plan" and retry[0]["logger"] == "worker.ai.http"
     started = [e for e in entries if e["message"] == "phase content started"]
-    assert started and started[0]["level"] == "DEBUG" and started[0]["generation_id"] == generation_id and started[0]["phase"] == "content"
+    assert started and started[0]["level"] == "DEBUG"
+    assert started[0]["generation_id"] == generation_id and started[0]["phase"] == "content"
     assert any(e["logger"].startswith("arq") for e in entries), "arq's own logging goes through the same sink"
     assert KEY not in "".join(lines)
