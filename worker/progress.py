@@ -55,6 +55,7 @@ class ProgressLog:
         self.dropped = 0
         #: Set when a finishing job gave up waiting for the writer; cleared when the buffer is empty again.
         self.behind = False
+        self._fell_behind = asyncio.Event()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
 
@@ -107,10 +108,15 @@ class ProgressLog:
         """
         if self.behind or timeout_s <= 0 or not (self.pending or self._lock.locked()):
             return
+        flush = asyncio.ensure_future(self.flush())  # left running if we stop waiting
+        fell_behind = asyncio.ensure_future(self._fell_behind.wait())
         try:
-            await asyncio.wait_for(asyncio.shield(self.flush()), timeout_s)
-        except TimeoutError:
+            done, _ = await asyncio.wait({flush, fell_behind}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fell_behind.cancel()
+        if not done and not self.behind:  # the first job to give up tells every other waiter to stop too
             self.behind = True
+            self._fell_behind.set()
             logger.warning(
                 "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
                 "until it catches up",
@@ -146,5 +152,6 @@ class ProgressLog:
                 self.written += len(batch)
         if self.behind:
             self.behind = False
+            self._fell_behind.clear()
             logger.info("progress log caught up with PostgreSQL")
         return True
