@@ -32,6 +32,8 @@ from worker.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("planning", "content", "coding")
+#: Progress rows of a generation that runs straight through: started, each phase started and done, succeeded.
+ROWS_PER_SITE = 10
 CALLS_PER_SITE = 3  # plan, content, code; assemble calls no model
 HEALTH_KEY = "site_generation:health-check:{}"
 BRIEF = {
@@ -379,7 +381,7 @@ class Bench:
         base = self.args.order_base
         order_ids = list(range(base, base + sc.sites))
         enqueued: dict[int, float] = {}
-        poll: dict[str, Any] = {"conns": [], "running": [], "t": []}
+        poll: dict[str, Any] = {"conns": [], "running": [], "t": [], "rows": []}
         done = asyncio.Event()
 
         async def sample() -> None:
@@ -388,11 +390,13 @@ class Bench:
                 while not done.is_set():
                     row = await mon.fetchrow(
                         "SELECT (SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sitegen-worker:%')"
-                        " AS conns, (SELECT count(*) FROM site_generations WHERE status = 'running') AS running"
+                        " AS conns, (SELECT count(*) FROM site_generations WHERE status = 'running') AS running,"
+                        " (SELECT count(*) FROM site_generation_logs) AS rows"
                     )
                     poll["t"].append(time.time())
                     poll["conns"].append(row["conns"])
                     poll["running"].append(row["running"])
+                    poll["rows"].append(row["rows"])
                     await asyncio.sleep(0.1)
             finally:
                 await mon.close()
@@ -419,6 +423,17 @@ class Bench:
                     raise RuntimeError(f"worker {w.name} died:\n{w.log_path.read_text()[-3000:]}")
             await asyncio.sleep(0.2)
         t_end = time.time()
+        rows_at_end = await conn.fetchval("SELECT count(*) FROM site_generation_logs")
+        # The progress log may lag the generations (a slow PostgreSQL): wait for its last rows, all
+        # ROWS_PER_SITE of every site, or until none has come for 5 s (longer than a slow batch).
+        t_drained, rows_final = t_end, rows_at_end
+        while (
+            rows_final < ROWS_PER_SITE * sc.sites and time.time() - t_drained < 5.0 and time.time() - t_end < timeout
+        ):
+            await asyncio.sleep(0.05)
+            rows = await conn.fetchval("SELECT count(*) FROM site_generation_logs")
+            if rows != rows_final:
+                t_drained, rows_final = time.time(), rows
         done.set()
         await sampler
         if sc.profile:
@@ -481,6 +496,10 @@ class Bench:
                             "max": round(max(to_start, default=float("nan")), 1)},
             "duration_ms": {"p50": round(pct(durations, 0.5), 1), "p95": round(pct(durations, 0.95), 1)},
             "log_rows": logs["n"],
+            # Written by PostgreSQL while the generations ran (not logged: `log` never waits).
+            "log_rows_written_per_s": round(rows_at_end / window, 1),
+            "log_lag_s": round(t_drained - t_end, 2),
+            "log_rows_at_end": f"{rows_at_end}/{rows_final}",
             "log_rows_per_s": (
                 round(logs["n"] / (logs["b"] - logs["a"]), 1) if logs["b"] and logs["b"] > logs["a"] else None
             ),
