@@ -453,6 +453,13 @@ class Bench:
             "extract(epoch FROM max(created_at))::float8 AS b FROM site_generation_logs"
         )
         retries = await conn.fetchval("SELECT count(*) FROM site_generations WHERE attempt > 1")
+        phases = {
+            r["phase"]: round(r["p50"], 1)
+            for r in await conn.fetch(
+                "SELECT phase, percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50"
+                " FROM site_generation_phases GROUP BY phase"
+            )
+        }
         await redis.aclose()
         await conn.close()
 
@@ -495,6 +502,7 @@ class Bench:
             "to_start_ms": {"p50": round(pct(to_start, 0.5), 1), "p95": round(pct(to_start, 0.95), 1),
                             "max": round(max(to_start, default=float("nan")), 1)},
             "duration_ms": {"p50": round(pct(durations, 0.5), 1), "p95": round(pct(durations, 0.95), 1)},
+            "phase_p50_ms": phases,
             "log_rows": logs["n"],
             # Written by PostgreSQL while the generations ran (not logged: `log` never waits).
             "log_rows_written_per_s": round(rows_at_end / window, 1),
