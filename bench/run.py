@@ -67,10 +67,11 @@ def pct(values: list[float], q: float) -> float:
 class Fake:
     """One fake provider process (bench/fake.py)."""
 
-    def __init__(self, latency_s: float, log_path: Path) -> None:
+    def __init__(self, latency_s: float, log_path: Path, jitter: float = 0.0) -> None:
         self.log_path = log_path
+        spread = ["--latency", str(latency_s * (1 - jitter)), "--latency-max", str(latency_s * (1 + jitter))]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake", "--latency", str(latency_s)],
+            [sys.executable, "-m", "bench.fake", *(spread if jitter and latency_s else ["--latency", str(latency_s)])],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=log_path.open("ab"),
@@ -329,7 +330,9 @@ class Bench:
     async def run(self, sc: Scenario) -> dict[str, Any]:
         log(f"{sc.name}: {sc.label}")
         await self.reset()
-        fakes = [Fake(sc.latency_s, self.work / f"fake-{sc.name}-{i}.log") for i in range(sc.fakes)]
+        fakes = [
+            Fake(sc.latency_s, self.work / f"fake-{sc.name}-{i}.log", self.args.latency_jitter) for i in range(sc.fakes)
+        ]
         env = self.env(sc, fakes)
         workers = [
             Worker(f"bench-{sc.name}-{i}", env, self.work / f"worker-{sc.name}-{i}.log",
@@ -664,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-sites", type=int, default=300, help="sites in the profiled latency-0 run")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--latency-ms", type=float, default=200, help="model latency of the latency scenarios")
+    p.add_argument("--latency-jitter", type=float, default=0.0,
+                   help="each call takes uniform(latency x (1 - j), latency x (1 + j)), same mean; 0: constant")
     p.add_argument("--max-jobs", type=ints, default=[50, 200, 500], help="max_jobs values of the latency scenario")
     p.add_argument("--waves", type=float, default=2, help="latency scenario: sites = waves x max_jobs ...")
     p.add_argument("--latency-min-sites", type=int, default=300, help="... but at least this many")
