@@ -335,31 +335,44 @@ def _remove_blocked(root: LexborNode, page: str, allowed: frozenset[str]) -> lis
     return warnings
 
 
+def _sanitized(page: str, html: str, allowed: frozenset[str]) -> tuple[HTMLParser, list[str]]:
+    """The page parsed with the embeds from hosts not allowed removed, and a warning per removal."""
+    tree = HTMLParser(html)
+    return tree, ([] if tree.root is None else _remove_blocked(tree.root, page, allowed))
+
+
 def sanitize_page(page: str, html: str, allowed: frozenset[str]) -> tuple[str, list[str]]:
     """The page without embeds from hosts not allowed, and a warning per removal; unchanged if none."""
-    tree = HTMLParser(html)
-    if tree.root is None:
-        return html, []
-    warnings = _remove_blocked(tree.root, page, allowed)
-    if not warnings:
-        return html, []
-    return tree.html or "", warnings
+    tree, warnings = _sanitized(page, html, allowed)
+    return (tree.html or "", warnings) if warnings else (html, [])
 
 
-def sanitize_site(code: SiteCode, allowed_hosts: Iterable[str] = ()) -> tuple[SiteCode, list[str]]:
-    """Every page sanitized (see `sanitize_page`), with the removals' warnings in page order."""
+def _publishable(
+    code: SiteCode, allowed_hosts: Iterable[str]
+) -> tuple[SiteCode, list[str], dict[str, list[str]]]:
+    """Every page sanitized (see `sanitize_page`), the removals' warnings in page order, and the quality
+    report (see `quality_report`) of the pages as written, read from the same parse of each page."""
     allowed = normalize_hosts(allowed_hosts)
     files: list[GeneratedFile] = []
     warnings: list[str] = []
+    quality: dict[str, list[str]] = {}
     for file in code.files:
         if not file.path.endswith(".html"):
             files.append(file)
             continue
-        content, removed = sanitize_page(file.path, file.content, allowed)
+        tree, removed = _sanitized(file.path, file.content, allowed)
+        if page_warnings := page_quality(tree):
+            quality[file.path] = page_warnings
         warnings += removed
         # Built without validation: a page re-serialized a few bytes longer must not fail the size limit here.
-        files.append(file if not removed else GeneratedFile.model_construct(path=file.path, content=content))
-    return SiteCode.model_construct(files=files), warnings
+        files.append(GeneratedFile.model_construct(path=file.path, content=tree.html or "") if removed else file)
+    return SiteCode.model_construct(files=files), warnings, quality
+
+
+def sanitize_site(code: SiteCode, allowed_hosts: Iterable[str] = ()) -> tuple[SiteCode, list[str]]:
+    """Every page sanitized (see `sanitize_page`), with the removals' warnings in page order."""
+    sanitized, warnings, _ = _publishable(code, allowed_hosts)
+    return sanitized, warnings
 
 
 def _capped(warnings: list[str]) -> list[str]:
@@ -395,10 +408,9 @@ def assemble_site(
     """
     if not checked:
         _raise_problems(site_problems(plan, code))
-    sanitized, warnings = sanitize_site(code, allowed_hosts)
+    sanitized, warnings, quality = _publishable(code, allowed_hosts)  # quality: of the pages as written
     if warnings:  # removing elements cannot break a page the checks passed; checked anyway
         _raise_problems(site_problems(plan, sanitized), after_removal=True)
-    quality = quality_report(sanitized)  # of the pages as written, after the removals
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]
     manifest = Manifest(
         order_id=order_id,
