@@ -7,6 +7,7 @@ directory, whatever the model answered.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -41,19 +42,34 @@ def _write_file(path: Path, content: bytes) -> None:
         os.close(fd)
 
 
-def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
-    """Write the files as the order's site, replacing the previous one in one step; returns its path."""
-    root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / str(order_id)
-    # Only one generation of an order runs at a time, so a build or old copy of this order that
-    # is still here was left by a crash. Fixed names keep this independent of how many sites exist.
-    staging, old = root / f".{order_id}.build", root / f".{order_id}.old"
-    for leftover in (staging, old):
-        if os.path.lexists(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
+def _make_staging(root: Path, staging: Path) -> None:
+    """Create the build folder, creating the output folder the first time and clearing a crash's leftover.
+
+    Only one generation of an order runs at a time, so a build folder of this order that is already
+    here was left by a crash. Tried first and fixed up on failure: the usual case costs one mkdir.
+    """
     try:
         staging.mkdir(mode=0o755)
+    except FileNotFoundError:
+        root.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=0o755)
+    except FileExistsError:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o755)
+
+
+def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
+    """Write the files as the order's site, replacing the previous one in one step; returns its path.
+
+    `root` should be absolute (the runner resolves `output.dir` once); a relative one is resolved here.
+    """
+    if not root.is_absolute():
+        root = root.resolve()
+    target = root / str(order_id)
+    # Fixed names keep this independent of how many sites exist.
+    staging, old = root / f".{order_id}.build", root / f".{order_id}.old"
+    _make_staging(root, staging)
+    try:
         folders = {staging}
         for file in files:
             # The staging dir is new and ours and the path is checked relative (no '..', no
@@ -67,21 +83,32 @@ def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
         if _CHMOD_FOLDERS:
             for folder in folders:
                 os.chmod(folder, 0o755)
-        replacing = os.path.lexists(target)
-        if replacing:
-            os.rename(target, old)
         try:
-            os.rename(staging, target)
-        except OSError:
-            if replacing:
-                os.rename(old, target)  # put the previous site back rather than lose it
-            raise
-        if replacing:
-            shutil.rmtree(old, ignore_errors=True)
+            os.rename(staging, target)  # a new order: nothing to replace (the usual case, one call)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            _swap(staging, target, old)
+        else:
+            if os.path.lexists(old):  # the previous site, left by a crash in the middle of a swap
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _swap(staging: Path, target: Path, old: Path) -> None:
+    """Replace the order's current site with the staging folder; the previous one is kept until then."""
+    if os.path.lexists(old):  # left by a crash in the middle of an earlier swap
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)  # put the previous site back rather than lose it
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def site_is_complete(root: Path, order_id: int) -> bool:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from worker.errors import (
 )
 from worker.metrics import Metrics
 from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
-from worker.output import order_dir, site_is_complete, write_site
+from worker.output import site_is_complete, write_site
 from worker.pipeline import M
 from worker.pipeline.assemble import assemble_site
 from worker.pipeline.code import make_code
@@ -83,6 +83,11 @@ class Runtime:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     #: Prometheus metrics of this replica (its own registry; served only when `metrics.port` is set).
     metrics: Metrics = field(default_factory=Metrics)
+
+    @cached_property
+    def output_root(self) -> Path:
+        """`output.dir`, absolute: resolved once, not for every site written."""
+        return self.settings.output.dir.resolve()
 
 
 def backoff_s(settings: Settings, job_try: int) -> float:
@@ -179,7 +184,7 @@ class GenerationRun:
             "order_id": self.order_id,
             "generation_id": self.claim.generation_id,
             "status": status,
-            "output_dir": str(order_dir(self.rt.settings.output.dir, self.order_id)) if manifest else None,
+            "output_dir": str(self.rt.output_root / str(self.order_id)) if manifest else None,
             "pages": manifest.get("pages", []),
             "usage": _usage_summary(self.usage),
         }
@@ -259,8 +264,7 @@ class GenerationRun:
             await self.log(warning, level="warning")
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
         # never a generation marked done without its files.
-        root = self.rt.settings.output.dir
-        target = await asyncio.to_thread(write_site, root, self.order_id, files)
+        target = await asyncio.to_thread(write_site, self.rt.output_root, self.order_id, files)
         self.usage["assemble"] = Usage()
         dumped = manifest.model_dump(mode="json")
         await self.rt.store.finish_generation(
@@ -463,7 +467,7 @@ async def _fail_before_start(rt: Runtime, order_id: int, exc: InputError, *, job
 
 async def _already_done(rt: Runtime, run: GenerationRun) -> dict[str, Any]:
     """A re-sent job for a finished order: no new work; restore the files on disk if they went missing."""
-    root: Path = rt.settings.output.dir
+    root = rt.output_root
     if not site_is_complete(root, run.order_id):
         files = await rt.store.load_files(run.claim.generation_id)
         await asyncio.to_thread(write_site, root, run.order_id, files)
