@@ -667,9 +667,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-sites", type=int, default=300, help="sites in the profiled latency-0 run")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--latency-ms", type=float, default=200, help="model latency of the latency scenarios")
-    p.add_argument("--latency-jitter", type=float, default=0.0,
-                   help="each call takes uniform(latency x (1 - j), latency x (1 + j)), same mean; 0: constant")
-    p.add_argument("--max-jobs", type=ints, default=[50, 200, 500], help="max_jobs values of the latency scenario")
+    p.add_argument("--latency-jitter", type=float, default=0.25,
+                   help="each call takes uniform(latency x (1 - j), latency x (1 + j)), same mean; 0: constant "
+                        "(then every generation runs in lockstep and all their commits land in the same ms)")
+    p.add_argument("--max-jobs", type=ints, default=[25, 50, 200, 500],
+                   help="max_jobs values of the latency scenario (25: where one replica's CPU is not the limit)")
     p.add_argument("--waves", type=float, default=2, help="latency scenario: sites = waves x max_jobs ...")
     p.add_argument("--latency-min-sites", type=int, default=300, help="... but at least this many")
     p.add_argument("--inflight-jobs", type=int, default=500, help="generations in flight at once in the RSS run")
