@@ -276,8 +276,10 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"## Profile (py-spy, {prof['rate']} Hz, {prof['sites']} sites at latency 0): "
             f"{prof['cpu_ms_per_site']} ms of samples per site",
             "",
-            "py-spy counts a thread as busy while it waits for the GIL, so the sampled total is above the measured "
-            "CPU; shares are what to read. Raw stacks: `profile.raw` (flamegraph.pl / speedscope can open them).",
+            "Sampled with `--gil`: only the thread holding the GIL, so this is the Python-level CPU; time in "
+            "system calls made without the GIL (socket and file I/O) and in the kernel is not in it, which is why "
+            "the total is below the measured worker CPU (the runs table gives the kernel's share). "
+            "Raw stacks: `profile.raw` (flamegraph.pl / speedscope can open them).",
             "",
             "By library (innermost known frame):",
             "",

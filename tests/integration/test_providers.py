@@ -25,7 +25,9 @@ from tests.helpers import (
     with_ai,
 )
 from worker import client
+from worker.ai.base import AIRequest
 from worker.ai.fake_server import FakeProviderServer
+from worker.ai.http import CONNECTIONS_PER_CLIENT, OpenAIProvider
 from worker.services import free_port
 from worker.settings import Settings
 
@@ -368,3 +370,23 @@ async def test_heartbeat_keeps_a_long_model_call_claimed_and_its_job_marker_shor
     assert await db.fetchval("SELECT lease_expires_at > now() FROM site_generations WHERE order_id = 74")
     ttl_ms = await redis.pttl(f"arq:in-progress:{client.job_id(74)}")
     assert 0 < ttl_ms <= 2000, "arq's in-progress marker lives one lease, not job_timeout + 10 s"
+
+
+async def test_a_provider_allowed_more_calls_than_one_client_holds_has_them_all_in_flight_at_once(
+    fake: FakeProviderServer,
+) -> None:
+    """max_concurrency 70 is three clients of at most 32 connections (CONNECTIONS_PER_CLIENT), so that
+    httpcore's per-request pool bookkeeping stays small; every call still gets a connection at once."""
+    fake.configure(latency_s=2.0)  # long enough that all 70 are held by the fake at the same time
+    provider = OpenAIProvider("remote", remote("openai", fake.url, max_concurrency=70), KEY)
+    try:
+        assert len(provider.clients) == 3 and CONNECTIONS_PER_CLIENT == 32
+        prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
+        request = AIRequest(task="planning", system="plan", prompt=prompt)
+        calls = asyncio.gather(*(provider.complete(request) for _ in range(70)))
+        await asyncio.to_thread(fake.wait_for_requests, 70)  # all 70 arrived before the first answer
+        replies = await calls
+    finally:
+        await provider.aclose()
+    assert len(replies) == 70 and all(r.text for r in replies)
+    assert provider._busy == [0, 0, 0], "every lane is free again"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import random
 import re
 import time
@@ -35,6 +36,8 @@ from worker.settings import ProviderSettings
 CLOUDFLARE_QUOTA_CODES = frozenset({3036})
 _SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9_\-\.=]{8,}|key-[A-Za-z0-9]{16,})")
 _JSON_CONTENT = {"content-type": "application/json"}
+#: Most connections one httpx client holds; a provider allowed more calls at once gets more clients.
+CONNECTIONS_PER_CLIENT = 32
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
 
 
@@ -100,19 +103,29 @@ class HTTPProvider:
         self.config = config
         self._api_key = api_key
         self._slots = asyncio.Semaphore(config.max_concurrency)
-        self.client = httpx2.AsyncClient(
-            base_url=config.api_root.rstrip("/") + "/",
-            headers={"user-agent": "sitegen-worker", **config.headers, **self.auth_headers(api_key)},
-            timeout=httpx2.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.total_timeout_s,
-            ),
-            limits=httpx2.Limits(
-                max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
-            ),
-        )
+        # Lanes: httpcore's pool walks every one of its connections and requests on each request and
+        # each release, so one pool of hundreds of connections spends more CPU there than on the calls.
+        # Several clients of at most CONNECTIONS_PER_CLIENT each keep that cost flat; a request takes
+        # the least busy one, which always has a free connection while a slot is held.
+        lanes = math.ceil(config.max_concurrency / CONNECTIONS_PER_CLIENT)
+        per_lane = math.ceil(config.max_concurrency / lanes)
+        ssl_context = httpx2.create_ssl_context()  # loading the CA store once, not once per lane
+        self.clients = [
+            httpx2.AsyncClient(
+                base_url=config.api_root.rstrip("/") + "/",
+                headers={"user-agent": "sitegen-worker", **config.headers, **self.auth_headers(api_key)},
+                timeout=httpx2.Timeout(
+                    connect=config.connect_timeout_s,
+                    read=config.read_timeout_s,
+                    write=config.read_timeout_s,
+                    pool=config.total_timeout_s,
+                ),
+                limits=httpx2.Limits(max_connections=per_lane, max_keepalive_connections=per_lane),
+                verify=ssl_context,
+            )
+            for _ in range(lanes)
+        ]
+        self._busy = [0] * lanes
 
     # -- what differs between kinds
 
@@ -139,7 +152,8 @@ class HTTPProvider:
     # -- shared
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     def _error(self, cls: type[AIError], message: str, request: AIRequest, **extra: Any) -> AIError:
         return cls(
@@ -180,9 +194,14 @@ class HTTPProvider:
     async def _attempt(self, request: AIRequest) -> AIReply:
         try:
             async with self._slots, asyncio.timeout(self.config.total_timeout_s):
-                response = await self.client.post(
-                    self.endpoint(), content=orjson.dumps(self.body(request)), headers=_JSON_CONTENT
-                )
+                lane = min(range(len(self.clients)), key=self._busy.__getitem__)
+                self._busy[lane] += 1
+                try:
+                    response = await self.clients[lane].post(
+                        self.endpoint(), content=orjson.dumps(self.body(request)), headers=_JSON_CONTENT
+                    )
+                finally:
+                    self._busy[lane] -= 1
         except (httpx2.TimeoutException, TimeoutError) as exc:
             raise self._error(AIUnavailable, f"timed out ({type(exc).__name__})", request) from exc
         except httpx2.TransportError as exc:
