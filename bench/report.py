@@ -94,6 +94,7 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     plt.rcParams.update({"font.size": 8, "figure.dpi": 90})
     runs = _runs(report)
@@ -114,6 +115,11 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
                             (r["max_jobs"], r["throughput"]), textcoords="offset points", xytext=(4, 6))
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_yticks([t for t in (10, 25, 50, 100, 200, 400, 800, 1600)
+                           if min(x) / 30 <= t <= 2 * max(r["ideal"] for r in lat)])
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xticks(x, [str(v) for v in x])
             ax.set_xlabel("generations in flight (max_jobs)")
             ax.set_ylabel("sites/s")
@@ -221,8 +227,11 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f"the worker(s) and this driver all on the same machine. Whole run: {report['elapsed_s']} s. "
         "Raw numbers: `results.json`; bench/README.md says what each column means.",
         "",
-        "Worker settings are the defaults (pools 10 + 2 connections, poll 0.05 s) except `max_jobs` and the fake "
-        "provider's `max_concurrency`, set to `max_jobs` (its default, 8, would cap 200 ms calls at 40/s).",
+        "Worker settings are the defaults (pools 10 + 2 connections, poll 0.05 s, log level "
+        f"{report.get('args', {}).get('log_level', 'INFO')}) except `max_jobs` and, where calls take time, the "
+        "provider's `max_concurrency`, set to `max_jobs` (its default, 8, would cap 200 ms calls at 40/s). Model "
+        "calls take the stated latency x uniform(1 - j, 1 + j), "
+        f"j = {report.get('args', {}).get('latency_jitter', 0)}.",
         "",
         "## Runs",
         "",

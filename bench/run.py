@@ -698,7 +698,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     wanted = set(args.scenarios.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
-    report: dict[str, Any] = {"runs": bench.results, "idle": [], "profile": {}}
+    report: dict[str, Any] = {
+        "runs": bench.results,
+        "idle": [],
+        "profile": {},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
     began = time.time()
     try:
         lat = args.latency_ms / 1000
