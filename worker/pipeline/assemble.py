@@ -115,11 +115,16 @@ def _references(page: str, tree: HTMLParser | LexborNode, *, assets: bool = True
             target = _internal_target(page, url)
             if target is not None:
                 targets.add(target)
-        handlers = [name for name in attributes if name[:2].lower() == "on"]
+        handlers = None
+        for name in attributes:  # plain loops, not comprehensions: this runs for every element
+            if name[:2].lower() == "on":
+                handlers = [*(handlers or ()), name]
         if handlers:
             problems.append(f"{page}: <{tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
         if assets:
-            asset_urls += [attributes[a] or "" for a in _ASSETS_BY_TAG.get(tag, ()) if a in attributes]
+            for attribute in _ASSETS_BY_TAG.get(tag, ()):
+                if attribute in attributes:
+                    asset_urls.append(attributes[attribute] or "")
             if "srcset" in attributes and tag in ("img", "source"):
                 asset_urls += _srcset_urls(attributes["srcset"] or "")
             if "style" in attributes:
@@ -152,6 +157,9 @@ def _srcset_urls(srcset: str) -> list[str]:
 
 
 def _css_urls(css: str) -> list[str]:
+    lowered = css.lower()
+    if "url(" not in lowered and "@import" not in lowered:  # the usual stylesheet or style attribute
+        return []
     return [next(g for g in m.groups() if g is not None) for m in _CSS_URL.finditer(css)]
 
 
