@@ -556,6 +556,49 @@ class Bench:
 
         await asyncio.gather(*(one(o) for o in order_ids))
 
+    async def progress_capacity(self, rows: int, slow_log_ms: float) -> dict[str, Any]:
+        """Rows/s that `worker.progress.ProgressLog` (its own pool, one ordered writer) gets into PostgreSQL
+        when rows come faster than it writes them: the log's ceiling, with and without a slow INSERT."""
+        from loguru import logger
+
+        from worker.migrate import migrate
+        from worker.progress import ProgressLog
+        from worker.settings import DatabaseSection
+        from worker.store import create_pool
+
+        if not self.migrated:  # the workers migrate when they start; this run has none
+            await migrate(self.db_url, ROOT / "migrations")
+            self.migrated = True
+        await self.reset()
+        if slow_log_ms:
+            await self._slow_log(slow_log_ms)
+        log(f"progress: {rows} rows through ProgressLog as fast as they come, INSERT +{slow_log_ms:g} ms per row")
+        db = DatabaseSection(url=self.db_url)
+        pool = await create_pool(db, max_size=self.args.progress_pool_max, min_size=1, name="progress")
+        progress = ProgressLog(pool, replica_id="bench", buffer_size=rows)
+        writer = asyncio.create_task(progress.run_writer())
+        logger.disable("worker.progress")  # the rows' DEBUG echo, not what is measured
+        try:
+            t0 = time.perf_counter()
+            for i in range(rows):
+                await progress.log(10_000 + i % 500, "phase plan done", generation_id=1 + i % 500, phase="plan",
+                                   duration_ms=200, tokens_in=900, tokens_out=1200)
+                if i % 50 == 49:
+                    await asyncio.sleep(0)  # let the writer run, as a worker's other coroutines do
+            logged_s = time.perf_counter() - t0
+            if not await progress.flush():
+                raise RuntimeError("the progress log could not write its rows; see the log above")
+            elapsed = time.perf_counter() - t0
+        finally:
+            logger.enable("worker.progress")
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await pool.close()
+        res = {"rows": rows, "slow_log_ms": slow_log_ms, "rows_per_s": round(rows / elapsed),
+               "logged_per_s": round(rows / logged_s), "dropped": progress.dropped}
+        log(f"progress capacity: {res}")
+        return res
+
     async def idle_poll_cost(self, poll_delay_s: float, seconds: float) -> dict[str, Any]:
         """Redis commands/s and worker CPU of one idle replica polling every `poll_delay_s`."""
         log(f"idle: one replica polling every {poll_delay_s}s for {seconds}s")
@@ -658,7 +701,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--scenarios", default="zero,profile,latency,inflight,enqueue,slowlog,scale,idle",
+    p.add_argument("--progress-rows", type=int, default=20_000,
+                   help="rows of the progress-log capacity run (a tenth of them with --slow-log-ms)")
+    p.add_argument("--scenarios", default="zero,profile,latency,inflight,enqueue,slowlog,scale,progress,idle",
                    help="which scenarios to run, comma-separated")
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
@@ -701,6 +746,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "runs": bench.results,
         "idle": [],
+        "progress": [],
         "profile": {},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
@@ -744,6 +790,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     continue  # the `zero` run
                 await bench.run(Scenario(f"scale{n}", f"latency 0, max_jobs {zj}, {n} replicas", 0, zj,
                                          args.scale_sites, replicas=n, fakes=args.fakes))
+        if "progress" in wanted:
+            report["progress"].append(await bench.progress_capacity(args.progress_rows, 0.0))
+            # ~200 rows/s when each row costs 5 ms: a tenth of the rows keeps this run ~10 s.
+            report["progress"].append(await bench.progress_capacity(args.progress_rows // 10, args.slow_log_ms))
         if "idle" in wanted:
             for pd in (0.05, 0.5):
                 report["idle"].append(await bench.idle_poll_cost(pd, args.idle_seconds))
