@@ -69,7 +69,9 @@ async def redis(services: LocalServices) -> AsyncIterator[ArqRedis]:
 @pytest.fixture
 def settings(services: LocalServices, tmp_path: Path) -> Settings:
     return load_settings(
-        database={"url": services.database_url, "pool_max_size": 4},
+        # Tests read a job's progress rows as soon as its result is in: let it wait for them even on a
+        # loaded CI machine (the default, 0.1 s, is for throughput; the wait ends when they are written).
+        database={"url": services.database_url, "pool_max_size": 4, "progress_wait_s": 5},
         redis={"url": services.redis_url},
         output={"dir": tmp_path / "sites"},
         worker={

@@ -90,7 +90,7 @@ class DatabaseSection(_Section):
         "oldest are dropped, each drop logged and counted (metric sitegen_progress_rows_dropped)",
     )
     progress_wait_s: float = Field(
-        default=0.25,
+        default=0.1,
         ge=0,
         description="How long a finishing job waits for its progress rows to be written before its result is "
         "stored; jobs stop waiting while the log is behind, so a slow database never holds generations up",

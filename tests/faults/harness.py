@@ -131,6 +131,7 @@ class Cluster:
             SITEGEN_WORKER__RETRY_BACKOFF_MAX_S="2",
             SITEGEN_WORKER__JOB_TIMEOUT_S="1800",
             SITEGEN_WORKER__POLL_DELAY_S="0.05",
+            SITEGEN_DATABASE__PROGRESS_WAIT_S="5",  # results are read with their progress rows
             SITEGEN_AI__PROVIDERS__FAKE__KIND="openai",
             SITEGEN_AI__PROVIDERS__FAKE__MODEL="fake-gpt",
             SITEGEN_AI__PROVIDERS__FAKE__BASE_URL=f"{self.fake.url}/v1",
