@@ -54,7 +54,6 @@ class ProgressLog:
         self.failed_writes = 0
         self.dropped = 0
         #: Set when a finishing job gave up waiting for the writer; cleared when the buffer is empty again.
-        self.behind = False
         self._fell_behind = asyncio.Event()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -99,6 +98,11 @@ class ProgressLog:
             delay = min(delay * 2, max_retry_s)
             self._wake.set()
 
+    @property
+    def behind(self) -> bool:
+        """The log is behind PostgreSQL: finishing jobs do not wait for their rows."""
+        return self._fell_behind.is_set()
+
     async def settle(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for every row logged so far to be written (a finishing job's rows).
 
@@ -115,7 +119,6 @@ class ProgressLog:
         finally:
             fell_behind.cancel()
         if not done and not self.behind:  # the first job to give up tells every other waiter to stop too
-            self.behind = True
             self._fell_behind.set()
             logger.warning(
                 "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
@@ -151,7 +154,6 @@ class ProgressLog:
                     return False
                 self.written += len(batch)
         if self.behind:
-            self.behind = False
             self._fell_behind.clear()
             logger.info("progress log caught up with PostgreSQL")
         return True

@@ -1,9 +1,10 @@
 """The networked providers: OpenAI-compatible chat completions, Anthropic Messages, Cloudflare Workers AI.
 
-Each owns one `httpx2.AsyncClient` for the life of the worker. One request goes through one
-place (`HTTPProvider.complete`) that bounds concurrency and time, classifies every failure into
-the `AIError` family, and retries what may pass (honouring Retry-After) a bounded number of
-times. The kinds differ only in how a request is written and an answer read.
+Each owns its `httpx2.AsyncClient`s (one per CONNECTIONS_PER_CLIENT connections) for the life
+of the worker. One request goes through one place (`HTTPProvider.complete`) that bounds
+concurrency and time, classifies every failure into the `AIError` family, and retries what may
+pass (honouring Retry-After) a bounded number of times. The kinds differ only in how a request
+is written and an answer read.
 """
 
 from __future__ import annotations

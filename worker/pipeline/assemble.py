@@ -115,10 +115,10 @@ def _references(page: str, tree: HTMLParser | LexborNode, *, assets: bool = True
             target = _internal_target(page, url)
             if target is not None:
                 targets.add(target)
-        handlers = None
+        handlers: list[str] = []
         for name in attributes:  # plain loops, not comprehensions: this runs for every element
             if name[:2].lower() == "on":
-                handlers = [*(handlers or ()), name]
+                handlers.append(name)
         if handlers:
             problems.append(f"{page}: <{tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
         if assets:
