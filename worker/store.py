@@ -12,6 +12,7 @@ import mimetypes
 import re
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,7 +103,7 @@ class OutputFile:
     path: str
     content: bytes
 
-    @property
+    @cached_property  # read for the manifest and again for the final commit
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
