@@ -4,13 +4,9 @@
 -- Serialises claims of one order across replicas until the transaction ends.
 SELECT pg_advisory_xact_lock($1::bigint);
 
--- name: get_order_for_update
-SELECT id, brief FROM site_orders WHERE id = $1 FOR UPDATE;
-
--- name: upsert_order_brief
-INSERT INTO site_orders (id, brief) VALUES ($1, $2)
-ON CONFLICT (id) DO UPDATE SET brief = EXCLUDED.brief, updated_at = now()
-WHERE site_orders.brief IS DISTINCT FROM EXCLUDED.brief;
+-- name: claim
+-- Start, resume or skip a generation of the order, in one round trip: see migrations/0003_claim_function.sql.
+SELECT sitegen_claim($1, $2, $3, $4, $5, $6, $7);
 
 -- name: ensure_order
 INSERT INTO site_orders (id) VALUES ($1) ON CONFLICT (id) DO NOTHING;
@@ -21,34 +17,11 @@ SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, b
        GREATEST(EXTRACT(EPOCH FROM lease_expires_at - now()), 0)::float8 AS lease_left_s
 FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
 
--- name: supersede_generation
-UPDATE site_generations
-SET status = 'cancelled', finished_at = now(), claim_token = NULL, lease_expires_at = NULL,
-    error = jsonb_build_object('type', 'Superseded', 'message', $2::text)
-WHERE id = $1;
-
--- name: resume_generation
-UPDATE site_generations
-SET status = 'running', attempt = attempt + 1, claim_token = $2, replica_id = $3, job_id = $4,
-    heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => $5),
-    started_at = coalesce(started_at, now()), error = NULL
-WHERE id = $1
-RETURNING id, current_phase, attempt, brief, cancel_requested_at IS NOT NULL AS cancel_requested;
-
--- name: start_generation
-INSERT INTO site_generations (order_id, status, current_phase, attempt, brief, claim_token, replica_id, job_id,
-                              heartbeat_at, lease_expires_at, started_at)
-VALUES ($1, 'running', 'plan', 1, $2, $3, $4, $5, now(), now() + make_interval(secs => $6), now())
-RETURNING id, current_phase, attempt, brief;
-
 -- name: record_failed_generation
 -- A job that failed before it could start a generation (bad brief): the error still lands on the order.
 INSERT INTO site_generations (order_id, status, attempt, error, job_id, replica_id, started_at, finished_at)
 VALUES ($1, 'failed', 1, $2, $3, $4, now(), now())
 RETURNING id;
-
--- name: load_checkpoints
-SELECT phase, output, usage FROM site_generation_phases WHERE generation_id = $1;
 
 -- name: commit_phase
 -- One statement, so one round trip and atomic without a transaction block: advance the generation
