@@ -375,12 +375,12 @@ async def test_heartbeat_keeps_a_long_model_call_claimed_and_its_job_marker_shor
 async def test_a_provider_allowed_more_calls_than_one_client_holds_has_them_all_in_flight_at_once(
     fake: FakeProviderServer,
 ) -> None:
-    """max_concurrency 70 is three clients of at most 32 connections (CONNECTIONS_PER_CLIENT), so that
+    """max_concurrency 70 is 18 clients of at most 4 connections (CONNECTIONS_PER_CLIENT), so that
     httpcore's per-request pool bookkeeping stays small; every call still gets a connection at once."""
     fake.configure(latency_s=2.0)  # long enough that all 70 are held by the fake at the same time
     provider = OpenAIProvider("remote", remote("openai", fake.url, max_concurrency=70), KEY)
     try:
-        assert len(provider.clients) == 3 and CONNECTIONS_PER_CLIENT == 32
+        assert len(provider.clients) == 18 and CONNECTIONS_PER_CLIENT == 4
         prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
         request = AIRequest(task="planning", system="plan", prompt=prompt)
         calls = asyncio.gather(*(provider.complete(request) for _ in range(70)))
@@ -389,4 +389,25 @@ async def test_a_provider_allowed_more_calls_than_one_client_holds_has_them_all_
     finally:
         await provider.aclose()
     assert len(replies) == 70 and all(r.text for r in replies)
-    assert provider._busy == [0, 0, 0], "every lane is free again"
+    assert provider._busy == [0] * 18, "every lane is free again"
+
+
+async def test_a_provider_goes_through_the_proxy_of_the_environment(
+    fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls go straight to the transport the client chose for the provider's URL, which is the proxy
+    when HTTP_PROXY names one: the fake plays the proxy and sees the absolute-form request."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", fake.url)
+    unreachable = f"http://127.0.0.2:{free_port()}"  # nothing listens there: only the proxy can answer
+    provider = OpenAIProvider("remote", remote("openai", unreachable), KEY)
+    try:
+        prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
+        reply = await provider.complete(AIRequest(task="planning", system="plan", prompt=prompt))
+    finally:
+        await provider.aclose()
+    assert reply.text
+    (seen,) = fake.wait_for_requests(1)
+    assert seen.path == f"{unreachable}/v1/chat/completions"
+    assert seen.headers["authorization"] == f"Bearer {KEY}" and seen.headers["content-type"] == "application/json"
