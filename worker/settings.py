@@ -122,6 +122,12 @@ class OutputSection(_Section):
     allowed_embed_hosts: list[str] = Field(
         default_factory=list, description="Hosts whose scripts and iframes generated pages may load; others are removed"
     )
+    inline_write_max_ms: float = Field(
+        default=20,
+        ge=0,
+        description="Sites are written on the event loop while each write takes at most this long; a slower "
+        "one sends writes to a thread for 5 minutes (0: always in a thread)",
+    )
 
 
 class LimitsSection(_Section):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from worker import output
 from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, SiteCode, check_relative_path
-from worker.output import order_dir, site_is_complete, write_site
+from worker.output import INLINE_WRITE_SETTING, SiteWriter, order_dir, site_is_complete, write_site
 from worker.store import OutputFile
 
 UNSAFE_PATHS = [
@@ -191,3 +193,55 @@ def test_site_code_rejects_duplicate_paths(paths: list[str]) -> None:
 def test_site_code_needs_a_file() -> None:
     with pytest.raises(ValidationError):
         SiteCode(files=[])
+
+
+# --------------------------------------------------------------------------- SiteWriter: loop or thread
+
+SMALL_SITE = [OutputFile("index.html", b"<!doctype html>"), OutputFile("manifest.json", b"{}")]
+
+
+@pytest.fixture
+def writing_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The thread of each write_site call the writer makes (the call itself is the real one)."""
+    threads: list[int] = []
+
+    def recording(root: Path, order_id: int, files: list[OutputFile]) -> Path:
+        threads.append(threading.get_ident())
+        return write_site(root, order_id, files)
+
+    monkeypatch.setattr(output, "write_site", recording)
+    return threads
+
+
+async def test_a_quick_write_stays_on_the_event_loop(root: Path, writing_threads: list[int]) -> None:
+    writer = SiteWriter(max_s=60)
+    for order_id in (1, 2):
+        assert await writer.write(root, order_id, SMALL_SITE) == root / str(order_id)
+    assert writing_threads == [threading.get_ident()] * 2 and not writer.in_thread
+    assert tree(root / "2") == {"index.html": b"<!doctype html>", "manifest.json": b"{}"}
+
+
+async def test_a_slow_write_sends_the_next_ones_to_a_thread(
+    root: Path, writing_threads: list[int], log_lines: list[str]
+) -> None:
+    writer = SiteWriter(max_s=1e-9)  # every write is over the limit
+    await writer.write(root, 1, SMALL_SITE)
+    assert writer.in_thread
+    (warning,) = [line for line in log_lines if INLINE_WRITE_SETTING in line]
+    assert "held the event loop" in warning and "in a thread for the next 300 s" in warning
+    await writer.write(root, 2, SMALL_SITE)
+    assert writing_threads[0] == threading.get_ident() and writing_threads[1] != threading.get_ident()
+    assert tree(root / "2") == {"index.html": b"<!doctype html>", "manifest.json": b"{}"}
+
+
+async def test_a_limit_of_0_writes_every_site_in_a_thread(root: Path, writing_threads: list[int]) -> None:
+    writer = SiteWriter(max_s=0)
+    await writer.write(root, 1, SMALL_SITE)
+    assert writer.in_thread and writing_threads[0] != threading.get_ident()
+    assert site_is_complete(root, 1)
+
+
+async def test_a_failed_inline_write_raises_and_leaves_nothing(root: Path) -> None:
+    with pytest.raises(ValueError):
+        await SiteWriter(max_s=60).write(root, 3, [OutputFile("../escape.html", b"x")])
+    assert not (root / "3").exists() and not (root.parent / "escape.html").exists()

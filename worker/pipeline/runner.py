@@ -41,7 +41,7 @@ from worker.errors import (
 )
 from worker.metrics import Metrics
 from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
-from worker.output import site_is_complete, write_site
+from worker.output import SiteWriter, site_is_complete
 from worker.pipeline import M
 from worker.pipeline.assemble import assemble_site
 from worker.pipeline.code import make_code
@@ -88,6 +88,10 @@ class Runtime:
     def output_root(self) -> Path:
         """`output.dir`, absolute: resolved once, not for every site written."""
         return self.settings.output.dir.resolve()
+
+    @cached_property
+    def writer(self) -> SiteWriter:
+        return SiteWriter(self.settings.output.inline_write_max_ms / 1000)
 
 
 def backoff_s(settings: Settings, job_try: int) -> float:
@@ -264,7 +268,7 @@ class GenerationRun:
             await self.log(warning, level="warning")
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
         # never a generation marked done without its files.
-        target = await asyncio.to_thread(write_site, self.rt.output_root, self.order_id, files)
+        target = await self.rt.writer.write(self.rt.output_root, self.order_id, files)
         self.usage["assemble"] = Usage()
         dumped = manifest.model_dump(mode="json")
         await self.rt.store.finish_generation(
@@ -470,7 +474,7 @@ async def _already_done(rt: Runtime, run: GenerationRun) -> dict[str, Any]:
     root = rt.output_root
     if not site_is_complete(root, run.order_id):
         files = await rt.store.load_files(run.claim.generation_id)
-        await asyncio.to_thread(write_site, root, run.order_id, files)
+        await rt.writer.write(root, run.order_id, files)
         await run.log("site restored on disk from the stored files", level="warning")
     Manifest.model_validate(run.outputs["assemble"])
     await run.log("already generated: nothing to do (enqueue with regenerate=true for a new site)")
