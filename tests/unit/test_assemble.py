@@ -22,6 +22,7 @@ from worker.models import (
 )
 from worker.pipeline.assemble import (
     MAX_WARNINGS,
+    Parsed,
     assemble_site,
     normalize_hosts,
     quality_report,
@@ -298,10 +299,19 @@ EVIL_IFRAME = '<iframe src="https://evil.example/"></iframe>'
 
 
 def assembled(code: SiteCode, allowed: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
-    """The manifest's warnings and the written files' text, by path."""
+    """The manifest's warnings and the written files' text, by path.
+
+    Assembled twice: parsing the pages, and from the parses the code phase's check kept (as the
+    runner does); both must give the same site.
+    """
     manifest, files = assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed)
     written = {f.path: f.content.decode() for f in files}
     assert json.loads(written["manifest.json"])["warnings"] == manifest.warnings
+    parsed: Parsed = {}
+    site_problems(make_plan(), code, parsed)
+    assert sorted(parsed) == sorted(f.path for f in code.files if f.path.endswith(".html"))
+    reused = assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed, checked=True, parsed=parsed)
+    assert reused == (manifest, files) and parsed == {}, "every parse is used once"
     return manifest.warnings, written
 
 

@@ -163,8 +163,15 @@ def _css_urls(css: str) -> list[str]:
     return [next(g for g in m.groups() if g is not None) for m in _CSS_URL.finditer(css)]
 
 
-def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
-    """Everything wrong with the generated site, one readable sentence each (empty: all good)."""
+#: Parsed pages kept from the code phase's check for the assemble phase: path -> (the HTML, its parse).
+Parsed = dict[str, tuple[str, HTMLParser]]
+
+
+def site_problems(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) -> list[str]:
+    """Everything wrong with the generated site, one readable sentence each (empty: all good).
+
+    `parsed`, when given, receives each page's parse, for `assemble_site` to use instead of parsing again.
+    """
     files = {f.path: f.content for f in code.files}
     problems: list[str] = []
     pages = [page_file(p.slug) for p in plan.pages]
@@ -182,6 +189,8 @@ def site_problems(plan: SitePlan, code: SiteCode) -> list[str]:
         if not path.endswith(".html"):
             continue
         tree = HTMLParser(content)
+        if parsed is not None:
+            parsed[path] = (content, tree)
         title = tree.css_first("title")
         if title is None or not title.text(strip=True):
             problems.append(f"{path}: missing <title>")
@@ -343,9 +352,13 @@ def _remove_blocked(root: LexborNode, page: str, allowed: frozenset[str]) -> lis
     return warnings
 
 
-def _sanitized(page: str, html: str, allowed: frozenset[str]) -> tuple[HTMLParser, list[str]]:
-    """The page parsed with the embeds from hosts not allowed removed, and a warning per removal."""
-    tree = HTMLParser(html)
+def _sanitized(
+    page: str, html: str, allowed: frozenset[str], tree: HTMLParser | None = None
+) -> tuple[HTMLParser, list[str]]:
+    """The page parsed (or `tree`, its parse, changed in place) with the embeds from hosts not allowed
+    removed, and a warning per removal."""
+    if tree is None:
+        tree = HTMLParser(html)
     return tree, ([] if tree.root is None else _remove_blocked(tree.root, page, allowed))
 
 
@@ -356,11 +369,15 @@ def sanitize_page(page: str, html: str, allowed: frozenset[str]) -> tuple[str, l
 
 
 def _publishable(
-    code: SiteCode, allowed_hosts: Iterable[str]
+    code: SiteCode, allowed_hosts: Iterable[str], parsed: Parsed | None = None
 ) -> tuple[SiteCode, list[str], dict[str, list[str]]]:
     """Every page sanitized (see `sanitize_page`), the removals' warnings in page order, and the quality
-    report (see `quality_report`) of the pages as written, read from the same parse of each page."""
+    report (see `quality_report`) of the pages as written, read from the same parse of each page.
+
+    A page's parse in `parsed` (from `site_problems`, for the same HTML) is used, and taken out of it.
+    """
     allowed = normalize_hosts(allowed_hosts)
+    parsed = parsed if parsed is not None else {}
     files: list[GeneratedFile] = []
     warnings: list[str] = []
     quality: dict[str, list[str]] = {}
@@ -368,7 +385,8 @@ def _publishable(
         if not file.path.endswith(".html"):
             files.append(file)
             continue
-        tree, removed = _sanitized(file.path, file.content, allowed)
+        html, tree = parsed.pop(file.path, (None, None))
+        tree, removed = _sanitized(file.path, file.content, allowed, tree if html is file.content else None)
         if page_warnings := page_quality(tree):
             quality[file.path] = page_warnings
         warnings += removed
@@ -406,17 +424,19 @@ def assemble_site(
     *,
     allowed_hosts: frozenset[str] = frozenset(),
     checked: bool = False,
+    parsed: Parsed | None = None,
 ) -> tuple[Manifest, list[OutputFile]]:
     """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem.
 
     Embeds from hosts not in `allowed_hosts` are removed from the pages; the manifest's
     `warnings` list each removal, then one line per page with quality warnings, which the
     manifest's `quality` holds in full. `checked`: the code passed `site_problems` in this
-    process already (the code phase's check), so it is not parsed again for that.
+    process already (the code phase's check), so it is not parsed again for that; `parsed`: the
+    pages' parses that check kept (see `site_problems`), used here instead of parsing again.
     """
     if not checked:
         _raise_problems(site_problems(plan, code))
-    sanitized, warnings, quality = _publishable(code, allowed_hosts)  # quality: of the pages as written
+    sanitized, warnings, quality = _publishable(code, allowed_hosts, parsed)  # quality: of the pages as written
     if warnings:  # removing elements cannot break a page the checks passed; checked anyway
         _raise_problems(site_problems(plan, sanitized), after_removal=True)
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]

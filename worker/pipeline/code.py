@@ -5,17 +5,19 @@ from __future__ import annotations
 from worker.ai.base import Usage
 from worker.models import Brief, SiteCode, SiteContent, SitePlan
 from worker.pipeline import Ask
-from worker.pipeline.assemble import site_problems
+from worker.pipeline.assemble import Parsed, site_problems
 
 
-def check_code(plan: SitePlan, code: SiteCode) -> None:
-    """Re-ask the model when its pages would fail the assemble phase's checks."""
-    problems = site_problems(plan, code)
+def check_code(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) -> None:
+    """Re-ask the model when its pages would fail the assemble phase's checks (`parsed`: see site_problems)."""
+    problems = site_problems(plan, code, parsed)
     if problems:
         raise ValueError("; ".join(problems[:20]))
 
 
-async def make_code(brief: Brief, plan: SitePlan, content: SiteContent, ask: Ask) -> tuple[SiteCode, Usage]:
+async def make_code(
+    brief: Brief, plan: SitePlan, content: SiteContent, ask: Ask, parsed: Parsed | None = None
+) -> tuple[SiteCode, Usage]:
     return await ask(
         "coding",
         {
@@ -24,5 +26,5 @@ async def make_code(brief: Brief, plan: SitePlan, content: SiteContent, ask: Ask
             "content": content.model_dump(mode="json"),
         },
         SiteCode,
-        check=lambda code: check_code(plan, code),
+        check=lambda code: check_code(plan, code, parsed),
     )
