@@ -21,8 +21,10 @@ from worker.models import (
     page_file,
 )
 from worker.pipeline.assemble import (
+    _PLAIN_ATTRIBUTES,
     MAX_WARNINGS,
     Parsed,
+    _internal_target,
     assemble_site,
     normalize_hosts,
     quality_report,
@@ -195,6 +197,28 @@ def test_inline_event_handler_is_reported() -> None:
     assert site_problems(make_plan(), code) == [
         "contact.html: <button> has inline event handler(s) onclick, onmouseover"
     ]
+
+
+def test_an_event_handler_beside_ordinary_attributes_is_reported() -> None:
+    """Elements with only ordinary attributes skip the per-name check; one handler among them does not."""
+    assert not any(name.startswith("on") for name in _PLAIN_ATTRIBUTES)
+    body = '<a href="about.html" class="btn" id="go" onfocus="x()">About</a><img src="x.svg" alt="" onerror="y()">'
+    code = make_code({"about.html": page_html("about", body=body)}, extra={"x.svg": "<svg/>"})
+    assert site_problems(make_plan(), code) == [
+        "about.html: <a> has inline event handler(s) onfocus",
+        "about.html: <img> has inline event handler(s) onerror",
+    ]
+
+
+def test_repeated_links_are_read_the_same_on_every_page_and_folder() -> None:
+    """Link readings are remembered by (page folder, URL): the same URL from another folder is another target."""
+    nav = '<a href="contact.html">c</a><a href="javascript:alert(1)">x</a>'
+    code = make_code({"index.html": page_html("index", body=nav), "about.html": page_html("about", body=nav)})
+    problems = site_problems(make_plan(), code)
+    assert problems.count("index.html: <a href> uses a script URL") == 1
+    assert problems.count("about.html: <a href> uses a script URL") == 1
+    assert _internal_target("blog/post.html", "contact.html") == "blog/contact.html"
+    assert _internal_target("index.html", "contact.html") == "contact.html"
 
 
 def test_page_not_linked_from_the_home_nav() -> None:

@@ -18,6 +18,7 @@ remove are written byte for byte as the model wrote them.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import re
@@ -76,6 +77,33 @@ def _clean_url(raw: str) -> str:
 
 def _internal_target(page: str, url: str) -> str | None:
     """The site path a URL on `page` points to, or None for external/anchor/mailto/tel links."""
+    return _target_from(posixpath.dirname(page), url)
+
+
+#: Longest URL whose reading `_link` remembers (a data: URL can be any size).
+_REMEMBERED_URL_CHARS = 300
+
+
+def _link(folder: str, raw: str) -> tuple[bool, str | None]:
+    """A URL attribute of a page in `folder`: (whether it is a script URL, the site path it points to)."""
+    if len(raw) <= _REMEMBERED_URL_CHARS:
+        return _remembered_link(folder, raw)
+    return _read_link(folder, raw)
+
+
+def _read_link(folder: str, raw: str) -> tuple[bool, str | None]:
+    url = _clean_url(raw)
+    if url.lower().startswith(_SCRIPT_SCHEMES):
+        return True, None
+    return False, _target_from(folder, url)
+
+
+#: The same links come back on every page of a site (the nav, the footer) and on many sites.
+_remembered_link = functools.lru_cache(maxsize=4096)(_read_link)
+
+
+def _target_from(base: str, url: str) -> str | None:
+    """The site path a URL on a page in folder `base` points to (None: external, anchor, mailto, tel)."""
     url = url.strip().replace("\\", "/")  # browsers read a backslash as '/' in http(s) URLs
     if url.startswith("//"):  # protocol-relative, however many slashes
         return None
@@ -85,7 +113,6 @@ def _internal_target(page: str, url: str) -> str | None:
         return None
     if parts.scheme or parts.netloc or not parts.path:
         return None
-    base = posixpath.dirname(page)
     return posixpath.normpath(posixpath.join(base, unquote(parts.path)))
 
 
@@ -95,32 +122,33 @@ def _references(page: str, tree: HTMLParser | LexborNode, *, assets: bool = True
     One walk over the elements, each one's attributes read once: a query per tag and attribute
     cost as much again as the walk that finds inline event handlers, which has to see them all.
     """
+    folder = posixpath.dirname(page)
     targets: set[str] = set()
     problems: list[str] = []
     asset_urls: list[str] = []
+    if assets:
+        for style in tree.css("style"):
+            asset_urls += _css_urls(style.text(deep=True))
     for node in tree.css("*"):
-        tag = node.tag or ""
-        if assets and tag == "style":
-            asset_urls += _css_urls(node.text(deep=True))
         attributes = node.attributes
         if not attributes:
             continue
+        tag = node.tag or ""
         for attribute in _LINKING_BY_TAG.get(tag, ()):
             if attribute not in attributes:
                 continue
-            url = _clean_url(attributes[attribute] or "")
-            if url.lower().startswith(_SCRIPT_SCHEMES):
+            script, target = _link(folder, attributes[attribute] or "")
+            if script:
                 problems.append(f"{page}: <{tag} {attribute}> uses a script URL")
-                continue
-            target = _internal_target(page, url)
-            if target is not None:
+            elif target is not None:
                 targets.add(target)
-        handlers: list[str] = []
-        for name in attributes:  # plain loops, not comprehensions: this runs for every element
-            if name[:2].lower() == "on":
-                handlers.append(name)
-        if handlers:
-            problems.append(f"{page}: <{tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
+        if not attributes.keys() <= _PLAIN_ATTRIBUTES:  # only then can one of them be an event handler
+            handlers: list[str] = []
+            for name in attributes:  # plain loops, not comprehensions: this runs for many elements
+                if name[:2].lower() == "on":
+                    handlers.append(name)
+            if handlers:
+                problems.append(f"{page}: <{tag}> has inline event handler(s) {', '.join(sorted(handlers))}")
         if assets:
             for attribute in _ASSETS_BY_TAG.get(tag, ()):
                 if attribute in attributes:
@@ -129,7 +157,7 @@ def _references(page: str, tree: HTMLParser | LexborNode, *, assets: bool = True
                 asset_urls += _srcset_urls(attributes["srcset"] or "")
             if "style" in attributes:
                 asset_urls += _css_urls(attributes["style"] or "")
-    targets.update(t for u in asset_urls if (t := _internal_target(page, _clean_url(u))) is not None)
+    targets.update(t for u in asset_urls if (t := _target_from(folder, _clean_url(u))) is not None)
     return targets, problems
 
 
@@ -142,6 +170,16 @@ _ASSETS = (
     ("input", "src"),
 )
 _LINKING_BY_TAG = {tag: tuple(a for t, a in _LINKING if t == tag) for tag, _ in _LINKING}
+#: Attribute names that are not event handlers (none starts with "on"): an element with only these
+#: skips the per-name check, which most elements would otherwise pay for their class or href.
+_PLAIN_ATTRIBUTES = frozenset(
+    "accept action alt aria-hidden aria-label aria-labelledby aria-current aria-describedby aria-expanded "
+    "autocomplete charset class cols colspan content datetime decoding dir disabled download enctype for "
+    "formaction height hidden href hreflang id itemprop itemscope itemtype label lang loading max maxlength "
+    "media method min minlength multiple name pattern placeholder poster property rel required role rows "
+    "rowspan scope selected sizes span src srcset start step style tabindex target title type value viewbox "
+    "width xmlns".split()
+)
 _ASSETS_BY_TAG = {tag: tuple(a for t, a in _ASSETS if t == tag) for tag, _ in _ASSETS}
 _CSS_URL = re.compile(r"""url\(\s*(?:"([^"]*)"|'([^']*)'|([^)'"\s]*))\s*\)|@import\s+(?:"([^"]*)"|'([^']*)')""", re.I)
 
