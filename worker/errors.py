@@ -150,6 +150,10 @@ TRANSIENT = (
     OSError,  # connection refused/reset, including asyncpg's and redis' socket errors
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    # A connection the server terminated in the middle of an operation (a restart) can leave asyncpg's
+    # protocol mid-error: "cannot switch to state 12; another operation (2) is in progress"
+    # (MagicStack/asyncpg#1069). The connection is dropped; the next try gets a new one.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.PostgresError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,

@@ -50,13 +50,19 @@ class ProgressLog:
         self.buffer_size = buffer_size
         self.batch_size = batch_size
         self.pending: deque[ProgressRow] = deque()
+        #: Rows logged, written and dropped so far. Rows leave the buffer in the order they came,
+        #: written or dropped, so row n (counting from 1) is out once written + dropped >= n.
+        self.logged = 0
         self.written = 0
         self.failed_writes = 0
         self.dropped = 0
+        #: Set, then replaced, whenever a batch is written or the log falls behind: wakes `settle`.
+        self._progressed = asyncio.Event()
         #: Set when a finishing job gave up waiting for the writer; cleared when the buffer is empty again.
         self._fell_behind = asyncio.Event()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
 
     async def log(
         self,
@@ -76,8 +82,13 @@ class ProgressLog:
             _ECHO_LEVEL[level], "{}{}", message, f" {details}" if details else ""
         )
         self.pending.append(row)
+        self.logged += 1
         self._enforce_bound()
         self._wake.set()
+
+    def _announce(self) -> None:
+        self._progressed.set()
+        self._progressed = asyncio.Event()
 
     def _enforce_bound(self) -> None:
         while len(self.pending) > self.buffer_size:
@@ -94,7 +105,13 @@ class ProgressLog:
             if await self.flush():
                 delay = retry_s
                 continue
-            await asyncio.sleep(delay)
+            # Back off, but a job waiting for its rows (`settle`) asks for a try now: PostgreSQL may be back.
+            try:
+                async with asyncio.timeout(delay):
+                    await self._retry_now.wait()
+            except TimeoutError:
+                pass
+            self._retry_now.clear()
             delay = min(delay * 2, max_retry_s)
             self._wake.set()
 
@@ -104,27 +121,31 @@ class ProgressLog:
         return self._fell_behind.is_set()
 
     async def settle(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for every row logged so far to be written (a finishing job's rows).
+        """Wait up to `timeout_s` until every row logged so far is written (a finishing job's rows).
 
-        While the log is behind (a wait already timed out and the buffer has not emptied since),
-        return at once: a database slower than the log then delays the log, bounded by the
-        buffer, and never the generations, which would otherwise each wait the full timeout.
+        The writer task writes them; this only waits for it, so the rows of many finishing jobs go
+        in the writer's batches. While the log is behind (a wait already timed out and the buffer
+        has not emptied since), return at once: a database slower than the log then delays the
+        log, bounded by the buffer, and never the generations, which would otherwise each wait the
+        full timeout.
         """
-        if self.behind or timeout_s <= 0 or not (self.pending or self._lock.locked()):
+        target = self.logged
+        if self.behind or timeout_s <= 0 or self.written + self.dropped >= target:
             return
-        flush = asyncio.ensure_future(self.flush())  # left running if we stop waiting
-        fell_behind = asyncio.ensure_future(self._fell_behind.wait())
+        self._retry_now.set()
         try:
-            done, _ = await asyncio.wait({flush, fell_behind}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            fell_behind.cancel()
-        if not done and not self.behind:  # the first job to give up tells every other waiter to stop too
-            self._fell_behind.set()
-            logger.warning(
-                "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
-                "until it catches up",
-                len(self.pending),
-            )
+            async with asyncio.timeout(timeout_s):
+                while self.written + self.dropped < target and not self.behind:
+                    await self._progressed.wait()
+        except TimeoutError:
+            if not self.behind:  # the first job to give up tells every other waiter to stop too
+                self._fell_behind.set()
+                self._announce()
+                logger.warning(
+                    "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
+                    "until it catches up",
+                    len(self.pending),
+                )
 
     async def flush(self) -> bool:
         """Write every buffered row now, in order; False if PostgreSQL could not take them."""
@@ -144,7 +165,9 @@ class ProgressLog:
                             [r.created_at for r in batch],
                             self.replica_id,
                         )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                except Exception as exc:  # whatever it is (a connection broken mid-operation raises asyncpg's
+                    # InternalClientError, which is none of its other error classes), the rows are kept and
+                    # the writer lives on: it is the only one that writes them.
                     self.pending.extendleft(reversed(batch))  # back in front, order kept
                     self._enforce_bound()
                     self.failed_writes += 1
@@ -153,6 +176,7 @@ class ProgressLog:
                     )
                     return False
                 self.written += len(batch)
+                self._announce()
         if self.behind:
             self._fell_behind.clear()
             logger.info("progress log caught up with PostgreSQL")

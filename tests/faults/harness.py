@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from arq.jobs import Job
 
 from worker import client
 from worker.ai.fake_server import FakeProviderServer
@@ -205,7 +206,25 @@ class Cluster:
                 raise AssertionError(f"orders failed: {failed}\n{await self.errors(list(failed))}")
             return len(statuses) == len(order_ids) and set(statuses.values()) == {"succeeded"}
 
-        await wait_until(done, timeout, interval=0.5, what=f"{len(order_ids)} orders to succeed")
+        started = time.monotonic()
+        try:
+            await wait_until(done, timeout, interval=0.5, what=f"{len(order_ids)} orders to succeed")
+        except AssertionError as exc:
+            statuses = await self.statuses(order_ids)
+            logs = "\n".join(f"--- replica {r.name}:\n{r.log()[-20_000:]}" for r in self.replicas)
+            raise AssertionError(f"{exc}; statuses {statuses}\n{logs}") from None
+        # A generation is `succeeded` a moment before its job returns: the job still waits for its
+        # progress rows, which are in PostgreSQL by the time its result is in Redis.
+        redis = await client.connect(self.redis_url)
+        try:
+            for order_id in order_ids:
+                left = max(timeout - (time.monotonic() - started), 1.0)
+                job = Job(
+                    client.job_id(order_id), redis, _queue_name=client.QUEUE_NAME, _deserializer=client.deserialize
+                )
+                await job.result(timeout=left, poll_delay=0.05)
+        finally:
+            await redis.aclose()
 
     async def errors(self, order_ids: list[int]) -> list[Any]:
         conn = await self.connect()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, cast
+
 import asyncpg
 import pytest
 from arq import ArqRedis
@@ -9,8 +12,10 @@ from arq.jobs import SerializationError
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
 from worker import client
+from worker.progress import ProgressLog
 from worker.services import LocalServices
 from worker.settings import Settings
+from worker.store import create_pool
 
 
 async def _fail_inserts(db: asyncpg.Connection, table: str, *, times: int, when: str = "true") -> None:
@@ -116,3 +121,42 @@ async def test_a_stalled_progress_log_holds_no_generation_up_and_loses_no_row(
     for order_id in (52, 53, 54):
         messages = [r["message"] for r in rows if r["order_id"] == order_id]
         assert messages[0] == "generation started (attempt 1)" and messages[-1] == "generation succeeded"
+
+
+class _BreaksOnce:
+    """The real pool, but the first connection it hands out is one a server restart broke mid-operation."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.broken = False
+
+    def acquire(self) -> Any:
+        if not self.broken:
+            self.broken = True
+            raise asyncpg.exceptions.InternalClientError(
+                "cannot switch to state 12; another operation (2) is in progress"
+            )
+        return self.pool.acquire()
+
+
+async def test_a_progress_write_failing_in_an_unforeseen_way_keeps_its_rows_and_its_writer(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Seen with a PostgreSQL restart (tests/faults): asyncpg raised InternalClientError, which is none of
+    its other error classes; the writer task died with the batch, and every later row stayed unwritten."""
+    pool = await create_pool(settings.database, max_size=1, name="test-progress")
+    progress = ProgressLog(cast(asyncpg.Pool, _BreaksOnce(pool)), replica_id="r1")
+    writer = asyncio.create_task(progress.run_writer(retry_s=0.01))
+    try:
+        await progress.log(61, "first")
+        await progress.log(61, "second")
+        await progress.settle(10)
+        assert not writer.done(), "the writer lives on"
+        await progress.log(61, "third")
+        await progress.settle(10)
+    finally:
+        writer.cancel()
+        await pool.close()
+    assert progress.failed_writes == 1 and progress.written == 3 and not progress.behind
+    messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
+    assert messages == ["first", "second", "third"]

@@ -6,6 +6,7 @@ import copy
 import random
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.helpers import SAMPLE_BRIEF
@@ -135,3 +136,10 @@ def test_backoff_is_jittered_between_half_and_full(settings: Settings) -> None:
 def test_backoff_of_zero_means_retry_at_once() -> None:
     settings = load_settings(worker={"retry_backoff_s": 0, "retry_backoff_max_s": 0})
     assert backoff_s(settings, 4) == 0
+
+
+def test_a_connection_broken_by_a_server_restart_is_retried() -> None:
+    """asyncpg's InternalClientError after the server terminated a connection mid-operation: seen in
+    tests/faults (PostgreSQL restarted while a claim was sent); a permanent failure would lose the job."""
+    broken = asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+    assert is_retryable(broken) and describe(broken)["retryable"] is True
