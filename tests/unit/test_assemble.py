@@ -23,9 +23,9 @@ from worker.models import (
 from worker.pipeline.assemble import (
     _PLAIN_ATTRIBUTES,
     MAX_WARNINGS,
-    Parsed,
     _internal_target,
     assemble_site,
+    check_site,
     normalize_hosts,
     quality_report,
     sanitize_site,
@@ -325,18 +325,31 @@ EVIL_IFRAME = '<iframe src="https://evil.example/"></iframe>'
 def assembled(code: SiteCode, allowed: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
     """The manifest's warnings and the written files' text, by path.
 
-    Assembled twice: parsing the pages, and from the parses the code phase's check kept (as the
+    Assembled twice: on its own, and from what the code phase's check made of the same code (as the
     runner does); both must give the same site.
     """
     manifest, files = assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed)
     written = {f.path: f.content.decode() for f in files}
     assert json.loads(written["manifest.json"])["warnings"] == manifest.warnings
-    parsed: Parsed = {}
-    site_problems(make_plan(), code, parsed)
-    assert sorted(parsed) == sorted(f.path for f in code.files if f.path.endswith(".html"))
-    reused = assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed, checked=True, parsed=parsed)
-    assert reused == (manifest, files) and parsed == {}, "every parse is used once"
+    problems, publishable = check_site(make_plan(), code, allowed)
+    assert problems == [] and publishable is not None and publishable.source is code
+    assert assemble_site(1, 2, make_plan(), code, allowed_hosts=allowed, publishable=publishable) == (manifest, files)
     return manifest.warnings, written
+
+
+def test_a_check_of_other_code_or_hosts_is_not_used() -> None:
+    code = make_code({"index.html": page_html("index", body=EVIL_SCRIPT)})
+    _, publishable = check_site(make_plan(), code, {"evil.example"})
+    assert publishable is not None and publishable.warnings == []
+    manifest, _ = assemble_site(1, 2, make_plan(), code, publishable=publishable)  # no host allowed here
+    assert len(manifest.warnings) == 1 and "evil.example" in manifest.warnings[0]
+    other = make_code({"index.html": page_html("index", body=EVIL_SCRIPT)})
+    manifest, _ = assemble_site(
+        1, 2, make_plan(), other, allowed_hosts=frozenset({"evil.example"}), publishable=publishable
+    )
+    assert manifest.warnings == []
+    problems, nothing = check_site(make_plan(), without(code, "about.html"))
+    assert problems and nothing is None
 
 
 def test_external_script_and_iframe_are_removed_and_reported() -> None:

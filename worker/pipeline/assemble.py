@@ -24,6 +24,7 @@ import posixpath
 import re
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from selectolax.lexbor import LexborHTMLParser as HTMLParser
@@ -201,14 +202,14 @@ def _css_urls(css: str) -> list[str]:
     return [next(g for g in m.groups() if g is not None) for m in _CSS_URL.finditer(css)]
 
 
-#: Parsed pages kept from the code phase's check for the assemble phase: path -> (the HTML, its parse).
+#: Pages parsed by `site_problems`, for `_publishable` to use: path -> (the HTML, its parse).
 Parsed = dict[str, tuple[str, HTMLParser]]
 
 
 def site_problems(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) -> list[str]:
     """Everything wrong with the generated site, one readable sentence each (empty: all good).
 
-    `parsed`, when given, receives each page's parse, for `assemble_site` to use instead of parsing again.
+    `parsed`, when given, receives each page's parse (see `check_site`).
     """
     files = {f.path: f.content for f in code.files}
     problems: list[str] = []
@@ -439,6 +440,34 @@ def sanitize_site(code: SiteCode, allowed_hosts: Iterable[str] = ()) -> tuple[Si
     return sanitized, warnings
 
 
+@dataclass(frozen=True)
+class Publishable:
+    """What the assemble phase makes of a site's pages (`_publishable`), made by the code phase's check
+    from the parse it already has. `source` is the code it was made from, `allowed` the hosts."""
+
+    source: SiteCode
+    allowed: frozenset[str]
+    code: SiteCode
+    warnings: list[str]
+    quality: dict[str, list[str]]
+
+
+def check_site(
+    plan: SitePlan, code: SiteCode, allowed_hosts: Iterable[str] = ()
+) -> tuple[list[str], Publishable | None]:
+    """`site_problems`, and when there are none, the publishable site, from one parse of each page.
+
+    The parses are used at once and dropped, not kept for the assemble phase: they take about
+    750 KiB per site, and a site waits for its code phase's commit in between.
+    """
+    parsed: Parsed = {}
+    problems = site_problems(plan, code, parsed)
+    if problems:
+        return problems, None
+    allowed = normalize_hosts(allowed_hosts)
+    return [], Publishable(code, allowed, *_publishable(code, allowed, parsed))
+
+
 def _capped(warnings: list[str]) -> list[str]:
     if len(warnings) <= MAX_WARNINGS:
         return warnings
@@ -461,20 +490,20 @@ def assemble_site(
     code: SiteCode,
     *,
     allowed_hosts: frozenset[str] = frozenset(),
-    checked: bool = False,
-    parsed: Parsed | None = None,
+    publishable: Publishable | None = None,
 ) -> tuple[Manifest, list[OutputFile]]:
     """The files to write (manifest last) and the manifest, or SiteCheckFailed with every problem.
 
     Embeds from hosts not in `allowed_hosts` are removed from the pages; the manifest's
     `warnings` list each removal, then one line per page with quality warnings, which the
-    manifest's `quality` holds in full. `checked`: the code passed `site_problems` in this
-    process already (the code phase's check), so it is not parsed again for that; `parsed`: the
-    pages' parses that check kept (see `site_problems`), used here instead of parsing again.
+    manifest's `quality` holds in full. `publishable`: the code phase's check of this very code
+    (`check_site`), used instead of checking and sanitizing the pages again.
     """
-    if not checked:
+    if publishable is not None and publishable.source is code and publishable.allowed == normalize_hosts(allowed_hosts):
+        sanitized, warnings, quality = publishable.code, publishable.warnings, publishable.quality
+    else:
         _raise_problems(site_problems(plan, code))
-    sanitized, warnings, quality = _publishable(code, allowed_hosts, parsed)  # quality: of the pages as written
+        sanitized, warnings, quality = _publishable(code, allowed_hosts)  # quality: of the pages as written
     if warnings:  # removing elements cannot break a page the checks passed; checked anyway
         _raise_problems(site_problems(plan, sanitized), after_removal=True)
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from worker.ai.base import Usage
 from worker.models import Brief, SiteCode, SiteContent, SitePlan
 from worker.pipeline import Ask
-from worker.pipeline.assemble import Parsed, site_problems
+from worker.pipeline.assemble import Publishable, check_site
 
 
-def check_code(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) -> None:
-    """Re-ask the model when its pages would fail the assemble phase's checks (`parsed`: see site_problems)."""
-    problems = site_problems(plan, code, parsed)
+def check_code(
+    plan: SitePlan, code: SiteCode, allowed_hosts: Iterable[str] = (), ready: list[Publishable] | None = None
+) -> None:
+    """Re-ask the model when its pages would fail the assemble phase's checks.
+
+    `ready`, when given, receives what the assemble phase would make of code that passes (see check_site).
+    """
+    problems, publishable = check_site(plan, code, allowed_hosts)
     if problems:
         raise ValueError("; ".join(problems[:20]))
+    if ready is not None and publishable is not None:
+        ready.append(publishable)
 
 
 async def make_code(
-    brief: Brief, plan: SitePlan, content: SiteContent, ask: Ask, parsed: Parsed | None = None
+    brief: Brief,
+    plan: SitePlan,
+    content: SiteContent,
+    ask: Ask,
+    allowed_hosts: Iterable[str] = (),
+    ready: list[Publishable] | None = None,
 ) -> tuple[SiteCode, Usage]:
     return await ask(
         "coding",
@@ -26,5 +40,5 @@ async def make_code(
             "content": content.model_dump(mode="json"),
         },
         SiteCode,
-        check=lambda code: check_code(plan, code, parsed),
+        check=lambda code: check_code(plan, code, allowed_hosts, ready),
     )

@@ -43,7 +43,7 @@ from worker.metrics import Metrics
 from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
 from worker.output import SiteWriter, site_is_complete
 from worker.pipeline import M
-from worker.pipeline.assemble import Parsed, assemble_site
+from worker.pipeline.assemble import Publishable, assemble_site
 from worker.pipeline.code import make_code
 from worker.pipeline.content import make_content
 from worker.pipeline.plan import make_plan
@@ -159,8 +159,8 @@ class GenerationRun:
         self.outputs: dict[str, Any] = dict(claim.checkpoints)
         #: Phase outputs made (and validated and checked) by this run, so they are not validated again.
         self.made: dict[str, BaseModel] = {}
-        #: The pages' parses from the code phase's check, for the assemble phase (which takes them out).
-        self.parsed: Parsed = {}
+        #: What the code phase's check made of the code it accepted, for the assemble phase.
+        self.ready: list[Publishable] = []
         self.usage = {phase: Usage.from_dict(u) for phase, u in claim.usage.items()}
         self.phase: str | None = None
         #: Whether `sitegen cancel` asked this generation to stop: read by the claim and by every
@@ -228,7 +228,12 @@ class GenerationRun:
             output, usage = await make_content(brief, self._plan(), self.ask)
         elif phase == "code":
             output, usage = await make_code(
-                brief, self._plan(), self._output("content", SiteContent), self.ask, self.parsed
+                brief,
+                self._plan(),
+                self._output("content", SiteContent),
+                self.ask,
+                self.rt.settings.output.allowed_embed_hosts,
+                self.ready,
             )
         else:
             return await self._assemble(started), Usage()
@@ -265,11 +270,10 @@ class GenerationRun:
             self._plan(),
             self._output("code", SiteCode),
             allowed_hosts=frozenset(self.rt.settings.output.allowed_embed_hosts),
-            # Code made in this run passed the same checks in the code phase; a checkpoint is checked again.
-            checked="code" in self.made,
-            parsed=self.parsed,
+            # Code made in this run was checked and sanitized by the code phase; a checkpoint is done here.
+            publishable=self.ready[-1] if self.ready else None,
         )
-        self.parsed.clear()  # pages of rejected answers, if any
+        self.ready.clear()
         for warning in manifest.warnings:  # embeds removed from the pages, logged before the files are written
             await self.log(warning, level="warning")
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
