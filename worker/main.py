@@ -19,6 +19,7 @@ from arq.cron import cron
 from arq.worker import Worker, func
 from loguru import logger
 
+from worker import polling
 from worker.ai import build_router
 from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
@@ -202,5 +203,7 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
+# Every Worker of this process (arq's CLI builds its own) skips running jobs when it polls.
+polling.install()
 SETTINGS = _settings_or_exit()
 WorkerSettings = type("WorkerSettings", (), worker_options(SETTINGS))

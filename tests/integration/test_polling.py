@@ -1,0 +1,67 @@
+"""arq's poll with `worker.polling`: running jobs at the head of the queue are not re-checked one by one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from arq import ArqRedis
+from arq.constants import in_progress_key_prefix
+
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
+from worker import client, polling
+from worker.ai.fake_server import FakeProviderServer
+from worker.settings import Settings
+
+pytestmark = pytest.mark.usefixtures("provider_key")
+
+
+async def commands_during_polls(redis: ArqRedis, polls: int) -> list[str]:
+    """Every command Redis runs (MONITOR) until the worker has polled the queue `polls` more times."""
+    seen: list[str] = []
+    async with asyncio.timeout(30), redis.monitor() as monitor:
+        while sum(c.startswith(f"ZRANGEBYSCORE {client.QUEUE_NAME} ") for c in seen) < polls:
+            seen.append((await monitor.next_command())["command"])
+    return seen
+
+
+def touching(commands: list[str], key: str, *names: str) -> list[str]:
+    return [c for c in commands if c.split(" ")[0] in names and key in c.split(" ")[1:]]
+
+
+async def test_a_replica_does_not_recheck_the_jobs_it_is_running_when_it_polls(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    assert polling.installed(), "importing worker.main installs the poll filter"
+    fake.script("hang")  # order 90's planning call hangs: its job stays running, and in the queue
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=30)}))
+    await client.enqueue_generation(redis, 90, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 1)
+
+    commands = await commands_during_polls(redis, polls=5)
+
+    key = in_progress_key_prefix + client.job_id(90)
+    assert await redis.exists(key), "the job is running (arq's in-progress key is set)"
+    # arq alone sends WATCH, EXISTS and ZSCORE for the running job on every poll.
+    assert touching(commands, key, "WATCH", "EXISTS") == []
+    assert f"ZSCORE {client.QUEUE_NAME} {client.job_id(90)}" not in commands
+
+
+async def test_a_job_running_on_another_replica_costs_one_pipelined_read_and_starts_once_it_is_free(
+    settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    await client.enqueue_generation(redis, 91, SAMPLE_BRIEF)
+    key = in_progress_key_prefix + client.job_id(91)
+    await redis.set(key, b"1", px=60_000)  # as another replica does when it starts the job
+    await start_worker(settings)
+
+    commands = await commands_during_polls(redis, polls=5)
+
+    assert touching(commands, key, "WATCH") == [], "arq's WATCH protocol is not entered for a running job"
+    assert len(touching(commands, key, "EXISTS")) >= 4, "one EXISTS per poll tells the job is running elsewhere"
+    assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 91") == 0, "not started here"
+
+    await redis.delete(key)  # the other replica handed the job back
+    result = await wait_for_result(redis, 91)
+    assert result["status"] == "succeeded"
