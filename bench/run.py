@@ -456,6 +456,9 @@ class Bench:
             "extract(epoch FROM max(created_at))::float8 AS b FROM site_generation_logs"
         )
         retries = await conn.fetchval("SELECT count(*) FROM site_generations WHERE attempt > 1")
+        stored = await conn.fetchval(  # tables, TOAST and indexes of the checkpoints and the files
+            "SELECT pg_total_relation_size('site_generation_phases') + pg_total_relation_size('site_files')"
+        )
         phases = {
             r["phase"]: round(r["p50"], 1)
             for r in await conn.fetch(
@@ -516,6 +519,7 @@ class Bench:
             ),
             "redis_cmds_per_site": round(cmds / n, 1),
             "retried_generations": retries,
+            "stored_kib_per_site": round(stored / n / 1024, 1),
             "to_start_samples": [round(x, 2) for x in to_start] if sc.rate else [],
             "duration_samples": [round(x, 1) for x in durations[:5000]],
         }
