@@ -535,6 +535,19 @@ class Bench:
         self.results.append(result)
         return result
 
+    async def postgres_facts(self) -> dict[str, Any]:
+        """The server's version and how the large columns are compressed (migration 0004: lz4 where it can)."""
+        conn = await self.connect()
+        try:
+            version = await conn.fetchval("SHOW server_version")
+            method = await conn.fetchval(
+                "SELECT attcompression::text FROM pg_attribute WHERE attrelid = 'site_files'::regclass"
+                " AND attname = 'content'"
+            )
+        finally:
+            await conn.close()
+        return {"version": version, "compression": "lz4" if method == "l" else "pglz"}
+
     async def _sessions(self, conn: asyncpg.Connection) -> int:
         try:
             return int(await conn.fetchval("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"))
@@ -801,6 +814,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "idle" in wanted:
             for pd in (0.05, 0.5):
                 report["idle"].append(await bench.idle_poll_cost(pd, args.idle_seconds))
+        report["postgres"] = await bench.postgres_facts()
     finally:
         bench.close()
     report["rss_series"] = bench.rss_series
