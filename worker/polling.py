@@ -11,15 +11,16 @@ each one takes. In bench/ (the `inflight` run: 500 generations in flight, 8 s mo
 `start_jobs` below hands arq's own `start_jobs` only the jobs that may be startable, so arq's
 claim of a job (WATCH, MULTI, the in-progress key) is unchanged:
 - the jobs this replica is running are dropped without asking Redis;
-- for the rest, the in-progress keys of as many jobs as there are free slots are read in one
-  pipelined round trip, and the jobs running elsewhere are dropped.
+- for the rest, in-progress keys are read in pipelined round trips, and the jobs running elsewhere
+  are dropped: first as many as there are free slots, then twice as many each time the previous
+  read found too few startable jobs (other replicas' running jobs can fill the head of the queue).
 A key read as missing that appears before arq's WATCH is caught by arq's own check, as before; a key
 read as present that goes away means the job finished or was handed back, and the next poll sees it.
 
 arq's CLI (`arq worker.main.WorkerSettings`) builds `arq.worker.Worker` itself, so `install()`
 replaces the method on that class; `worker.main` calls it on import. It relies on `Worker.tasks`,
-`job_counter`, `max_jobs`, `pool` and `start_jobs(job_ids)`, which arq has had since 0.23 (the
-project pins arq below 0.29), and tests/integration/test_polling.py covers it.
+`job_counter`, `max_jobs`, `pool` and `start_jobs(job_ids)` as arq 0.28 has them (pyproject.toml
+pins arq below 0.29), and tests/integration/test_polling.py covers it.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ async def start_jobs(self: Worker, job_ids: list[bytes]) -> None:
     """Start what arq may start among `job_ids` (the queue's head), skipping jobs known to be running."""
     running_here = {job_id for job_id, task in self.tasks.items() if not task.done()}
     waiting = [job_id for job_id in job_ids if job_id.decode() not in running_here]
+    size = 0
     while waiting and self.job_counter < self.max_jobs:
-        free = self.max_jobs - self.job_counter
-        batch, waiting = waiting[:free], waiting[free:]
+        size = max(self.max_jobs - self.job_counter, 2 * size)
+        batch, waiting = waiting[:size], waiting[size:]
         async with self.pool.pipeline(transaction=False) as pipe:
             for job_id in batch:
                 pipe.exists(in_progress_key_prefix + job_id.decode())

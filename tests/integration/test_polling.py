@@ -65,3 +65,27 @@ async def test_a_job_running_on_another_replica_costs_one_pipelined_read_and_sta
     await redis.delete(key)  # the other replica handed the job back
     result = await wait_for_result(redis, 91)
     assert result["status"] == "succeeded"
+
+
+async def test_a_job_behind_many_running_elsewhere_is_started_by_a_replica_with_one_free_slot(
+    settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    elsewhere = list(range(100, 120))
+    for order_id in elsewhere:  # the head of the queue: 20 jobs other replicas are running
+        await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
+        await redis.set(in_progress_key_prefix + client.job_id(order_id), b"1", px=60_000)
+    await client.enqueue_generation(redis, 120, SAMPLE_BRIEF)
+
+    async with asyncio.timeout(60), redis.monitor() as monitor:
+        await start_worker(settings.model_copy(update={"worker": settings.worker.model_copy(update={"max_jobs": 1})}))
+        result = await wait_for_result(redis, 120)
+        await redis.echo("end of the test's commands")
+        commands = []
+        while (command := (await monitor.next_command())["command"]) != "ECHO end of the test's commands":
+            commands.append(command)
+
+    assert result["status"] == "succeeded"
+    for order_id in elsewhere:
+        key = in_progress_key_prefix + client.job_id(order_id)
+        assert touching(commands, key, "WATCH") == [], f"order {order_id} runs elsewhere: no WATCH"
+        assert touching(commands, key, "EXISTS"), f"order {order_id} was read"
