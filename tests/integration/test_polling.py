@@ -77,7 +77,7 @@ async def test_a_job_behind_many_running_elsewhere_is_started_by_a_replica_with_
     await client.enqueue_generation(redis, 120, SAMPLE_BRIEF)
 
     async with asyncio.timeout(60), redis.monitor() as monitor:
-        await start_worker(settings.model_copy(update={"worker": settings.worker.model_copy(update={"max_jobs": 1})}))
+        await start_worker(settings, max_jobs=1)
         result = await wait_for_result(redis, 120)
         await redis.echo("end of the test's commands")
         commands = []
