@@ -171,22 +171,19 @@ class Store:
         Returns whether `sitegen cancel` asked the generation to stop, read in the same step.
         """
         next_phase = PHASES[PHASES.index(phase) + 1]
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                QUERIES["commit_phase"],
-                claim.generation_id,
-                claim.token,
-                next_phase,
-                total_usage,
-                self.lease_s,
-                phase,
-                output,
-                usage,
-                duration_ms,
-            )
-        if not rows:
-            raise ClaimLost(f"generation {claim.generation_id} was taken over by another replica")
-        return bool(rows[0]["cancel_requested"])
+        row = await self._as_owner(
+            "commit_phase",
+            claim,
+            "was taken over by another replica",
+            next_phase,
+            total_usage,
+            self.lease_s,
+            phase,
+            output,
+            usage,
+            duration_ms,
+        )
+        return bool(row["cancel_requested"])
 
     async def finish_generation(
         self,
@@ -200,24 +197,29 @@ class Store:
         output_dir: str,
     ) -> None:
         """Commit the last phase: the manifest, every file and the generation's success, in one statement."""
+        await self._as_owner(
+            "finish_generation",
+            claim,
+            "was taken over before it could be finished",
+            total_usage,
+            output_dir,
+            manifest,
+            usage,
+            duration_ms,
+            [f.path for f in files],
+            [f.content for f in files],
+            [f.sha256 for f in files],
+            [len(f.content) for f in files],
+            [f.media_type for f in files],
+        )
+
+    async def _as_owner(self, query: str, claim: Claim, lost: str, *args: Any) -> asyncpg.Record:
+        """Run a statement that only acts while `claim` still holds its generation; ClaimLost when it does not."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                QUERIES["finish_generation"],
-                claim.generation_id,
-                claim.token,
-                total_usage,
-                output_dir,
-                manifest,
-                usage,
-                duration_ms,
-                [f.path for f in files],
-                [f.content for f in files],
-                [f.sha256 for f in files],
-                [len(f.content) for f in files],
-                [f.media_type for f in files],
-            )
-        if not rows:
-            raise ClaimLost(f"generation {claim.generation_id} was taken over before it could be finished")
+            row = await conn.fetchrow(QUERIES[query], claim.generation_id, claim.token, *args)
+        if row is None:
+            raise ClaimLost(f"generation {claim.generation_id} {lost}")
+        return row
 
     async def fail_generation(self, claim: Claim, error: dict[str, Any]) -> None:
         async with self.pool.acquire() as conn:
