@@ -74,7 +74,11 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
             f"p50 {enq['to_start_ms']['p50']} ms, p95 {enq['to_start_ms']['p95']} ms")
     slow = runs.get("slowlog")
     if slow:
-        base = runs.get(f"lat{slow['max_jobs']}")
+        # The same run without the slow INSERT; results.json files older than `slowbase` paired it with
+        # the latency run of the same size.
+        base = runs.get("slowbase") or next(
+            (r for n, r in runs.items() if n == f"lat{slow['max_jobs']}" and r["sites"] == slow["sites"]), None
+        )
         if base:
             ratio = slow["throughput"] / base["throughput"]
             add(f"a slow progress log (+{slow['slow_log_ms']:g} ms per row) does not stall generations "
