@@ -822,6 +822,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         bench.close()
     report["rss_series"] = bench.rss_series
     report["elapsed_s"] = round(time.time() - began, 1)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     report["machine"] = {
         "cpus": psutil.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "mem_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
