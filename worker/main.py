@@ -105,7 +105,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     ctx["runtime"] = rt
     rt.ai.observe(metrics)
-    metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress)
+    metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress, rt.ai.slots())
     if settings.metrics.port:
         await metrics.serve(settings.metrics.host, settings.metrics.port)
         metrics.sample_queue(ctx["redis"], settings.worker.queue_name, settings.metrics.queue_sample_every_s)

@@ -50,6 +50,14 @@ class _Progress(Protocol):
     def pending(self) -> Any: ...
 
 
+class _Slots(Protocol):
+    """What the collector reads of a provider's `max_concurrency` slots (worker.ai.http.Slots)."""
+
+    limit: int
+    held: int
+    waiting: int
+
+
 class _Redis(Protocol):
     async def zcard(self, name: str) -> int: ...
     async def zrange(self, name: str, start: int, end: int, *, withscores: bool = ...) -> Any: ...
@@ -90,9 +98,12 @@ class JobOutcome:
 class _RuntimeCollector(Collector):
     """Pool sizes and progress-log counters, read when Prometheus scrapes (nothing to keep in step)."""
 
-    def __init__(self, pools: Mapping[str, _Pool], progress: _Progress | None) -> None:
+    def __init__(
+        self, pools: Mapping[str, _Pool], progress: _Progress | None, slots: Mapping[str, _Slots] | None = None
+    ) -> None:
         self.pools = dict(pools)
         self.progress = progress
+        self.slots = dict(slots or {})
 
     def collect(self) -> Iterator[Metric]:
         size = GaugeMetricFamily("sitegen_db_pool_connections", "Open connections of the pool", labels=["pool"])
@@ -103,6 +114,23 @@ class _RuntimeCollector(Collector):
             idle.add_metric([name], pool.get_idle_size())
             most.add_metric([name], pool.get_max_size())
         yield from (size, idle, most)
+        if self.slots:
+            limit = GaugeMetricFamily(
+                "sitegen_model_max_concurrency", "Most calls in flight to the provider", labels=["provider"]
+            )
+            held = GaugeMetricFamily(
+                "sitegen_model_calls_in_flight", "Model calls in flight to the provider", labels=["provider"]
+            )
+            waiting = GaugeMetricFamily(
+                "sitegen_model_calls_waiting",
+                "Model calls waiting for one of the provider's max_concurrency slots",
+                labels=["provider"],
+            )
+            for name, slots in self.slots.items():
+                limit.add_metric([name], slots.limit)
+                held.add_metric([name], slots.held)
+                waiting.add_metric([name], slots.waiting)
+            yield from (limit, held, waiting)
         if self.progress is None:
             return
         p = self.progress
@@ -206,9 +234,14 @@ class Metrics:
             self.model_tokens.labels(provider, task, "output").inc(usage.output_tokens)
             self.model_cost.labels(provider, task).inc(usage.cost_usd)
 
-    def watch(self, pools: Mapping[str, _Pool], progress: _Progress | None = None) -> None:
-        """Report these pools and this progress log at every scrape."""
-        self.registry.register(_RuntimeCollector(pools, progress))
+    def watch(
+        self,
+        pools: Mapping[str, _Pool],
+        progress: _Progress | None = None,
+        slots: Mapping[str, _Slots] | None = None,
+    ) -> None:
+        """Report these pools, this progress log and these providers' slots (by provider name) at every scrape."""
+        self.registry.register(_RuntimeCollector(pools, progress, slots))
 
     # -- serving
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 from collections import defaultdict
@@ -19,7 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import KEY, KEY_ENV, SAMPLE_BRIEF, WorkerFactory, close_worker, remote, wait_for_result, with_ai
 from worker import client
+from worker.ai.base import AIRequest
 from worker.ai.fake_server import FakeProviderServer
+from worker.ai.http import OpenAIProvider
+from worker.metrics import Metrics
 from worker.services import free_port
 from worker.settings import MetricsSection, Settings
 
@@ -105,6 +109,10 @@ async def test_a_generation_shows_in_the_metrics(
     assert total(m, "sitegen_model_cost_usd_total") == pytest.approx(result["usage"]["cost_usd"], abs=1e-6)
     assert total(m, "sitegen_model_cost_usd_total") > 0
 
+    assert total(m, "sitegen_model_max_concurrency", provider="remote") == provider.max_concurrency
+    assert total(m, "sitegen_model_calls_in_flight", provider="remote") == 0
+    assert total(m, "sitegen_model_calls_waiting", provider="remote") == 0
+
     assert total(m, "sitegen_db_pool_max_connections", pool="generation") == 4
     assert total(m, "sitegen_db_pool_max_connections", pool="progress") == 2
     assert total(m, "sitegen_db_pool_connections", pool="generation") >= 1
@@ -117,9 +125,63 @@ async def test_a_generation_shows_in_the_metrics(
     assert total(m, "sitegen_queue_oldest_ready_seconds") == 0, "the deferred job is not due yet"
     assert total(m, "sitegen_queue_sampled_timestamp_seconds") > time.time() - 60
 
+    documented = (ROOT / "docs" / "metrics.md").read_text()
+    names = {  # `*_created` is the client library's creation time of a counter or histogram
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for name in m
+        if name.startswith("sitegen_") and not name.endswith("_created")
+    }
+    assert names and not [n for n in sorted(names) if f"`{n}`" not in documented], "docs/metrics.md lists them all"
+
     await close_worker(worker)
     with pytest.raises(httpx2.ConnectError):
         await scrape(port, wait_s=0)
+
+
+def exposed(metrics: Metrics) -> Samples:
+    """Every sample `metrics` would serve now, by sample name."""
+    samples: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behind(fake: FakeProviderServer) -> None:
+    """max_concurrency 1 and three calls: one in flight (held by the fake), two waiting for its slot.
+    Cancelling a waiting call and then the held one frees the slot for the last, and every count
+    goes back to 0."""
+    fake.script("hang", "ok")
+    provider = OpenAIProvider("remote", remote("openai", fake.url, max_concurrency=1, max_retries=0), KEY)
+    metrics = Metrics("test-replica")
+    metrics.watch({}, None, {"remote": provider.slots})
+    request = AIRequest(task="planning", system="plan", prompt=f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>")
+    held, first_waiting, last_waiting = (asyncio.create_task(provider.complete(request)) for _ in range(3))
+    try:
+        await asyncio.to_thread(fake.wait_for_requests, 1)  # the first call is at the fake, hanging
+        m = exposed(metrics)
+        assert total(m, "sitegen_model_max_concurrency", provider="remote") == 1
+        assert total(m, "sitegen_model_calls_in_flight", provider="remote") == 1
+        assert total(m, "sitegen_model_calls_waiting", provider="remote") == 2
+
+        last_waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await last_waiting
+        assert total(exposed(metrics), "sitegen_model_calls_waiting", provider="remote") == 1
+
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        reply = await first_waiting  # took the freed slot; the fake answers it
+        assert reply.text
+    finally:
+        for call in (held, first_waiting, last_waiting):
+            call.cancel()
+        await provider.aclose()
+    m = exposed(metrics)
+    assert total(m, "sitegen_model_calls_in_flight", provider="remote") == 0
+    assert total(m, "sitegen_model_calls_waiting", provider="remote") == 0
+    assert len(fake.requests) == 2, "the cancelled waiting call never reached the provider"
 
 
 async def test_a_429_then_ok_shows_both_calls(

@@ -7,11 +7,14 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx2
 
 from worker.errors import FALLBACK_ON
+
+if TYPE_CHECKING:
+    from worker.ai.http import Slots
 
 Task = Literal["planning", "content", "coding"]
 
@@ -140,6 +143,11 @@ class AIRouter:
         for provider in self.providers.values():
             if hasattr(provider, "observer"):
                 setattr(provider, "observer", observer)  # noqa: B010 - not part of the AIProvider protocol
+
+    def slots(self) -> dict[str, Slots]:
+        """The `max_concurrency` slots of each provider that has them (the HTTP ones), by provider name."""
+        found: dict[str, Slots] = {name: p.slots for name, p in self.providers.items() if hasattr(p, "slots")}
+        return found
 
     def chain(self, task: Task) -> list[AIProvider]:
         return [self.providers[name] for name in self.routing[task]]

@@ -43,6 +43,33 @@ CONNECTIONS_PER_CLIENT = 4
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?$")
 
 
+class Slots:
+    """A provider's `max_concurrency`: a semaphore that counts the calls holding and waiting for a slot.
+
+    The metrics read `held` and `waiting` at each scrape (`sitegen_model_calls_in_flight` and
+    `sitegen_model_calls_waiting`): calls that keep waiting mean `max_concurrency` is what limits
+    the replica, not `worker.max_jobs`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.waiting = 0
+        self._semaphore = asyncio.Semaphore(limit)
+
+    async def __aenter__(self) -> None:
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:  # acquired, or cancelled while waiting
+            self.waiting -= 1
+        self.held += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.held -= 1
+        self._semaphore.release()
+
+
 def redact(text: str, *secrets: str) -> str:
     """`text` with the given secrets and anything shaped like an API key or bearer token masked."""
     for secret in secrets:
@@ -104,7 +131,7 @@ class HTTPProvider:
         self.model = config.model
         self.config = config
         self._api_key = api_key
-        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self.slots = Slots(config.max_concurrency)
         # Lanes: on each request and each release, httpcore's pool walks all of its connections and
         # asks every idle one whether the server closed it (a getpeername and a poll system call
         # each, through anyio). One pool of 32 connections spent more CPU there than on the call.
@@ -216,7 +243,7 @@ class HTTPProvider:
 
     async def _attempt(self, request: AIRequest) -> AIReply:
         try:
-            async with self._slots, asyncio.timeout(self.config.total_timeout_s):
+            async with self.slots, asyncio.timeout(self.config.total_timeout_s):
                 lane = min(range(len(self.clients)), key=self._busy.__getitem__)
                 self._busy[lane] += 1
                 try:
