@@ -44,7 +44,7 @@ services: install
 
 ## Benchmarks against real worker processes: writes bench/results/RESULTS.md and charts (BENCH_ARGS=--check ...).
 bench: install
-	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib psutil py-spy
+	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib py-spy
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

@@ -1,0 +1,67 @@
+"""`make bench` keeps working: every scenario but the profiled one, at a few sites each.
+
+This asserts that the benchmark runs and reports, never how fast anything was: timings are for
+`make bench` on a quiet machine, not for the suite (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+pytest.importorskip("psutil", reason="psutil is a dev dependency: `make install`")
+
+
+@pytest.mark.timeout(240)
+def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = [
+        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,progress,idle",
+        "--zero-sites", "12",
+        "--max-jobs", "4",
+        "--latency-ms", "20",
+        "--latency-min-sites", "8",
+        "--inflight-jobs", "6",
+        "--inflight-latency-s", "1",
+        "--enqueue-rate", "50",
+        "--enqueue-sites", "6",
+        "--slowlog-sites", "6",
+        "--replicas", "1,2",
+        "--scale-sites", "12",
+        "--progress-rows", "200",
+        "--idle-seconds", "0.3",
+        "--order-base", "500001",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=220
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    report = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    expected = {"zero": 12, "lat4": 8, "inflight": 6, "enqueue": 6, "slowbase": 6, "slowlog": 6, "scale2": 12}
+    assert {name: r["sites"] for name, r in runs.items()} == expected
+    for r in runs.values():
+        assert r["retried_generations"] == 0 and r["peak_pg_conns"] <= r["pg_conn_bound"], r["name"]
+        assert r["worker_cpu_ms_per_site"] > 0 and r["throughput_overall"] > 0, r["name"]
+    assert runs["inflight"]["peak_running"] == 6, "all six generations of the in-flight run were running at once"
+    assert runs["slowlog"]["log_rows"] == 10 * 6, "every progress row of the slow-log run was written"
+    assert [p["rows"] for p in report["progress"]] == [200, 20]
+    assert [i["poll_delay_s"] for i in report["idle"]] == [0.05, 0.5]
+    assert report["postgres"]["version"] and report["finished"]
+
+    targets = {c["target"].split(":")[0] for c in report["checks"]}
+    assert "latency 0" in targets and "worker CPU per site < 10 ms" in targets
+    results = (out / "RESULTS.md").read_text()
+    for name in expected:
+        assert f"| {name}: " in results, name
+    assert "## Targets (issue 6)" in results and "## What polling costs an idle replica" in results
