@@ -233,6 +233,7 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     else:
         no_charts = ""
     runs = report["runs"]
+    runs_by_name = _runs(report)
     m = report["machine"]
     lines = [
         "# sitegen-worker benchmark results",
@@ -272,7 +273,14 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     lines += [
         "",
         "Enqueue→start in the throughput runs is mostly time spent queued behind the backlog (all jobs are "
-        "enqueued at once); the `enqueue` run paces arrivals below capacity and is the one to read for poll latency.",
+        "enqueued at once); the `enqueue` run paces arrivals below capacity and is the one to read for poll latency."
+        + (
+            f" `slowbase` and `slowlog` are {runs_by_name['slowlog']['sites']} sites each, few enough for the"
+            " progress buffer: read them against each other; a run that short still finishes in the waves of its"
+            " simultaneous start, so its share of the ideal is lower than the `lat` runs' (bench/README.md)."
+            if "slowlog" in runs_by_name
+            else ""
+        ),
         "",
         "## Where the CPU goes, per site (ms)",
         "",
