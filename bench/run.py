@@ -29,6 +29,7 @@ import psutil
 
 from worker import client
 from worker.services import LocalServices
+from worker.settings import ProviderSettings, WorkerSection
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("planning", "content", "coding")
@@ -223,6 +224,9 @@ class Scenario:
     profile: bool = False
     fakes: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Leave `worker.max_jobs` and the provider's `max_concurrency` at their defaults (`max_jobs` above
+    #: must then be the default, for the report).
+    defaults: bool = False
 
 
 class Bench:
@@ -261,12 +265,13 @@ class Bench:
             PYTHONPATH=str(ROOT),
             SITEGEN_OUTPUT__DIR=str(self.work / "sites" / sc.name),
             SITEGEN_LOG__LEVEL=self.args.log_level,
-            SITEGEN_WORKER__MAX_JOBS=str(sc.max_jobs),
             SITEGEN_WORKER__POLL_DELAY_S=str(sc.poll_delay_s),
             SITEGEN_DATABASE__POOL_MAX_SIZE=str(self.args.pool_max),
             SITEGEN_DATABASE__PROGRESS_POOL_MAX_SIZE=str(self.args.progress_pool_max),
             BENCH_FAKE_KEY="bench-key-not-secret",
         )
+        if not sc.defaults:
+            env["SITEGEN_WORKER__MAX_JOBS"] = str(sc.max_jobs)
         for i, fake in enumerate(fakes):
             p = f"SITEGEN_AI__PROVIDERS__FAKE{i}__"
             env.update({
@@ -275,10 +280,11 @@ class Bench:
                 p + "BASE_URL": f"{fake.url}/v1",
                 p + "API_KEY_ENV": "BENCH_FAKE_KEY",
                 p + "READ_TIMEOUT_S": "30",
+            })
+            if not sc.defaults:
                 # The default (8 requests in flight per provider) would cap 200 ms calls at 40/s.
                 # At latency 0 the default is kept: calls do not wait, so 8 at a time never limits.
-                p + "MAX_CONCURRENCY": str(max(sc.max_jobs, 8) if sc.latency_s else 8),
-            })
+                env[p + "MAX_CONCURRENCY"] = str(max(sc.max_jobs, 8) if sc.latency_s else 8)
         for i, task in enumerate(TASKS):
             env[f"SITEGEN_AI__ROUTING__{task.upper()}"] = f"fake{i % len(fakes)}"
         env.update(sc.extra_env)
@@ -793,9 +799,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             await bench.run(Scenario("inflight", f"{n} in flight: latency {slow:g} s, max_jobs {n}", slow, n, n,
                                      fakes=args.fakes))
         if "enqueue" in wanted:
+            # Default settings: max_jobs 10, the provider's max_concurrency 8, poll 0.05 s.
+            mj = WorkerSection.model_fields["max_jobs"].default
+            mc = ProviderSettings.model_fields["max_concurrency"].default
             await bench.run(Scenario("enqueue", f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
-                                     " max_jobs 50, poll 0.05 s", lat, 50, args.enqueue_sites, rate=args.enqueue_rate,
-                                     fakes=args.fakes))
+                                     f" default settings (max_jobs {mj}, max_concurrency {mc}, poll 0.05 s)", lat, mj,
+                                     args.enqueue_sites, rate=args.enqueue_rate, fakes=args.fakes, defaults=True))
         if "slowlog" in wanted:
             # Compared with the same run (same max_jobs, same number of sites) without the slow INSERT.
             mj, n = args.slowlog_max_jobs, args.slowlog_sites
