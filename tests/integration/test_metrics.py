@@ -48,8 +48,13 @@ async def scrape(port: int, *, wait_s: float = 15) -> Samples:
                 await asyncio.sleep(0.05)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def parse(exposition: str) -> Samples:
+    """The samples of a Prometheus text exposition, by sample name."""
     samples: Samples = defaultdict(list)
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             samples[sample.name].append((sample.labels, sample.value))
     return samples
@@ -138,15 +143,6 @@ async def test_a_generation_shows_in_the_metrics(
         await scrape(port, wait_s=0)
 
 
-def exposed(metrics: Metrics) -> Samples:
-    """Every sample `metrics` would serve now, by sample name."""
-    samples: Samples = defaultdict(list)
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for sample in family.samples:
-            samples[sample.name].append((sample.labels, sample.value))
-    return samples
-
-
 async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behind(fake: FakeProviderServer) -> None:
     """max_concurrency 1 and three calls: one in flight (held by the fake), two waiting for its slot.
     Cancelling a waiting call and then the held one frees the slot for the last, and every count
@@ -159,7 +155,7 @@ async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behin
     held, first_waiting, last_waiting = (asyncio.create_task(provider.complete(request)) for _ in range(3))
     try:
         await asyncio.to_thread(fake.wait_for_requests, 1)  # the first call is at the fake, hanging
-        m = exposed(metrics)
+        m = parse(metrics.exposition().decode())
         assert total(m, "sitegen_model_max_concurrency", provider="remote") == 1
         assert total(m, "sitegen_model_calls_in_flight", provider="remote") == 1
         assert total(m, "sitegen_model_calls_waiting", provider="remote") == 2
@@ -167,7 +163,7 @@ async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behin
         last_waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await last_waiting
-        assert total(exposed(metrics), "sitegen_model_calls_waiting", provider="remote") == 1
+        assert total(parse(metrics.exposition().decode()), "sitegen_model_calls_waiting", provider="remote") == 1
 
         held.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -178,7 +174,7 @@ async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behin
         for call in (held, first_waiting, last_waiting):
             call.cancel()
         await provider.aclose()
-    m = exposed(metrics)
+    m = parse(metrics.exposition().decode())
     assert total(m, "sitegen_model_calls_in_flight", provider="remote") == 0
     assert total(m, "sitegen_model_calls_waiting", provider="remote") == 0
     assert len(fake.requests) == 2, "the cancelled waiting call never reached the provider"
