@@ -58,8 +58,9 @@ class ProgressLog:
         self.dropped = 0
         #: Set, then replaced, whenever a batch is written or the log falls behind: wakes `settle`.
         self._progressed = asyncio.Event()
-        #: Set when a finishing job gave up waiting for the writer; cleared when the buffer is empty again.
-        self._fell_behind = asyncio.Event()
+        #: The log is behind PostgreSQL, so finishing jobs do not wait for their rows: set when a
+        #: finishing job gave up waiting for the writer, cleared when the buffer is empty again.
+        self.behind = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._retry_now = asyncio.Event()
@@ -115,11 +116,6 @@ class ProgressLog:
             delay = min(delay * 2, max_retry_s)
             self._wake.set()
 
-    @property
-    def behind(self) -> bool:
-        """The log is behind PostgreSQL: finishing jobs do not wait for their rows."""
-        return self._fell_behind.is_set()
-
     async def settle(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` until every row logged so far is written (a finishing job's rows).
 
@@ -139,7 +135,7 @@ class ProgressLog:
                     await self._progressed.wait()
         except TimeoutError:
             if not self.behind:  # the first job to give up tells every other waiter to stop too
-                self._fell_behind.set()
+                self.behind = True
                 self._announce()
                 logger.warning(
                     "progress log is behind PostgreSQL ({} rows waiting): jobs stop waiting for their rows "
@@ -178,6 +174,6 @@ class ProgressLog:
                 self.written += len(batch)
                 self._announce()
         if self.behind:
-            self._fell_behind.clear()
+            self.behind = False
             logger.info("progress log caught up with PostgreSQL")
         return True
