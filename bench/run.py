@@ -799,7 +799,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             await bench.run(Scenario("inflight", f"{n} in flight: latency {slow:g} s, max_jobs {n}", slow, n, n,
                                      fakes=args.fakes))
         if "enqueue" in wanted:
-            # Default settings: max_jobs 10, the provider's max_concurrency 8, poll 0.05 s.
+            # The worker's and the provider's defaults, read from worker.settings (the poll is the default too).
             mj = WorkerSection.model_fields["max_jobs"].default
             mc = ProviderSettings.model_fields["max_concurrency"].default
             await bench.run(Scenario("enqueue", f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
