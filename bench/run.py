@@ -700,8 +700,8 @@ def _short(frame: str) -> str:
 _BUCKETS = [
     ("json_repair", "json-repair"), ("pydantic", "pydantic (validation, dump, schema)"),
     ("selectolax", "selectolax (assemble's HTML checks)"), ("loguru", "loguru (logging)"),
-    ("asyncpg", "asyncpg (PostgreSQL protocol)"), ("httpx", "httpx2/httpcore2 (model calls)"),
-    ("httpcore", "httpx2/httpcore2 (model calls)"), ("h11", "httpx2/httpcore2 (model calls)"),
+    ("asyncpg", "asyncpg (PostgreSQL protocol)"), ("aiohttp", "aiohttp (model calls)"),
+    ("yarl", "aiohttp (model calls)"), ("multidict", "aiohttp (model calls)"),
     ("arq/", "arq (queue)"), ("redis/", "redis-py (queue)"), ("json/", "json (stdlib)"),
     ("asyncio/", "asyncio event loop"), ("selectors", "asyncio event loop"),
     ("worker/", "worker code (own frames)"),

@@ -17,9 +17,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
+import aiohttp
 import asyncpg
-import httpx2
 import redis.asyncio
 import redis.exceptions
 import typer
@@ -29,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from worker import client
+from worker.ai.http import env_proxy
 from worker.follow import follow_logs, follow_position
 from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
@@ -416,11 +418,11 @@ def _scrub(text: str, settings: Settings) -> str:
     """Never echo a password from the URLs, whatever a driver put in its message."""
     for url in (settings.database.url, settings.redis.url):
         try:
-            password = httpx2.URL(url).password
-        except Exception:
+            password = urlsplit(url).password
+        except ValueError:
             password = None
-        if password:
-            text = text.replace(password, "***")
+        if password:  # as written in the URL, and percent-decoded as drivers use it
+            text = text.replace(password, "***").replace(unquote(password), "***")
     return text
 
 
@@ -471,7 +473,7 @@ async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, s
             results.append(("migrations", False, _failure(exc)))
 
     routed = list(dict.fromkeys(name for names in settings.ai.routing.values() for name in names))
-    async with httpx2.AsyncClient(timeout=httpx2.Timeout(limit_s), follow_redirects=False) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=limit_s)) as http:
         for name in routed:
             provider = settings.ai.providers[name]
             label = f"provider {name} ({provider.kind})"
@@ -481,8 +483,10 @@ async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, s
             url = redact_url(provider.api_root)
             try:
                 # Any HTTP answer (even 401/404) proves the host is reachable; no key or header is sent.
-                response = await http.get(provider.api_root)
-                results.append((label, True, f"HTTP {response.status_code} from {url}"))
+                # Through the environment's proxy, as the worker's calls go (env_proxy: an unusable one fails here).
+                proxy = env_proxy(provider.api_root)
+                async with http.get(provider.api_root, allow_redirects=False, proxy=proxy) as response:
+                    results.append((label, True, f"HTTP {response.status} from {url}"))
             except Exception as exc:
                 results.append((label, False, f"{url}: {_failure(exc)}"))
     return results

@@ -25,11 +25,12 @@ from tests.helpers import (
     with_ai,
 )
 from worker import client
-from worker.ai.base import AIRequest
+from worker.ai.base import AIRequest, call_status
 from worker.ai.fake_server import FakeProviderServer
-from worker.ai.http import CONNECTIONS_PER_CLIENT, OpenAIProvider
+from worker.ai.http import OpenAIProvider
+from worker.errors import AIUnavailable
 from worker.services import free_port
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.usefixtures("provider_key")
 
@@ -372,24 +373,22 @@ async def test_heartbeat_keeps_a_long_model_call_claimed_and_its_job_marker_shor
     assert 0 < ttl_ms <= 2000, "arq's in-progress marker lives one lease, not job_timeout + 10 s"
 
 
-async def test_a_provider_allowed_more_calls_than_one_client_holds_has_them_all_in_flight_at_once(
-    fake: FakeProviderServer,
-) -> None:
-    """max_concurrency 70 is 18 clients of at most 4 connections (CONNECTIONS_PER_CLIENT), so that
-    httpcore's per-request pool bookkeeping stays small; every call still gets a connection at once."""
-    fake.configure(latency_s=2.0)  # long enough that all 70 are held by the fake at the same time
-    provider = OpenAIProvider("remote", remote("openai", fake.url, max_concurrency=70), KEY)
+async def test_a_provider_has_as_many_calls_in_flight_as_its_max_concurrency(fake: FakeProviderServer) -> None:
+    """max_concurrency 120 is above aiohttp's default pool of 100 connections: every call still gets a
+    connection at once, none waits for another's answer."""
+    fake.configure(latency_s=4.0)  # every answer waits 4 s, so all 120 are held by the fake at once
+    provider = OpenAIProvider("remote", remote("openai", fake.url, max_concurrency=120), KEY)
     try:
-        assert len(provider.clients) == 18 and CONNECTIONS_PER_CLIENT == 4
         prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
         request = AIRequest(task="planning", system="plan", prompt=prompt)
-        calls = asyncio.gather(*(provider.complete(request) for _ in range(70)))
-        await asyncio.to_thread(fake.wait_for_requests, 70)  # all 70 arrived before the first answer
+        calls = asyncio.gather(*(provider.complete(request) for _ in range(120)))
+        # All 120 arrive before the first answer; a call waiting for a pooled connection would come after.
+        await asyncio.to_thread(fake.wait_for_requests, 120, 3.0)
         replies = await calls
     finally:
         await provider.aclose()
-    assert len(replies) == 70 and all(r.text for r in replies)
-    assert provider._busy == [0] * 18, "every lane is free again"
+    assert len(replies) == 120 and all(r.text for r in replies)
+    assert provider.slots.held == provider.slots.waiting == 0
 
 
 async def test_a_provider_goes_through_the_proxy_of_the_environment(
@@ -411,3 +410,75 @@ async def test_a_provider_goes_through_the_proxy_of_the_environment(
     (seen,) = fake.wait_for_requests(1)
     assert seen.path == f"{unreachable}/v1/chat/completions"
     assert seen.headers["authorization"] == f"Bearer {KEY}" and seen.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("fault", "overrides", "failure", "said"),
+    [
+        ("hang", {"read_timeout_s": 0.5}, "ReadTimeout", "timed out (ReadTimeout)"),
+        ("delay:5", {"total_timeout_s": 0.5}, "TimeoutError", "timed out (TimeoutError)"),
+        ("reset", {}, "NetworkError", "connection failed (NetworkError)"),
+        ("close", {}, "RemoteProtocolError", "connection failed (RemoteProtocolError): ServerDisconnectedError"),
+    ],
+)
+async def test_a_request_without_an_answer_fails_as_unavailable_in_stable_words(
+    fake: FakeProviderServer, fault: str, overrides: dict[str, Any], failure: str, said: str
+) -> None:
+    """What failed is named in words that do not depend on the HTTP library: the error's `failure`
+    detail, its message and the `status` label of the model call metrics (`call_status`)."""
+    fake.script(fault)
+    provider = OpenAIProvider("remote", remote("openai", fake.url, max_retries=0, **overrides), KEY)
+    try:
+        with pytest.raises(AIUnavailable) as raised:
+            await provider.complete(AIRequest(task="planning", system="plan", prompt="hello"))
+    finally:
+        await provider.aclose()
+    assert raised.value.details["failure"] == failure and call_status(raised.value) == failure
+    assert said in str(raised.value) and str(raised.value).startswith("remote (openai, model openai-test-model): ")
+
+
+async def test_a_provider_nothing_listens_on_fails_with_connect_error() -> None:
+    provider = OpenAIProvider("remote", remote("openai", f"http://127.0.0.1:{free_port()}", max_retries=0), KEY)
+    try:
+        with pytest.raises(AIUnavailable) as raised:
+            await provider.complete(AIRequest(task="planning", system="plan", prompt="hello"))
+    finally:
+        await provider.aclose()
+    assert call_status(raised.value) == "ConnectError"
+    assert "connection failed (ConnectError): ClientConnectorError: Cannot connect to host 127.0.0.1" in str(
+        raised.value
+    )
+
+
+async def test_all_proxy_applies_and_no_proxy_skips_it(
+    fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy is read from the environment once, as curl and httpx read it: HTTP(S)_PROXY, else
+    ALL_PROXY, except for hosts in NO_PROXY."""
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", fake.url)
+    unreachable = f"http://127.0.0.2:{free_port()}"
+    prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
+    provider = OpenAIProvider("remote", remote("openai", unreachable), KEY)
+    try:
+        assert (await provider.complete(AIRequest(task="planning", system="plan", prompt=prompt))).text
+    finally:
+        await provider.aclose()
+    assert fake.wait_for_requests(1)[0].path == f"{unreachable}/v1/chat/completions"
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = OpenAIProvider("remote", remote("openai", fake.url, max_retries=0), KEY)
+    try:
+        assert (await direct.complete(AIRequest(task="planning", system="plan", prompt=prompt))).text
+    finally:
+        await direct.aclose()
+    assert fake.wait_for_requests(2)[1].path == "/v1/chat/completions", "NO_PROXY: straight to the provider"
+
+
+def test_a_proxy_aiohttp_cannot_use_is_a_settings_error_naming_the_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    with pytest.raises(SettingsError, match=r"ai.providers.remote: the proxy for http:// URLs .* is a socks5 URL"):
+        OpenAIProvider("remote", remote("openai", "http://127.0.0.2:9"), KEY)

@@ -9,8 +9,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import httpx2
-
 from worker.errors import FALLBACK_ON
 
 if TYPE_CHECKING:
@@ -99,10 +97,8 @@ def call_status(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     if isinstance(status, int) and status >= 400:
         return str(status)
-    cause = exc.__cause__
-    if isinstance(cause, httpx2.TransportError | TimeoutError):
-        return type(cause).__name__
-    return type(exc).__name__
+    failure = getattr(exc, "details", {}).get("failure")  # set by the HTTP providers (http.failure_kind)
+    return failure if isinstance(failure, str) else type(exc).__name__
 
 
 async def observe_call(observer: CallObserver | None, provider: str, task: str, call: Awaitable[AIReply]) -> AIReply:

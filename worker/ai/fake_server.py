@@ -1,7 +1,8 @@
 """A fake AI provider: a real HTTP server on loopback speaking the OpenAI, Anthropic and Cloudflare
 Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, bad JSON) on request.
 
-Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, truncated,
+Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, close (the
+connection closed without an answer), truncated,
 malformed, malformed-hard, fenced, wrong-schema, cf-quota, delay:<s>, status:<400-599>, 429:<s>,
 429ms:<ms>, and text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size,
 any characters, colons and newlines included)."""
@@ -31,7 +32,7 @@ from worker.models import Brief, SiteContent, SitePlan
 
 APIS = ("openai", "anthropic", "cloudflare")
 SIMPLE_FAULTS = frozenset(
-    {"ok", "hang", "reset", "truncated", "malformed", "malformed-hard", "fenced", "wrong-schema", "cf-quota"}
+    {"ok", "hang", "reset", "close", "truncated", "malformed", "malformed-hard", "fenced", "wrong-schema", "cf-quota"}
 )
 #: How long a `hang` holds a request when the server is not stopped first.
 HANG_S = 300.0
@@ -281,8 +282,8 @@ class _Handler(BaseHTTPRequestHandler):
         if latency > 0 and stopping.wait(latency):
             self._drop(reset=False)
             return
-        if fault == "reset":
-            self._drop(reset=True)
+        if fault in ("reset", "close"):
+            self._drop(reset=fault == "reset")
             return
         if fault.startswith("delay:") and stopping.wait(float(fault.partition(":")[2])):
             self._drop(reset=False)
