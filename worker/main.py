@@ -26,7 +26,7 @@ from worker.errors import SitegenError
 from worker.logs import setup_logging
 from worker.metrics import Metrics
 from worker.migrate import migrate
-from worker.pipeline.runner import RetryLater, Runtime, keep_job_alive, run_generation, validate_job_args
+from worker.pipeline.runner import RetryLater, Runtime, run_generation, validate_job_args
 from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
 from worker.store import Store, create_pool
@@ -70,7 +70,6 @@ async def _generate_site(
             else:
                 logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
             raise
-        await keep_job_alive(rt, ctx.get("job_id"))
         try:
             result = await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
         except RetryLater as exc:

@@ -1,4 +1,5 @@
-"""arq's poll with `worker.polling`: running jobs at the head of the queue are not re-checked one by one."""
+"""arq's poll with `worker.polling`: one Lua script per poll claims the startable jobs at the head of the
+queue; running jobs are not re-checked one by one, and no job is started twice."""
 
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ async def test_a_replica_does_not_recheck_the_jobs_it_is_running_when_it_polls(
     commands = await commands_during_polls(redis, polls=5)
 
     key = in_progress_key_prefix + client.job_id(90)
-    assert await redis.exists(key), "the job is running (arq's in-progress key is set)"
+    lease_ms = settings.worker.lease_s * 1000
+    assert 0 < await redis.pttl(key) <= lease_ms, "the claim set the in-progress key for one lease, not half an hour"
     # arq alone sends WATCH, EXISTS and ZSCORE for the running job on every poll.
     assert touching(commands, key, "WATCH", "EXISTS") == []
     assert f"ZSCORE {client.QUEUE_NAME} {client.job_id(90)}" not in commands
 
 
-async def test_a_job_running_on_another_replica_costs_one_pipelined_read_and_starts_once_it_is_free(
+async def test_a_job_running_on_another_replica_costs_one_script_call_per_poll_and_starts_once_it_is_free(
     settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
 ) -> None:
     await client.enqueue_generation(redis, 91, SAMPLE_BRIEF)
@@ -58,8 +60,9 @@ async def test_a_job_running_on_another_replica_costs_one_pipelined_read_and_sta
 
     commands = await commands_during_polls(redis, polls=5)
 
-    assert touching(commands, key, "WATCH") == [], "arq's WATCH protocol is not entered for a running job"
+    assert touching(commands, key, "WATCH", "PSETEX") == [], "arq's WATCH protocol is not entered for a running job"
     assert len(touching(commands, key, "EXISTS")) >= 4, "one EXISTS per poll tells the job is running elsewhere"
+    assert len([c for c in commands if c.startswith("EVALSHA ")]) >= 4, "in the claim script, one call per poll"
     assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 91") == 0, "not started here"
 
     await redis.delete(key)  # the other replica handed the job back
@@ -89,3 +92,34 @@ async def test_a_job_behind_many_running_elsewhere_is_started_by_a_replica_with_
         key = in_progress_key_prefix + client.job_id(order_id)
         assert touching(commands, key, "WATCH") == [], f"order {order_id} runs elsewhere: no WATCH"
         assert touching(commands, key, "EXISTS"), f"order {order_id} was read"
+
+
+async def test_two_replicas_polling_one_queue_start_every_job_exactly_once(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """The claim is atomic (one script): replicas polling at the same moment never both start a job."""
+    fake.configure(latency_s=0.05)
+    orders = list(range(130, 170))
+    custom = with_ai(settings, {"remote": remote("openai", fake.url, max_concurrency=10)})
+
+    def replica(name: str) -> Settings:
+        return custom.model_copy(update={"worker": custom.worker.model_copy(update={"replica_id": name})})
+
+    async with asyncio.timeout(90), redis.monitor() as monitor:
+        for order_id in orders:
+            await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
+        await start_worker(replica("poll-a"), max_jobs=5, poll_delay=0.01)
+        await start_worker(replica("poll-b"), max_jobs=5, poll_delay=0.01)
+        results = [await wait_for_result(redis, order_id) for order_id in orders]
+        await redis.echo("end of the test's commands")
+        commands = []
+        while (command := (await monitor.next_command())["command"]) != "ECHO end of the test's commands":
+            commands.append(command)
+
+    assert {r["status"] for r in results} == {"succeeded"}
+    for order_id in orders:
+        key = in_progress_key_prefix + client.job_id(order_id)
+        assert len(touching(commands, key, "PSETEX")) == 1, f"order {order_id}'s job was claimed once"
+    rows = await db.fetch("SELECT replica_id, attempt FROM site_generations WHERE order_id = ANY($1)", orders)
+    assert len(rows) == len(orders) and {r["attempt"] for r in rows} == {1}, "one generation, one attempt, per order"
+    assert {r["replica_id"] for r in rows} == {"poll-a", "poll-b"}, "both replicas took jobs"

@@ -301,16 +301,6 @@ class GenerationRun:
         return made if isinstance(made, model) else model.model_validate(self.outputs[phase])
 
 
-async def keep_job_alive(rt: Runtime, job_id: str | None) -> None:
-    """Shorten arq's in-progress marker of the job to `lease_s`, so a crash frees the job that soon.
-
-    arq keeps the marker for job_timeout + 10 s (half an hour by default): a SIGKILLed replica's
-    job would be invisible to the others until then. Refreshed by every heartbeat.
-    """
-    if job_id and rt.redis is not None:
-        await rt.redis.pexpire(in_progress_key_prefix + job_id, int(rt.settings.worker.lease_s * 1000))
-
-
 class Heartbeat:
     """One heartbeat for every generation this replica runs: per beat, one UPDATE for all claims and one
     Redis round trip for all in-progress markers, so its cost does not grow with each job."""
