@@ -289,6 +289,16 @@ def test_assemble_site_returns_files_with_manifest_last() -> None:
         assert entry["sha256"] == hashlib.sha256(by_path[entry["path"]].encode()).hexdigest()
 
 
+def test_manifest_json_is_indented_utf8_text_ending_in_a_newline() -> None:
+    """The format people diff and read: 2-space indent, non-ASCII as is, control characters escaped."""
+    brief = Brief.model_validate({**SAMPLE_BRIEF, "business_name": "Café Ünï \u2014 \x01 \"q\" 😀"})
+    plan = offline_plan(brief)
+    manifest, files = assemble_site(41, 42, plan, offline_code(plan, offline_content(brief, plan)))
+    text = files[-1].content.decode()
+    assert text == json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    assert "Café Ünï — \\u0001" in text and '\n  "order_id": 41,\n' in text
+
+
 def test_manifest_sizes_count_bytes_not_characters() -> None:
     code = make_code({"about.html": page_html("about", body="<p>Pão de Ló — café</p>")})
     manifest, files = assemble_site(1, 1, make_plan(), code)
