@@ -730,7 +730,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which scenarios to run, comma-separated")
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
-    p.add_argument("--zero-sites", type=int, default=600, help="sites in the latency-0 run")
+    p.add_argument("--zero-sites", type=int, default=1500, help="sites in the latency-0 run")
     p.add_argument("--zero-max-jobs", type=int, default=50, help="max_jobs in the latency-0 runs")
     p.add_argument("--profile-sites", type=int, default=300, help="sites in the profiled latency-0 run")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
@@ -755,7 +755,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sites of the slow-progress-log run and of its baseline without the slow INSERT (few "
                         "enough that the buffer, 10,000 rows, does not overflow while ~200 rows/s get written)")
     p.add_argument("--replicas", type=ints, default=[1, 2, 4], help="replica counts of the scale-out run")
-    p.add_argument("--scale-sites", type=int, default=600, help="sites of each scale-out run (latency 0)")
+    p.add_argument("--scale-sites", type=int, default=1500, help="sites of each scale-out run (latency 0)")
     p.add_argument("--fakes", type=int, default=1, help="fake provider processes (tasks are spread over them)")
     p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
     p.add_argument("--log-level", default="INFO",
