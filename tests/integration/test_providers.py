@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+import trustme
 from arq import ArqRedis
 
 from tests.helpers import (
@@ -482,3 +485,35 @@ def test_a_proxy_aiohttp_cannot_use_is_a_settings_error_naming_the_provider(monk
     monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
     with pytest.raises(SettingsError, match=r"ai.providers.remote: the proxy for http:// URLs .* is a socks5 URL"):
         OpenAIProvider("remote", remote("openai", "http://127.0.0.2:9"), KEY)
+
+
+async def test_https_providers_are_verified_against_the_systems_cas_and_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate from an unknown CA is refused (ConnectError naming the check); trusting the CA
+    through SSL_CERT_FILE, as OpenSSL reads it, lets the same calls through."""
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
+    with FakeProviderServer(tls=server_context) as tls_fake:
+        assert tls_fake.url.startswith("https://")
+        untrusting = OpenAIProvider("remote", remote("openai", tls_fake.url, max_retries=0), KEY)
+        try:
+            with pytest.raises(AIUnavailable) as raised:
+                await untrusting.complete(AIRequest(task="planning", system="plan", prompt=prompt))
+        finally:
+            await untrusting.aclose()
+        assert call_status(raised.value) == "ConnectError" and "certificate verify failed" in str(raised.value)
+        assert tls_fake.requests == [], "nothing was sent over the unverified connection"
+
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        trusting = OpenAIProvider("remote", remote("openai", tls_fake.url), KEY)
+        try:
+            reply = await trusting.complete(AIRequest(task="planning", system="plan", prompt=prompt))
+        finally:
+            await trusting.aclose()
+        assert reply.text and len(tls_fake.requests) == 1

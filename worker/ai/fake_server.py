@@ -15,6 +15,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -430,9 +431,12 @@ class FakeProviderServer:
         rate_429: float = 0.0,
         rate_500: float = 0.0,
         seed: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        #: A server-side context: serve HTTPS with its certificate (tests of certificate checks).
+        self.tls = tls
         self.latency_s = latency_s
         #: Above `latency_s`: each answer waits uniform(latency_s, latency_max_s) instead (seeded).
         self.latency_max_s = latency_max_s
@@ -457,13 +461,15 @@ class FakeProviderServer:
         if self._httpd is None:
             raise RuntimeError("the fake provider is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
 
     def start(self) -> Self:
         if self._httpd is not None:
             raise RuntimeError("the fake provider is already started")
         self._stopping.clear()
         self._httpd = _HTTPServer((self.host, self.port), self)
+        if self.tls is not None:  # the handshake runs at accept; a client that rejects the certificate is dropped
+            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-provider", daemon=True
         )
