@@ -20,7 +20,7 @@ from arq.worker import Worker, func
 from loguru import logger
 
 from worker import polling
-from worker.ai import build_router
+from worker.ai import build_router, check_environment
 from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
@@ -195,6 +195,7 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
 def _settings_or_exit() -> Settings:
     try:
         settings = load_settings()
+        check_environment(settings.ai)
     except SettingsError as exc:
         print(f"sitegen-worker: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -135,6 +135,28 @@ async def test_invalid_setting_fails_startup_with_one_line_naming_the_key(servic
     assert "database.url" in out + err
 
 
+async def test_a_proxy_the_providers_cannot_use_fails_startup_with_one_line_naming_it(
+    service_env: dict[str, str],
+) -> None:
+    env = cli_env(
+        service_env,
+        SITEGEN_AI__PROVIDERS__REMOTE__KIND="openai",
+        SITEGEN_AI__PROVIDERS__REMOTE__MODEL="gpt-test",
+        SITEGEN_AI__PROVIDERS__REMOTE__BASE_URL="https://api.example.test/v1",
+        SITEGEN_AI__ROUTING__PLANNING="remote",
+        ALL_PROXY="socks5://127.0.0.1:1080",
+        HTTPS_PROXY="",
+        https_proxy="",
+        NO_PROXY="",
+        no_proxy="",
+    )
+    code, out, err = await run(ARQ, "worker.main.WorkerSettings", "--check", env=env)
+    assert code != 0
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "ai.providers.remote: the proxy for https:// URLs" in err and "ALL_PROXY" in err and "socks5" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 async def test_sitegen_config_masks_passwords(service_env: dict[str, str]) -> None:
     env = cli_env(
         service_env, DATABASE_URL="postgresql://u:s3cretpw@127.0.0.1:1/db", REDIS_URL="redis://:r3dispw@127.0.0.1:2/0"

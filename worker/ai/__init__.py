@@ -5,18 +5,30 @@ from __future__ import annotations
 import os
 
 from worker.ai.base import AIProvider, AIReply, AIRequest, AIRouter, Task, Usage
-from worker.ai.http import KINDS
+from worker.ai.http import KINDS, provider_proxy
 from worker.ai.offline import OfflineProvider
 from worker.settings import AISection
 
-__all__ = ["AIProvider", "AIReply", "AIRequest", "AIRouter", "Task", "Usage", "build_router"]
+__all__ = ["AIProvider", "AIReply", "AIRequest", "AIRouter", "Task", "Usage", "build_router", "check_environment"]
+
+
+def _routed(settings: AISection) -> list[str]:
+    return sorted({name for names in settings.routing.values() for name in names})
+
+
+def check_environment(settings: AISection) -> None:
+    """What the providers read from the environment at start (the proxy), checked before the worker
+    starts: SettingsError naming the provider and the variables to fix."""
+    for name in _routed(settings):
+        config = settings.providers[name]
+        if config.kind != "offline":
+            provider_proxy(name, config.api_root)
 
 
 def build_router(settings: AISection) -> AIRouter:
     """Create every routed provider (and its one HTTP client, for the networked kinds) once, at startup."""
-    routed = {name for names in settings.routing.values() for name in names}
     providers: dict[str, AIProvider] = {}
-    for name in sorted(routed):
+    for name in _routed(settings):
         config = settings.providers[name]
         if config.kind == "offline":
             providers[name] = OfflineProvider(name, config.model or "offline-templates-1", config.latency_s)

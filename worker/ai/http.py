@@ -190,6 +190,14 @@ def env_proxy(url: str) -> str | None:
     return proxy
 
 
+def provider_proxy(name: str, url: str) -> str | None:
+    """`env_proxy` of provider `name`'s URL; its SettingsError names the provider."""
+    try:
+        return env_proxy(url)
+    except SettingsError as exc:
+        raise SettingsError(f"ai.providers.{name}: {exc}") from None
+
+
 class HTTPProvider:
     """Shared request, retry and error handling; subclasses write the request and read the answer."""
 
@@ -210,10 +218,7 @@ class HTTPProvider:
             **self.auth_headers(api_key),
             **_JSON_CONTENT,
         }
-        try:
-            proxy = env_proxy(str(self._url))
-        except SettingsError as exc:
-            raise SettingsError(f"ai.providers.{name}: {exc}") from None
+        proxy = provider_proxy(name, str(self._url))
         self._proxy = URL(proxy) if proxy else None
         self._session: aiohttp.ClientSession | None = None
 
