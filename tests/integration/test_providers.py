@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 from pathlib import Path
@@ -401,7 +402,8 @@ async def test_a_provider_goes_through_the_proxy_of_the_environment(
     when HTTP_PROXY names one: the fake plays the proxy and sees the absolute-form request."""
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", fake.url)
+    host_port = fake.url.removeprefix("http://")
+    monkeypatch.setenv("HTTP_PROXY", f"http://proxy-user:pr%40xy-pass@{host_port}")  # credentials, one escaped
     unreachable = f"http://127.0.0.2:{free_port()}"  # nothing listens there: only the proxy can answer
     provider = OpenAIProvider("remote", remote("openai", unreachable), KEY)
     try:
@@ -413,6 +415,9 @@ async def test_a_provider_goes_through_the_proxy_of_the_environment(
     (seen,) = fake.wait_for_requests(1)
     assert seen.path == f"{unreachable}/v1/chat/completions"
     assert seen.headers["authorization"] == f"Bearer {KEY}" and seen.headers["content-type"] == "application/json"
+    expected = base64.b64encode(b"proxy-user:pr@xy-pass").decode()
+    assert seen.headers["proxy-authorization"] == f"Basic {expected}", "the proxy's credentials, for the proxy"
+    assert "proxy-user" not in seen.path
 
 
 @pytest.mark.parametrize(
@@ -468,7 +473,9 @@ async def test_all_proxy_applies_and_no_proxy_skips_it(
         assert (await provider.complete(AIRequest(task="planning", system="plan", prompt=prompt))).text
     finally:
         await provider.aclose()
-    assert fake.wait_for_requests(1)[0].path == f"{unreachable}/v1/chat/completions"
+    (proxied,) = fake.wait_for_requests(1)
+    assert proxied.path == f"{unreachable}/v1/chat/completions"
+    assert "proxy-authorization" not in proxied.headers, "no credentials for the proxy, and never the API key"
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     direct = OpenAIProvider("remote", remote("openai", fake.url, max_retries=0), KEY)
@@ -517,3 +524,40 @@ async def test_https_providers_are_verified_against_the_systems_cas_and_ssl_cert
         finally:
             await trusting.aclose()
         assert reply.text and len(tls_fake.requests) == 1
+
+
+@pytest.mark.parametrize("credentials", ["", "tunnel-user:tunnel-pass@"])
+async def test_an_https_provider_behind_a_proxy_opens_a_tunnel_without_showing_the_proxy_its_api_key(
+    monkeypatch: pytest.MonkeyPatch, credentials: str
+) -> None:
+    """The CONNECT to the proxy carries the proxy's own credentials (if any), never the provider's key.
+    The test's proxy records the CONNECT and refuses it (407), so the call fails as a connect error."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{credentials}127.0.0.1:{port}")
+    provider = OpenAIProvider("remote", remote("openai", "https://api.example.test", max_retries=0), KEY)
+    try:
+        with pytest.raises(AIUnavailable) as raised:
+            await provider.complete(AIRequest(task="planning", system="plan", prompt="hello"))
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
+    (head,) = seen
+    assert head.startswith(b"CONNECT api.example.test:443 HTTP/1.1\r\n")
+    assert KEY.encode() not in head and b"Bearer" not in head, head
+    if credentials:
+        assert f"Basic {base64.b64encode(b'tunnel-user:tunnel-pass').decode()}".encode() in head
+    else:
+        assert b"proxy-authorization" not in head.lower()
+    assert call_status(raised.value) == "ProxyError" and "407" in str(raised.value)

@@ -15,6 +15,7 @@ flight, the fake provider in its own process), and the worker's CPU per site wen
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import random
@@ -150,6 +151,8 @@ class Answer:
 def failure_kind(exc: BaseException) -> str:
     """What failed in a request that got no HTTP answer, in stable words (the `status` label of the
     model call metrics, and the error's `failure` detail): alerts must not change with the client library."""
+    if isinstance(exc, aiohttp.ClientHttpProxyError | aiohttp.ClientProxyConnectionError):
+        return "ProxyError"  # the proxy refused the tunnel, or could not be reached
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return "ConnectTimeout"
     if isinstance(exc, aiohttp.ServerTimeoutError):
@@ -212,21 +215,31 @@ class HTTPProvider:
         self._api_key = api_key
         self.slots = Slots(config.max_concurrency)
         self._url = URL(config.api_root.rstrip("/") + "/" + self.endpoint())
+        # Sent with each request, not as the session's defaults: aiohttp adds a session's default
+        # headers to the headers for the proxy (aio-libs/aiohttp#9372), and its connector (3.14)
+        # then sends their Authorization, the API key, to the proxy as Proxy-Authorization, on the
+        # CONNECT of an https:// URL too (tests/integration/test_providers.py checks it does not).
         self._headers = {
             "user-agent": "sitegen-worker",
             **config.headers,
             **self.auth_headers(api_key),
             **_JSON_CONTENT,
         }
-        proxy = provider_proxy(name, str(self._url))
-        self._proxy = URL(proxy) if proxy else None
+        proxy = URL(found) if (found := provider_proxy(name, str(self._url))) else None
+        self._proxy = proxy.with_user(None) if proxy is not None else None
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy is not None and (proxy.user or proxy.password):  # user:password in the proxy's URL
+            credentials = base64.b64encode(f"{proxy.user or ''}:{proxy.password or ''}".encode()).decode()
+            if self._url.scheme == "https":  # on the CONNECT that opens the tunnel
+                self._proxy_headers = {"proxy-authorization": f"Basic {credentials}"}
+            else:  # the request itself goes to the proxy
+                self._headers["proxy-authorization"] = f"Basic {credentials}"
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         """The provider's session, made at its first call (aiohttp needs the running loop), then kept."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers=self._headers,
                 # No cookies, and no reading of proxies and ~/.netrc from the environment per request
                 # (aiohttp does that in a thread each time; the proxy was read once, above).
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -311,7 +324,10 @@ class HTTPProvider:
 
     async def _send(self, body: bytes) -> Answer:
         """POST `body` and read the whole answer (the connection goes back to the pool)."""
-        async with self._client().post(self._url, data=body, proxy=self._proxy) as response:
+        session = self._client()
+        async with session.post(
+            self._url, data=body, headers=self._headers, proxy=self._proxy, proxy_headers=self._proxy_headers
+        ) as response:
             return Answer(response.status, response.headers, await response.read())
 
     async def _attempt(self, request: AIRequest) -> AIReply:
