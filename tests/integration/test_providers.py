@@ -32,7 +32,7 @@ from worker import client
 from worker.ai.base import AIRequest, call_status
 from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
-from worker.errors import AIUnavailable
+from worker.errors import AIBadRequest, AIUnavailable
 from worker.services import free_port
 from worker.settings import Settings, SettingsError
 
@@ -561,3 +561,19 @@ async def test_an_https_provider_behind_a_proxy_opens_a_tunnel_without_showing_t
     else:
         assert b"proxy-authorization" not in head.lower()
     assert call_status(raised.value) == "ProxyError" and "407" in str(raised.value)
+
+
+@pytest.mark.parametrize("status", [301, 307])
+async def test_a_redirect_is_not_followed_and_names_the_setting_to_fix(fake: FakeProviderServer, status: int) -> None:
+    """Following it would send the key wherever the redirect points; the error says where that is."""
+    fake.script(f"status:{status}")
+    provider = OpenAIProvider("remote", remote("openai", fake.url, max_retries=0), KEY)
+    try:
+        with pytest.raises(AIBadRequest) as raised:
+            await provider.complete(AIRequest(task="planning", system="plan", prompt="hello"))
+    finally:
+        await provider.aclose()
+    assert len(fake.requests) == 1, "the redirect was not followed"
+    message = str(raised.value)
+    assert f"HTTP {status}: the provider redirects to /moved/v1/chat/completions" in message
+    assert "set ai.providers.remote.base_url" in message and raised.value.status == status

@@ -3,7 +3,8 @@ Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, ba
 
 Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, close (the
 connection closed without an answer), truncated,
-malformed, malformed-hard, fenced, wrong-schema, cf-quota, delay:<s>, status:<400-599>, 429:<s>,
+malformed, malformed-hard, fenced, wrong-schema, cf-quota, delay:<s>, status:<300-599> (a 3xx with a
+Location header), 429:<s>,
 429ms:<ms>, and text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size,
 any characters, colons and newlines included)."""
 
@@ -87,13 +88,13 @@ def validate_fault(fault: str) -> str:
             return fault
         if sep and kind == "429ms" and int(arg) >= 0:
             return fault
-        if sep and kind == "status" and 400 <= int(arg) <= 599:
+        if sep and kind == "status" and 300 <= int(arg) <= 599:
             return fault
     except ValueError:
         pass
     raise ValueError(
         f"unknown fault {fault!r}; expected one of {', '.join(sorted(SIMPLE_FAULTS))}, "
-        "delay:<s>, status:<400-599>, 429:<s>, 429ms:<ms>, text:<answer text>"
+        "delay:<s>, status:<300-599>, 429:<s>, 429ms:<ms>, text:<answer text>"
     )
 
 
@@ -308,7 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "cf-quota":
             return 429, _cloudflare_error(3036, CF_QUOTA_MESSAGE), {}
         if kind == "status":
-            return int(arg), _error_body(api, int(arg)), {}
+            moved = {"Location": f"/moved{path}"} if int(arg) < 400 else {}
+            return int(arg), _error_body(api, int(arg)), moved
         if kind == "429":
             return 429, _error_body(api, 429), {"Retry-After": arg}
         if kind == "429ms":

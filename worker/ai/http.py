@@ -299,6 +299,15 @@ class HTTPProvider:
         status = response.status_code
         excerpt = redact(response.text[:500], self._api_key)
         extra: dict[str, Any] = {"status": status, "request_id": self.request_id(response), "body": excerpt}
+        if status < 400:
+            location = redact(response.headers.get("location", "(no Location header)"), self._api_key)
+            return self._error(
+                AIBadRequest,
+                f"HTTP {status}: the provider redirects to {location[:300]}; "
+                f"set ai.providers.{self.name}.base_url to where it points",
+                request,
+                **extra,
+            )
         if status in (401, 403):
             where = (
                 f"the key in environment variable {self.config.api_key_env} "
@@ -326,7 +335,12 @@ class HTTPProvider:
         """POST `body` and read the whole answer (the connection goes back to the pool)."""
         session = self._client()
         async with session.post(
-            self._url, data=body, headers=self._headers, proxy=self._proxy, proxy_headers=self._proxy_headers
+            self._url,
+            data=body,
+            headers=self._headers,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers,
+            allow_redirects=False,
         ) as response:
             return Answer(response.status, response.headers, await response.read())
 
@@ -342,7 +356,7 @@ class HTTPProvider:
             raise self._error(
                 AIUnavailable, f"connection failed ({kind}): {type(exc).__name__}: {exc}", request, failure=kind
             ) from exc
-        if response.status_code >= 400:
+        if response.status_code >= 300:  # redirects are not followed: the key would go wherever they point
             raise self._classify(response, request)
         try:
             text, tokens_in, tokens_out, finish = self.read(orjson.loads(response.content))
