@@ -123,3 +123,16 @@ async def test_two_replicas_polling_one_queue_start_every_job_exactly_once(
     rows = await db.fetch("SELECT replica_id, attempt FROM site_generations WHERE order_id = ANY($1)", orders)
     assert len(rows) == len(orders) and {r["attempt"] for r in rows} == {1}, "one generation, one attempt, per order"
     assert {r["replica_id"] for r in rows} == {"poll-a", "poll-b"}, "both replicas took jobs"
+
+
+async def test_jobs_still_start_after_redis_forgets_the_claim_script(
+    settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """A Redis restart empties its script cache: the claim loads the script again (NOSCRIPT) and goes on."""
+    await start_worker(settings)
+    await client.enqueue_generation(redis, 171, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 171))["status"] == "succeeded"
+
+    await redis.script_flush()
+    await client.enqueue_generation(redis, 172, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 172))["status"] == "succeeded"
