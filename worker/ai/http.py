@@ -6,10 +6,11 @@ classifies every failure into the `AIError` family, and retries what may pass (h
 Retry-After) a bounded number of times. The kinds differ only in how a request is written and an
 answer read.
 
-Why aiohttp and not httpx: a model call through httpx2 (the transport called directly, see
-bench/README.md) cost about 490 us of CPU against 115 us through aiohttp (3,000 calls, 8 in
-flight, the fake provider in its own process), and the worker's CPU per site went from 6.3 to
-5.2 ms: its C HTTP parser and a pool that does not walk its connections on every request.
+Why aiohttp and not httpx: a model call through httpx2 (its transport called directly) cost
+about 490 us of CPU against 115 us through aiohttp (3,000 calls, 8 in flight, the fake provider
+in its own process), and the worker's CPU per site at latency 0 went from 6.3-6.4 to 4.9-5.0 ms
+(bench/README.md, finding 9): aiohttp's C HTTP parser, no anyio layer, and a pool that does not
+walk its connections on every request.
 """
 
 from __future__ import annotations
