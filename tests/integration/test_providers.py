@@ -38,6 +38,16 @@ from worker.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.usefixtures("provider_key")
 
+#: Every variable a proxy is read from, in both cases (lower case wins where both are set).
+PROXY_VARIABLES = tuple(n for v in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY") for n in (v, v.lower()))
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of the machine's proxy variables: a test sets the ones it is about."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
 
 async def _all_text(db: asyncpg.Connection) -> str:
     """Every stored row that a person or a frontend could read, as text."""
@@ -395,13 +405,12 @@ async def test_a_provider_has_as_many_calls_in_flight_as_its_max_concurrency(fak
     assert provider.slots.held == provider.slots.waiting == 0
 
 
+@pytest.mark.usefixtures("no_proxy_env")
 async def test_a_provider_goes_through_the_proxy_of_the_environment(
     fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Calls go straight to the transport the client chose for the provider's URL, which is the proxy
     when HTTP_PROXY names one: the fake plays the proxy and sees the absolute-form request."""
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
     host_port = fake.url.removeprefix("http://")
     monkeypatch.setenv("HTTP_PROXY", f"http://proxy-user:pr%40xy-pass@{host_port}")  # credentials, one escaped
     unreachable = f"http://127.0.0.2:{free_port()}"  # nothing listens there: only the proxy can answer
@@ -458,13 +467,12 @@ async def test_a_provider_nothing_listens_on_fails_with_connect_error() -> None:
     )
 
 
+@pytest.mark.usefixtures("no_proxy_env")
 async def test_all_proxy_applies_and_no_proxy_skips_it(
     fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The proxy is read from the environment once, as curl and httpx read it: HTTP(S)_PROXY, else
     ALL_PROXY, except for hosts in NO_PROXY."""
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ALL_PROXY", fake.url)
     unreachable = f"http://127.0.0.2:{free_port()}"
     prompt = f"<input>{json.dumps({'brief': SAMPLE_BRIEF})}</input>"
@@ -486,21 +494,19 @@ async def test_all_proxy_applies_and_no_proxy_skips_it(
     assert fake.wait_for_requests(2)[1].path == "/v1/chat/completions", "NO_PROXY: straight to the provider"
 
 
+@pytest.mark.usefixtures("no_proxy_env")
 def test_a_proxy_aiohttp_cannot_use_is_a_settings_error_naming_the_provider(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
     with pytest.raises(SettingsError, match=r"ai.providers.remote: the proxy for http:// URLs .* is a socks5 URL"):
         OpenAIProvider("remote", remote("openai", "http://127.0.0.2:9"), KEY)
 
 
+@pytest.mark.usefixtures("no_proxy_env")
 async def test_https_providers_are_verified_against_the_systems_cas_and_ssl_cert_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A certificate from an unknown CA is refused (ConnectError naming the check); trusting the CA
     through SSL_CERT_FILE, as OpenSSL reads it, lets the same calls through."""
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
@@ -526,6 +532,7 @@ async def test_https_providers_are_verified_against_the_systems_cas_and_ssl_cert
         assert reply.text and len(tls_fake.requests) == 1
 
 
+@pytest.mark.usefixtures("no_proxy_env")
 @pytest.mark.parametrize("credentials", ["", "tunnel-user:tunnel-pass@"])
 async def test_an_https_provider_behind_a_proxy_opens_a_tunnel_without_showing_the_proxy_its_api_key(
     monkeypatch: pytest.MonkeyPatch, credentials: str
@@ -542,8 +549,6 @@ async def test_an_https_provider_behind_a_proxy_opens_a_tunnel_without_showing_t
 
     server = await asyncio.start_server(proxy, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTPS_PROXY", f"http://{credentials}127.0.0.1:{port}")
     provider = OpenAIProvider("remote", remote("openai", "https://api.example.test", max_retries=0), KEY)
     try:
