@@ -203,7 +203,8 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
-# Every Worker of this process (arq's CLI builds its own) skips running jobs when it polls.
+# Every Worker of this process (arq's CLI builds its own) polls with worker.polling: running jobs
+# skipped, startable ones claimed by one Lua script per poll.
 polling.install()
 SETTINGS = _settings_or_exit()
 WorkerSettings = type("WorkerSettings", (), worker_options(SETTINGS))
