@@ -19,7 +19,7 @@ from arq.cron import cron
 from arq.worker import Worker, func
 from loguru import logger
 
-from worker import polling
+from worker import polling, redis_outage
 from worker.ai import build_router, check_environment
 from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
@@ -203,8 +203,9 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
-# Every Worker of this process (arq's CLI builds its own) polls with worker.polling: running jobs
-# skipped, startable ones claimed by one Lua script per poll.
+# Every Worker of this process (arq's CLI builds its own) polls with worker.polling (running jobs
+# skipped, startable ones claimed by one Lua script per poll) and rides out Redis outages.
 polling.install()
+redis_outage.install()
 SETTINGS = _settings_or_exit()
 WorkerSettings = type("WorkerSettings", (), worker_options(SETTINGS))

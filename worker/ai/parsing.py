@@ -116,8 +116,12 @@ async def ask_model(
     check: Callable[[M], None] | None = None,
     max_retries: int,
     notify: Notify,
+    before_call: Callable[[], None] | None = None,
 ) -> tuple[M, Usage]:
-    """Ask the task's provider for a `schema` answer; re-ask with the error up to `max_retries` times."""
+    """Ask the task's provider for a `schema` answer; re-ask with the error up to `max_retries` times.
+
+    `before_call` runs before each call to the model and may raise to stop there (a lost claim).
+    """
     request = render_prompt(task, inputs, schema)
     usage = Usage()
     problem = ""
@@ -132,6 +136,8 @@ async def ask_model(
                 "Answer again with one JSON object that fixes this, and nothing else.",
             )
         )
+        if before_call is not None:
+            before_call()
         reply = await router.complete(asked, notify=notify)
         usage += reply.usage
         repair_note = None

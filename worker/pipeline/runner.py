@@ -13,7 +13,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
@@ -182,6 +182,7 @@ class GenerationRun:
             check=check,
             max_retries=self.rt.settings.ai.max_output_retries,
             notify=self.log,
+            before_call=partial(self.rt.heartbeat.check, self.claim),
         )
 
     def result(self, status: str) -> dict[str, Any]:
@@ -303,10 +304,18 @@ class GenerationRun:
 
 class Heartbeat:
     """One heartbeat for every generation this replica runs: per beat, one UPDATE for all claims and one
-    Redis round trip for all in-progress markers, so its cost does not grow with each job."""
+    Redis round trip for all in-progress markers, so its cost does not grow with each job.
+
+    The two renewals run in tasks of their own, each bounded by a timeout shorter than the lease, so
+    neither store can hold up the other: Redis being away does not let the PostgreSQL leases lapse (a
+    live replica would lose its claims), and a hung PostgreSQL call does not let the in-progress keys
+    expire (another replica would start the same job). A claim PostgreSQL no longer confirms is marked
+    lost; its generation stops at its next model call (`check`).
+    """
 
     def __init__(self) -> None:
         self.running: dict[uuid.UUID, tuple[Claim, str | None]] = {}
+        self.lost: set[uuid.UUID] = set()
 
     def track(self, claim: Claim, job_id: str | None) -> None:
         assert claim.token is not None
@@ -315,30 +324,62 @@ class Heartbeat:
     def forget(self, claim: Claim) -> None:
         if claim.token is not None:
             self.running.pop(claim.token, None)
+            self.lost.discard(claim.token)
+
+    def check(self, claim: Claim) -> None:
+        """Raise ClaimLost if the heartbeat found this claim taken over (before a model call is made for it)."""
+        if claim.token in self.lost:
+            raise ClaimLost(
+                f"generation {claim.generation_id} was taken over by another replica (its lease lapsed); "
+                "stopped before the next model call"
+            )
 
     async def run(self, rt: Runtime) -> None:
+        """Renew the PostgreSQL leases and the Redis in-progress keys every lease_s/4, independently."""
+        every_s = rt.settings.worker.lease_s / 4
+        async with asyncio.TaskGroup() as beats:
+            beats.create_task(self._every(every_s, "PostgreSQL leases", self.renew_leases, rt))
+            if rt.redis is not None:
+                beats.create_task(self._every(every_s, "Redis in-progress keys", self.renew_markers, rt))
+
+    async def _every(
+        self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime
+    ) -> None:
         while True:
-            await asyncio.sleep(rt.settings.worker.lease_s / 4)
-            if self.running:
-                await self.beat(rt)
+            await asyncio.sleep(every_s)
+            if not self.running:
+                continue
+            try:
+                # Shorter than the lease: a renewal that hangs is given up in time for the next one.
+                async with asyncio.timeout(every_s):
+                    await renew(rt)
+            except Exception as exc:  # each commit is fenced by its claim anyway; the next beat tries again
+                why = f"no answer within {every_s:.1f}s" if isinstance(exc, TimeoutError) else message_of(exc)
+                logger.warning("heartbeat: could not renew the {} of {} generations: {}", what, len(self.running), why)
 
     async def beat(self, rt: Runtime) -> None:
+        """Both renewals once, independently (tests call this; the heartbeat task runs each on its own)."""
+        await asyncio.gather(self.renew_leases(rt), self.renew_markers(rt), return_exceptions=True)
+
+    async def renew_leases(self, rt: Runtime) -> None:
         running = dict(self.running)
-        try:
-            if rt.redis is not None:
-                ttl_ms = int(rt.settings.worker.lease_s * 1000)
-                async with rt.redis.pipeline(transaction=False) as pipe:
-                    for _, job_id in running.values():
-                        if job_id:
-                            pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
-                    await pipe.execute()
-            held = await rt.store.heartbeat(list(running))
-        except Exception as exc:  # each commit is fenced by its claim anyway
-            logger.warning("heartbeat of {} generation(s) failed: {}", len(running), message_of(exc))
-            return
+        held = await rt.store.heartbeat(list(running))
         for token in running.keys() - held:
-            if token in self.running:
+            if token in self.running and token not in self.lost:
+                self.lost.add(token)
                 logger.warning("generation {}: claim taken over by another replica", running[token][0].generation_id)
+
+    async def renew_markers(self, rt: Runtime) -> None:
+        if rt.redis is None:
+            return
+        ttl_ms = int(rt.settings.worker.lease_s * 1000)
+        job_ids = [job_id for token, (_, job_id) in self.running.items() if job_id and token not in self.lost]
+        if not job_ids:
+            return
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+            await pipe.execute()
 
 
 async def run_generation(
