@@ -481,8 +481,15 @@ def _postgres_bin_for(run_as: _RunAs, bin_dir: Path | None = None) -> Path:
         reason = run_as.cannot_run(directory)
         if reason is None:
             if refused:
-                logger.info("PostgreSQL runs as '{}', which cannot run {}", UNPRIVILEGED_USER, "; ".join(refused))
-            logger.debug("PostgreSQL binaries from {}: {}", source, directory)
+                logger.info(
+                    "PostgreSQL runs as '{}', which cannot run {}; using {} ({})",
+                    UNPRIVILEGED_USER,
+                    "; ".join(refused),
+                    source,
+                    directory,
+                )
+            else:
+                logger.debug("PostgreSQL binaries from {}: {}", source, directory)
             return directory
         refused.append(f"{source} ({directory}): {reason}")
     source, preferred = candidates[0]
