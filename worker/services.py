@@ -507,7 +507,7 @@ def _postgres_bin_for(run_as: _RunAs, bin_dir: Path | None = None) -> Path:
                 copy,
             )
             return copy
-        refused.append(f"its copy ({copy}): {reason}")
+        refused.append(f"the copy of {source} ({copy}): {reason}")
     raise ServicesUnavailable(
         f"Running as root, so PostgreSQL runs as '{UNPRIVILEGED_USER}', which cannot run the PostgreSQL "
         f"binaries: {'; '.join(refused)}. Fix it by one of: installing PostgreSQL system-wide (e.g. `apt install "
