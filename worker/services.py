@@ -92,26 +92,19 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in parts) if parts else (-1,)
 
 
-def find_postgres_bin(
-    *,
-    env: Mapping[str, str] | None = None,
-    search_wheels: bool = True,
-    search_system: bool = True,
-) -> Path:
-    """Return the directory holding initdb and postgres.
-
-    Order: $PGBIN, the `pgserver` wheel, then the system (PATH, then the highest /usr/lib/postgresql/*/bin).
-    A PGBIN that is set but unusable is an error rather than silently ignored.
-    """
-    env = os.environ if env is None else env
+def _postgres_candidates(
+    env: Mapping[str, str], *, search_wheels: bool, search_system: bool
+) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Every complete PostgreSQL binaries directory, best first, each with where it came from; and where
+    we looked without success. A PGBIN that is set is the only candidate (an unusable one is an error)."""
     looked: list[str] = []
+    found: list[tuple[str, Path]] = []
 
     pgbin = env.get("PGBIN")
     if pgbin:
         missing = _missing_pg_tools(Path(pgbin))
         if not missing:
-            logger.debug("PostgreSQL binaries from PGBIN: {}", pgbin)
-            return Path(pgbin)
+            return [("PGBIN", Path(pgbin))], looked
         raise ServicesUnavailable(
             f"PGBIN={pgbin} is set but does not contain the PostgreSQL server binaries "
             f"(missing: {', '.join(missing)}). Point PGBIN at the directory holding initdb and postgres "
@@ -125,32 +118,39 @@ def find_postgres_bin(
         if pkg is not None:
             candidate = pkg / "pginstall" / "bin"
             if not _missing_pg_tools(candidate):
-                logger.debug("PostgreSQL binaries from the pgserver wheel: {}", candidate)
-                return candidate
-            looked.append(f"the pgserver wheel ({candidate} is incomplete)")
+                found.append(("the pgserver wheel", candidate))
+            else:
+                looked.append(f"the pgserver wheel ({candidate} is incomplete)")
         else:
             looked.append("the pgserver wheel (not installed)")
 
     if search_system:
-        path_env = env.get("PATH", "")
-        found = shutil.which("initdb", path=path_env)
-        if found:
+        on_path = shutil.which("initdb", path=env.get("PATH", ""))
+        if on_path:
             # Distro/Homebrew installs symlink into bin/; the real directory holds the rest of the tools.
-            for candidate in (Path(found).parent, Path(found).resolve().parent):
-                if not _missing_pg_tools(candidate):
-                    logger.debug("PostgreSQL binaries from PATH: {}", candidate)
-                    return candidate
-            looked.append(f"PATH (found {found} but no postgres next to it)")
+            complete = [c for c in (Path(on_path).parent, Path(on_path).resolve().parent) if not _missing_pg_tools(c)]
+            if complete:
+                found.append(("PATH", complete[0]))
+            else:
+                looked.append(f"PATH (found {on_path} but no postgres next to it)")
         else:
             looked.append("PATH (no initdb)")
         versions = sorted((Path(p) for p in glob.glob(SYSTEM_PG_GLOB)), key=_version_key, reverse=True)
-        for candidate in versions:
-            if not _missing_pg_tools(candidate):
-                logger.debug("PostgreSQL binaries from the system: {}", candidate)
-                return candidate
-        looked.append(f"{SYSTEM_PG_GLOB} ({'no usable version' if versions else 'no match'})")
+        usable = [c for c in versions if not _missing_pg_tools(c)]
+        found += [("the system", c) for c in usable]
+        if not usable:
+            looked.append(f"{SYSTEM_PG_GLOB} ({'no usable version' if versions else 'no match'})")
 
-    raise ServicesUnavailable(
+    # The same directory through PATH and the glob is one candidate.
+    unique: list[tuple[str, Path]] = []
+    for source, directory in found:
+        if all(directory.resolve() != seen.resolve() for _, seen in unique):
+            unique.append((source, directory))
+    return unique, looked
+
+
+def _no_postgres_found(looked: list[str]) -> ServicesUnavailable:
+    return ServicesUnavailable(
         f"No PostgreSQL server binaries found (needed: {', '.join(PG_REQUIRED)}). Looked in: "
         + "; ".join(looked)
         + ". "
@@ -162,6 +162,27 @@ def find_postgres_bin(
             url_env="DATABASE_URL",
         )
     )
+
+
+def find_postgres_bin(
+    *,
+    env: Mapping[str, str] | None = None,
+    search_wheels: bool = True,
+    search_system: bool = True,
+) -> Path:
+    """Return the directory holding initdb and postgres.
+
+    Order: $PGBIN, the `pgserver` wheel, then the system (PATH, then the highest /usr/lib/postgresql/*/bin).
+    A PGBIN that is set but unusable is an error rather than silently ignored. Whether the unprivileged user
+    a root launcher runs PostgreSQL as can execute them is `_postgres_bin_for`'s concern.
+    """
+    env = os.environ if env is None else env
+    candidates, looked = _postgres_candidates(env, search_wheels=search_wheels, search_system=search_system)
+    if not candidates:
+        raise _no_postgres_found(looked)
+    source, directory = candidates[0]
+    logger.debug("PostgreSQL binaries from {}: {}", source, directory)
+    return directory
 
 
 def find_redis_server(
@@ -260,12 +281,19 @@ class _RunAs:
         if self.uid is not None and self.gid is not None:
             os.chown(path, self.uid, self.gid)
 
-    def check_traversable(self, path: Path) -> None:
-        """Fail clearly if the unprivileged user cannot reach `path` (e.g. under a 0700 pytest tmp dir)."""
+    def blocked_at(self, path: Path) -> str | None:
+        """Why the unprivileged user cannot reach `path` (the first directory it may not enter), or None.
+
+        Mode bits only (no ACLs): what the kernel checks for a user without supplementary groups."""
         if self.uid is None:
-            return
-        for ancestor in [path, *path.parents]:
-            st = ancestor.stat()
+            return None
+        for ancestor in reversed([path, *path.parents]):
+            try:
+                st = ancestor.stat()
+            except OSError as exc:
+                return f"{ancestor} cannot be examined ({exc.strerror})"
+            if not stat.S_ISDIR(st.st_mode):
+                continue
             if st.st_uid == self.uid:
                 ok = bool(st.st_mode & stat.S_IXUSR)
             elif st.st_gid == self.gid:
@@ -273,11 +301,219 @@ class _RunAs:
             else:
                 ok = bool(st.st_mode & stat.S_IXOTH)
             if not ok:
-                raise ServicesUnavailable(
-                    f"Running as root, so PostgreSQL runs as '{UNPRIVILEGED_USER}', which cannot traverse "
-                    f"{ancestor} (mode {stat.S_IMODE(st.st_mode):o}). Use a data directory under a world-"
-                    "traversable path (the default temp dir is fine) or `chmod o+x` that directory."
+                mode, owner = stat.S_IMODE(st.st_mode), _user_name(st.st_uid)
+                return f"'{UNPRIVILEGED_USER}' cannot enter {ancestor} (mode {mode:o}, owner {owner})"
+        return None
+
+    def check_traversable(self, path: Path) -> None:
+        """Fail clearly if the unprivileged user cannot reach `path`, PostgreSQL's data and socket directory."""
+        blocked = self.blocked_at(path)
+        if blocked is not None:
+            raise ServicesUnavailable(
+                f"Running as root, so PostgreSQL runs as '{UNPRIVILEGED_USER}', which must reach its data and "
+                f"socket directory {path}, but {blocked}. Choose a directory under one it can enter "
+                "(the default temp dir is fine: drop --base-dir/base_dir, or set TMPDIR), run as a regular user, "
+                "or set DATABASE_URL to use an already running server."
+            )
+
+    def cannot_run(self, bin_dir: Path) -> str | None:
+        """Why the unprivileged user cannot run the PostgreSQL binaries in `bin_dir`, or None if it can.
+
+        Runs each with --version as that user: this also catches a missing shared library or a noexec mount."""
+        if self.uid is None:
+            return None
+        with _pg_lock:
+            if (self.uid, bin_dir) in _runnable_pg_bins:
+                return None
+        blocked = self.blocked_at(bin_dir)
+        if blocked is not None:
+            return blocked
+        for name in PG_REQUIRED:
+            exe = bin_dir / name
+            try:
+                result = subprocess.run(
+                    [str(exe), "--version"],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    cwd="/",
+                    timeout=DEFAULT_START_TIMEOUT,
+                    check=False,
+                    user=self.uid,
+                    group=self.gid,
+                    extra_groups=self.extra_groups,
                 )
+            except subprocess.TimeoutExpired:
+                return f"{exe} --version did not finish within {DEFAULT_START_TIMEOUT:.0f}s"
+            except OSError as exc:
+                return f"'{UNPRIVILEGED_USER}' cannot execute {exe} ({exc.strerror})"
+            if result.returncode != 0:
+                lines = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+                return f"{exe} --version exited with code {result.returncode} ({lines[0] if lines else 'no output'})"
+        with _pg_lock:
+            _runnable_pg_bins.add((self.uid, bin_dir))
+        return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+# --------------------------------------------------------------------------- binaries the unprivileged user can run
+# As root, PostgreSQL runs as `nobody`, which may not enter the folder holding the binaries we found: a clone
+# (and its .venv) in `mktemp -d` or /root, mode 0700. We never loosen the caller's folders (that would expose
+# everything in them); we use the next candidate that `nobody` can run, or else a copy of the preferred one.
+
+_pg_lock = threading.Lock()
+# (uid, bin_dir) pairs already proven runnable, so every LocalServices of a test session checks once.
+_runnable_pg_bins: set[tuple[int, Path]] = set()
+# Source bin dir -> its reachable copy, made once per process and removed at exit (see _stop_everything).
+_pg_copies: dict[Path, Path] = {}
+_pg_copy_roots: list[Path] = []
+
+
+def _reachable_temp_dir(run_as: _RunAs) -> Path:
+    """The temp dir (TMPDIR, else /tmp, else /var/tmp) that the unprivileged user can enter."""
+    refused: list[str] = []
+    for candidate in dict.fromkeys((tempfile.gettempdir(), "/tmp", "/var/tmp")):
+        path = Path(candidate)
+        if not path.is_dir():
+            continue
+        blocked = run_as.blocked_at(path)
+        if blocked is None:
+            return path
+        refused.append(blocked)
+    raise ServicesUnavailable(
+        f"Running as root, so PostgreSQL runs as '{UNPRIVILEGED_USER}', but no temp dir can hold its data: "
+        + "; ".join(refused or ["none of TMPDIR, /tmp, /var/tmp exists"])
+        + ". Set TMPDIR to a directory it can enter, run as a regular user, or set DATABASE_URL."
+    )
+
+
+def _install_copy(src: str, dst: str) -> str:
+    """Hard-link a file we own that others may read but not write (no bytes copied); copy anything else,
+    readable by others, so neither the copy nor the link lets `nobody` change what root installed."""
+    st = os.stat(src)
+    executable = bool(st.st_mode & stat.S_IXUSR)
+    shareable = (
+        st.st_uid == os.geteuid()
+        and st.st_mode & stat.S_IROTH
+        and (st.st_mode & stat.S_IXOTH or not executable)
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+    if shareable:
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass  # another filesystem, or hard links refused: copy
+    shutil.copy2(src, dst)
+    os.chmod(dst, 0o755 if executable else 0o644)
+    return dst
+
+
+def _reachable_copy(bin_dir: Path, run_as: _RunAs) -> Path:
+    """Copy the PostgreSQL installation around `bin_dir` into a fresh root-owned 0755 temp dir; return its bin.
+
+    The binaries find lib/ and share/ relative to themselves, and the pgserver wheel's initdb loads libpq from
+    `pgserver.libs` beside the package (auditwheel), so the copy keeps that layout."""
+    with _pg_lock:
+        if bin_dir in _pg_copies:
+            return _pg_copies[bin_dir]
+        prefix = bin_dir.parent
+        wheel_libs = prefix.parent.parent / f"{prefix.parent.name}.libs"
+        mirror_root = prefix.parent.parent if wheel_libs.is_dir() else prefix.parent
+        # mkdtemp: a fresh name nobody can have prepared, created by and for root.
+        root = Path(tempfile.mkdtemp(prefix="sitegen-pginstall-", dir=_reachable_temp_dir(run_as)))
+        try:
+            copy_bin = root / bin_dir.relative_to(mirror_root)
+            copy_bin.mkdir(parents=True)
+            for name in PG_REQUIRED:
+                _install_copy(str(bin_dir / name), str(copy_bin / name))
+            trees = [prefix / "lib", prefix / "share", wheel_libs]
+            for tree in (t for t in trees if t.is_dir()):
+                shutil.copytree(
+                    tree,
+                    root / tree.relative_to(mirror_root),
+                    copy_function=_install_copy,
+                    ignore_dangling_symlinks=True,
+                )
+            # Directories: ours, enterable by everyone, writable by root only (whatever the source or umask).
+            for directory in [root, *(d for d in root.rglob("*") if d.is_dir() and not d.is_symlink())]:
+                os.chmod(directory, 0o755)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        _pg_copies[bin_dir] = copy_bin
+        _pg_copy_roots.append(root)
+        return copy_bin
+
+
+def _remove_pg_copies() -> None:
+    with _pg_lock:
+        roots, _pg_copy_roots[:] = list(_pg_copy_roots), []
+        _pg_copies.clear()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _postgres_bin_for(run_as: _RunAs, bin_dir: Path | None = None) -> Path:
+    """The PostgreSQL binaries to run as `run_as`: `bin_dir` if given, else the discovered ones.
+
+    When PostgreSQL runs as the unprivileged user, the first candidate that user can run wins (the pgserver
+    wheel, then the system's); if it can run none, a reachable copy of the preferred one; if it cannot run
+    that either, one line that says what to do. A given `bin_dir` or PGBIN is only ever copied, never
+    replaced by other binaries."""
+    if bin_dir is not None:
+        candidates = [("bin_dir", Path(bin_dir))]
+    else:
+        candidates, looked = _postgres_candidates(os.environ, search_wheels=True, search_system=True)
+        if not candidates:
+            raise _no_postgres_found(looked)
+    if run_as.uid is None:
+        source, directory = candidates[0]
+        logger.debug("PostgreSQL binaries from {}: {}", source, directory)
+        return directory
+    refused: list[str] = []
+    for source, directory in candidates:
+        reason = run_as.cannot_run(directory)
+        if reason is None:
+            if refused:
+                logger.info(
+                    "PostgreSQL runs as '{}', which cannot run {}; using {} ({})",
+                    UNPRIVILEGED_USER,
+                    "; ".join(refused),
+                    source,
+                    directory,
+                )
+            else:
+                logger.debug("PostgreSQL binaries from {}: {}", source, directory)
+            return directory
+        refused.append(f"{source} ({directory}): {reason}")
+    source, preferred = candidates[0]
+    try:
+        copy = _reachable_copy(preferred, run_as)
+    except OSError as exc:
+        refused.append(f"a copy of {preferred} could not be made ({exc})")
+    else:
+        reason = run_as.cannot_run(copy)
+        if reason is None:
+            logger.info(
+                "PostgreSQL runs as '{}', which cannot run {}; running a copy in {}",
+                UNPRIVILEGED_USER,
+                "; ".join(refused),
+                copy,
+            )
+            return copy
+        refused.append(f"the copy of {source} ({copy}): {reason}")
+    raise ServicesUnavailable(
+        f"Running as root, so PostgreSQL runs as '{UNPRIVILEGED_USER}', which cannot run the PostgreSQL "
+        f"binaries: {'; '.join(refused)}. Fix it by one of: installing PostgreSQL system-wide (e.g. `apt install "
+        f"postgresql`); setting PGBIN to binaries '{UNPRIVILEGED_USER}' can run; cloning into a folder other users "
+        "may enter; running as a regular user; or setting DATABASE_URL to use an already running server."
+    )
 
 
 # Servers (and LocalServices) still running; the atexit hook stops them so no run leaves orphans.
@@ -304,6 +540,8 @@ def _stop_everything() -> None:
     for obj in objects:
         with contextlib.suppress(Exception):
             obj.stop()
+    # Only once nothing runs from them any more.
+    _remove_pg_copies()
 
 
 # --------------------------------------------------------------------------- servers
@@ -439,19 +677,24 @@ class _Server:
         self._log_file = open(self.log_path, "ab")
         cmd = self._command()
         logger.debug("starting {}: {}", self.name, shlex.join(cmd))
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            # Own session: a Ctrl-C in the demo's terminal must not reach the server before our cleanup runs.
-            start_new_session=True,
-            close_fds=True,
-            cwd=self._cwd(),
-            user=self._run_as.uid,
-            group=self._run_as.gid,
-            extra_groups=self._run_as.extra_groups,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C in the demo's terminal must not reach the server before our cleanup runs.
+                start_new_session=True,
+                close_fds=True,
+                cwd=self._cwd(),
+                user=self._run_as.uid,
+                group=self._run_as.gid,
+                extra_groups=self._run_as.extra_groups,
+            )
+        except OSError as exc:
+            self._log_file.close()
+            self._log_file = None
+            raise ServicesUnavailable(f"cannot start {self.name} ({cmd[0]}): {exc}") from exc
         _register(self)
 
     def _port_clash(self) -> bool:
@@ -543,7 +786,7 @@ class PostgresServer(_Server):
         passed as `-c key=value` and override the defaults."""
         # PostgreSQL refuses to run as root.
         super().__init__(port=port, start_timeout=start_timeout, stop_timeout=stop_timeout, drop_root=True)
-        self.bin_dir = Path(bin_dir) if bin_dir is not None else find_postgres_bin()
+        self.bin_dir = _postgres_bin_for(self._run_as, Path(bin_dir) if bin_dir is not None else None)
         self.data_dir = Path(data_dir).absolute()
         self.extra_settings = dict(settings or {})
         self._created_db = False
@@ -602,16 +845,19 @@ class PostgresServer(_Server):
             "--no-sync",
         ]
         logger.debug("initdb: {}", shlex.join(cmd))
-        result = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            cwd=parent,
-            check=False,
-            user=self._run_as.uid,
-            group=self._run_as.gid,
-            extra_groups=self._run_as.extra_groups,
-        )
+        try:
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                cwd=parent,
+                check=False,
+                user=self._run_as.uid,
+                group=self._run_as.gid,
+                extra_groups=self._run_as.extra_groups,
+            )
+        except OSError as exc:
+            raise ServicesUnavailable(f"cannot run {cmd[0]}: {exc}") from exc
         if result.returncode != 0:
             output = (result.stdout + result.stderr).decode(errors="replace").strip()
             raise ServicesUnavailable(f"initdb failed (exit {result.returncode}) for {self.data_dir}:\n{output}")
@@ -794,8 +1040,10 @@ class LocalServices:
         self._base_dir: Path | None = None
         self._postgres: PostgresServer | None = None
         self._redis: RedisServer | None = None
+        # Who PostgreSQL runs as: `nobody` when we are root. Its binaries and data must be reachable by it.
+        self._pg_run_as = _RunAs(drop_root=postgres)
         # Discover before creating anything so a missing binary fails fast and leaves no temp dir behind.
-        self._pg_bin = find_postgres_bin() if postgres else None
+        self._pg_bin = _postgres_bin_for(self._pg_run_as) if postgres else None
         self._redis_exe = find_redis_server() if redis else None
 
     @property
@@ -896,7 +1144,9 @@ class LocalServices:
 
     def _make_base_dir(self) -> Path:
         if self._given_base_dir is None:
-            path = Path(tempfile.mkdtemp(prefix="sitegen-services-"))
+            # PostgreSQL keeps its data and socket in here: a TMPDIR only root can enter will not do.
+            parent = _reachable_temp_dir(self._pg_run_as) if self._pg_run_as.uid is not None else None
+            path = Path(tempfile.mkdtemp(prefix="sitegen-services-", dir=parent))
             self._created_base_dir = True
         else:
             path = self._given_base_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
@@ -17,13 +18,17 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from worker import services as services_module
 from worker.services import (
     LocalServices,
+    PostgresServer,
     RedisServer,
     ServicesUnavailable,
     find_postgres_bin,
     find_redis_server,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pid_gone(pid: int, deadline: float = 5.0) -> bool:
@@ -243,3 +248,148 @@ def test_local_services_fail_fast_without_temp_dir(tmp_path: Path, monkeypatch: 
     with pytest.raises(ServicesUnavailable, match="PGBIN"):
         LocalServices()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- root in a private folder
+# Containers and CI runners clone as root into folders only root can enter (`mktemp -d`, /root: mode 0700).
+# PostgreSQL then runs as `nobody`, which cannot reach anything inside them.
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged-user fallbacks apply only when run as root")
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A folder only root can enter, made the way `mktemp -d` makes it."""
+    path = Path(tempfile.mkdtemp(prefix="sitegen-private-"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700 and path.stat().st_uid == 0
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def private_wheel(private_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The pgserver wheel as a clone in `private_dir` has it (repo/.venv/lib/.../site-packages), found first.
+
+    Returns that wheel's bin directory, which the launcher discovers before any other."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the pgserver wheel is not installed")
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    private_site = private_dir / "repo" / ".venv" / "lib" / "python3" / "site-packages"
+    # The package and the shared libraries auditwheel put beside it (initdb loads libpq from there).
+    for name in ("pgserver", "pgserver.libs"):
+        if (site / name).is_dir():
+            shutil.copytree(
+                site / name,
+                private_site / name,
+                copy_function=_link_or_copy,
+                ignore=shutil.ignore_patterns("__pycache__", "include"),
+            )
+    monkeypatch.delenv("PGBIN", raising=False)
+    # An earlier import (importorskip) would make find_spec answer with the installed package.
+    monkeypatch.delitem(sys.modules, "pgserver", raising=False)
+    monkeypatch.syspath_prepend(str(private_site))
+    bin_dir = private_site / "pgserver" / "pginstall" / "bin"
+    assert find_postgres_bin() == bin_dir, "the launcher must discover the wheel inside the private folder first"
+    return bin_dir
+
+
+def _hide_system_postgres(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(services_module, "SYSTEM_PG_GLOB", str(tmp_path / "no-system-postgres" / "*" / "bin"))
+
+
+async def _answers(database_url: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval("SELECT 1") == 1)
+    finally:
+        await conn.close()
+
+
+@as_root
+async def test_root_in_private_folder_runs_postgres_from_reachable_binaries(
+    private_wheel: Path, private_dir: Path
+) -> None:
+    """Regression: issue 14 defect 14. As root with the clone (and its .venv) in a 0700 folder, `nobody`
+    cannot execute the wheel's initdb: the launcher must use binaries it can (the system's, or a copy)."""
+    with LocalServices(redis=False) as svc:
+        bin_dir = svc.postgres.bin_dir
+        assert private_dir not in bin_dir.parents
+        assert await _answers(svc.database_url)
+
+
+@as_root
+async def test_root_in_private_folder_without_system_postgres_runs_a_reachable_copy(
+    private_wheel: Path, private_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: issue 14 defect 14. With no system PostgreSQL to fall back on, the launcher runs a copy of
+    the wheel's binaries in a root-owned directory that `nobody` can enter but not change."""
+    _hide_system_postgres(monkeypatch, tmp_path)
+    with LocalServices(redis=False) as svc:
+        bin_dir = svc.postgres.bin_dir
+        assert private_dir not in bin_dir.parents and "pginstall" in bin_dir.parts
+        for directory in (bin_dir, *bin_dir.parents):
+            st = directory.stat()
+            assert st.st_mode & stat.S_IXOTH, f"{directory} is not traversable"
+            if not st.st_mode & stat.S_ISVTX:
+                assert st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH), f"{directory} is writable"
+        assert await _answers(svc.database_url)
+
+
+@as_root
+def test_root_cli_without_runnable_postgres_says_what_to_do_in_one_line(private_dir: Path, tmp_path: Path) -> None:
+    """Regression: issue 14 defect 14. Binaries `nobody` cannot run, even copied out of the private folder,
+    end `python -m worker.services` with one line that says what to do, not a traceback."""
+    # They fail to load, as a binary whose shared libraries stayed behind would.
+    pgbin = _fake_executables(private_dir / "pgbin", "initdb", "postgres")
+    for name in ("initdb", "postgres"):
+        (pgbin / name).write_text("#!/bin/sh\necho 'error while loading shared libraries: libpq.so.5' >&2\nexit 127\n")
+    env = {**os.environ, "PGBIN": str(pgbin), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.services", "--no-redis"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=private_dir,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    for needle in ("nobody", "PGBIN", "DATABASE_URL", str(pgbin)):
+        assert needle in errors[0]
+
+
+@as_root
+async def test_root_with_private_tmpdir_puts_postgres_data_where_nobody_can_reach_it(
+    private_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: issue 14 defect 14. A TMPDIR only root can enter must not hold the data and socket
+    directory of a PostgreSQL run as `nobody`: the launcher picks a temp dir it can reach."""
+    monkeypatch.setattr(tempfile, "tempdir", str(private_dir))
+    with LocalServices(redis=False) as svc:
+        assert private_dir not in svc.base_dir.parents
+        assert svc.postgres.socket_dir is not None and private_dir not in svc.postgres.socket_dir.parents
+        assert await _answers(svc.database_url)
+
+
+@as_root
+def test_root_with_private_data_dir_fails_in_one_line(private_dir: Path) -> None:
+    """A data directory the caller chose inside a private folder is not moved: one clear line instead."""
+    with pytest.raises(ServicesUnavailable) as info:
+        PostgresServer(private_dir / "postgres" / "data").start()
+    message = str(info.value)
+    assert "\n" not in message and "nobody" in message and str(private_dir) in message
