@@ -167,6 +167,26 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+#: PostgreSQL or Redis out of reach (down, restarting, refusing connections): the job that meets one
+#: is kept and retried with capped backoff for as long as it lasts, never failed on its last try.
+INFRASTRUCTURE = (
+    ConnectionError,  # refused or reset sockets, asyncpg's and redis-py's included
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, crash shutdown, cannot connect now
+    asyncpg.exceptions.TooManyConnectionsError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Whether `exc` says PostgreSQL or Redis is out of reach (never the job's own fault)."""
+    return isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError)
+
+
 def message_of(exc: BaseException) -> str:
     """The exception's message, never empty (the old worker stored bare `ValueError`s)."""
     return str(exc) or repr(exc)

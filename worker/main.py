@@ -157,6 +157,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     logger.info("replica {} stopped", rt.settings.worker.replica)
 
 
+#: arq fails a job for good once its try count passes this: never, for `generate_site`.
+UNLIMITED_TRIES = 2**31
+
+
 def health_check_key(settings: Settings) -> str:
     """Per replica, so `arq --check` in one replica's container speaks for that replica only."""
     return f"{settings.worker.queue_name}:health-check:{settings.worker.replica}"
@@ -166,7 +170,9 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     """The arq Worker's keyword arguments for these settings."""
     w = settings.worker
     return {
-        "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=w.max_tries, keep_result=w.keep_result_s)],
+        # arq's own count would drop a job after max_tries whatever failed; the runner decides instead
+        # (worker.max_tries for failures of the models, never for PostgreSQL or Redis out of reach).
+        "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=UNLIMITED_TRIES, keep_result=w.keep_result_s)],
         "cron_jobs": [cron(sweep, name="sweep", second=set(range(0, 60, w.sweep_every_s)), run_at_startup=True)],
         "queue_name": w.queue_name,
         "redis_settings": RedisSettings.from_dsn(settings.redis.url),

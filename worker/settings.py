@@ -40,7 +40,12 @@ class WorkerSection(_Section):
     max_jobs: int = Field(default=10, ge=1, le=10_000, description="Generations one replica runs at once")
     poll_delay_s: float = Field(default=0.05, gt=0, description="How often an idle replica asks Redis for jobs")
     job_timeout_s: float = Field(default=1800, gt=0, description="Longest one job may run (arq job_timeout)")
-    max_tries: int = Field(default=5, ge=1, description="Tries of a job before its generation fails")
+    max_tries: int = Field(
+        default=5,
+        ge=1,
+        description="Tries of a job whose failures are retryable (a provider down or rate limited) before its "
+        "generation fails; PostgreSQL or Redis out of reach is retried for as long as it lasts",
+    )
     keep_result_s: float = Field(default=60, ge=0, description="How long a job's result stays readable in Redis")
     health_check_interval_s: float = Field(
         default=5, gt=0, description="How often the replica refreshes its health key for `arq --check`"

@@ -36,6 +36,7 @@ from worker.errors import (
     OrderNotFound,
     TokenBudgetExceeded,
     describe,
+    is_infrastructure,
     is_retryable,
     message_of,
 )
@@ -403,7 +404,7 @@ async def run_generation(
     except Exception as exc:
         logger.opt(exception=exc).warning("order {}: could not claim a generation", order_id)
         await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning")
-        if is_retryable(exc) and not final_try:
+        if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
             raise RetryLater(backoff_s(settings, job_try), exc) from exc
         raise
 
@@ -439,7 +440,8 @@ async def run_generation(
         logger.opt(exception=exc).bind(generation_id=claim.generation_id, phase=run.phase).error(
             "order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase
         )
-        if is_retryable(exc) and not final_try:
+        # PostgreSQL or Redis out of reach is never the generation's fault: hand it back on any try.
+        if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
             defer = backoff_s(settings, job_try)
             if isinstance(exc, AIRateLimited) and exc.retry_after_s:
                 defer = max(defer, exc.retry_after_s)
