@@ -348,6 +348,16 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         lines += ["", "## What polling costs an idle replica", "", "| poll_delay_s | Redis commands/s | worker CPU % |",
                   "|---|---|---|"]
         lines += [f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | {i['worker_cpu_pct']} |" for i in idle]
+    beats = report.get("heartbeat") or []
+    if beats:
+        lines += ["", "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)", "",
+                  "One replica holding its generations in long model calls: PEXPIREs and the UPDATEs of "
+                  "site_generations come from the heartbeat alone (every lease_s/4, one pipeline and one "
+                  "statement per beat for all of them).", "",
+                  "| lease_s | generations | beats/s | Redis PEXPIRE/s | Redis commands/s (all) | "
+                  "PostgreSQL rows updated/s | PostgreSQL commits/s (all) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b['lease_s']:g} | {b['generations']} | {b['beats_per_s']} | {b['redis_pexpire_per_s']} | "
+                  f"{b['redis_cmds_per_s']} | {b['pg_rows_updated_per_s']} | {b['pg_commits_per_s']} |" for b in beats]
     lines += [
         "",
         "## The old design, same machine (issue 6)",

@@ -668,6 +668,65 @@ class Bench:
         log(f"idle poll {poll_delay_s}s: {res}")
         return res
 
+    async def heartbeat_cost(self, lease_s: float, jobs: int, seconds: float) -> dict[str, Any]:
+        """What the heartbeat of one replica holding `jobs` generations costs Redis and PostgreSQL at `lease_s`.
+
+        The generations wait on model calls longer than the run, so all that touches the stores is the
+        heartbeat (every lease_s/4), the idle poll and the health key: PEXPIRE calls come from the
+        heartbeat alone, and so do the UPDATEs of site_generations.
+        """
+        log(f"heartbeat: one replica holding {jobs} generations, lease_s {lease_s}, for {seconds}s")
+        await self.reset()
+        fake = Fake(seconds + 120, self.work / "fake-heartbeat.log")
+        sc = Scenario("heartbeat", "heartbeat", seconds + 120, jobs, jobs,
+                      extra_env={"SITEGEN_WORKER__LEASE_S": str(lease_s)})
+        w = Worker(f"bench-heartbeat-{lease_s:g}", self.env(sc, [fake]), self.work / "worker-heartbeat.log")
+        redis = await client.connect(self.redis_url)
+        conn = await self.connect()
+        try:
+            await self.wait_healthy([w])
+            for i in range(jobs):
+                await client.enqueue_generation(redis, self.args.order_base + 900_000 + i, BRIEF)
+            deadline = time.monotonic() + 60
+            while await conn.fetchval("SELECT count(*) FROM site_generations WHERE status = 'running'") < jobs:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"heartbeat: fewer than {jobs} generations started within 60 s")
+                await asyncio.sleep(0.1)
+
+            async def counters() -> tuple[int, int, int, int]:
+                stats = await redis.info("commandstats")
+                await conn.execute("SELECT pg_stat_force_next_flush()")
+                pg = await conn.fetchrow(
+                    "SELECT n_tup_upd, (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())"
+                    " AS commits FROM pg_stat_user_tables WHERE relname = 'site_generations'"
+                )
+                total = int((await redis.info("stats"))["total_commands_processed"])
+                return int(stats.get("cmdstat_pexpire", {}).get("calls", 0)), total, pg["n_tup_upd"], pg["commits"]
+
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            pexpire0, redis0, upd0, commits0 = await counters()
+            t0 = time.monotonic()
+            await asyncio.sleep(seconds)
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            pexpire1, redis1, upd1, commits1 = await counters()
+            elapsed = time.monotonic() - t0
+        finally:
+            await redis.aclose()
+            await conn.close()
+            w.stop()
+            fake.stop()
+        res = {
+            "lease_s": lease_s,
+            "generations": jobs,
+            "beats_per_s": round(4 / lease_s, 2),
+            "redis_pexpire_per_s": round((pexpire1 - pexpire0) / elapsed, 1),
+            "redis_cmds_per_s": round((redis1 - redis0) / elapsed, 1),
+            "pg_rows_updated_per_s": round((upd1 - upd0) / elapsed, 1),
+            "pg_commits_per_s": round((commits1 - commits0) / elapsed, 1),
+        }
+        log(f"heartbeat lease {lease_s:g}s: {res}")
+        return res
+
 
 # ---------------------------------------------------------------------------------------------- profile
 
@@ -749,7 +808,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--progress-rows", type=int, default=20_000,
                    help="rows of the progress-log capacity run (a tenth of them with --slow-log-ms)")
-    p.add_argument("--scenarios", default="zero,profile,latency,inflight,enqueue,slowlog,scale,progress,idle",
+    p.add_argument("--scenarios", default="zero,profile,latency,inflight,enqueue,slowlog,scale,progress,idle,heartbeat",
                    help="which scenarios to run, comma-separated")
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
@@ -783,6 +842,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites-dir", default=None,
                    help="folder the generated sites are written under (default: /dev/shm if there, else TMPDIR)")
     p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
+    p.add_argument("--heartbeat-jobs", type=int, default=100, help="generations held while the heartbeat is measured")
+    p.add_argument("--heartbeat-seconds", type=float, default=20, help="how long the heartbeat cost is measured")
     p.add_argument("--log-level", default="INFO",
                    help="the workers' log level (INFO, the default, writes ~13 JSON lines per site to their log files)")
     p.add_argument("--pool-max", type=int, default=10, help="SITEGEN_DATABASE__POOL_MAX_SIZE (worker default 10)")
@@ -799,6 +860,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "runs": bench.results,
         "idle": [],
+        "heartbeat": [],
         "progress": [],
         "profile": {},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -851,6 +913,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "idle" in wanted:
             for pd in (0.05, 0.5):
                 report["idle"].append(await bench.idle_poll_cost(pd, args.idle_seconds))
+        if "heartbeat" in wanted:
+            # The default lease (8 s, SIGKILL recovery within 15 s) against the former default (20 s).
+            for lease in (WorkerSection.model_fields["lease_s"].default, 20.0):
+                report["heartbeat"].append(
+                    await bench.heartbeat_cost(lease, args.heartbeat_jobs, args.heartbeat_seconds))
         report["postgres"] = await bench.postgres_facts()
     finally:
         bench.close()

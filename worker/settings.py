@@ -53,7 +53,7 @@ class WorkerSection(_Section):
     retry_backoff_s: float = Field(default=5, ge=0, description="First delay before a retryable failure is retried")
     retry_backoff_max_s: float = Field(default=300, ge=0, description="Longest delay between retries")
     lease_s: float = Field(
-        default=20,
+        default=8,
         ge=2,
         description="A replica's claim on a running job lasts this long without a heartbeat (every lease_s/4): "
         "the generations of a SIGKILLed replica are resumed elsewhere after about this long",

@@ -23,7 +23,7 @@ pytest.importorskip("psutil", reason="psutil is a dev dependency: `make install`
 def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = [
-        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,progress,idle",
+        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,progress,idle,heartbeat",
         "--zero-sites", "12",
         "--max-jobs", "4",
         "--latency-ms", "20",
@@ -37,6 +37,8 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--scale-sites", "12",
         "--progress-rows", "200",
         "--idle-seconds", "0.3",
+        "--heartbeat-jobs", "3",
+        "--heartbeat-seconds", "1",
         "--order-base", "500001",
         "--out", str(out),
     ]  # fmt: skip
@@ -57,6 +59,7 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     assert runs["slowlog"]["log_rows"] == 10 * 6, "every progress row of the slow-log run was written"
     assert [p["rows"] for p in report["progress"]] == [200, 20]
     assert [i["poll_delay_s"] for i in report["idle"]] == [0.05, 0.5]
+    assert [(b["lease_s"], b["generations"]) for b in report["heartbeat"]] == [(8, 3), (20, 3)]
     assert report["postgres"]["version"] and report["finished"]
 
     targets = {c["target"].split(":")[0] for c in report["checks"]}
@@ -65,3 +68,4 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     for name in expected:
         assert f"| {name}: " in results, name
     assert "## Targets (issue 6)" in results and "## What polling costs an idle replica" in results
+    assert "## What the heartbeat costs a replica" in results
