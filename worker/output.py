@@ -17,8 +17,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from worker.models import check_relative_path
-from worker.store import OutputFile
+from worker.models import OutputFile, check_relative_path
 
 
 def order_dir(root: Path, order_id: int) -> Path:

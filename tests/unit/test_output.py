@@ -10,9 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from worker import output
-from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, SiteCode, check_relative_path
+from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, OutputFile, SiteCode, check_relative_path
 from worker.output import INLINE_WRITE_SETTING, SiteWriter, order_dir, site_is_complete, write_site
-from worker.store import OutputFile
 
 UNSAFE_PATHS = [
     "../x.html",

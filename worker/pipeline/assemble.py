@@ -30,8 +30,7 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
-from worker.models import GeneratedFile, Manifest, ManifestFile, SiteCode, SitePlan, page_file
-from worker.store import OutputFile
+from worker.models import GeneratedFile, Manifest, ManifestFile, OutputFile, SiteCode, SitePlan, page_file
 
 _LINKING = (
     ("a", "href"),
