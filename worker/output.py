@@ -122,6 +122,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
+#: Another writer of the same order can get in between the steps of a swap this many times before giving up.
+_SWAP_TRIES = 20
+
+
 def _swap_in(build: Path, target: Path) -> None:
     """Make `build` the site at `target` in one step; what it replaced is removed."""
     for _ in range(_SWAP_TRIES):
@@ -142,9 +146,6 @@ def _swap_in(build: Path, target: Path) -> None:
             return
     raise OSError(errno.EBUSY, f"could not swap in the site: {target} kept being replaced by other writers")
 
-
-#: Another writer of the same order can get in between the steps of a swap this many times before giving up.
-_SWAP_TRIES = 20
 
 
 def _swap_by_two_renames(build: Path, target: Path) -> bool:
@@ -247,7 +248,9 @@ def write_site(root: Path, order_id: int, files: list[OutputFile]) -> Path:
 
 def _owner_is_dead(owner: str | None, pid: str | None) -> bool:
     """Whether the process that named a leftover is gone; False when that cannot be told from here."""
-    if owner is None or pid is None or owner != _OWNER or _OWNER == _UNKNOWN_OWNER or int(pid) == os.getpid():
+    if owner is None or pid is None or owner != _OWNER or _OWNER == _UNKNOWN_OWNER:
+        return False
+    if int(pid) == os.getpid():  # this process may be writing it in a thread; else its age tells
         return False
     try:
         os.kill(int(pid), 0)

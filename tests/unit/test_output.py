@@ -279,7 +279,7 @@ def test_a_crash_at_any_step_of_a_rewrite_leaves_a_servable_site(root: Path) -> 
         step += 1
         killed = crash_at(step, lambda: write_site(root, 24, version(2)))
         assert servable(root, 24) in (old, new), f"killed before step {step}"
-        assert clean_leftovers(root) >= 0
+        clean_leftovers(root)
         assert sorted(p.name for p in root.iterdir()) == ["24"], "the dead writer's leftovers are cleaned"
         if not killed:
             break
