@@ -6,7 +6,11 @@ upstream app's brief, a model's answer), so limits are explicit and unknown keys
 
 from __future__ import annotations
 
+import hashlib
+import mimetypes
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -281,3 +285,19 @@ class Manifest(_Strict):
     warnings: list[str] = Field(default_factory=list)
     #: Page path -> its quality warnings (see assemble.quality_report); only pages with some, empty when clean.
     quality: dict[str, list[str]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file of the finished site as it is written to disk and stored in `site_files`."""
+
+    path: str
+    content: bytes
+
+    @cached_property  # read for the manifest and again for the final commit
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+    @property
+    def media_type(self) -> str:
+        return mimetypes.guess_type(self.path)[0] or "application/octet-stream"

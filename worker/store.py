@@ -7,12 +7,9 @@ a model call.
 
 from __future__ import annotations
 
-import hashlib
-import mimetypes
 import re
 import uuid
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +17,7 @@ import asyncpg
 import orjson
 
 from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
+from worker.models import OutputFile
 from worker.settings import DatabaseSection
 
 PHASES = ("plan", "content", "code", "assemble")
@@ -88,20 +86,6 @@ class Claim:
     warnings: tuple[str, ...] = ()
     #: `sitegen cancel` asked a resumed generation to stop while no replica held it.
     cancel_requested: bool = False
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    path: str
-    content: bytes
-
-    @cached_property  # read for the manifest and again for the final commit
-    def sha256(self) -> str:
-        return hashlib.sha256(self.content).hexdigest()
-
-    @property
-    def media_type(self) -> str:
-        return mimetypes.guess_type(self.path)[0] or "application/octet-stream"
 
 
 class Store:

@@ -16,8 +16,9 @@ import pytest
 
 from tests.helpers import SAMPLE_BRIEF
 from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
+from worker.models import OutputFile
 from worker.settings import Settings
-from worker.store import Claim, OutputFile, Store, create_pool
+from worker.store import Claim, Store, create_pool
 
 FILES = [OutputFile("index.html", b"<!doctype html><title>x</title>"), OutputFile("css/site.css", b"body{}")]
 

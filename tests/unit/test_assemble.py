@@ -23,6 +23,7 @@ from worker.models import (
 from worker.pipeline.assemble import (
     _PLAIN_ATTRIBUTES,
     MAX_WARNINGS,
+    RESERVED_PATHS,
     _internal_target,
     assemble_site,
     check_site,
@@ -31,6 +32,7 @@ from worker.pipeline.assemble import (
     sanitize_site,
     site_problems,
 )
+from worker.pipeline.code import check_code
 
 SLUGS = ("index", "about", "contact")
 
@@ -646,3 +648,34 @@ def test_offline_sites_have_no_quality_warnings() -> None:
         plan = offline_plan(valid)
         manifest, _ = assemble_site(1, 2, plan, offline_code(plan, offline_content(valid, plan)))
         assert manifest.quality == {} and manifest.warnings == []
+
+
+# --------------------------------------------------------------------------- names assembly writes itself
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "Manifest.JSON"])
+def test_a_generated_manifest_json_is_refused_naming_the_reserved_name(name: str) -> None:
+    """Regression: issue 14 defect 7. A model-chosen manifest.json passed validation, then clashed on disk with the
+    manifest assembly writes (FileExistsError, retried as if transient); the code phase's check refuses it instead,
+    so the model is re-asked with this message."""
+    code = make_code(extra={name: '{"pages": []}'})
+    with pytest.raises(ValueError) as caught:
+        check_code(make_plan(), code)
+    assert str(caught.value) == (
+        f"{name}: this name is reserved for the file the assemble phase writes itself; "
+        "give the file another name or leave it out"
+    )
+    assert "manifest.json" in RESERVED_PATHS
+
+
+def test_a_manifest_json_in_a_folder_is_an_ordinary_file() -> None:
+    code = make_code(extra={"assets/manifest.json": "{}"})
+    assert site_problems(make_plan(), code) == []
+
+
+def test_a_checkpoint_with_a_manifest_json_fails_assembly_for_good() -> None:
+    """Regression: issue 14 defect 7. Code committed before the check existed fails as a site problem, not retried."""
+    code = make_code(extra={"manifest.json": "{}"})
+    with pytest.raises(SiteCheckFailed, match=r"manifest\.json: this name is reserved") as caught:
+        assemble_site(1, 2, make_plan(), code)
+    assert not is_retryable(caught.value)

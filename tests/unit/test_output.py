@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from worker import output
-from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, SiteCode, check_relative_path
-from worker.output import INLINE_WRITE_SETTING, SiteWriter, order_dir, site_is_complete, write_site
-from worker.store import OutputFile
+from worker.models import MAX_FILE_BYTES, MAX_FILES, GeneratedFile, OutputFile, SiteCode, check_relative_path
+from worker.output import INLINE_WRITE_SETTING, SiteWriter, clean_leftovers, order_dir, site_is_complete, write_site
+
+ROOT = Path(__file__).resolve().parents[2]
+os_rename = os.rename
+#: The one-step swap is Linux's renameat2(RENAME_EXCHANGE); elsewhere write_site falls back to two renames.
+needs_exchange = pytest.mark.skipif(output._renameat2 is None, reason="no renameat2 on this system")
 
 UNSAFE_PATHS = [
     "../x.html",
@@ -97,18 +106,6 @@ def test_write_site_does_not_touch_other_orders(root: Path) -> None:
     assert tree(root / "1") == {"index.html": SITE[0].content}
 
 
-def test_write_site_cleans_leftovers_of_a_crash(root: Path) -> None:
-    root.mkdir()
-    for name in (".4.build", ".4.old"):
-        (root / name / "sub").mkdir(parents=True)
-        (root / name / "sub" / "index.html").write_text("stale")
-    other = root / ".44.build"  # another order's build in progress: not ours to remove
-    other.mkdir(parents=True)
-    write_site(root, 4, SITE)
-    assert sorted(p.name for p in root.iterdir()) == [".44.build", "4"]
-    assert tree(root / "4") == {f.path: f.content for f in SITE}
-
-
 def test_write_site_with_an_unsafe_path_writes_nothing(root: Path, sibling: Path) -> None:
     files = [OutputFile("index.html", b"ok"), OutputFile("../sibling/evil.html", b"evil")]
     with pytest.raises(ValueError, match="must be relative"):
@@ -133,6 +130,239 @@ def test_file_and_folder_with_the_same_name_is_rejected_as_model_output() -> Non
     files = [{"path": "style.css", "content": "x"}, {"path": "style.css/x.html", "content": "y"}]
     with pytest.raises(ValidationError, match=r"style\.css are also used as folders"):
         SiteCode.model_validate({"files": files})
+
+
+# --------------------------------------------------------------------------- the swap: one step, never missing
+
+READER = """
+import os, sys
+site, stop = sys.argv[1], sys.argv[2]
+reads = missing = torn = 0
+while not os.path.exists(stop):
+    for name in ("index.html", "manifest.json"):
+        try:
+            fd = os.open(os.path.join(site, name), os.O_RDONLY)
+        except FileNotFoundError:
+            missing += 1
+            continue
+        data = os.read(fd, 1 << 16)
+        os.close(fd)
+        torn += not data.endswith(b"</html>" if name == "index.html" else b"}")
+        reads += 1
+        if reads == 1:
+            print("reading", flush=True)
+print(reads, missing, torn, flush=True)
+"""
+
+
+def version(n: int, writer: str = "") -> list[OutputFile]:
+    """A complete site whose every file says which write it is from."""
+    tag = f"{writer}{n}".encode()
+    return [
+        OutputFile("index.html", b"<!doctype html><h1>" + tag + b"</h1></html>"),
+        OutputFile(f"page-{writer}{n % 3}.html", b"<h1>" + tag + b"</h1></html>"),
+        OutputFile("assets/site.css", b"/* " + tag + b" */"),
+        OutputFile("manifest.json", b'{"write": "' + tag + b'"}'),
+    ]
+
+
+@needs_exchange
+def test_a_reader_never_finds_the_site_missing_while_it_is_rewritten(root: Path, tmp_path: Path) -> None:
+    """Regression: issue 14 defect 12. The swap was two renames: in between, `<order_id>/` did not exist and a web
+    server answered 404. A reader in another process reads index.html and manifest.json throughout 500 rewrites."""
+    write_site(root, 21, version(0))
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(root / "21"), str(stop)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "reading\n"
+        for n in range(1, 501):
+            write_site(root, 21, version(n))
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    reads, missing, torn = map(int, out.split())
+    assert (missing, torn) == (0, 0), f"{missing} of {reads + missing} reads found no file, {torn} a partial one"
+    assert reads > 100, "the reader ran alongside the rewrites"
+    assert tree(root / "21") == {f.path: f.content for f in version(500)}
+    assert sorted(p.name for p in root.iterdir()) == ["21"]
+
+
+def test_two_writers_of_one_order_never_interfere(root: Path) -> None:
+    """Regression: issue 14 defect 12. Both used the fixed `.<order>.build` folder, so one removed or swapped in the
+    other's half-built site. Each write now builds apart; the site is always one write's complete set of files."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def rewrite(writer: str) -> None:
+        start.wait()
+        for n in range(300):
+            try:
+                write_site(root, 22, version(n, writer))
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=rewrite, args=(w,)) for w in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert tree(root / "22") in ({f.path: f.content for f in version(299, w)} for w in "ab")
+    assert sorted(p.name for p in root.iterdir()) == ["22"]
+
+
+def test_writes_in_other_processes_of_one_order_never_interfere(root: Path) -> None:
+    """Regression: issue 14 defect 12. The same with two replicas (processes) sharing the output folder."""
+    script = (
+        "import sys; from pathlib import Path; from tests.unit.test_output import version; "
+        "from worker.output import write_site\n"
+        "for n in range(200): write_site(Path(sys.argv[1]), 23, version(n, sys.argv[2]))"
+    )
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(root), w], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for w in "ab"
+    ]
+    failures = [w.communicate(timeout=120)[1] for w in writers if w.wait(timeout=120) != 0]
+    assert failures == []
+    assert tree(root / "23") in ({f.path: f.content for f in version(199, w)} for w in "ab")
+    assert sorted(p.name for p in root.iterdir()) == ["23"]
+
+
+#: File system calls whose audit events mark a step of a write: a crash can come before any of them.
+STEPS = frozenset(
+    {"os.mkdir", "open", "os.chmod", "os.rename", "ctypes.call_function", "shutil.rmtree", "os.remove", "os.rmdir"}
+)
+
+
+def crash_at(step: int, write: Callable[[], object]) -> bool:
+    """Run `write` in a forked process killed (os._exit, no clean-up) just before its `step`-th file system call.
+
+    True when the write was killed, False when it finished before that step.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        seen = 0
+
+        def hook(event: str, args: tuple[object, ...]) -> None:
+            nonlocal seen
+            if event in STEPS:
+                seen += 1
+                if seen == step:
+                    os._exit(9)
+
+        sys.addaudithook(hook)
+        try:
+            write()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status)
+    return os.WEXITSTATUS(status) == 9
+
+
+def servable(root: Path, order_id: int) -> dict[str, bytes]:
+    site = tree(root / str(order_id))
+    assert site_is_complete(root, order_id)
+    return site
+
+
+@needs_exchange
+def test_a_crash_at_any_step_of_a_rewrite_leaves_a_servable_site(root: Path) -> None:
+    """Regression: issue 14 defect 12. A crash between the two renames left no `<order_id>/`, only `.old`. Killed
+    before each file system call of a rewrite in turn, the write leaves the old or the new site, whole."""
+    old, new = {f.path: f.content for f in version(1)}, {f.path: f.content for f in version(2)}
+    step = 0
+    while True:
+        write_site(root, 24, version(1))
+        step += 1
+        killed = crash_at(step, lambda: write_site(root, 24, version(2)))
+        assert servable(root, 24) in (old, new), f"killed before step {step}"
+        clean_leftovers(root)
+        assert sorted(p.name for p in root.iterdir()) == ["24"], "the dead writer's leftovers are cleaned"
+        if not killed:
+            break
+    assert step > 5
+
+
+def test_without_rename_exchange_a_crash_between_the_renames_is_repaired_at_startup(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: issue 14 defect 12. Where the file system refuses RENAME_EXCHANGE, the fallback's set-aside site
+    is put back by the startup clean-up when a crash left the order without one."""
+    monkeypatch.setattr(output, "_renameat2", None)
+    old = {f.path: f.content for f in version(1)}
+    write_site(root, 25, version(1))
+    renames = 0
+
+    def first_rename_only(event: str, args: tuple[object, ...]) -> None:
+        nonlocal renames
+        renames += event == "os.rename"
+        if renames == 3:  # the new order's rename failed, the site went aside: die before the build goes in
+            os._exit(9)
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        sys.addaudithook(first_rename_only)
+        try:
+            write_site(root, 25, version(2))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 9
+    assert not (root / "25").exists(), "the fallback's window: the site is aside"
+
+    assert clean_leftovers(root) == 2  # the set-aside site put back, the dead build removed
+    assert servable(root, 25) == old
+    assert sorted(p.name for p in root.iterdir()) == ["25"]
+    write_site(root, 25, version(3))
+    assert servable(root, 25) == {f.path: f.content for f in version(3)}
+
+
+def test_leftovers_are_cleaned_at_startup_only_when_clearly_dead(root: Path) -> None:
+    """Regression: issue 14 defect 12. Leftovers of crashed writes are removed at startup: a dead owner's at once,
+    anyone's past the age bound; a build another replica may be writing right now is left alone."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    owner = output._OWNER
+    root.mkdir()
+    names = {
+        "dead_owner": f".31.build-{owner}-{dead_pid}-0",
+        "old_elsewhere": ".32.build-abcdef01-77-3",
+        "young_elsewhere": ".33.build-abcdef01-77-4",
+        "legacy_build": ".34.build",
+        "legacy_old": ".35.old",
+        "set_aside": f".36.old-{owner}-{dead_pid}-1",
+        "live_here": f".37.build-{owner}-{os.getpid()}-5",
+    }
+    for name in names.values():
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "index.html").write_text("stale")
+    (root / "36").mkdir()  # the set-aside's order has a site: the set-aside one is stale
+    (root / "35-not-a-leftover").mkdir()
+    (root / ".hidden").mkdir()
+    long_ago = time.time() - output.LEFTOVER_MAX_AGE_S - 60
+    for key in ("old_elsewhere", "legacy_build", "legacy_old"):
+        os.utime(root / names[key], (long_ago, long_ago))
+
+    assert clean_leftovers(root) == 5
+
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [names["young_elsewhere"], names["live_here"], "35", "35-not-a-leftover", "36", ".hidden"]
+    )
+    assert tree(root / "35") == {"sub/index.html": b"stale"}, "a set-aside site with no site in its place is put back"
+    assert clean_leftovers(root / "missing") == 0
+
+
+@needs_exchange
+def test_a_rewrite_swaps_in_one_step_where_supported(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_site(root, 26, version(1))
+    renames: list[tuple[object, ...]] = []
+    monkeypatch.setattr(os, "rename", lambda *args: renames.append(args) or os_rename(*args))
+    write_site(root, 26, version(2))
+    assert len(renames) == 1, "only the rename that finds the site there; then one RENAME_EXCHANGE"
+    assert tree(root / "26") == {f.path: f.content for f in version(2)}
 
 
 # --------------------------------------------------------------------------- model path rules

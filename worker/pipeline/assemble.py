@@ -1,10 +1,11 @@
 """Phase `assemble`: check the generated site as a whole and turn it into files plus `manifest.json`.
 
 Checks that fail the site (`site_problems`; the `code` phase re-asks the model on them first):
-every planned page exists, each page has a title and exactly one <h1>, every internal link and
-asset (srcset, media, CSS `url()` / `@import` included) resolves to a generated file, every page
-is linked from the home page's nav, and nothing runs script through a `javascript:` URL or an
-inline event handler.
+no generated file takes a name this phase writes itself (`RESERVED_PATHS`: `manifest.json`), every
+planned page exists, each page has a title and exactly one <h1>, every internal link and asset
+(srcset, media, CSS `url()` / `@import` included) resolves to a generated file, every page is
+linked from the home page's nav, and nothing runs script through a `javascript:` URL or an inline
+event handler.
 
 Quality warnings (`quality_report`): a page without `<html lang>`, meta viewport or meta
 description, or with an `<img>` lacking `alt`, is still published (a reader can use it), but
@@ -30,8 +31,7 @@ from selectolax.lexbor import LexborHTMLParser as HTMLParser
 from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
-from worker.models import GeneratedFile, Manifest, ManifestFile, SiteCode, SitePlan, page_file
-from worker.store import OutputFile
+from worker.models import GeneratedFile, Manifest, ManifestFile, OutputFile, SiteCode, SitePlan, page_file
 
 _LINKING = (
     ("a", "href"),
@@ -65,6 +65,10 @@ _EMBEDDING_SELECTOR = ", ".join(_EMBEDDING)
 #: Schemes whose "scheme:host/path" (no slashes) browsers still read as an address on `host`.
 _SPECIAL_SCHEMES = ("http", "https", "ws", "wss", "ftp")
 ALLOWED_HOSTS_SETTING = "output.allowed_embed_hosts"
+#: Files this phase writes itself: a generated file may not take their names (compared in lower case, as
+#: a case-insensitive file system would, and as SiteCode compares paths for uniqueness).
+MANIFEST_PATH = "manifest.json"
+RESERVED_PATHS = frozenset({MANIFEST_PATH})
 #: At most this many removal warnings are listed; the rest are counted in one last line.
 MAX_WARNINGS = 50
 _SHOWN_URL_CHARS = 200
@@ -213,7 +217,12 @@ def site_problems(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) 
     `parsed`, when given, receives each page's parse (see `check_site`).
     """
     files = {f.path: f.content for f in code.files}
-    problems: list[str] = []
+    problems = [
+        f"{path}: this name is reserved for the file the assemble phase writes itself; "
+        "give the file another name or leave it out"
+        for path in files
+        if path.lower() in RESERVED_PATHS
+    ]
     pages = [page_file(p.slug) for p in plan.pages]
     problems += [f"planned page {page} was not generated" for page in pages if page not in files]
 
@@ -519,4 +528,4 @@ def assemble_site(
     )
     # pydantic's own serializer: the same text as json.dumps(indent=2, ensure_ascii=False), 8x faster.
     manifest_json = manifest.model_dump_json(indent=2) + "\n"
-    return manifest, [*files, OutputFile("manifest.json", manifest_json.encode())]
+    return manifest, [*files, OutputFile(MANIFEST_PATH, manifest_json.encode())]

@@ -1,0 +1,48 @@
+"""The functional core stays free of I/O: the phase modules never import the database layer."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASE_MODULES = ("plan", "content", "code", "assemble")
+FORBIDDEN = "worker.store"
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module a source file imports, `from worker import store` counted as worker.store."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("phase", PHASE_MODULES)
+def test_phase_module_does_not_import_the_store(phase: str) -> None:
+    """Regression: issue 14 acceptance 6: phases never import worker.store."""
+    source = (ROOT / "worker" / "pipeline" / f"{phase}.py").read_text()
+    imports = imported_modules(source)
+    assert not {m for m in imports if m == FORBIDDEN or m.startswith(FORBIDDEN + ".")}, (
+        f"worker/pipeline/{phase}.py imports {FORBIDDEN}: phases are pure functions (STYLE.md); "
+        "domain types belong in worker.models"
+    )
+
+
+def test_importing_the_phases_does_not_load_the_store() -> None:
+    """Regression: issue 14 acceptance 6: not even through another module."""
+    modules = ", ".join(f"worker.pipeline.{p}" for p in PHASE_MODULES)
+    code = f"import sys, {modules}; print({FORBIDDEN!r} in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
