@@ -26,6 +26,7 @@ from worker.errors import SitegenError
 from worker.logs import setup_logging
 from worker.metrics import Metrics
 from worker.migrate import migrate
+from worker.output import clean_leftovers
 from worker.pipeline.runner import RetryLater, Runtime, run_generation, validate_job_args
 from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
@@ -103,6 +104,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         metrics=metrics,
     )
     ctx["runtime"] = rt
+    await asyncio.to_thread(clean_leftovers, rt.output_root)  # what crashed site writes left behind
     rt.ai.observe(metrics)
     metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress, rt.ai.slots())
     if settings.metrics.port:

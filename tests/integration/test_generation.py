@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from pathlib import Path
 
 import asyncpg
@@ -182,3 +185,20 @@ async def test_failed_phase_keeps_logs_leaves_nothing_and_resumes_there(
         )
         == 1
     )
+
+
+async def test_startup_removes_what_a_crashed_site_write_left_behind(
+    settings: Settings, start_worker: WorkerFactory
+) -> None:
+    """Issue 14 defect 12: every write has its own build folder; a replica's startup cleans dead ones."""
+    root = settings.output.dir
+    leftover = root / ".7.build-00000000-999999-1"
+    (leftover / "about").mkdir(parents=True)
+    (leftover / "index.html").write_text("<p>half a site</p>")
+    hour_ago = time.time() - 3600
+    os.utime(leftover, (hour_ago, hour_ago))
+    await start_worker()
+    deadline = time.monotonic() + 30
+    while leftover.exists():
+        assert time.monotonic() < deadline, "the replica's startup did not remove the dead build folder"
+        await asyncio.sleep(0.02)
