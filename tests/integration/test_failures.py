@@ -160,3 +160,28 @@ async def test_a_progress_write_failing_in_an_unforeseen_way_keeps_its_rows_and_
     assert progress.failed_writes == 1 and progress.written == 3 and not progress.behind
     messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
     assert messages == ["first", "second", "third"]
+
+
+async def test_a_constraint_postgresql_enforces_fails_the_generation_once_naming_it(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 8. Every PostgresError counted as transient: a row PostgreSQL refuses
+    for good (here a check constraint) was retried on every try, and the error did not say why."""
+    await db.execute(
+        "ALTER TABLE site_generation_phases ADD CONSTRAINT no_content CHECK (phase <> 'content') NOT VALID"
+    )
+    try:
+        await start_worker()
+        await client.enqueue_generation(redis, 55, SAMPLE_BRIEF)
+        with pytest.raises(SerializationError):
+            await order_job(redis, 55).result(timeout=30, poll_delay=0.05)
+    finally:
+        await db.execute("ALTER TABLE site_generation_phases DROP CONSTRAINT no_content")
+    info = await order_job(redis, 55).result_info()
+    assert info is not None and info.job_try == 1, "a deterministic failure is not retried"
+    generation = await db.fetchrow("SELECT status, attempt, error FROM site_generations WHERE order_id = 55")
+    assert generation["status"] == "failed" and generation["attempt"] == 1
+    error = generation["error"]
+    assert error["type"] == "CheckViolationError" and error["retryable"] is False and error["phase"] == "content"
+    assert error["sqlstate"] == "23514" and error["constraint_name"] == "no_content"
+    assert "integrity constraint" in error["message"] and "no_content" in error["message"]
