@@ -189,6 +189,9 @@ _DETERMINISTIC_ERRNOS = {
 
 def _infrastructure_cause(exc: BaseException) -> str | None:
     """What a deterministic PostgreSQL or operating-system failure means, in words; None for any other."""
+    # asyncpg's client-side DataError (not class 22's `asyncpg.exceptions.DataError`) is an InterfaceError.
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return "a value could not be sent to PostgreSQL (asyncpg could not encode a query argument)"
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         sqlstate = str(getattr(exc, "sqlstate", None) or "")
         found = _DETERMINISTIC_SQLSTATES.get(sqlstate) or _DETERMINISTIC_SQLSTATES.get(sqlstate[:2])

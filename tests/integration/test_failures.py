@@ -185,3 +185,59 @@ async def test_a_constraint_postgresql_enforces_fails_the_generation_once_naming
     assert error["type"] == "CheckViolationError" and error["retryable"] is False and error["phase"] == "content"
     assert error["sqlstate"] == "23514" and error["constraint_name"] == "no_content"
     assert "integrity constraint" in error["message"] and "no_content" in error["message"]
+
+
+async def test_a_progress_row_postgresql_refuses_is_replaced_and_blocks_no_row_behind_it(
+    settings: Settings, db: asyncpg.Connection, log_lines: list[str]
+) -> None:
+    """Regression: issue 14 defect 3. A batch PostgreSQL refused went back to the front of the buffer:
+    one refused row blocked every later row of the replica, for ever."""
+    await db.execute("ALTER TABLE site_generation_logs ADD CONSTRAINT no_poison CHECK (message <> 'poison') NOT VALID")
+    pool = await create_pool(settings.database, max_size=1, name="test-progress")
+    progress = ProgressLog(pool, replica_id="r1")
+    try:
+        await progress.log(71, "first")
+        await progress.log(71, "poison")  # refused by the constraint: replaced by a placeholder
+        await progress.log(2**63, "order id out of bigint range")  # refused, and its placeholder too: dropped
+        await progress.log(71, "nul \x00 in the text")  # stored, sanitised
+        await progress.log(71, "last", **{"k\x00": "v\x00"})
+        assert await progress.flush()
+    finally:
+        await pool.close()
+        await db.execute("ALTER TABLE site_generation_logs DROP CONSTRAINT no_poison")
+    rows = await db.fetch("SELECT message, details FROM site_generation_logs ORDER BY id")
+    messages = [r["message"] for r in rows]
+    assert messages[0] == "first" and messages[2:] == ["nul \ufffd in the text", "last"]
+    assert messages[1].startswith("(a progress row PostgreSQL refused: CheckViolationError:")
+    assert rows[1]["details"]["refused"]["sqlstate"] == "23514"
+    assert rows[3]["details"] == {"k\ufffd": "v\ufffd"}
+    assert progress.refused == 2 and progress.dropped == 1 and progress.written == 4 and not progress.pending
+    assert sum("progress row refused by PostgreSQL" in line for line in log_lines) == 3
+
+
+async def test_a_failure_postgresql_refuses_in_full_is_stored_minimal_and_the_generation_ends(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. `fail_generation` raised when PostgreSQL refused the error, the
+    failure was swallowed, and the generation stayed `running`, to be re-enqueued for ever."""
+    await db.execute(
+        "ALTER TABLE site_generations ADD CONSTRAINT no_tracebacks CHECK (NOT coalesce(error ? 'traceback', false))"
+        " NOT VALID;"
+        "ALTER TABLE site_generation_phases ADD CONSTRAINT no_content CHECK (phase <> 'content') NOT VALID"
+    )
+    try:
+        await start_worker()
+        await client.enqueue_generation(redis, 56, SAMPLE_BRIEF)
+        with pytest.raises(SerializationError):
+            await order_job(redis, 56).result(timeout=30, poll_delay=0.05)
+    finally:
+        await db.execute(
+            "ALTER TABLE site_generations DROP CONSTRAINT no_tracebacks;"
+            "ALTER TABLE site_generation_phases DROP CONSTRAINT no_content"
+        )
+    generation = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 56")
+    assert generation["status"] == "failed", "the generation ends, with the error PostgreSQL takes"
+    error = generation["error"]
+    assert error["type"] == "CheckViolationError" and "no_content" in error["message"] and error["phase"] == "content"
+    assert error["stored"].startswith("minimal: PostgreSQL refused the full error (CheckViolationError")
+    assert "no_tracebacks" in error["stored"]

@@ -582,3 +582,22 @@ async def test_a_redirect_is_not_followed_and_names_the_setting_to_fix(fake: Fak
     message = str(raised.value)
     assert f"HTTP {status}: the provider redirects to /moved/v1/chat/completions" in message
     assert "set ai.providers.remote.base_url" in message and raised.value.status == status
+
+
+async def test_a_nul_character_in_a_provider_error_body_is_stored_and_the_generation_fails_once(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. The error body's excerpt carried the NUL into the stored error, which
+    PostgreSQL refused: the failure was swallowed and the generation stayed `running`, re-enqueued for ever."""
+    fake.script("body:400:upstream said \x00 no")
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}))
+    await client.enqueue_generation(redis, 66, SAMPLE_BRIEF)
+
+    info = await failed_result(redis, 66)
+
+    assert info.job_try == 1 and info.result["error"] == "AIBadRequest"
+    generation = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 66")
+    assert generation["status"] == "failed" and generation["error"]["type"] == "AIBadRequest"
+    assert "upstream said \ufffd no" in generation["error"]["message"]
+    assert generation["error"]["details"]["body"] == "upstream said \ufffd no"
+    assert any("upstream said \ufffd no" in m for m in await progress_messages(db, 66))

@@ -31,6 +31,7 @@ DETERMINISTIC_FAILURES = [
     (pg.UniqueViolationError("duplicate key value violates unique constraint"), "integrity constraint"),
     (pg.CheckViolationError('new row violates check constraint "no_content"'), "integrity constraint"),
     (pg.InsufficientPrivilegeError("permission denied for table site_generations"), "permission denied"),
+    (pg._base.DataError("invalid input for query argument $1: 1180591620717411303424 (out of int64 range)"), "encode"),
     (pg.DiskFullError("could not extend file: No space left on device"), "disk is full"),
     (PermissionError(errno.EACCES, "Permission denied", "/srv/sites/7"), "permission denied"),
     (PermissionError(errno.EPERM, "Operation not permitted", "/srv/sites/7"), "not permitted"),
