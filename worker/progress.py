@@ -180,6 +180,16 @@ class ProgressLog:
             logger.info("progress log caught up with PostgreSQL")
         return True
 
+    def abandon(self, why: str) -> int:
+        """Give up the rows still buffered (PostgreSQL could not take them): counted as dropped and logged."""
+        lost = len(self.pending)
+        if lost:
+            self.pending.clear()
+            self.dropped += lost
+            self._announce()
+            logger.error("{} progress row(s) could not be written and are dropped: {}", lost, why)
+        return lost
+
     async def _write_front(self, rows: deque[ProgressRow], count: int) -> None:
         """Write the first `count` of `rows`, taking each off `rows` once it is stored (or replaced)."""
         batch = list(islice(rows, count))

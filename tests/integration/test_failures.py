@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import asyncpg
@@ -241,3 +243,55 @@ async def test_a_failure_postgresql_refuses_in_full_is_stored_minimal_and_the_ge
     assert error["type"] == "CheckViolationError" and "no_content" in error["message"] and error["phase"] == "content"
     assert error["stored"].startswith("minimal: PostgreSQL refused the full error (CheckViolationError")
     assert "no_tracebacks" in error["stored"]
+
+
+class _StallsOnce:
+    """The real pool, but the first acquire waits until it is cancelled: a writer caught mid-batch."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.entered = asyncio.Event()
+        self.stalled = False
+
+    def acquire(self) -> Any:
+        if self.stalled:
+            return self.pool.acquire()
+        self.stalled = True
+        return self._stall()
+
+    @contextlib.asynccontextmanager
+    async def _stall(self) -> AsyncIterator[None]:
+        self.entered.set()
+        await asyncio.Event().wait()
+        yield
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def test_shutdown_writes_the_progress_batch_the_writer_was_sending(
+    start_worker: WorkerFactory, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 9. `shutdown` cancelled the writer in the middle of a batch, and the
+    last flush missed the rows already taken off the buffer: they were lost, silently."""
+    from worker.main import shutdown
+
+    worker = await start_worker()
+    while "progress_writer" not in worker.ctx:  # noqa: ASYNC110 - arq's on_startup sets no event to await
+        await asyncio.sleep(0.01)
+    progress = worker.ctx["runtime"].progress
+    stalls = _StallsOnce(progress.pool)
+    progress.pool = stalls
+    for n in range(3):
+        await progress.log(57, f"row {n}")
+    await stalls.entered.wait()  # the writer took the rows off the buffer and waits for a connection
+    assert not progress.pending
+    writer = worker.ctx["progress_writer"]
+
+    async with asyncio.timeout(30):
+        await shutdown(worker.ctx)
+
+    assert writer.done()
+    messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
+    assert messages == ["row 0", "row 1", "row 2"], "written by the last flush, in order"
+    assert progress.dropped == 0 and not progress.pending

@@ -309,8 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
             "cloudflare": {"cf-ray": f"{n}-FAKE"},
         }[api]
         if fault.startswith("body:"):
-            status, _, raw = fault[len("body:") :].partition(":")
-            self._send_raw(int(status), raw.encode("utf-8", "surrogatepass"), id_headers)
+            code, _, raw = fault[len("body:") :].partition(":")
+            self._send_raw(int(code), raw.encode("utf-8", "surrogatepass"), id_headers)
             return
         try:
             status, answer, extra = self._build(api, path, body, fault, n)
