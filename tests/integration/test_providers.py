@@ -601,3 +601,23 @@ async def test_a_nul_character_in_a_provider_error_body_is_stored_and_the_genera
     assert "upstream said \ufffd no" in generation["error"]["message"]
     assert generation["error"]["details"]["body"] == "upstream said \ufffd no"
     assert any("upstream said \ufffd no" in m for m in await progress_messages(db, 66))
+
+
+@pytest.mark.parametrize(
+    "fault", ["429:inf", "429:nan", "429:-5", "429:1e12", "429ms:inf", "429ms:-1000", "429ms:1e15"]
+)
+async def test_a_hostile_retry_after_is_bounded_and_the_site_is_still_generated(
+    fault: str, fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """Regression: issue 14 defect 11. Retry-After was trusted: inf or NaN crashed the job (OverflowError,
+    ValueError), 1e12 deferred it for ever, a negative value was read as no wait only by luck."""
+    fake.script(fault)
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_retry_defer_s=0.5))
+    await client.enqueue_generation(redis, 67, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 67, timeout=30)
+
+    assert result["status"] == "succeeded"
+    assert [r.fault for r in fake.requests][:2] == [fault, "ok"]
+    waited = fake.requests[1].at - fake.requests[0].at
+    assert waited < 10, f"waited {waited:.1f}s: the wait is capped (max_retry_wait_s, ai.max_retry_defer_s)"

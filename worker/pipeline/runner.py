@@ -424,8 +424,8 @@ async def run_generation(
         )
         if is_retryable(exc) and not final_try:
             defer = backoff_s(settings, job_try)
-            if isinstance(exc, AIRateLimited) and exc.retry_after_s:
-                defer = max(defer, exc.retry_after_s)
+            if isinstance(exc, AIRateLimited) and exc.retry_after_s:  # the provider's word, within bounds
+                defer = max(defer, min(exc.retry_after_s, settings.ai.max_retry_defer_s))
             await _store_quietly(rt.store.release_generation(claim, error))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
