@@ -7,6 +7,7 @@ failure. Nothing else in the project makes that decision.
 
 from __future__ import annotations
 
+import errno
 import traceback
 from typing import Any
 
@@ -145,7 +146,9 @@ class SiteCheckFailed(SitegenError):
     """The assembled site failed its checks (broken links, unreachable pages, unsafe paths)."""
 
 
-#: Failures of the infrastructure that a later try is expected to get past.
+#: Failures of the infrastructure that a later try is expected to get past. PostgreSQL's and the
+#: operating system's errors are sorted further by `_infrastructure_cause`: a deterministic one
+#: (the data, a permission, a full disk) fails at once, whatever its class.
 TRANSIENT = (
     OSError,  # connection refused/reset, including asyncpg's and redis' socket errors
     asyncpg.exceptions.PostgresConnectionError,
@@ -154,17 +157,55 @@ TRANSIENT = (
     # protocol mid-error: "cannot switch to state 12; another operation (2) is in progress"
     # (MagicStack/asyncpg#1069). The connection is dropped; the next try gets a new one.
     asyncpg.exceptions.InternalClientError,
+    # Connection loss (08), serialization failures (40001), deadlocks (40P01), admin shutdown and
+    # restarts (57P01..57P03), too many connections (53300), a statement timeout (57014), and what a
+    # trigger raises (P0001): a later try may pass. The deterministic classes are below.
     asyncpg.exceptions.PostgresError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     TimeoutError,
 )
 
+#: SQLSTATEs (a whole class by its two characters, or one code) that no retry gets past, and what they mean.
+_DETERMINISTIC_SQLSTATES = {
+    "22": "PostgreSQL refused the data (a data exception, e.g. an untranslatable character or a value out of range)",
+    "23": "PostgreSQL refused the data (an integrity constraint: unique, check, foreign key or not-null)",
+    "42501": "PostgreSQL refused the statement: permission denied (grant the worker's role the privilege)",
+    "42": "PostgreSQL refused the statement (a missing table or column, or a syntax error: are migrations applied?)",
+    "53100": "PostgreSQL's disk is full",
+    "54": "PostgreSQL refused the statement: a program limit was exceeded (e.g. a value too large)",
+    "0A": "PostgreSQL does not support the statement",
+}
+
+#: errno values no retry gets past, and what they mean.
+_DETERMINISTIC_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on the device (disk full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _infrastructure_cause(exc: BaseException) -> str | None:
+    """What a deterministic PostgreSQL or operating-system failure means, in words; None for any other."""
+    # asyncpg's client-side DataError (not class 22's `asyncpg.exceptions.DataError`) is an InterfaceError.
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return "a value could not be sent to PostgreSQL (asyncpg could not encode a query argument)"
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        sqlstate = str(getattr(exc, "sqlstate", None) or "")
+        found = _DETERMINISTIC_SQLSTATES.get(sqlstate) or _DETERMINISTIC_SQLSTATES.get(sqlstate[:2])
+        return f"{found} [SQLSTATE {sqlstate}]" if found else None
+    if isinstance(exc, OSError) and exc.errno in _DETERMINISTIC_ERRNOS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{_DETERMINISTIC_ERRNOS[exc.errno]}{where} [{errno.errorcode.get(exc.errno, exc.errno)}]"
+    return None
+
 
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, SitegenError):
         return exc.retryable
-    return isinstance(exc, TRANSIENT)
+    return isinstance(exc, TRANSIENT) and _infrastructure_cause(exc) is None
 
 
 #: PostgreSQL or Redis out of reach (down, restarting, refusing connections): the job that meets one
@@ -184,7 +225,9 @@ INFRASTRUCTURE = (
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether `exc` says PostgreSQL or Redis is out of reach (never the job's own fault)."""
-    return isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError)
+    return (
+        isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
+    )
 
 
 def message_of(exc: BaseException) -> str:
@@ -194,9 +237,13 @@ def message_of(exc: BaseException) -> str:
 
 def describe(exc: BaseException, *, phase: str | None = None) -> dict[str, Any]:
     """The JSON stored as a generation's `error` and in the progress log."""
+    message = message_of(exc)
+    cause = _infrastructure_cause(exc)
+    if cause is not None:  # a deterministic failure says what it is, first
+        message = f"{cause}: {message}"
     described: dict[str, Any] = {
         "type": type(exc).__name__,
-        "message": message_of(exc),
+        "message": message,
         "phase": phase,
         "retryable": is_retryable(exc),
         "traceback": "".join(traceback.format_exception(exc))[-8000:],
@@ -205,4 +252,9 @@ def describe(exc: BaseException, *, phase: str | None = None) -> dict[str, Any]:
         described["details"] = exc.details
     if isinstance(exc, asyncpg.exceptions.PostgresError):
         described["sqlstate"] = getattr(exc, "sqlstate", None)
+        # PostgreSQL's own pointers to the cause: the detail and the constraint, table or column involved.
+        for name in ("detail", "constraint_name", "table_name", "column_name"):
+            value = getattr(exc, name, None)
+            if value:
+                described[name] = value
     return described

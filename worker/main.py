@@ -145,13 +145,17 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt: Runtime | None = ctx.pop("runtime", None)
     if rt is None:
         return
+    stopping: list[asyncio.Task[None]] = []
     for name in ("progress_writer", "heartbeat"):
         task: asyncio.Task[None] | None = ctx.pop(name, None)
         if task is not None:
             task.cancel()
+            stopping.append(task)
+    # The writer may be in the middle of a batch: its cancelled flush puts the batch back, in order,
+    # before the last flush below takes the buffer.
+    await asyncio.gather(*stopping, return_exceptions=True)
     await rt.progress.flush()
-    if rt.progress.pending:
-        logger.error("{} progress rows could not be written before shutdown", len(rt.progress.pending))
+    rt.progress.abandon("the replica is shutting down")
     await rt.metrics.close()
     await rt.ai.aclose()
     await rt.store.pool.close()

@@ -45,6 +45,7 @@ class _Progress(Protocol):
     written: int
     failed_writes: int
     dropped: int
+    refused: int
 
     @property
     def pending(self) -> Any: ...
@@ -141,7 +142,14 @@ class _RuntimeCollector(Collector):
             value=p.failed_writes,
         )
         yield CounterMetricFamily(
-            "sitegen_progress_rows_dropped", "Progress rows lost because the buffer was full", value=p.dropped
+            "sitegen_progress_rows_dropped",
+            "Progress rows lost: the buffer was full, or PostgreSQL refused a row and its placeholder",
+            value=p.dropped,
+        )
+        yield CounterMetricFamily(
+            "sitegen_progress_rows_refused",
+            "Progress rows PostgreSQL refused for what they hold, each replaced by a placeholder row",
+            value=p.refused,
         )
         yield GaugeMetricFamily("sitegen_progress_rows_pending", "Progress rows waiting to be written", len(p.pending))
 

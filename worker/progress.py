@@ -3,15 +3,17 @@
 A write never joins a generation's transaction, so a failed phase cannot take its logs with it,
 and a failed write never fails the generation: it is reported through loguru and the rows stay
 in a bounded buffer until PostgreSQL takes them. Rows dropped because the buffer was full are
-counted, never silent.
+counted, never silent; a row PostgreSQL refuses for what it holds is replaced by a placeholder row,
+counted and logged, and never blocks the rows behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any, Literal
 
 import asyncpg
@@ -56,6 +58,9 @@ class ProgressLog:
         self.written = 0
         self.failed_writes = 0
         self.dropped = 0
+        #: Rows PostgreSQL refused for what they hold: each stored as a placeholder row (or, if that is
+        #: refused too, dropped and counted in `dropped`), never blocking the rows behind it.
+        self.refused = 0
         #: Set, then replaced, whenever a batch is written or the log falls behind: wakes `settle`.
         self._progressed = asyncio.Event()
         #: The log is behind PostgreSQL, so finishing jobs do not wait for their rows: set when a
@@ -144,36 +149,120 @@ class ProgressLog:
                 )
 
     async def flush(self) -> bool:
-        """Write every buffered row now, in order; False if PostgreSQL could not take them."""
+        """Write every buffered row now, in order; False if PostgreSQL could not take them.
+
+        A row PostgreSQL refuses for what it holds is isolated (its batch split in halves) and
+        replaced by a placeholder row, so it never blocks the rows behind it. Rows not written when
+        a write fails otherwise, or when the flush is cancelled (a shutdown), go back to the front
+        of the buffer, in order.
+        """
         async with self._lock:
             while self.pending:
-                batch = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
+                taken: deque[ProgressRow] = deque(
+                    self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))
+                )
                 try:
-                    async with self.pool.acquire() as conn:
-                        await conn.execute(
-                            QUERIES["insert_logs"],
-                            [r.order_id for r in batch],
-                            [r.generation_id for r in batch],
-                            [r.phase for r in batch],
-                            [r.level for r in batch],
-                            [r.message for r in batch],
-                            [r.details for r in batch],
-                            [r.created_at for r in batch],
-                            self.replica_id,
-                        )
-                except Exception as exc:  # whatever it is (a connection broken mid-operation raises asyncpg's
-                    # InternalClientError, which is none of its other error classes), the rows are kept and
-                    # the writer lives on: it is the only one that writes them.
-                    self.pending.extendleft(reversed(batch))  # back in front, order kept
+                    await self._write_front(taken, len(taken))
+                except BaseException as exc:  # whatever it is (a connection broken mid-operation raises asyncpg's
+                    # InternalClientError, which is none of its other error classes; a shutdown cancels), the rows
+                    # not written are kept and the writer lives on: it is the only one that writes them.
+                    self.pending.extendleft(reversed(taken))  # back in front, order kept
                     self._enforce_bound()
+                    if not isinstance(exc, Exception):
+                        raise
                     self.failed_writes += 1
                     logger.opt(exception=exc).warning(
                         "{} progress row(s) not written yet, kept to retry: {}", len(self.pending), message_of(exc)
                     )
                     return False
-                self.written += len(batch)
-                self._announce()
         if self.behind:
             self.behind = False
             logger.info("progress log caught up with PostgreSQL")
         return True
+
+    def abandon(self, why: str) -> int:
+        """Give up the rows still buffered (PostgreSQL could not take them): counted as dropped and logged."""
+        lost = len(self.pending)
+        if lost:
+            self.pending.clear()
+            self.dropped += lost
+            self._announce()
+            logger.error("{} progress row(s) could not be written and are dropped: {}", lost, why)
+        return lost
+
+    async def _write_front(self, rows: deque[ProgressRow], count: int) -> None:
+        """Write the first `count` of `rows`, taking each off `rows` once it is stored (or replaced)."""
+        batch = list(islice(rows, count))
+        try:
+            await self._insert(batch)
+        except Exception as exc:
+            if not refused_for_its_data(exc):
+                raise
+            if count == 1:
+                await self._replace_refused(batch[0], exc)
+                rows.popleft()
+                return
+            half = count // 2  # split until the refused row is alone; the others are written, in order
+            await self._write_front(rows, half)
+            await self._write_front(rows, count - half)
+            return
+        for _ in batch:
+            rows.popleft()
+        self.written += len(batch)
+        self._announce()
+
+    async def _insert(self, batch: list[ProgressRow]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                QUERIES["insert_logs"],
+                [r.order_id for r in batch],
+                [r.generation_id for r in batch],
+                [r.phase for r in batch],
+                [r.level for r in batch],
+                [r.message for r in batch],
+                [r.details for r in batch],
+                [r.created_at for r in batch],
+                self.replica_id,
+            )
+
+    async def _replace_refused(self, row: ProgressRow, exc: Exception) -> None:
+        """Store a placeholder saying that a row was refused and why; drop the row if even that is refused."""
+        self.refused += 1
+        why = f"{type(exc).__name__}: {message_of(exc)}"[:500]
+        logger.error(
+            "progress row refused by PostgreSQL ({} so far), stored as a placeholder: {}; the row was {!r:.500}",
+            self.refused,
+            why,
+            row,
+        )
+        placeholder = replace(
+            row,
+            message=f"(a progress row PostgreSQL refused: {why[:200]})",
+            details={"refused": {"type": type(exc).__name__, "sqlstate": getattr(exc, "sqlstate", None), "error": why}},
+        )
+        try:
+            await self._insert([placeholder])
+        except Exception as again:
+            if not refused_for_its_data(again):
+                raise  # kept with the rows behind it, to retry
+            self.dropped += 1
+            logger.error(
+                "progress row refused by PostgreSQL, and its placeholder too: dropped ({} so far): {}",
+                self.dropped,
+                message_of(again),
+            )
+            return
+        self.written += 1
+        self._announce()
+
+
+def refused_for_its_data(exc: BaseException) -> bool:
+    """Whether PostgreSQL (or asyncpg, encoding it) refuses a row for what it holds: no retry will take it.
+
+    Data exceptions (class 22), integrity violations (23) and program limits (54); a missing table, a
+    permission or a full disk refuse every row alike, so the rows are kept for a later try instead.
+    """
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return True
+    sqlstate = str(getattr(exc, "sqlstate", None) or "") if isinstance(exc, asyncpg.PostgresError) else ""
+    return sqlstate[:2] in ("22", "23", "54")

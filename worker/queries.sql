@@ -111,10 +111,12 @@ SELECT path, content FROM site_files WHERE generation_id = $1 ORDER BY path;
 
 -- name: insert_logs
 -- A batch of rows in one statement; each is announced, and NOTIFY is sent when it commits.
+-- Phases, levels and messages come as jsonb[] strings, not text[]: asyncpg's codec for text, which
+-- sanitizes what PostgreSQL refuses (store._init_connection), does not apply to text[].
 WITH row AS (
     INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, created_at, replica_id)
-    SELECT o, g, p, l, m, d, c, $8::text
-    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[])
+    SELECT o, g, p #>> '{}', l #>> '{}', m #>> '{}', d, c, $8::text
+    FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::jsonb[], $5::jsonb[], $6::jsonb[], $7::timestamptz[])
          AS batch (o, g, p, l, m, d, c)
     RETURNING id, order_id, generation_id, phase, level, message, created_at
 )

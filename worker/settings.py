@@ -212,6 +212,12 @@ class AISection(_Section):
     max_output_retries: int = Field(
         default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation"
     )
+    max_retry_defer_s: float = Field(
+        default=300,
+        ge=0,
+        description="Longest a job is deferred because a provider's Retry-After asked for more than "
+        "max_retry_wait_s; a longer (or absurd: inf, 1e12) value is cut to this",
+    )
     max_tokens_per_generation: int = Field(
         default=0, ge=0, description="Stop a generation that uses more tokens than this (0: no limit)"
     )

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 import asyncpg
 import orjson
+from loguru import logger
 
-from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
+from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound, message_of
 from worker.models import OutputFile
 from worker.settings import DatabaseSection
 
@@ -36,13 +37,57 @@ def _load_queries() -> dict[str, str]:
 QUERIES = _load_queries()
 
 
+#: PostgreSQL refuses NUL in `text` and `jsonb` (and UTF-8 cannot hold a lone surrogate): such a
+#: character is stored as U+FFFD, the replacement character, so the rest of the text still goes in.
+REPLACEMENT = "\ufffd"
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def pg_text(value: str) -> str:
+    """`value` as PostgreSQL can store it: NUL and lone surrogates replaced by U+FFFD."""
+    if "\x00" in value:
+        value = value.replace("\x00", REPLACEMENT)
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return value
+
+
+def _pg_json_value(value: Any) -> Any:
+    """`value` with every string in it (keys included) made storable by `pg_text`."""
+    if isinstance(value, str):
+        return pg_text(value)
+    if isinstance(value, dict):
+        return {pg_text(k) if isinstance(k, str) else k: _pg_json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pg_json_value(v) for v in value]
+    return value
+
+
 def _json_text(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    """The json/jsonb encoder: orjson's text, with the characters PostgreSQL refuses replaced."""
+    try:
+        data = orjson.dumps(value, option=_JSON_OPTIONS)
+    except orjson.JSONEncodeError:  # lone surrogates, which orjson refuses; anything else is raised again
+        data = orjson.dumps(_pg_json_value(value), option=_JSON_OPTIONS)
+    if b"\\u0000" in data:  # rare: the whole value is walked only when a NUL (or a literal '\\u0000') is in it
+        data = orjson.dumps(_pg_json_value(value), option=_JSON_OPTIONS)
+    return data.decode()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    """The one boundary where text enters PostgreSQL: every text, varchar, json and jsonb parameter.
+
+    asyncpg applies a codec set here to parameters of that type and to arrays of json/jsonb, but not
+    to `text[]`, which has a built-in array codec: free text goes in as `jsonb[]` (see `insert_logs`),
+    and `text[]` parameters carry only values the worker made (file paths, hashes, media types).
+    """
     for pg_type in ("json", "jsonb"):
         await conn.set_type_codec(pg_type, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
+    for pg_type in ("text", "varchar"):
+        await conn.set_type_codec(pg_type, encoder=pg_text, decoder=str, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -86,6 +131,22 @@ class Claim:
     warnings: tuple[str, ...] = ()
     #: `sitegen cancel` asked a resumed generation to stop while no replica held it.
     cancel_requested: bool = False
+
+
+def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, Any]:
+    """The least of `error` that PostgreSQL takes whatever the full one held: short ASCII text, no details."""
+
+    def ascii_text(value: Any, limit: int) -> str:
+        return str(value)[:limit].encode("ascii", "backslashreplace").decode()
+
+    return {
+        "type": ascii_text(error.get("type") or "Error", 200),
+        "message": ascii_text(error.get("message") or "", 2000),
+        "phase": ascii_text(error["phase"], 100) if error.get("phase") else None,
+        "retryable": bool(error.get("retryable", False)),
+        "stored": "minimal: PostgreSQL refused the full error "
+        f"({ascii_text(f'{type(refused).__name__}: {message_of(refused)}', 500)})",
+    }
 
 
 class Store:
@@ -206,12 +267,26 @@ class Store:
         return row
 
     async def fail_generation(self, claim: Claim, error: dict[str, Any]) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(QUERIES["fail_generation"], claim.generation_id, claim.token, error)
+        """End the generation `failed` with its error; a minimal error if PostgreSQL refuses the full one."""
+        await self._with_error("fail_generation", claim, error)
 
     async def release_generation(self, claim: Claim, error: dict[str, Any] | None) -> None:
-        async with self.pool.acquire() as conn:
-            await conn.execute(QUERIES["release_generation"], claim.generation_id, claim.token, error)
+        await self._with_error("release_generation", claim, error)
+
+    async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(QUERIES[query], claim.generation_id, claim.token, error)
+        except Exception as refused:
+            if error is None:
+                raise
+            logger.opt(exception=refused).error(
+                "generation {}: PostgreSQL refused its error, storing a minimal one: {}",
+                claim.generation_id,
+                message_of(refused),
+            )
+            async with self.pool.acquire() as conn:
+                await conn.execute(QUERIES[query], claim.generation_id, claim.token, minimal_error(error, refused))
 
     async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
         """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
@@ -245,9 +320,20 @@ class Store:
             latest = await conn.fetchrow(QUERIES["latest_generation"], order_id)
             if latest is not None and latest["status"] in ACTIVE:
                 return None  # an active generation owns the order; the log carries this job's error
-            generation_id: int = await conn.fetchval(
-                QUERIES["record_failed_generation"], order_id, error, job_id, self.replica_id
-            )
+            try:
+                async with conn.transaction():  # a savepoint: a refused error leaves the lock held
+                    generation_id: int = await conn.fetchval(
+                        QUERIES["record_failed_generation"], order_id, error, job_id, self.replica_id
+                    )
+            except asyncpg.PostgresError as refused:
+                logger.error("order {}: PostgreSQL refused the job's error, storing a minimal one", order_id)
+                generation_id = await conn.fetchval(
+                    QUERIES["record_failed_generation"],
+                    order_id,
+                    minimal_error(error, refused),
+                    job_id,
+                    self.replica_id,
+                )
             return generation_id
 
     async def stale_generations(self, limit: int = 500) -> list[dict[str, Any]]:

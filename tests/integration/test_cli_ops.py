@@ -49,9 +49,9 @@ async def insert_log(
         QUERIES["insert_logs"],
         [order_id],
         [generation_id],
-        [phase],
-        [level],
-        [message],
+        [None if phase is None else json.dumps(phase)],  # jsonb[]: the query takes its texts as JSON strings
+        [json.dumps(level)],
+        [json.dumps(message)],
         [None],
         [datetime.now(UTC)],
         "test",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import asyncpg
@@ -160,3 +162,136 @@ async def test_a_progress_write_failing_in_an_unforeseen_way_keeps_its_rows_and_
     assert progress.failed_writes == 1 and progress.written == 3 and not progress.behind
     messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
     assert messages == ["first", "second", "third"]
+
+
+async def test_a_constraint_postgresql_enforces_fails_the_generation_once_naming_it(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 8. Every PostgresError counted as transient: a row PostgreSQL refuses
+    for good (here a check constraint) was retried on every try, and the error did not say why."""
+    await db.execute(
+        "ALTER TABLE site_generation_phases ADD CONSTRAINT no_content CHECK (phase <> 'content') NOT VALID"
+    )
+    try:
+        await start_worker()
+        await client.enqueue_generation(redis, 55, SAMPLE_BRIEF)
+        with pytest.raises(SerializationError):
+            await order_job(redis, 55).result(timeout=30, poll_delay=0.05)
+    finally:
+        await db.execute("ALTER TABLE site_generation_phases DROP CONSTRAINT no_content")
+    info = await order_job(redis, 55).result_info()
+    assert info is not None and info.job_try == 1, "a deterministic failure is not retried"
+    generation = await db.fetchrow("SELECT status, attempt, error FROM site_generations WHERE order_id = 55")
+    assert generation["status"] == "failed" and generation["attempt"] == 1
+    error = generation["error"]
+    assert error["type"] == "CheckViolationError" and error["retryable"] is False and error["phase"] == "content"
+    assert error["sqlstate"] == "23514" and error["constraint_name"] == "no_content"
+    assert "integrity constraint" in error["message"] and "no_content" in error["message"]
+
+
+async def test_a_progress_row_postgresql_refuses_is_replaced_and_blocks_no_row_behind_it(
+    settings: Settings, db: asyncpg.Connection, log_lines: list[str]
+) -> None:
+    """Regression: issue 14 defect 3. A batch PostgreSQL refused went back to the front of the buffer:
+    one refused row blocked every later row of the replica, for ever."""
+    await db.execute("ALTER TABLE site_generation_logs ADD CONSTRAINT no_poison CHECK (message <> 'poison') NOT VALID")
+    pool = await create_pool(settings.database, max_size=1, name="test-progress")
+    progress = ProgressLog(pool, replica_id="r1")
+    try:
+        await progress.log(71, "first")
+        await progress.log(71, "poison")  # refused by the constraint: replaced by a placeholder
+        await progress.log(2**63, "order id out of bigint range")  # refused, and its placeholder too: dropped
+        await progress.log(71, "nul \x00 in the text")  # stored, sanitised
+        await progress.log(71, "last", **{"k\x00": "v\x00"})
+        assert await progress.flush()
+    finally:
+        await pool.close()
+        await db.execute("ALTER TABLE site_generation_logs DROP CONSTRAINT no_poison")
+    rows = await db.fetch("SELECT message, details FROM site_generation_logs ORDER BY id")
+    messages = [r["message"] for r in rows]
+    assert messages[0] == "first" and messages[2:] == ["nul \ufffd in the text", "last"]
+    assert messages[1].startswith("(a progress row PostgreSQL refused: CheckViolationError:")
+    assert rows[1]["details"]["refused"]["sqlstate"] == "23514"
+    assert rows[3]["details"] == {"k\ufffd": "v\ufffd"}
+    assert progress.refused == 2 and progress.dropped == 1 and progress.written == 4 and not progress.pending
+    assert sum("progress row refused by PostgreSQL" in line for line in log_lines) == 3
+
+
+async def test_a_failure_postgresql_refuses_in_full_is_stored_minimal_and_the_generation_ends(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. `fail_generation` raised when PostgreSQL refused the error, the
+    failure was swallowed, and the generation stayed `running`, to be re-enqueued for ever."""
+    await db.execute(
+        "ALTER TABLE site_generations ADD CONSTRAINT no_tracebacks CHECK (NOT coalesce(error ? 'traceback', false))"
+        " NOT VALID;"
+        "ALTER TABLE site_generation_phases ADD CONSTRAINT no_content CHECK (phase <> 'content') NOT VALID"
+    )
+    try:
+        await start_worker()
+        await client.enqueue_generation(redis, 56, SAMPLE_BRIEF)
+        with pytest.raises(SerializationError):
+            await order_job(redis, 56).result(timeout=30, poll_delay=0.05)
+    finally:
+        await db.execute(
+            "ALTER TABLE site_generations DROP CONSTRAINT no_tracebacks;"
+            "ALTER TABLE site_generation_phases DROP CONSTRAINT no_content"
+        )
+    generation = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 56")
+    assert generation["status"] == "failed", "the generation ends, with the error PostgreSQL takes"
+    error = generation["error"]
+    assert error["type"] == "CheckViolationError" and "no_content" in error["message"] and error["phase"] == "content"
+    assert error["stored"].startswith("minimal: PostgreSQL refused the full error (CheckViolationError")
+    assert "no_tracebacks" in error["stored"]
+
+
+class _StallsOnce:
+    """The real pool, but the first acquire waits until it is cancelled: a writer caught mid-batch."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.entered = asyncio.Event()
+        self.stalled = False
+
+    def acquire(self) -> Any:
+        if self.stalled:
+            return self.pool.acquire()
+        self.stalled = True
+        return self._stall()
+
+    @contextlib.asynccontextmanager
+    async def _stall(self) -> AsyncIterator[None]:
+        self.entered.set()
+        await asyncio.Event().wait()
+        yield
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def test_shutdown_writes_the_progress_batch_the_writer_was_sending(
+    start_worker: WorkerFactory, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 9. `shutdown` cancelled the writer in the middle of a batch, and the
+    last flush missed the rows already taken off the buffer: they were lost, silently."""
+    from worker.main import shutdown
+
+    worker = await start_worker()
+    while "progress_writer" not in worker.ctx:  # noqa: ASYNC110 - arq's on_startup sets no event to await
+        await asyncio.sleep(0.01)
+    progress = worker.ctx["runtime"].progress
+    stalls = _StallsOnce(progress.pool)
+    progress.pool = stalls
+    for n in range(3):
+        await progress.log(57, f"row {n}")
+    await stalls.entered.wait()  # the writer took the rows off the buffer and waits for a connection
+    assert not progress.pending
+    writer = worker.ctx["progress_writer"]
+
+    async with asyncio.timeout(30):
+        await shutdown(worker.ctx)
+
+    assert writer.done()
+    messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
+    assert messages == ["row 0", "row 1", "row 2"], "written by the last flush, in order"
+    assert progress.dropped == 0 and not progress.pending

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, failed_result
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, failed_result, wait_for_result
 from worker import client
 from worker.settings import Settings
 
@@ -118,3 +119,44 @@ async def test_pickled_job_is_refused_and_never_executed(
     assert await db.fetchval("SELECT count(*) FROM site_orders") == 0
     assert await db.fetchval("SELECT count(*) FROM site_generation_logs") == 0
     assert sum(worker.ctx["runtime"].ai.calls.values()) == 0
+
+
+async def test_a_nul_character_in_the_brief_fails_once_naming_the_field(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. PostgreSQL refuses NUL in jsonb: the brief was retried 5 times as
+    UntranslatableCharacterError, an error naming no field."""
+    brief = {**SAMPLE_BRIEF, "description": "Family bakery\x00 in Porto"}
+    await start_worker()
+    await client.enqueue_generation(redis, 33, brief)
+
+    info = await failed_result(redis, 33)
+
+    assert info.job_try == 1 and info.result["error"] == "BriefInvalid"
+    assert "brief.description" in info.result["message"] and "NUL" in info.result["message"]
+    generation = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 33")
+    assert generation["status"] == "failed" and generation["error"]["type"] == "BriefInvalid"
+    assert "brief.description" in generation["error"]["message"]
+    log = await db.fetchrow("SELECT level, message FROM site_generation_logs WHERE order_id = 33")
+    assert log["level"] == "error" and "brief.description" in log["message"]
+
+
+async def test_a_nul_character_in_an_argument_name_is_stored_and_blocks_no_later_progress_row(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. The rejection's progress row named the argument, NUL included:
+    PostgreSQL refused the batch, which went back to the front of the buffer and blocked every later row."""
+    worker = await start_worker()
+    await redis.enqueue_job(
+        "generate_site", 34, _job_id=client.job_id(34), _queue_name=client.QUEUE_NAME, **{"col\x00our": "red"}
+    )
+    info = await failed_result(redis, 34)
+    assert info.job_try == 1 and info.result["error"] == "JobArgumentsInvalid"
+    await client.enqueue_generation(redis, 35, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 35))["status"] == "succeeded"
+
+    rejected = await db.fetchval("SELECT message FROM site_generation_logs WHERE order_id = 34")
+    assert rejected == "job rejected: unknown job argument(s): col\ufffdour (expected order_id, brief, regenerate)"
+    later = await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = 35 ORDER BY id")
+    assert len(later) == 10 and later[-1]["message"] == "generation succeeded"
+    assert worker.ctx["runtime"].progress.pending == deque()

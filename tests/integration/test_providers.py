@@ -582,3 +582,42 @@ async def test_a_redirect_is_not_followed_and_names_the_setting_to_fix(fake: Fak
     message = str(raised.value)
     assert f"HTTP {status}: the provider redirects to /moved/v1/chat/completions" in message
     assert "set ai.providers.remote.base_url" in message and raised.value.status == status
+
+
+async def test_a_nul_character_in_a_provider_error_body_is_stored_and_the_generation_fails_once(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 3. The error body's excerpt carried the NUL into the stored error, which
+    PostgreSQL refused: the failure was swallowed and the generation stayed `running`, re-enqueued for ever."""
+    fake.script("body:400:upstream said \x00 no")
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}))
+    await client.enqueue_generation(redis, 66, SAMPLE_BRIEF)
+
+    info = await failed_result(redis, 66)
+
+    assert info.job_try == 1 and info.result["error"] == "AIBadRequest"
+    generation = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 66")
+    assert generation["status"] == "failed" and generation["error"]["type"] == "AIBadRequest"
+    assert "upstream said \ufffd no" in generation["error"]["message"]
+    assert generation["error"]["details"]["body"] == "upstream said \ufffd no"
+    assert any("upstream said \ufffd no" in m for m in await progress_messages(db, 66))
+
+
+@pytest.mark.parametrize(
+    "fault", ["429:inf", "429:nan", "429:-5", "429:1e12", "429ms:inf", "429ms:-1000", "429ms:1e15"]
+)
+async def test_a_hostile_retry_after_is_bounded_and_the_site_is_still_generated(
+    fault: str, fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """Regression: issue 14 defect 11. Retry-After was trusted: inf or NaN crashed the job (OverflowError,
+    ValueError), 1e12 deferred it for ever, a negative value was read as no wait only by luck."""
+    fake.script(fault)
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url)}, max_retry_defer_s=0.5))
+    await client.enqueue_generation(redis, 67, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 67, timeout=30)
+
+    assert result["status"] == "succeeded"
+    assert [r.fault for r in fake.requests][:2] == [fault, "ok"]
+    waited = fake.requests[1].at - fake.requests[0].at
+    assert waited < 10, f"waited {waited:.1f}s: the wait is capped (max_retry_wait_s, ai.max_retry_defer_s)"

@@ -2,11 +2,11 @@
 Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, bad JSON) on request.
 
 Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, close (the
-connection closed without an answer), truncated,
-malformed, malformed-hard, fenced, wrong-schema, cf-quota, delay:<s>, status:<300-599> (a 3xx with a
-Location header), 429:<s>,
-429ms:<ms>, and text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size,
-any characters, colons and newlines included)."""
+connection closed without an answer), truncated, malformed, malformed-hard, fenced, wrong-schema,
+cf-quota, delay:<s>, status:<300-599> (a 3xx with a Location header), 429:<s> and 429ms:<ms> (the
+header's value as given, hostile ones too: inf, nan, -5, 1e12), body:<status>:<raw text> (that status
+with a plain-text body, verbatim: a NUL or any other character), and text:<payload> (a normal 200
+answer whose text is the payload, verbatim: any size, any characters, colons and newlines included)."""
 
 from __future__ import annotations
 
@@ -84,9 +84,12 @@ def validate_fault(fault: str) -> str:
         return fault
     kind, sep, arg = fault.partition(":")
     try:
-        if sep and kind in ("delay", "429") and float(arg) >= 0:
+        if sep and kind == "delay" and float(arg) >= 0:
             return fault
-        if sep and kind == "429ms" and int(arg) >= 0:
+        if sep and kind in ("429", "429ms"):  # any number, hostile ones too (inf, nan, -5, 1e12)
+            float(arg)
+            return fault
+        if sep and kind == "body" and 300 <= int(arg.partition(":")[0]) <= 599:
             return fault
         if sep and kind == "status" and 300 <= int(arg) <= 599:
             return fault
@@ -94,7 +97,7 @@ def validate_fault(fault: str) -> str:
         pass
     raise ValueError(
         f"unknown fault {fault!r}; expected one of {', '.join(sorted(SIMPLE_FAULTS))}, "
-        "delay:<s>, status:<300-599>, 429:<s>, 429ms:<ms>, text:<answer text>"
+        "delay:<s>, status:<300-599>, 429:<s>, 429ms:<ms>, body:<status>:<raw text>, text:<answer text>"
     )
 
 
@@ -225,6 +228,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.wfile.flush()
 
+    def _send_raw(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
     def _drop(self, *, reset: bool) -> None:
         """End the connection without an answer: a TCP reset (RST) or an ordinary close."""
         self.close_connection = True
@@ -295,6 +308,10 @@ class _Handler(BaseHTTPRequestHandler):
             "anthropic": {"request-id": f"req_{n}"},
             "cloudflare": {"cf-ray": f"{n}-FAKE"},
         }[api]
+        if fault.startswith("body:"):
+            code, _, raw = fault[len("body:") :].partition(":")
+            self._send_raw(int(code), raw.encode("utf-8", "surrogatepass"), id_headers)
+            return
         try:
             status, answer, extra = self._build(api, path, body, fault, n)
         except _Reply as reply:

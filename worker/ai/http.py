@@ -19,6 +19,7 @@ import asyncio
 import base64
 import email.utils
 import json
+import math
 import random
 import re
 import ssl
@@ -103,6 +104,14 @@ def _duration_s(value: str) -> float | None:
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
+def _wait_s(seconds: float) -> float:
+    """A wait a provider asked for, never negative; NaN is no instruction (ValueError). It may be huge or
+    infinite: the caller caps it (`max_retry_wait_s` in a call, `ai.max_retry_defer_s` for the job)."""
+    if math.isnan(seconds):
+        raise ValueError("not a number")
+    return max(seconds, 0.0)
+
+
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*.
 
@@ -110,13 +119,13 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """
     if "retry-after-ms" in headers:
         try:
-            return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+            return _wait_s(float(headers["retry-after-ms"]) / 1000)
         except ValueError:
             pass
     if "retry-after" in headers:
         value = headers["retry-after"]
         try:
-            return max(float(value), 0.0)
+            return _wait_s(float(value))
         except ValueError:
             try:
                 parsed = email.utils.parsedate_to_datetime(value)

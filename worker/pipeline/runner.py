@@ -133,6 +133,12 @@ def validate_brief(raw: dict[str, Any], max_bytes: int) -> Brief:
             f"largest field: brief.{largest}",
             field=f"brief.{largest}",
         )
+    with_nul = _nul_fields(raw, "brief")
+    if with_nul:  # PostgreSQL cannot store it, and no business writes one on purpose
+        raise BriefInvalid(
+            f"invalid brief: a NUL character (\\u0000) is not allowed; found in {', '.join(with_nul[:10])}",
+            fields=with_nul[:10],
+        )
     try:
         return Brief.model_validate(raw)
     except ValidationError as exc:
@@ -142,6 +148,24 @@ def validate_brief(raw: dict[str, Any], max_bytes: int) -> Brief:
         raise BriefInvalid(
             "invalid brief: " + "; ".join(problems), fields=[p.split(":")[0] for p in problems]
         ) from None
+
+
+def _nul_fields(value: Any, path: str) -> list[str]:
+    """The paths (`brief.contact.address`, `brief.services.2`) of the keys and strings holding a NUL character."""
+    if isinstance(value, str):
+        return [path] if "\x00" in value else []
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key)
+            if "\x00" in name:  # the key itself: named with its NUL written out
+                found.append(f"{path}.{name.replace(chr(0), '<NUL>')}")
+            else:
+                found += _nul_fields(item, f"{path}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _nul_fields(item, f"{path}.{index}")
+    return found
 
 
 def _usage_summary(by_phase: dict[str, Usage]) -> dict[str, Any]:
@@ -443,8 +467,8 @@ async def run_generation(
         # PostgreSQL or Redis out of reach is never the generation's fault: hand it back on any try.
         if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
             defer = backoff_s(settings, job_try)
-            if isinstance(exc, AIRateLimited) and exc.retry_after_s:
-                defer = max(defer, exc.retry_after_s)
+            if isinstance(exc, AIRateLimited) and exc.retry_after_s:  # the provider's word, within bounds
+                defer = max(defer, min(exc.retry_after_s, settings.ai.max_retry_defer_s))
             await _store_quietly(rt.store.release_generation(claim, error))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
