@@ -41,6 +41,12 @@ class WorkerSection(_Section):
     poll_delay_s: float = Field(default=0.05, gt=0, description="How often an idle replica asks Redis for jobs")
     job_timeout_s: float = Field(default=1800, gt=0, description="Longest one job may run (arq job_timeout)")
     max_tries: int = Field(default=5, ge=1, description="Tries of a job before its generation fails")
+    max_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts of one generation in all (every claim by any replica, retries and the sweeper's "
+        "re-enqueues included) before it fails with its last error, e.g. when it keeps killing its replica",
+    )
     keep_result_s: float = Field(default=60, ge=0, description="How long a job's result stays readable in Redis")
     health_check_interval_s: float = Field(
         default=5, gt=0, description="How often the replica refreshes its health key for `arq --check`"

@@ -11,7 +11,9 @@ import hashlib
 import mimetypes
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import asyncpg
 import orjson
 
-from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
+from worker.errors import AttemptsExhausted, BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
 from worker.settings import DatabaseSection
 
 PHASES = ("plan", "content", "code", "assemble")
@@ -74,9 +76,10 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of claiming an order: a generation to run, or the one that already succeeded."""
+    """The outcome of claiming an order: a generation to run, the one that already succeeded, or the
+    cancelled one whose pending job this is (`cancelled`: nothing to do)."""
 
-    kind: Literal["started", "resumed", "done"]
+    kind: Literal["started", "resumed", "done", "cancelled"]
     generation_id: int
     attempt: int
     brief: dict[str, Any] | None
@@ -113,16 +116,35 @@ class Store:
         self.lease_s = lease_s
 
     async def claim_generation(
-        self, order_id: int, brief: dict[str, Any] | None, *, regenerate: bool, job_id: str | None
+        self,
+        order_id: int,
+        brief: dict[str, Any] | None,
+        *,
+        regenerate: bool,
+        job_id: str | None,
+        enqueued_at: datetime | None = None,
+        max_attempts: int | None = None,
     ) -> Claim:
         """Decide, under a per-order lock, whether to start, resume or skip a generation of the order.
 
-        One round trip: the steps run in the `sitegen_claim` function (migrations/0003_claim_function.sql).
+        `enqueued_at`: when the job was first enqueued; a job enqueued before the latest generation
+        was cancelled is that generation's own pending job and gets a `cancelled` claim. A generation
+        already claimed `max_attempts` times is failed instead (AttemptsExhausted). One round trip:
+        the steps run in the `sitegen_claim` function (migrations/0005_claim_rechecks.sql).
         """
         token = uuid.uuid4()
         async with self.pool.acquire() as conn:
             claimed: dict[str, Any] = await conn.fetchval(
-                QUERIES["claim"], order_id, brief, regenerate, token, self.replica_id, job_id, self.lease_s
+                QUERIES["claim"],
+                order_id,
+                brief,
+                regenerate,
+                token,
+                self.replica_id,
+                job_id,
+                self.lease_s,
+                enqueued_at,
+                max_attempts,
             )
         outcome = claimed["outcome"]
         if outcome == "not_found":
@@ -137,6 +159,14 @@ class Store:
                 f"(generation {claimed['generation_id']})",
                 retry_after_s=float(claimed["lease_left_s"]),
             )
+        if outcome == "exhausted":
+            error = claimed["error"]
+            raise AttemptsExhausted(
+                f"generation {claimed['generation_id']} of order {order_id} {error['message']}",
+                generation_id=claimed["generation_id"],
+                attempts=claimed["attempt"],
+                last_error=error["details"]["last_error"],
+            )
         warnings: tuple[str, ...] = ()
         if claimed.get("brief_differs"):
             warnings = (
@@ -148,7 +178,7 @@ class Store:
             generation_id=claimed["generation_id"],
             attempt=claimed["attempt"],
             brief=claimed["brief"],
-            token=None if outcome == "done" else token,
+            token=token if outcome in ("started", "resumed") else None,
             checkpoints=claimed.get("checkpoints") or {},
             usage=claimed.get("usage") or {},
             output_dir=claimed.get("output_dir"),
@@ -225,9 +255,16 @@ class Store:
         async with self.pool.acquire() as conn:
             await conn.execute(QUERIES["fail_generation"], claim.generation_id, claim.token, error)
 
-    async def release_generation(self, claim: Claim, error: dict[str, Any] | None) -> None:
+    async def release_generation(self, claim: Claim, error: dict[str, Any] | None, *, retry_in_s: float = 0) -> None:
+        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that)."""
         async with self.pool.acquire() as conn:
-            await conn.execute(QUERIES["release_generation"], claim.generation_id, claim.token, error)
+            await conn.execute(QUERIES["release_generation"], claim.generation_id, claim.token, error, retry_in_s)
+
+    async def settle_assembled(self, claim: Claim) -> bool:
+        """Mark a claimed generation whose every phase is committed succeeded; whether it was."""
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(QUERIES["settle_assembled"], claim.generation_id, claim.token)
+        return status == "UPDATE 1"
 
     async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
         """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
@@ -266,10 +303,17 @@ class Store:
             )
             return generation_id
 
-    async def stale_generations(self, limit: int = 500) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, limit)
-        return [dict(r) for r in rows]
+    async def stale_generations(self, *, page_size: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every stale active generation, by id, one page (one short query) at a time."""
+        after = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, page_size, after)
+            for row in rows:
+                yield dict(row)
+            if len(rows) < page_size:
+                return
+            after = rows[-1]["id"]
 
     async def load_files(self, generation_id: int) -> list[OutputFile]:
         async with self.pool.acquire() as conn:
