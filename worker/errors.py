@@ -61,6 +61,10 @@ class OrderBusy(SitegenError):
         self.retry_after_s = retry_after_s
 
 
+class AttemptsExhausted(SitegenError):
+    """The generation was claimed `worker.max_attempts` times; the claim failed it rather than try again."""
+
+
 class ClaimLost(SitegenError):
     """Our claim on the generation expired and another replica took it over: stop, it carries on."""
 

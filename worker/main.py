@@ -72,7 +72,15 @@ async def _generate_site(
                 logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
             raise
         try:
-            result = await run_generation(rt, checked_id, brief, regenerate, job_id=ctx.get("job_id"), job_try=job_try)
+            result = await run_generation(
+                rt,
+                checked_id,
+                brief,
+                regenerate,
+                job_id=ctx.get("job_id"),
+                job_try=job_try,
+                enqueued_at=ctx.get("enqueue_time"),
+            )
         except RetryLater as exc:
             # The one translation of our retry decision into arq's.
             raise Retry(defer=exc.defer_s) from exc.cause

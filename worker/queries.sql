@@ -5,8 +5,8 @@
 SELECT pg_advisory_xact_lock($1::bigint);
 
 -- name: claim
--- Start, resume or skip a generation of the order, in one round trip: see migrations/0003_claim_function.sql.
-SELECT sitegen_claim($1, $2, $3, $4, $5, $6, $7);
+-- Start, resume or skip a generation of the order, in one round trip: see migrations/0005_claim_rechecks.sql.
+SELECT sitegen_claim($1, $2, $3, $4, $5, $6, $7, $8, $9);
 
 -- name: ensure_order
 INSERT INTO site_orders (id) VALUES ($1) ON CONFLICT (id) DO NOTHING;
@@ -64,10 +64,20 @@ SET status = 'failed', error = $3, finished_at = now(), claim_token = NULL, leas
 WHERE id = $1 AND claim_token = $2 AND status = 'running';
 
 -- name: release_generation
--- Hands a generation back for a later try: its committed phases stay, the claim goes.
+-- Hands a generation back for a later try, due in $4 seconds: its committed phases stay, the claim goes.
 UPDATE site_generations
-SET status = 'queued', error = $3, claim_token = NULL, lease_expires_at = NULL
+SET status = 'queued', error = $3, claim_token = NULL, lease_expires_at = NULL,
+    retry_at = now() + make_interval(secs => $4)
 WHERE id = $1 AND claim_token = $2 AND status = 'running';
+
+-- name: settle_assembled
+-- A claim of a generation whose every phase is committed (a claim function older than 0005 could
+-- reopen one): it is finished, so it is marked so.
+UPDATE site_generations g
+SET status = 'succeeded', current_phase = NULL, claim_token = NULL, lease_expires_at = NULL, error = NULL,
+    finished_at = now()
+WHERE g.id = $1 AND g.claim_token = $2 AND g.status = 'running'
+  AND EXISTS (SELECT 1 FROM site_generation_phases p WHERE p.generation_id = g.id AND p.phase = 'assemble');
 
 -- name: heartbeat
 -- Every claim a replica holds, extended in one statement; the claims it returns are still ours.
@@ -77,11 +87,14 @@ WHERE claim_token = ANY($1::uuid[]) AND status = 'running'
 RETURNING claim_token;
 
 -- name: stale_generations
--- Active generations nobody has touched for a lease: their owner died, or their job left Redis.
+-- Active generations nobody has touched for a lease: their owner died, or their job left Redis. A
+-- handed-back generation waits for its deferred retry: it is stale only a lease after that is due.
+-- One page of them, by id after $3.
 SELECT id, order_id, status, current_phase, replica_id
 FROM site_generations
-WHERE status IN ('queued', 'running')
-  AND coalesce(lease_expires_at, heartbeat_at + make_interval(secs => $1), created_at + make_interval(secs => $1)) < now()
+WHERE status IN ('queued', 'running') AND id > $3
+  AND coalesce(lease_expires_at, retry_at + make_interval(secs => $1), heartbeat_at + make_interval(secs => $1),
+               created_at + make_interval(secs => $1)) < now()
 ORDER BY id
 LIMIT $2;
 

@@ -109,7 +109,7 @@ async def close(self: Worker) -> None:
             await self.on_shutdown(self.ctx)
     finally:
         try:
-            await self.pool.close(close_connection_pool=True)
+            await self.pool.aclose(close_connection_pool=True)
         except REDIS_DOWN:
             pass
         self._pool = None

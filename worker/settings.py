@@ -46,6 +46,12 @@ class WorkerSection(_Section):
         description="Tries of a job whose failures are retryable (a provider down or rate limited) before its "
         "generation fails; PostgreSQL or Redis out of reach is retried for as long as it lasts",
     )
+    max_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts of one generation in all (every claim by any replica, retries and the sweeper's "
+        "re-enqueues included) before it fails with its last error, e.g. when it keeps killing its replica",
+    )
     keep_result_s: float = Field(default=60, ge=0, description="How long a job's result stays readable in Redis")
     health_check_interval_s: float = Field(
         default=5, gt=0, description="How often the replica refreshes its health key for `arq --check`"

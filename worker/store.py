@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +19,7 @@ import asyncpg
 import orjson
 from loguru import logger
 
-from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound, message_of
+from worker.errors import AttemptsExhausted, BriefInvalid, ClaimLost, OrderBusy, OrderNotFound, message_of
 from worker.models import OutputFile
 from worker.settings import DatabaseSection
 
@@ -117,9 +119,10 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of claiming an order: a generation to run, or the one that already succeeded."""
+    """The outcome of claiming an order: a generation to run, the one that already succeeded, or the
+    cancelled one whose pending job this is (`cancelled`: nothing to do)."""
 
-    kind: Literal["started", "resumed", "done"]
+    kind: Literal["started", "resumed", "done", "cancelled"]
     generation_id: int
     attempt: int
     brief: dict[str, Any] | None
@@ -158,16 +161,35 @@ class Store:
         self.lease_s = lease_s
 
     async def claim_generation(
-        self, order_id: int, brief: dict[str, Any] | None, *, regenerate: bool, job_id: str | None
+        self,
+        order_id: int,
+        brief: dict[str, Any] | None,
+        *,
+        regenerate: bool,
+        job_id: str | None,
+        enqueued_at: datetime | None = None,
+        max_attempts: int | None = None,
     ) -> Claim:
         """Decide, under a per-order lock, whether to start, resume or skip a generation of the order.
 
-        One round trip: the steps run in the `sitegen_claim` function (migrations/0003_claim_function.sql).
+        `enqueued_at`: when the job was first enqueued; a job enqueued before the latest generation
+        was cancelled is that generation's own pending job and gets a `cancelled` claim. A generation
+        already claimed `max_attempts` times is failed instead (AttemptsExhausted). One round trip:
+        the steps run in the `sitegen_claim` function (migrations/0005_claim_rechecks.sql).
         """
         token = uuid.uuid4()
         async with self.pool.acquire() as conn:
             claimed: dict[str, Any] = await conn.fetchval(
-                QUERIES["claim"], order_id, brief, regenerate, token, self.replica_id, job_id, self.lease_s
+                QUERIES["claim"],
+                order_id,
+                brief,
+                regenerate,
+                token,
+                self.replica_id,
+                job_id,
+                self.lease_s,
+                enqueued_at,
+                max_attempts,
             )
         outcome = claimed["outcome"]
         if outcome == "not_found":
@@ -182,6 +204,14 @@ class Store:
                 f"(generation {claimed['generation_id']})",
                 retry_after_s=float(claimed["lease_left_s"]),
             )
+        if outcome == "exhausted":
+            error = claimed["error"]
+            raise AttemptsExhausted(
+                f"generation {claimed['generation_id']} of order {order_id} {error['message']}",
+                generation_id=claimed["generation_id"],
+                attempts=claimed["attempt"],
+                last_error=error["details"]["last_error"],
+            )
         warnings: tuple[str, ...] = ()
         if claimed.get("brief_differs"):
             warnings = (
@@ -193,7 +223,7 @@ class Store:
             generation_id=claimed["generation_id"],
             attempt=claimed["attempt"],
             brief=claimed["brief"],
-            token=None if outcome == "done" else token,
+            token=token if outcome in ("started", "resumed") else None,
             checkpoints=claimed.get("checkpoints") or {},
             usage=claimed.get("usage") or {},
             output_dir=claimed.get("output_dir"),
@@ -270,13 +300,14 @@ class Store:
         """End the generation `failed` with its error; a minimal error if PostgreSQL refuses the full one."""
         await self._with_error("fail_generation", claim, error)
 
-    async def release_generation(self, claim: Claim, error: dict[str, Any] | None) -> None:
-        await self._with_error("release_generation", claim, error)
+    async def release_generation(self, claim: Claim, error: dict[str, Any] | None, *, retry_in_s: float = 0) -> None:
+        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that)."""
+        await self._with_error("release_generation", claim, error, retry_in_s)
 
-    async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None) -> None:
+    async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None, *args: Any) -> None:
         try:
             async with self.pool.acquire() as conn:
-                await conn.execute(QUERIES[query], claim.generation_id, claim.token, error)
+                await conn.execute(QUERIES[query], claim.generation_id, claim.token, error, *args)
         except Exception as refused:
             if error is None:
                 raise
@@ -286,7 +317,15 @@ class Store:
                 message_of(refused),
             )
             async with self.pool.acquire() as conn:
-                await conn.execute(QUERIES[query], claim.generation_id, claim.token, minimal_error(error, refused))
+                await conn.execute(
+                    QUERIES[query], claim.generation_id, claim.token, minimal_error(error, refused), *args
+                )
+
+    async def settle_assembled(self, claim: Claim) -> bool:
+        """Mark a claimed generation whose every phase is committed succeeded; whether it was."""
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(QUERIES["settle_assembled"], claim.generation_id, claim.token)
+        return status == "UPDATE 1"
 
     async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
         """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
@@ -336,10 +375,17 @@ class Store:
                 )
             return generation_id
 
-    async def stale_generations(self, limit: int = 500) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, limit)
-        return [dict(r) for r in rows]
+    async def stale_generations(self, *, page_size: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every stale active generation, by id, one page (one short query) at a time."""
+        after = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(QUERIES["stale_generations"], self.lease_s, page_size, after)
+            for row in rows:
+                yield dict(row)
+            if len(rows) < page_size:
+                return
+            after = rows[-1]["id"]
 
     async def load_files(self, generation_id: int) -> list[OutputFile]:
         async with self.pool.acquire() as conn:

@@ -22,7 +22,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
     rt: Runtime = ctx["runtime"]
     redis = ctx["redis"]
     requeued = 0
-    for generation in await rt.store.stale_generations():
+    async for generation in rt.store.stale_generations():
         order_id = generation["order_id"]
         # A kept result would make arq drop the enqueue; the generation, not the result, is the truth.
         await redis.delete(result_key_prefix + job_id(order_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import asyncpg
@@ -62,3 +63,42 @@ async def test_cancel_of_a_queued_generation_is_immediate(
     code, out = await run_sitegen(cli_env(services), "cancel", "81")
     assert code == 0 and "cancelled" in out
     assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 81") == "cancelled"
+
+
+async def test_cancel_of_a_generation_waiting_for_a_deferred_retry_sticks(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    services: LocalServices,
+) -> None:
+    """Regression: issue 14 defect 4. The cancelled generation's own deferred job ends `cancelled` without
+    a model call; a job sent after the cancel is a new request and starts a fresh generation."""
+    fake.script("429:3600")  # longer than the in-call wait: the generation goes back to the queue
+    retry_announced = asyncio.Event()
+
+    def on_progress(*args: object) -> None:  # logged once the hand-back is committed
+        if "will retry in" in str(args[-1]):
+            retry_announced.set()
+
+    await db.add_listener("site_generation_progress", on_progress)
+    await start_worker(with_ai(settings, {"remote": remote("openai", fake.url, max_retry_wait_s=1)}))
+    await client.enqueue_generation(redis, 82, SAMPLE_BRIEF)
+    await asyncio.wait_for(retry_announced.wait(), 30)
+    assert await db.fetchval("SELECT status FROM site_generations WHERE order_id = 82") == "queued"
+    code, out = await run_sitegen(cli_env(services), "cancel", "82")
+    assert code == 0 and "cancelled" in out, out
+    # The clock: the deferred retry (an hour away) is due now.
+    assert await redis.zadd(client.QUEUE_NAME, {client.job_id(82): time.time() * 1000}, xx=True, ch=True) == 1
+
+    result = await order_job(redis, 82).result(timeout=30, poll_delay=0.05)
+
+    assert result["status"] == "cancelled" and result["generation_id"] == 1
+    assert len(fake.requests) == 1, "the cancelled generation's pending job calls no model"
+    rows = await db.fetch("SELECT id, status FROM site_generations WHERE order_id = 82 ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, "cancelled")]
+
+    await client.enqueue_generation(redis, 82)  # sent after the cancel: a new request
+    fresh = await order_job(redis, 82).result(timeout=30, poll_delay=0.05)
+    assert fresh["status"] == "succeeded" and fresh["generation_id"] == 2

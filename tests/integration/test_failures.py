@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, wait_for_result
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, wait_for_result
 from worker import client
 from worker.progress import ProgressLog
 from worker.services import LocalServices
@@ -295,3 +296,67 @@ async def test_shutdown_writes_the_progress_batch_the_writer_was_sending(
     messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
     assert messages == ["row 0", "row 1", "row 2"], "written by the last flush, in order"
     assert progress.dropped == 0 and not progress.pending
+async def _generation_left_running(
+    db: asyncpg.Connection, order_id: int, *, attempt: int, phases: tuple[str, ...]
+) -> int:
+    """An active generation whose replica is gone (its lease in the past), with these phases committed."""
+    await db.execute("INSERT INTO site_orders (id, brief) VALUES ($1, $2::jsonb)", order_id, json.dumps(SAMPLE_BRIEF))
+    generation_id: int = await db.fetchval(
+        "INSERT INTO site_generations (order_id, status, current_phase, attempt, brief, claim_token, replica_id,"
+        " heartbeat_at, lease_expires_at, started_at)"
+        " VALUES ($1, 'running', 'content', $2, $3::jsonb, gen_random_uuid(), 'gone', now() - interval '1 minute',"
+        " now() - interval '1 second', now() - interval '1 minute') RETURNING id",
+        order_id,
+        attempt,
+        json.dumps(SAMPLE_BRIEF),
+    )
+    for phase in phases:
+        await db.execute(
+            "INSERT INTO site_generation_phases (generation_id, phase, output) VALUES ($1, $2, '{\"pages\": []}')",
+            generation_id,
+            phase,
+        )
+    return generation_id
+
+
+async def test_a_generation_with_every_phase_committed_ends_succeeded_and_never_runs_again(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 2. What a reopening claim left behind (running, every phase committed) is
+    finished: the job returns it, the generation ends succeeded, and no phase runs again (never an IndexError)."""
+    await start_worker()
+    await client.enqueue_generation(redis, 53, SAMPLE_BRIEF)
+    first = await wait_for_result(redis, 53)
+    await db.execute(  # reopened by a claim that raced the final commit; that replica then died
+        "UPDATE site_generations SET status = 'running', attempt = 2, claim_token = gen_random_uuid(),"
+        " lease_expires_at = now() - interval '1 second', finished_at = NULL"
+    )
+    await client.enqueue_generation(redis, 53)
+    result = await wait_for_result(redis, 53)
+    assert (result["status"], result["generation_id"]) == ("succeeded", first["generation_id"])
+    row = await db.fetchrow("SELECT status, claim_token, attempt FROM site_generations")
+    assert (row["status"], row["claim_token"], row["attempt"]) == ("succeeded", None, 2)
+    messages = await progress_messages(db, 53)
+    assert messages.count("phase plan started") == 1 and messages.count("generation succeeded") == 1
+
+
+async def test_a_generation_past_max_attempts_fails_and_its_job_is_not_retried(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Regression: issue 14 defect 10. A generation whose replicas kept dying (10 attempts, its lease lapsed
+    again) is failed by the next claim, naming the attempts and the last error; the job ends, not retried."""
+    await _generation_left_running(db, 54, attempt=10, phases=("plan",))
+    await start_worker()
+    await client.enqueue_generation(redis, 54)
+    with pytest.raises(SerializationError):
+        await order_job(redis, 54).result(timeout=30, poll_delay=0.05)
+    info = await order_job(redis, 54).result_info()
+    assert info is not None and info.job_try == 1 and not info.success
+    assert info.result["error"] == "AttemptsExhausted"
+    row = await db.fetchrow("SELECT status, attempt, error FROM site_generations")
+    assert (row["status"], row["attempt"]) == ("failed", 10), "the claim failed it instead of trying again"
+    message = row["error"]["message"]
+    assert message.startswith("gave up after 10 attempts (setting worker.max_attempts = 10); last error: AttemptLost")
+    assert "replica gone stopped at phase content" in message
+    assert await db.fetchval("SELECT count(*) FROM site_generation_phases") == 1, "no phase ran"
+    assert f"generation failed: generation 1 of order 54 {message}" in await progress_messages(db, 54)

@@ -15,10 +15,10 @@ import asyncpg
 import pytest
 
 from tests.helpers import SAMPLE_BRIEF
-from worker.errors import BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
+from worker.errors import AttemptsExhausted, BriefInvalid, ClaimLost, OrderBusy, OrderNotFound
 from worker.models import OutputFile
 from worker.settings import Settings
-from worker.store import Claim, Store, create_pool
+from worker.store import QUERIES, Claim, Store, create_pool
 
 FILES = [OutputFile("index.html", b"<!doctype html><title>x</title>"), OutputFile("css/site.css", b"body{}")]
 
@@ -211,3 +211,140 @@ async def test_concurrent_claims_of_one_order_start_one_generation(settings: Set
     assert len(started) == 1 and started[0].kind == "started"
     assert all(isinstance(o, OrderBusy) for o in outcomes if o is not started[0]), outcomes
     assert await db.fetchval("SELECT count(*) FROM site_generations") == 1
+
+
+# ------------------------------------------------------------------------------- issue 14: the claim races
+
+
+async def _lease_lapses(db: asyncpg.Connection, generation_id: int) -> None:
+    """The controllable clock: the generation's lease is in the past (its replica is slow or dead)."""
+    await db.execute(
+        "UPDATE site_generations SET lease_expires_at = now() - interval '1 second' WHERE id = $1", generation_id
+    )
+
+
+async def _until_waiting_for_a_lock(db: asyncpg.Connection, claim: asyncio.Task[Claim]) -> None:
+    """Until the claim's backend waits for a lock (pg_stat_activity), or the claim is over; no fixed sleep."""
+    while not claim.done():
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%sitegen_claim%'"
+        )
+        if waiting:
+            return
+        await asyncio.wait([claim], timeout=0.005)
+
+
+@pytest.mark.parametrize("write", ["finish_generation", "fail_generation", "cancel_generation"])
+async def test_a_claim_waiting_for_a_finishing_replica_never_reopens_its_generation(
+    settings: Settings, db: asyncpg.Connection, write: str
+) -> None:
+    """Regression: issue 14 defect 2. Replica A's lease lapsed while it commits the generation's end;
+    replica B's claim waits for A's row lock, then must see the finished generation, not overwrite it."""
+    pool = await create_pool(settings.database, max_size=4, name="race")
+    a, b = Store(pool, replica_id="a", lease_s=30), Store(pool, replica_id="b", lease_s=30)
+    try:
+        claim = await _started(a, 520)
+        for phase in ("plan", "content", "code"):
+            await a.commit_phase(claim, phase, {"phase": phase}, usage={}, total_usage={}, duration_ms=1)
+        await _lease_lapses(db, claim.generation_id)
+        args: dict[str, tuple[object, ...]] = {
+            "finish_generation": (
+                {}, "/x", {"pages": ["index.html"]}, {}, 1,
+                [f.path for f in FILES], [f.content for f in FILES], [f.sha256 for f in FILES],
+                [len(f.content) for f in FILES], [f.media_type for f in FILES],
+            ),
+            "fail_generation": ({"type": "Boom", "message": "failed"},),
+            "cancel_generation": ("cancelled on request", "assemble"),
+        }  # fmt: skip
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(QUERIES[write], claim.generation_id, claim.token, *args[write])
+                taking_over = asyncio.create_task(
+                    b.claim_generation(520, SAMPLE_BRIEF, regenerate=False, job_id="job-520")
+                )
+                await _until_waiting_for_a_lock(db, taking_over)
+            outcome = await taking_over
+    finally:
+        await pool.close()
+    ended = {"finish_generation": "succeeded", "fail_generation": "failed", "cancel_generation": "cancelled"}[write]
+    row = await db.fetchrow(
+        "SELECT status, attempt, claim_token FROM site_generations WHERE id = $1", claim.generation_id
+    )
+    assert dict(row) == {"status": ended, "attempt": 1, "claim_token": None}, "a terminal generation never changes"
+    if ended == "succeeded":
+        assert (outcome.kind, outcome.generation_id) == ("done", claim.generation_id)
+    else:  # a failed or cancelled generation's next job is a new request
+        assert outcome.kind == "started" and outcome.generation_id != claim.generation_id
+
+
+async def test_a_claim_of_a_generation_with_every_phase_committed_finishes_it(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 2. A generation an older claim reopened after its last commit is done."""
+    claim = await _started(store, 521)
+    await store.finish_generation(claim, {"pages": ["index.html"]}, FILES, usage={}, total_usage={}, duration_ms=1,
+                                  output_dir="/x")  # fmt: skip
+    await db.execute(  # what the old claim left: running again, attempt 2, its replica gone
+        "UPDATE site_generations SET status = 'running', attempt = 2, claim_token = gen_random_uuid(),"
+        " lease_expires_at = now() - interval '1 second', finished_at = NULL"
+    )
+    done = await store.claim_generation(521, None, regenerate=False, job_id="job-521")
+    assert (done.kind, done.generation_id, done.token) == ("done", claim.generation_id, None)
+    row = await db.fetchrow("SELECT status, claim_token, finished_at FROM site_generations")
+    assert row["status"] == "succeeded" and row["claim_token"] is None and row["finished_at"] is not None
+
+
+async def test_past_max_attempts_the_claim_fails_the_generation_with_its_last_error(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 14 defect 10. Attempts count every claim, by any replica; past the limit the
+    claim fails the generation in the same transaction, naming the attempts and the last error."""
+    pool = await create_pool(settings.database, max_size=2, name="attempts")
+    stores = [Store(pool, replica_id=f"r{i}", lease_s=30) for i in range(3)]
+    try:
+
+        async def claim(i: int) -> Claim:
+            return await stores[i % 3].claim_generation(
+                522, SAMPLE_BRIEF, regenerate=False, job_id="job-522", max_attempts=3
+            )
+
+        first = await claim(0)
+        await _lease_lapses(db, first.generation_id)  # r0 was killed (out of memory)
+        second = await claim(1)
+        await stores[1].release_generation(second, {"type": "AIUnavailable", "message": "HTTP 503"})
+        third = await claim(2)
+        assert (second.attempt, third.attempt) == (2, 3)
+        await _lease_lapses(db, first.generation_id)  # r2 was killed too
+        with pytest.raises(AttemptsExhausted) as exhausted:
+            await claim(3)
+        message = str(exhausted.value)
+        assert "gave up after 3 attempts (setting worker.max_attempts = 3)" in message
+        assert "last error: AttemptLost: attempt 3 on replica r2 stopped at phase plan" in message
+        row = await db.fetchrow("SELECT status, attempt, error, claim_token FROM site_generations")
+        assert (row["status"], row["attempt"], row["claim_token"]) == ("failed", 3, None)
+        assert row["error"]["type"] == "AttemptsExhausted" and row["error"]["message"] in message
+        assert row["error"]["details"]["attempts"] == 3
+
+        # Handed back with an error, the error is the last one named.
+        await db.execute("TRUNCATE site_generations CASCADE")
+        fourth = await claim(0)
+        await db.execute("UPDATE site_generations SET attempt = 3")
+        await stores[0].release_generation(fourth, {"type": "AIRateLimited", "message": "HTTP 429: rate limited"})
+        with pytest.raises(AttemptsExhausted, match="last error: AIRateLimited: HTTP 429: rate limited"):
+            await claim(1)
+    finally:
+        await pool.close()
+
+
+async def test_a_generation_waiting_for_its_deferred_retry_is_not_stale(store: Store, db: asyncpg.Connection) -> None:
+    """Regression: issue 14 defect 13. A handed-back generation is lost only a lease after its retry is due."""
+    claim = await _started(store, 523)
+    await store.release_generation(claim, {"type": "AIRateLimited", "message": "429"}, retry_in_s=3600)
+    await db.execute(  # the clock: the claim and the hand-back were an hour ago; the retry is due in an hour
+        "UPDATE site_generations SET created_at = now() - interval '1 hour', heartbeat_at = now() - interval '1 hour'"
+    )
+    assert [g async for g in store.stale_generations()] == []
+    await db.execute("UPDATE site_generations SET retry_at = now() - interval '29 seconds'")
+    assert [g async for g in store.stale_generations()] == [], "within a lease of its due time"
+    await db.execute("UPDATE site_generations SET retry_at = now() - interval '31 seconds'")
+    assert [g["id"] async for g in store.stale_generations()] == [claim.generation_id]

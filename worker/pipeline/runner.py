@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from worker.ai.base import AIRouter, Task, Usage
 from worker.ai.parsing import ask_model
 from worker.errors import (
     AIRateLimited,
+    AttemptsExhausted,
     BriefInvalid,
     ClaimLost,
     InputError,
@@ -408,16 +410,32 @@ class Heartbeat:
 
 
 async def run_generation(
-    rt: Runtime, order_id: int, brief: dict[str, Any] | None, regenerate: bool, *, job_id: str | None, job_try: int
+    rt: Runtime,
+    order_id: int,
+    brief: dict[str, Any] | None,
+    regenerate: bool,
+    *,
+    job_id: str | None,
+    job_try: int,
+    enqueued_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume, or skip) the generation of an order; see DESIGN.md for the contract."""
+    """Run (or resume, or skip) the generation of an order; see DESIGN.md for the contract.
+
+    `enqueued_at` is when the job was first enqueued (arq keeps it across retries): a job enqueued
+    before the order's generation was cancelled ends `cancelled` without work.
+    """
     settings = rt.settings
     final_try = job_try >= settings.worker.max_tries
     log = partial(rt.progress.log, order_id)
     try:
         valid = validate_brief(brief, settings.limits.max_brief_bytes) if brief is not None else None
         claim = await rt.store.claim_generation(
-            order_id, valid.model_dump(mode="json") if valid else None, regenerate=regenerate, job_id=job_id
+            order_id,
+            valid.model_dump(mode="json") if valid else None,
+            regenerate=regenerate,
+            job_id=job_id,
+            enqueued_at=enqueued_at,
+            max_attempts=settings.worker.max_attempts,
         )
     except InputError as exc:
         await _fail_before_start(rt, order_id, exc, job_id=job_id)
@@ -425,6 +443,10 @@ async def run_generation(
     except OrderBusy as exc:
         await log(f"waiting: {exc}", level="info")
         raise RetryLater(exc.retry_after_s + 1, exc) from exc
+    except AttemptsExhausted as exc:  # the claim stored the failure on the generation
+        logger.error("order {}: {}", order_id, exc)
+        await log(f"generation failed: {exc}", level="error", generation_id=exc.details["generation_id"])
+        raise
     except Exception as exc:
         logger.opt(exception=exc).warning("order {}: could not claim a generation", order_id)
         await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning")
@@ -433,12 +455,19 @@ async def run_generation(
         raise
 
     run = GenerationRun(rt, order_id, claim, job_try=job_try)
+    if claim.kind == "cancelled":
+        await run.log("generation was cancelled before this job could run: nothing to do", level="warning")
+        return run.result("cancelled")
+    remaining = [p for p in PHASES if p not in claim.checkpoints]
+    if claim.kind == "resumed" and not remaining:
+        # Every phase committed means finished (the last commit stored the files): never run again.
+        await _store_quietly(rt.store.settle_assembled(claim))
+        return await _already_done(rt, run)
     if claim.kind == "done":
         return await _already_done(rt, run)
     for warning in claim.warnings:
         await run.log(warning, level="warning")
     if claim.kind == "resumed":
-        remaining = [p for p in PHASES if p not in claim.checkpoints]
         await run.log(f"generation resumed at phase {remaining[0]} (attempt {claim.attempt})", attempt=claim.attempt)
     else:
         await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
@@ -469,7 +498,7 @@ async def run_generation(
             defer = backoff_s(settings, job_try)
             if isinstance(exc, AIRateLimited) and exc.retry_after_s:  # the provider's word, within bounds
                 defer = max(defer, min(exc.retry_after_s, settings.ai.max_retry_defer_s))
-            await _store_quietly(rt.store.release_generation(claim, error))
+            await _store_quietly(rt.store.release_generation(claim, error, retry_in_s=defer))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
                 level="warning",
