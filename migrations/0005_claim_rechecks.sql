@@ -6,6 +6,11 @@
 -- generation as lost only a lease after that.
 ALTER TABLE site_generations ADD COLUMN retry_at timestamptz;
 
+-- The first enqueue time of the job that last claimed the generation (arq's, kept across its retries;
+-- the upstream app's clock, as the claim's p_enqueued_at is): a job enqueued no later than that is
+-- the generation's own job, or older, and never starts another generation.
+ALTER TABLE site_generations ADD COLUMN job_enqueued_at timestamptz;
+
 -- The sweeper pages through the active generations by id.
 CREATE INDEX site_generations_active_by_id ON site_generations (id) WHERE status IN ('queued', 'running');
 
@@ -29,13 +34,18 @@ WHERE p.generation_id = g.id AND p.phase = 'assemble' AND g.status IN ('queued',
 -- * p_enqueued_at (the job's first enqueue time, kept by arq across retries): a job enqueued before
 --   the latest generation's cancel is that generation's own pending job, and ends `cancelled`
 --   without work. A job enqueued after it is a new request.
+-- * The claim records p_enqueued_at on the generation (job_enqueued_at). A job enqueued no later
+--   than that is the generation's own job (or older): it resumes its generation even with
+--   regenerate=true (its deferred retry carries the flag again), and once the generation ended it
+--   does no work: Redis still holds it when arq could not record its end (an outage), and
+--   PostgreSQL, the record, says it is done. Both times come from the same clock, the enqueuer's.
 -- * p_max_attempts: a generation whose `attempt` (claims so far, by any replica and job, the
 --   sweeper's included) has reached it is failed here, atomically, with an error naming the
 --   attempts and its last error, instead of being claimed again. NULL: no limit.
 -- * An active generation whose last phase is committed is finished, never resumed.
 --
 -- Outcomes: "started" | "resumed" | "done" | "busy" | "not_found" | "no_brief" | "cancelled" |
--- "exhausted".
+-- "ended" (a failed or cancelled generation's own job: nothing to do) | "exhausted".
 CREATE OR REPLACE FUNCTION sitegen_claim(
     p_order_id bigint,
     p_brief jsonb,
@@ -76,6 +86,8 @@ BEGIN
     FOR pass IN 1..5 LOOP
         SELECT g.id, g.status, g.attempt, g.brief, g.output_dir, g.replica_id, g.claim_token, g.error,
                g.current_phase, g.cancel_requested_at,
+               (p_enqueued_at IS NOT NULL AND g.job_enqueued_at IS NOT NULL
+                AND p_enqueued_at <= g.job_enqueued_at) AS own_job,
                GREATEST(EXTRACT(EPOCH FROM g.lease_expires_at - now()), 0)::float8 AS lease_left_s,
                EXISTS (SELECT 1 FROM site_generation_phases p
                        WHERE p.generation_id = g.id AND p.phase = 'assemble') AS assembled
@@ -92,7 +104,7 @@ BEGIN
             WHERE id = latest.id AND status IN ('queued', 'running');
             CONTINUE;
         ELSIF latest.status IN ('queued', 'running') THEN
-            IF p_regenerate THEN
+            IF p_regenerate AND NOT latest.own_job THEN
                 UPDATE site_generations
                 SET status = 'cancelled', finished_at = now(), claim_token = NULL, lease_expires_at = NULL,
                     retry_at = NULL,
@@ -140,7 +152,8 @@ BEGIN
                 UPDATE site_generations
                 SET status = 'running', attempt = attempt + 1, claim_token = p_token, replica_id = p_replica,
                     job_id = p_job_id, heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_lease_s),
-                    retry_at = NULL, started_at = coalesce(started_at, now()), error = NULL
+                    retry_at = NULL, started_at = coalesce(started_at, now()), error = NULL,
+                    job_enqueued_at = greatest(job_enqueued_at, p_enqueued_at)
                 WHERE id = latest.id AND status = latest.status
                   AND claim_token IS NOT DISTINCT FROM latest.claim_token
                   AND (status = 'queued' OR lease_expires_at IS NULL OR lease_expires_at <= now())
@@ -163,7 +176,11 @@ BEGIN
             RETURN jsonb_build_object(
                 'outcome', 'cancelled', 'generation_id', latest.id, 'attempt', latest.attempt,
                 'brief', latest.brief, 'cancel_requested_at', latest.cancel_requested_at);
-        ELSIF latest.status = 'succeeded' AND NOT p_regenerate THEN
+        ELSIF latest.status IN ('failed', 'cancelled') AND latest.own_job THEN
+            RETURN jsonb_build_object(
+                'outcome', 'ended', 'generation_id', latest.id, 'attempt', latest.attempt,
+                'brief', latest.brief, 'status', latest.status);
+        ELSIF latest.status = 'succeeded' AND (NOT p_regenerate OR latest.own_job) THEN
             SELECT coalesce(jsonb_object_agg(p.phase, p.output), '{}'::jsonb) AS outputs,
                    coalesce(jsonb_object_agg(p.phase, p.usage), '{}'::jsonb) AS usage
             INTO phases
@@ -182,9 +199,9 @@ BEGIN
     END IF;
 
     INSERT INTO site_generations (order_id, status, current_phase, attempt, brief, claim_token, replica_id, job_id,
-                                  heartbeat_at, lease_expires_at, started_at)
+                                  heartbeat_at, lease_expires_at, started_at, job_enqueued_at)
     VALUES (p_order_id, 'running', 'plan', 1, coalesce(p_brief, order_brief), p_token, p_replica, p_job_id,
-            now(), now() + make_interval(secs => p_lease_s), now())
+            now(), now() + make_interval(secs => p_lease_s), now(), p_enqueued_at)
     RETURNING id, attempt, brief INTO claimed;
     RETURN jsonb_build_object(
         'outcome', 'started', 'generation_id', claimed.id, 'attempt', claimed.attempt, 'brief', claimed.brief);

@@ -119,10 +119,11 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of claiming an order: a generation to run, the one that already succeeded, or the
-    cancelled one whose pending job this is (`cancelled`: nothing to do)."""
+    """The outcome of claiming an order: a generation to run, the one that already succeeded, the
+    cancelled one whose pending job this is (`cancelled`), or the failed or cancelled one whose own
+    job this is, left in Redis (`ended`, with `status`): nothing to do for the last two."""
 
-    kind: Literal["started", "resumed", "done", "cancelled"]
+    kind: Literal["started", "resumed", "done", "cancelled", "ended"]
     generation_id: int
     attempt: int
     brief: dict[str, Any] | None
@@ -134,6 +135,8 @@ class Claim:
     warnings: tuple[str, ...] = ()
     #: `sitegen cancel` asked a resumed generation to stop while no replica held it.
     cancel_requested: bool = False
+    #: The status an `ended` generation ended with (`failed` or `cancelled`).
+    status: str | None = None
 
 
 def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, Any]:
@@ -229,6 +232,7 @@ class Store:
             output_dir=claimed.get("output_dir"),
             warnings=warnings,
             cancel_requested=bool(claimed.get("cancel_requested")),
+            status=claimed.get("status"),
         )
 
     async def commit_phase(

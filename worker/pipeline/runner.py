@@ -458,6 +458,12 @@ async def run_generation(
     if claim.kind == "cancelled":
         await run.log("generation was cancelled before this job could run: nothing to do", level="warning")
         return run.result("cancelled")
+    if claim.kind == "ended":  # this job outlived its generation in Redis (its end could not be recorded)
+        await run.log(
+            f"generation {claim.generation_id} already ended {claim.status}: this job has nothing left to do",
+            level="warning",
+        )
+        return run.result(str(claim.status))
     remaining = [p for p in PHASES if p not in claim.checkpoints]
     if claim.kind == "resumed" and not remaining:
         # Every phase committed means finished (the last commit stored the files): never run again.
