@@ -122,6 +122,7 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     )
     for note in verdict.notes:
         print(f"  note: {note}")
+    print("  fault timeline:\n" + "\n".join(f"    {line}" for line in chaos.timeline))
     assert not verdict.failed, (
         f"chaos soak (SOAK_SEED={seed} to replay): {len(verdict.failed)} invariant(s) failed\n{verdict.details()}"
     )
