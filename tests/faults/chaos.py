@@ -30,7 +30,15 @@ from typing import Any
 import asyncpg
 import redis.exceptions
 
-from tests.faults.harness import ROOT, Cluster, Replica, _check_single_owner, brief_for, order_of_request
+from tests.faults.harness import (
+    ROOT,
+    Cluster,
+    Replica,
+    _check_single_owner,
+    brief_for,
+    order_of_request,
+    wait_until,
+)
 from worker import client
 from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief
@@ -333,6 +341,17 @@ class Chaos:
     async def _restart(self, replica: Replica) -> None:
         """Start the replica again under the same replica id, as compose restarts a container."""
         self.unhealthy_since.pop(replica.name, None)
+        # A SIGKILLed replica's health key lives on for a second or two: the new process must make its own.
+        conn = await client.connect(self.cluster.redis_url)
+        try:
+            key = f"site_generation:health-check:{replica.name}"
+
+            async def key_gone() -> bool:
+                return not await conn.exists(key)
+
+            await wait_until(key_gone, 15, interval=0.1, what=f"the health key of the stopped {replica.name} to expire")
+        finally:
+            await conn.aclose()
         replica.start()
         try:
             await self.cluster.wait_healthy(replica, timeout=60)
