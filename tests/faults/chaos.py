@@ -294,10 +294,10 @@ class Chaos:
         if kind == "postgres-restart":
             postgres = self.cluster.services.postgres
             if self.rng.random() < 0.5:
-                self.injected["postgres-restart (graceful)"] += 1
+                self.injected["postgres-restart, of which graceful"] += 1
                 await asyncio.to_thread(postgres.restart)
                 return "PostgreSQL restarted (fast shutdown)"
-            self.injected["postgres-restart (SIGKILL, then start)"] += 1
+            self.injected["postgres-restart, of which SIGKILL + start"] += 1
             await asyncio.to_thread(postgres.kill)
             await asyncio.to_thread(postgres.start)
             return "PostgreSQL SIGKILLed and started again"
