@@ -39,8 +39,8 @@ from worker.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[2]
 SOAK_S = float(os.environ.get("SOAK_S", "120"))
-#: After the last fault: how long the orders still running may take to end (a few leases).
-DRAIN_S = float(os.environ.get("SOAK_DRAIN_S", "45"))
+#: After the last fault: how long the orders still running may take to end (lease 8 s, sweep every 10 s).
+DRAIN_S = float(os.environ.get("SOAK_DRAIN_S", "35"))
 SHUTDOWN_GRACE_S = 5.0
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(int(SOAK_S + DRAIN_S + 150))]
