@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install quality-tools demo test lint typecheck pytest services clean bench
+.PHONY: install quality-tools demo test lint typecheck pytest soak services clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sitegen-worker needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
@@ -37,6 +37,12 @@ typecheck: install
 
 pytest: install quality-tools
 	$(BIN)/pytest
+
+## The chaos soak alone for SOAK_S seconds of faults (default 120; `make soak SOAK_S=600`), its summary printed;
+## SOAK_SEED=<seed printed by a run> replays that run's fault plan.
+SOAK_S ?= 120
+soak: install
+	SOAK_S=$(SOAK_S) SOAK_SEED=$(SOAK_SEED) $(BIN)/pytest tests/faults/test_chaos.py -s -q -p no:cacheprovider
 
 ## Throwaway PostgreSQL + Redis in the foreground; prints DATABASE_URL / REDIS_URL to export.
 services: install

@@ -303,6 +303,56 @@ def test_429_with_retry_after_ms(server: FakeProviderServer, client: httpx2.Clie
     assert "retry-after" not in response.headers
 
 
+@pytest.mark.parametrize("value", ["inf", "NaN", "-5", "1e12", "Infinity", "soon", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_429_sends_hostile_retry_after_values_verbatim(
+    server: FakeProviderServer, client: httpx2.Client, value: str
+) -> None:
+    server.script(f"429:{value}")
+    response = call(client, server, "openai")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == value
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-5", "1e12", "2.5"])
+def test_429ms_sends_hostile_retry_after_ms_values_verbatim(
+    server: FakeProviderServer, client: httpx2.Client, value: str
+) -> None:
+    server.script(f"429ms:{value}")
+    response = call(client, server, "anthropic")
+    assert response.status_code == 429
+    assert response.headers["retry-after-ms"] == value
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_junk_body_carries_nul_bytes_and_invalid_utf8(
+    server: FakeProviderServer, client: httpx2.Client, api: str
+) -> None:
+    server.script("junk:500")
+    response = call(client, server, api)
+    assert response.status_code == 500
+    assert b"\x00" in response.content
+    with pytest.raises(UnicodeDecodeError):
+        response.content.decode()
+    assert call(client, server, api).status_code == 200
+
+
+def test_when_aims_a_fault_at_the_requests_it_accepts(server: FakeProviderServer, client: httpx2.Client) -> None:
+    def coding(body: object) -> bool:
+        assert isinstance(body, dict)
+        return '"content"' in body["messages"][-1]["content"]
+
+    def broken(body: object) -> bool:
+        raise KeyError("a predicate that raises counts as a no")
+
+    server.script("status:503", when=broken)
+    server.script("status:502", when=coding)
+    assert call(client, server, "openai", "planning").status_code == 200
+    assert call(client, server, "openai", "content").status_code == 200
+    assert call(client, server, "openai", "coding").status_code == 502
+    assert call(client, server, "openai", "coding").status_code == 200
+    assert server.pending_script() == [("status:503", None)]
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_cloudflare_quota_body(server: FakeProviderServer, client: httpx2.Client, api: str) -> None:
     server.script("cf-quota")
@@ -412,7 +462,7 @@ def test_script_for_one_api_leaves_the_others_alone(server: FakeProviderServer, 
 
 
 def test_unknown_faults_are_refused(server: FakeProviderServer) -> None:
-    for bad in ("explode", "status:abc", "status:200", "delay:", "429ms:x"):
+    for bad in ("explode", "status:abc", "status:200", "delay:", "429ms:x", "429:", "429:a\nb", "junk:200", "junk:x"):
         with pytest.raises(ValueError):
             server.script(bad)
     with pytest.raises(ValueError):

@@ -3,10 +3,16 @@ Workers AI APIs with offline answers, and misbehaving (errors, hangs, resets, ba
 
 Faults (one per request, queued with `script()` or POST /_fake/script): ok, hang, reset, close (the
 connection closed without an answer), truncated, malformed, malformed-hard, fenced, wrong-schema,
-cf-quota, delay:<s>, status:<300-599> (a 3xx with a Location header), 429:<s> and 429ms:<ms> (the
-header's value as given, hostile ones too: inf, nan, -5, 1e12), body:<status>:<raw text> (that status
-with a plain-text body, verbatim: a NUL or any other character), and text:<payload> (a normal 200
-answer whose text is the payload, verbatim: any size, any characters, colons and newlines included)."""
+cf-quota, delay:<s>, status:<300-599> (a 3xx with a Location header), junk:<400-599> (that status with
+a body of junk: NUL bytes, invalid UTF-8, control characters, not JSON), body:<status>:<raw text> (that
+status with a plain-text body, verbatim: a NUL or any other character), 429:<value> (Retry-After: the
+value verbatim, hostile ones included: inf, NaN, -5, 1e12, a date, any text without line breaks),
+429ms:<ms> (retry-after-ms: any number Python reads, inf, nan and negative ones included), and
+text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size, any characters,
+colons and newlines included).
+
+`script(..., when=...)` aims faults at the requests a predicate of the JSON body accepts (one order's
+coding calls, say); the other requests pass them by."""
 
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ CF_QUOTA_MESSAGE = (
 TEXT_PREFIX = "text:"
 WRONG_SCHEMA_TEXT = '{"unexpected": "shape", "pages": "not a list"}'
 MALFORMED_HARD_TEXT = '{"pages": [<<<not json>>>'
+#: The body of a `junk:<status>` answer: what a broken proxy or a crashing provider sends back.
+JUNK_BODY = (
+    b"\x00\x00<html>\x00Internal Server Error\xff\xfe\x00\x1b[31m\x07\x08 \\u0000 \xc3\x28 \xed\xa0\x80"
+    b'\r\n\x00{"error": "\x00"}\x00\x7f\xc0\xaf</html>\x00'
+)
 
 _CLOUDFLARE_PATH = re.compile(r"/accounts/(?P<account>[^/]+)/ai/run/(?P<model>.+)$")
 
@@ -86,18 +97,24 @@ def validate_fault(fault: str) -> str:
     try:
         if sep and kind == "delay" and float(arg) >= 0:
             return fault
-        if sep and kind in ("429", "429ms"):  # any number, hostile ones too (inf, nan, -5, 1e12)
-            float(arg)
+        # Retry-After is sent verbatim, whatever it says: only what cannot be a header value is refused.
+        if sep and kind == "429" and arg.strip() and not any(c in arg for c in "\r\n\x00"):
+            return fault
+        if sep and kind == "429ms":
+            float(arg)  # inf, nan and negative numbers too: a hostile provider's values
             return fault
         if sep and kind == "body" and 300 <= int(arg.partition(":")[0]) <= 599:
             return fault
         if sep and kind == "status" and 300 <= int(arg) <= 599:
             return fault
+        if sep and kind == "junk" and 400 <= int(arg) <= 599:
+            return fault
     except ValueError:
         pass
     raise ValueError(
         f"unknown fault {fault!r}; expected one of {', '.join(sorted(SIMPLE_FAULTS))}, "
-        "delay:<s>, status:<300-599>, 429:<s>, 429ms:<ms>, body:<status>:<raw text>, text:<answer text>"
+        "delay:<s>, status:<300-599>, junk:<400-599>, 429:<value>, 429ms:<ms>, body:<status>:<raw text>, "
+        "text:<answer text>"
     )
 
 
@@ -218,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
             return raw, None
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -281,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, "not-found", wall))
             self._send(404, {"error": {"message": f"no route for {self.command} {path}", "type": "not_found"}})
             return
-        fault = self.fake._next_fault(api)
+        fault = self.fake._next_fault(api, body)
         n = self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, fault, wall))
         self._answer(api, path, body, fault, n)
 
@@ -328,6 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "status":
             moved = {"Location": f"/moved{path}"} if int(arg) < 400 else {}
             return int(arg), _error_body(api, int(arg)), moved
+        if kind == "junk":
+            return int(arg), JUNK_BODY, {}
         if kind == "429":
             return 429, _error_body(api, 429), {"Retry-After": arg}
         if kind == "429ms":
@@ -415,6 +434,13 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
+def _accepts(when: Callable[[Any], bool], body: Any) -> bool:
+    try:
+        return bool(when(body))
+    except Exception:
+        return False
+
+
 def _latency_rng(seed: int) -> random.Random:
     """The latency draws' own generator, so turning latency on does not change which requests fail."""
     return random.Random(f"latency:{seed}")
@@ -465,7 +491,7 @@ class FakeProviderServer:
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
-        self._script: list[tuple[str, str | None]] = []
+        self._script: list[tuple[str, str | None, Callable[[Any], bool] | None]] = []
         self._counter = 0
         self._random = random.Random(seed)
         self._latency_random = _latency_rng(seed)
@@ -524,13 +550,15 @@ class FakeProviderServer:
 
     # ----------------------------------------------------------------- control
 
-    def script(self, *faults: str, api: str | None = None) -> None:
-        """Queue behaviours for the next API requests (only `api`'s, if given), one request each, in order."""
+    def script(self, *faults: str, api: str | None = None, when: Callable[[Any], bool] | None = None) -> None:
+        """Queue behaviours for the next API requests, one request each, in order: only `api`'s requests, if
+        given, and only those whose parsed JSON body `when` accepts, if given (in-process use only; a
+        predicate that raises counts as a no)."""
         if api is not None and api not in APIS:
             raise ValueError(f"unknown api {api!r}; expected one of {', '.join(APIS)}")
         checked = [validate_fault(f) for f in faults]
         with self._lock:
-            self._script.extend((f, api) for f in checked)
+            self._script.extend((f, api, when) for f in checked)
 
     def configure(
         self,
@@ -570,7 +598,7 @@ class FakeProviderServer:
     def pending_script(self) -> list[tuple[str, str | None]]:
         """The script entries not used yet, as (fault, api)."""
         with self._lock:
-            return list(self._script)
+            return [(fault, api) for fault, api, _ in self._script]
 
     def wait_for_requests(self, n: int, timeout: float = 10) -> list[RecordedRequest]:
         """The recorded requests once there are at least `n`; TimeoutError after `timeout` seconds."""
@@ -589,10 +617,10 @@ class FakeProviderServer:
                 return self._latency_random.uniform(low, high)
             return low
 
-    def _next_fault(self, api: str) -> str:
+    def _next_fault(self, api: str, body: Any = None) -> str:
         with self._lock:
-            for i, (fault, only) in enumerate(self._script):
-                if only is None or only == api:
+            for i, (fault, only, when) in enumerate(self._script):
+                if (only is None or only == api) and (when is None or _accepts(when, body)):
                     del self._script[i]
                     return fault
             if self.rate_429 > 0 and self._random.random() < self.rate_429:
