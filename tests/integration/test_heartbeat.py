@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -47,9 +48,9 @@ async def _lease(db: asyncpg.Connection, order_id: int) -> float:
     return float(expires)
 
 
-async def _until(predicate: object, timeout: float, what: str) -> None:
+async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not await predicate():  # type: ignore[operator]
+    while not await predicate():
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         await asyncio.sleep(0.05)
 
