@@ -80,6 +80,9 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
         SITEGEN_WORKER__LEASE_S="8",
         SITEGEN_WORKER__SWEEP_EVERY_S="10",
         SITEGEN_WORKER__SHUTDOWN_GRACE_S=str(SHUTDOWN_GRACE_S),
+        # A hostile Retry-After (inf, 1e12) defers the job by at most this: the soak sees the bound hold
+        # and the order still finish within its drain (the default, 300 s, would outlast the run).
+        SITEGEN_AI__MAX_RETRY_DEFER_S="4",
     )
     # Every answer takes 0.3-1.0 s, so a generation spans several seconds and the faults meet work in
     # flight; a few random 429s (Retry-After: 1) and 500s on top of the aimed faults.
