@@ -23,13 +23,19 @@ pytest.importorskip("psutil", reason="psutil is a dev dependency: `make install`
 def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = [
-        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,progress,idle,heartbeat",
+        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,scaleout,progress,idle,heartbeat",
         "--zero-sites", "12",
         "--max-jobs", "4",
         "--latency-ms", "20",
         "--latency-min-sites", "8",
         "--inflight-jobs", "6",
         "--inflight-latency-s", "1",
+        "--inflight-probes", "2",
+        "--inflight-probe-rate", "20",
+        "--scaleout-replicas", "1,2",
+        "--scaleout-max-jobs", "3",
+        "--scaleout-latency-s", "0.2",
+        "--scaleout-waves", "2",
         "--enqueue-rate", "50",
         "--enqueue-sites", "6",
         "--slowlog-sites", "6",
@@ -50,12 +56,17 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
 
     report = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
-    expected = {"zero": 12, "lat4": 8, "inflight": 6, "enqueue": 6, "slowbase": 6, "slowlog": 6, "scale2": 12}
+    expected = {
+        "zero": 12, "lat4": 8, "inflight": 8, "enqueue": 6, "slowbase": 6, "slowlog": 6, "scale2": 12,
+        "scaleout1": 6, "scaleout2": 12,
+    }
     assert {name: r["sites"] for name, r in runs.items()} == expected
     for r in runs.values():
         assert r["retried_generations"] == 0 and r["peak_pg_conns"] <= r["pg_conn_bound"], r["name"]
         assert r["worker_cpu_ms_per_site"] > 0 and r["throughput_overall"] > 0, r["name"]
-    assert runs["inflight"]["peak_running"] == 6, "all six generations of the in-flight run were running at once"
+    assert runs["inflight"]["peak_running"] >= 6, "all six generations of the in-flight run were running at once"
+    assert runs["inflight"]["one_wave"] and runs["inflight"]["ideal"] is None, "one wave has no steady rate"
+    assert runs["scaleout2"]["ideal"] and runs["scaleout2"]["running_series"], "a backlog has an ideal"
     assert runs["slowlog"]["log_rows"] == 10 * 6, "every progress row of the slow-log run was written"
     assert [p["rows"] for p in report["progress"]] == [200, 20]
     assert [i["poll_delay_s"] for i in report["idle"]] == [0.05, 0.5]
