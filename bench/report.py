@@ -403,6 +403,23 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         lines += ["", "## What polling costs an idle replica", "", "| poll_delay_s | Redis commands/s | worker CPU % |",
                   "|---|---|---|"]
         lines += [f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | {i['worker_cpu_pct']} |" for i in idle]
+    inflight = next((r for r in report["runs"] if r["name"] == "inflight" and r.get("held")), None)
+    if inflight:
+        h, n = inflight["held"], inflight["held"]["generations"]
+        grown = h["worker_rss_mib"] - (inflight.get("rss_start_mib") or 0)
+        lines += ["", f"## What each generation in flight costs (one replica holding {n}, issue 15)", "",
+                  "Read while every generation waited on its model call. The worker's RSS, sockets and Redis "
+                  "keys grow with each one; PostgreSQL connections do not (the pools' maximum holds).", "",
+                  "| what | held in all | per generation |", "|---|---|---|",
+                  f"| worker RSS | {h['worker_rss_mib']} MiB ({grown:.1f} MiB over the idle replica) | "
+                  f"{grown * 1024 / n:.1f} KiB |",
+                  f"| open file descriptors (model-call sockets mostly) | {h['worker_open_fds']} | "
+                  f"{h['worker_open_fds'] / n:.2f} |",
+                  f"| Redis keys | {h['redis_keys']} | {h['redis_keys'] / n:.2f} |",
+                  f"| Redis memory | {h['redis_used_mib']} MiB | {h['redis_used_mib'] * 1024 / n:.1f} KiB |",
+                  f"| PostgreSQL connections | {h['pg_conns']} (bound {inflight['pg_conn_bound']}) | - |",
+                  "| leases renewed per heartbeat | one UPDATE and one Redis pipeline for all | "
+                  "one row and one PEXPIRE |"]
     beats = report.get("heartbeat") or []
     if beats:
         lines += ["", "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)", "",

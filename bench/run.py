@@ -441,6 +441,7 @@ class Bench:
         t_start = time.time()
         await self._enqueue(redis, order_ids, enqueued, sc.rate)
         t_enqueued = time.time()
+        held: dict[str, Any] = {}
         if sc.probes:
             # Once every generation of the first wave runs, new jobs arrive one by one: how soon does a
             # replica holding that many in flight start them?
@@ -448,6 +449,18 @@ class Bench:
                 if time.time() - t_start > self.args.scenario_timeout:
                     raise RuntimeError(f"{sc.name}: fewer than {sc.sites} generations ran at once")
                 await asyncio.sleep(0.1)
+            # What each generation in flight costs while it waits on its model call.
+            memory = await redis.info("memory")
+            held = {
+                "generations": sc.sites,
+                "worker_rss_mib": round(max(w.ps.memory_info().rss for w in workers) / 2**20, 1),
+                "redis_keys": await redis.dbsize(),
+                "redis_used_mib": round(int(memory["used_memory"]) / 2**20, 1),
+                "pg_conns": await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sitegen-worker:%'"
+                ),
+                "worker_open_fds": sum(w.ps.num_fds() for w in workers),
+            }
             probe_ids = list(range(base + sc.sites, base + sc.sites + sc.probes))
             probed: dict[int, float] = {}
             await self._enqueue(redis, probe_ids, probed, sc.probe_rate)
@@ -574,6 +587,8 @@ class Bench:
             "to_start_samples": [round(x, 2) for x in to_start] if sc.rate else [],
             "duration_samples": [round(x, 1) for x in durations[:5000]],
             "probes": sc.probes,
+            "rss_start_mib": round(max(samples[0][1]), 1) if samples and samples[0][1] else None,
+            "held": held,
             # Generations running over time (seconds from the first enqueue), at most ~400 points.
             "running_series": [
                 (round(t - t_start, 2), r) for t, r in list(zip(poll["t"], poll["running"], strict=True))[

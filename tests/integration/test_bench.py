@@ -80,3 +80,4 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         assert f"| {name}: " in results, name
     assert "## Targets (issue 6)" in results and "## What polling costs an idle replica" in results
     assert "## What the heartbeat costs a replica" in results
+    assert "## What each generation in flight costs" in results and runs["inflight"]["held"]["generations"] == 6
