@@ -6,12 +6,21 @@ connection closed without an answer), truncated, malformed, malformed-hard, fenc
 cf-quota, delay:<s>, status:<300-599> (a 3xx with a Location header), 429:<s> and 429ms:<ms> (the
 header's value as given, hostile ones too: inf, nan, -5, 1e12), body:<status>:<raw text> (that status
 with a plain-text body, verbatim: a NUL or any other character), and text:<payload> (a normal 200
-answer whose text is the payload, verbatim: any size, any characters, colons and newlines included)."""
+answer whose text is the payload, verbatim: any size, any characters, colons and newlines included).
+
+Rate limit (`rate_limit_rpm`, `--rate-limit-rpm`, or POST /_fake/configure {"rate_limit_rpm": N}; 0: off):
+like a real provider, at most N requests are answered in any 60 s sliding window; beyond, the answer
+is 429 with `Retry-After` (whole seconds), `retry-after-ms` and `x-ratelimit-limit-requests`,
+`x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` headers saying when the oldest
+answered request leaves the window. Only answered requests count; such a request is recorded with
+fault `rate-limited:<ms>`. Scripted faults come first and are not counted."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import random
 import re
 import signal
@@ -36,6 +45,8 @@ APIS = ("openai", "anthropic", "cloudflare")
 SIMPLE_FAULTS = frozenset(
     {"ok", "hang", "reset", "close", "truncated", "malformed", "malformed-hard", "fenced", "wrong-schema", "cf-quota"}
 )
+#: The fault recorded for a request refused by the rate limit (`rate-limited:<ms until a request may pass>`).
+RATE_LIMITED = "rate-limited"
 #: How long a `hang` holds a request when the server is not stopped first.
 HANG_S = 300.0
 CF_QUOTA_MESSAGE = (
@@ -281,7 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, "not-found", wall))
             self._send(404, {"error": {"message": f"no route for {self.command} {path}", "type": "not_found"}})
             return
-        fault = self.fake._next_fault(api)
+        fault = self.fake._next_fault(api, at)
         n = self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, fault, wall))
         self._answer(api, path, body, fault, n)
 
@@ -293,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
             stopping.wait(HANG_S)
             self._drop(reset=False)
             return
-        latency = self.fake._latency()
+        latency = 0.0 if fault.startswith(RATE_LIMITED) else self.fake._latency()  # refused at once, as providers do
         if latency > 0 and stopping.wait(latency):
             self._drop(reset=False)
             return
@@ -332,6 +343,19 @@ class _Handler(BaseHTTPRequestHandler):
             return 429, _error_body(api, 429), {"Retry-After": arg}
         if kind == "429ms":
             return 429, _error_body(api, 429), {"retry-after-ms": arg}
+        if kind == RATE_LIMITED:
+            wait_ms = float(arg)
+            return (
+                429,
+                _error_body(api, 429),
+                {
+                    "Retry-After": str(max(math.ceil(wait_ms / 1000), 1)),
+                    "retry-after-ms": f"{wait_ms:.0f}",
+                    "x-ratelimit-limit-requests": str(self.fake.rate_limit_rpm),
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": f"{wait_ms / 1000:.3f}s",
+                },
+            )
 
         if not isinstance(body, dict):
             raise _Reply(400, _error_body(api, 400, "the request body must be a JSON object"))
@@ -451,6 +475,7 @@ class FakeProviderServer:
         rate_500: float = 0.0,
         seed: int = 0,
         tls: ssl.SSLContext | None = None,
+        rate_limit_rpm: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -462,6 +487,9 @@ class FakeProviderServer:
         self.rate_429 = rate_429
         self.rate_500 = rate_500
         self.seed = seed
+        #: Most requests answered in any 60 s window; beyond, 429 with Retry-After (0: no limit).
+        self.rate_limit_rpm = rate_limit_rpm
+        self._answered: collections.deque[float] = collections.deque()
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
@@ -540,7 +568,10 @@ class FakeProviderServer:
         rate_429: float | None = None,
         rate_500: float | None = None,
         seed: int | None = None,
+        rate_limit_rpm: int | None = None,
     ) -> None:
+        if rate_limit_rpm is not None and (isinstance(rate_limit_rpm, bool) or not int(rate_limit_rpm) >= 0):
+            raise ValueError(f"rate_limit_rpm must be a whole number >= 0, got {rate_limit_rpm!r}")
         for name, value in (("latency_s", latency_s), ("latency_max_s", latency_max_s)):
             if value is not None and not float(value) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
@@ -553,6 +584,9 @@ class FakeProviderServer:
                 self.rate_429 = float(rate_429)
             if rate_500 is not None:
                 self.rate_500 = float(rate_500)
+            if rate_limit_rpm is not None:
+                self.rate_limit_rpm = int(rate_limit_rpm)
+                self._answered.clear()
             if seed is not None:
                 self.seed = int(seed)
                 self._random = random.Random(self.seed)
@@ -563,6 +597,7 @@ class FakeProviderServer:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self._answered.clear()
             self._counter = 0
             self._random = random.Random(self.seed)
             self._latency_random = _latency_rng(self.seed)
@@ -589,12 +624,20 @@ class FakeProviderServer:
                 return self._latency_random.uniform(low, high)
             return low
 
-    def _next_fault(self, api: str) -> str:
+    def _next_fault(self, api: str, at: float | None = None) -> str:
         with self._lock:
             for i, (fault, only) in enumerate(self._script):
                 if only is None or only == api:
                     del self._script[i]
                     return fault
+            if self.rate_limit_rpm > 0:
+                now = time.monotonic() if at is None else at
+                window = self._answered
+                while window and window[0] <= now - 60.0:
+                    window.popleft()
+                if len(window) >= self.rate_limit_rpm:
+                    return f"{RATE_LIMITED}:{(window[0] + 60.0 - now) * 1000:.0f}"
+                window.append(now)
             if self.rate_429 > 0 and self._random.random() < self.rate_429:
                 return "429:1"
             if self.rate_500 > 0 and self._random.random() < self.rate_500:
@@ -627,7 +670,9 @@ class FakeProviderServer:
             self.script(*(faults * repeat), api=args.get("api"))
             return 200, {"ok": True, "queued": len(faults) * repeat}
         if method == "POST" and path == "/_fake/configure":
-            unknown = sorted(set(args) - {"latency_s", "latency_max_s", "rate_429", "rate_500", "seed"})
+            unknown = sorted(
+                set(args) - {"latency_s", "latency_max_s", "rate_429", "rate_500", "seed", "rate_limit_rpm"}
+            )
             if unknown:
                 raise ValueError(f"unknown settings: {', '.join(unknown)}")
             self.configure(**args)
@@ -652,6 +697,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-429", type=float, default=0.0, help="share of requests answered 429")
     parser.add_argument("--rate-500", type=float, default=0.0, help="share of requests answered 500")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=0,
+        help="answer at most this many requests in any 60 s window, 429 with Retry-After beyond (0: no limit)",
+    )
     args = parser.parse_args(argv)
     done = threading.Event()
 
@@ -669,6 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         rate_429=args.rate_429,
         rate_500=args.rate_500,
         seed=args.seed,
+        rate_limit_rpm=args.rate_limit_rpm,
     ).start()
     try:
         print(f"FAKE_PROVIDER_URL={server.url}", flush=True)
