@@ -86,11 +86,8 @@ class AIProvider(Protocol):
     name: str
     model: str
 
-    async def complete(
-        self, request: AIRequest, *, notify: Notify | None = None, budget_wait_s: float | None = None
-    ) -> AIReply:
-        """Answer one request; `notify` (the progress log) hears about retries and waits for budget;
-        a provider with shared limits waits at most `budget_wait_s` for its budget (BudgetWaitExceeded)."""
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
+        """Answer one request; `notify` (the progress log) hears about retries."""
         ...
 
     async def aclose(self) -> None: ...
@@ -209,7 +206,11 @@ class AIRouter:
     async def _call(
         self, provider: AIProvider, request: AIRequest, notify: Notify | None, budget_wait_s: float | None
     ) -> AIReply:
-        call = provider.complete(request, notify=notify, budget_wait_s=budget_wait_s)
+        limiter = getattr(provider, "limiter", None)  # shared limits: waits for budget at most budget_wait_s
+        if limiter is not None:
+            call = provider.complete(request, notify=notify, budget_wait_s=budget_wait_s)  # type: ignore[call-arg]
+        else:
+            call = provider.complete(request, notify=notify)
         if hasattr(provider, "observer"):  # it reports each of its HTTP attempts itself
             return await call
         return await observe_call(self.observer, provider.name, request.task, call)

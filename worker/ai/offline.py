@@ -27,9 +27,7 @@ class OfflineProvider:
         self.model = model
         self.latency_s = latency_s
 
-    async def complete(
-        self, request: AIRequest, *, notify: Notify | None = None, budget_wait_s: float | None = None
-    ) -> AIReply:
+    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
         if self.latency_s:
             # Lets the demo and benchmarks behave like a model that takes its time.
             await asyncio.sleep(self.latency_s)
