@@ -7,6 +7,7 @@ and its own provider client; several live in this test's event loop (and one tes
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,16 @@ import pytest
 import redis.asyncio
 from arq import ArqRedis
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, progress_messages, remote, wait_for_result, with_ai
+from tests.helpers import (
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    cli_env,
+    progress_messages,
+    remote,
+    run_sitegen,
+    wait_for_result,
+    with_ai,
+)
 from worker import client
 from worker.ai.base import AIReply, AIRequest
 from worker.ai.fake_server import FakeProviderServer
@@ -319,3 +329,49 @@ async def _wait_for_log(db: asyncpg.Connection, order_id: int, text: str, timeou
             return list(rows)
         assert time.monotonic() < deadline, f"no progress row with {text!r}: {[r['message'] for r in rows]}"
         await asyncio.sleep(0.05)
+
+
+async def test_status_shows_what_generations_wait_for_and_each_providers_budget(
+    services: LocalServices, db: asyncpg.Connection, redis: ArqRedis, fake: FakeProviderServer
+) -> None:
+    await db.execute("INSERT INTO site_orders (id, brief) VALUES (83, '{}'), (84, '{}')")
+    running = await db.fetchval(
+        "INSERT INTO site_generations (order_id, status, current_phase, attempt, started_at)"
+        " VALUES (83, 'running', 'content', 1, now()) RETURNING id"
+    )
+    await db.execute(
+        "INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message) VALUES"
+        " (83, $1, 'content', 'info', 'phase content started'),"
+        " (83, $1, 'content', 'info', 'waiting for remote: 60 requests/min budget (about 12s)')",
+        running,
+    )
+    handed_back = {
+        "type": "BudgetWaitExceeded",
+        "message": "remote: no budget after 120.0s of waiting",
+        "phase": "plan",
+        "details": {"provider": "remote", "budget": "tokens"},
+    }
+    await db.execute(
+        "INSERT INTO site_generations (order_id, status, current_phase, attempt, error)"
+        " VALUES (84, 'queued', 'plan', 1, $1)",
+        json.dumps(handed_back),
+    )
+    now_ms = _ms(await redis.time())
+    await redis.set(keys("remote")["pause"], f"{now_ms + 30_000:.3f}", px=30_000)
+    await redis.set(keys("remote")["requests"], f"{now_ms + 12_000:.3f}", px=12_000)
+    env = cli_env(
+        services,
+        SITEGEN_AI__PROVIDERS__REMOTE__KIND="openai",
+        SITEGEN_AI__PROVIDERS__REMOTE__MODEL="gpt-test",
+        SITEGEN_AI__PROVIDERS__REMOTE__BASE_URL=f"{fake.url}/v1",
+        SITEGEN_AI__PROVIDERS__REMOTE__REQUESTS_PER_MINUTE="60",
+        **{f"SITEGEN_AI__ROUTING__{task.upper()}": "remote" for task in TASKS},
+    )
+
+    code, out = await run_sitegen(env, "status")
+
+    assert code == 0, out
+    assert "remote: 60 requests/min budget (about 12s)" in out
+    assert "remote's tokens budget (handed back)" in out and "BudgetWaitExceeded" not in out
+    provider_row = next(line for line in out.splitlines() if "60 req/min" in line)
+    assert "s ahead" in provider_row and "s left" in provider_row

@@ -549,3 +549,31 @@ class ProviderLimiter:
         if last is None or last.status != "paused":
             return 0.0
         return max(last.wait_s - (time.monotonic() - last.at), 0.0)
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A provider's shared budget as Redis holds it now (`sitegen status`)."""
+
+    requests_backlog_s: float
+    tokens_backlog_s: float
+    calls_in_flight: int
+    paused_s: float
+
+
+async def read_budget(redis: Redis, provider: str) -> BudgetState:
+    """One round trip (a pipeline of five reads); the backlogs are how far ahead each budget is booked."""
+    k = keys(provider)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.get(k["requests"])
+        pipe.get(k["tokens"])
+        pipe.get(k["pause"])
+        pipe.zrangebyscore(k["slots"], "-inf", "+inf", withscores=True)
+        (seconds, micros), requests, tokens, pause, slots = await pipe.execute()
+    now = seconds * 1000 + micros / 1000
+
+    def ahead(value: Any) -> float:
+        return max(float(value) - now, 0.0) / 1000 if value else 0.0
+
+    return BudgetState(ahead(requests), ahead(tokens), sum(1 for _, end in slots if end > now), ahead(pause))
