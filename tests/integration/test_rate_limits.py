@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 from arq import ArqRedis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import (
     SAMPLE_BRIEF,
@@ -33,7 +34,7 @@ from worker import client
 from worker.ai.base import AIReply, AIRequest
 from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
-from worker.ai.limits import Limits, SharedLimits, keys
+from worker.ai.limits import Budget, Limits, ProviderLimiter, SharedLimits, keys
 from worker.errors import BudgetWaitExceeded
 from worker.services import LocalServices, RedisServer
 from worker.settings import ProviderSettings, Settings
@@ -90,8 +91,12 @@ async def test_three_replicas_together_never_exceed_the_requests_per_minute(
     services: LocalServices, redis: ArqRedis, fake: FakeProviderServer
 ) -> None:
     rpm = 240  # one request every 250 ms for the whole cluster
+    interval_s = 60 / rpm
     config = remote("openai", fake.url, requests_per_minute=rpm)
+    booked: list[float] = []
     async with replicas(services.redis_url, config, 3) as three:
+        for replica in three:
+            replica.provider.limiter = _recording(replica, booked)
         deadline = time.monotonic() + 4.0
         made: dict[str, int] = {}
 
@@ -102,13 +107,32 @@ async def test_three_replicas_together_never_exceed_the_requests_per_minute(
 
         await asyncio.gather(*(caller(r) for r in three for _ in range(4)))
 
+    # What the limiter decided, on Redis' clock: exactly one interval apart at least.
+    assert len(booked) == len(fake.requests)
+    assert_spaced([ms / 1000 for ms in booked], interval_s, jitter_s=0.002)
+    # What the provider saw: the same, give or take the way there (a booked call goes at its time or later).
     arrivals = [r.at for r in fake.requests]
-    assert_spaced(arrivals, 60 / rpm, jitter_s=0.15)
-    span = max(arrivals) - min(arrivals)
-    assert len(arrivals) <= span / (60 / rpm) + 1.5
+    assert_spaced(arrivals, interval_s, jitter_s=0.3)
+    for start in arrivals:  # every 1 s window: 4 at the rate, one more at most for a late arrival
+        assert sum(start <= at < start + 1 for at in arrivals) <= 1 / interval_s + 1
     # 12 callers with an instant provider would make thousands of calls: the limit is what held them.
     assert len(arrivals) >= 12 and len(made) == 3, made
     assert all(r.fault == "ok" for r in fake.requests)
+
+
+def _recording(replica: Replica, booked: list[float]) -> ProviderLimiter:
+    """The replica's limiter, noting when each call's budget was booked for (on Redis' clock)."""
+    limiter = replica.provider.limiter
+    assert limiter is not None
+    acquire = limiter.acquire
+
+    async def recorded(tokens: int, **kwargs: Any) -> Budget:
+        budget = await acquire(tokens, **kwargs)
+        booked.append(budget.booked_ms)
+        return budget
+
+    limiter.acquire = recorded  # type: ignore[method-assign]
+    return limiter
 
 
 async def test_one_replicas_429_pauses_every_replica_until_its_retry_after(
@@ -298,11 +322,15 @@ async def test_a_waiting_generation_says_so_and_hands_back_after_the_longest_wai
     async with replicas(services.redis_url, config, 1) as (other,):
         assert other.provider.limiter is not None
         held = await other.provider.limiter.acquire(1, max_wait_s=1)
-        await start_worker(with_ai(settings, {"remote": config}, max_budget_wait_s=1.5))
+        worker = await start_worker(with_ai(settings, {"remote": config}, max_budget_wait_s=1.5))
         await client.enqueue_generation(redis, 82, SAMPLE_BRIEF)
 
         rows = await _wait_for_log(db, 82, "handed back after waiting")
         assert not fake.requests, "no call while the cluster's only slot is taken"
+        metrics = _samples(worker.ctx["runtime"].metrics.exposition().decode())
+        waited = metrics[("sitegen_model_budget_wait_seconds_count", "concurrency", "handed_back", "remote")]
+        assert waited >= 1
+        assert metrics[("sitegen_model_budget_limit", "cluster_max_concurrency", "remote")] == 1
         await other.provider.limiter.release(held)  # the long call ends: the deferred retry goes on
 
         result = await wait_for_result(redis, 82)
@@ -315,6 +343,15 @@ async def test_a_waiting_generation_says_so_and_hands_back_after_the_longest_wai
     assert 1.4 <= (handed["created_at"] - started["created_at"]).total_seconds() < 5
     assert "will retry in" in handed["message"] and handed["level"] == "info"
     assert "generation resumed at phase plan (attempt 2)" in await progress_messages(db, 82)
+
+
+def _samples(exposition: str) -> dict[tuple[str, ...], float]:
+    """Prometheus samples by (name, label values in the order of the label names)."""
+    return {
+        (sample.name, *(value for _, value in sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
 
 
 async def _wait_for_log(db: asyncpg.Connection, order_id: int, text: str, timeout: float = 30) -> list[Any]:

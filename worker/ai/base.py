@@ -156,8 +156,9 @@ class AIRouter:
         for provider in self.providers.values():
             if hasattr(provider, "observer"):
                 setattr(provider, "observer", observer)  # noqa: B010 - not part of the AIProvider protocol
-        for limiter in self.limiters().values():
-            limiter.observer = observer  # type: ignore[assignment]  # Metrics is both observers
+        if hasattr(observer, "budget_wait"):  # the worker's metrics also hear how long calls wait for budget
+            for limiter in self.limiters().values():
+                limiter.observer = observer  # type: ignore[assignment]
 
     def limiters(self) -> dict[str, ProviderLimiter]:
         """The shared limits of each provider that has them (the HTTP ones, with Redis), by provider name."""

@@ -70,7 +70,7 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, C
 # KEYS: requests TAT, tokens TAT, slots ZSET, pause.
 # ARGV: charge (1: charge the rates), ms per request (0: no limit), tokens, ms per token (0: no limit),
 #       cluster max (0: no limit), holder, lease ms, longest wait ms the caller accepts for the rates.
-# Returns {status, wait ms, charged, holders, requests backlog ms, tokens backlog ms, budget}; status is
+# Returns {status, wait ms, charged, holders, requests backlog ms, tokens backlog ms, budget, now ms}; status is
 # ok, paused, booked (charged for a time `wait` from now: come back then with charge 0), over (`budget`,
 # requests or tokens, needs `wait`, more than the caller accepts: nothing charged) or concurrency.
 # Fractions go back as strings: Lua numbers become integers on the way out.
@@ -93,14 +93,14 @@ if max > 0 then
 end
 local paused = tonumber(redis.call('GET', KEYS[4]) or '0')
 if paused > now then
-  return {'paused', ms(paused - now), 0, held, ms(req_tat - now), ms(tok_tat - now), 'paused'}
+  return {'paused', ms(paused - now), 0, held, ms(req_tat - now), ms(tok_tat - now), 'paused', ms(now)}
 end
 local charged = 0
 if ARGV[1] == '1' then
   local wait, what = math.max(req_tat, tok_tat) - now, 'requests'
   if tok_tat > req_tat then what = 'tokens' end
   if wait > tonumber(ARGV[8]) then
-    return {'over', ms(wait), 0, held, ms(req_tat - now), ms(tok_tat - now), what}
+    return {'over', ms(wait), 0, held, ms(req_tat - now), ms(tok_tat - now), what, ms(now)}
   end
   if req_ms > 0 then
     req_tat = req_tat + req_ms
@@ -112,19 +112,19 @@ if ARGV[1] == '1' then
   end
   charged = 1
   if wait > 0 then
-    return {'booked', ms(wait), 1, held, ms(req_tat - now), ms(tok_tat - now), what}
+    return {'booked', ms(wait), 1, held, ms(req_tat - now), ms(tok_tat - now), what, ms(now)}
   end
 end
 if max > 0 then
   if held >= max then
-    return {'concurrency', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'concurrency'}
+    return {'concurrency', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'concurrency', ms(now)}
   end
   local lease = tonumber(ARGV[7])
   redis.call('ZADD', KEYS[3], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[3], lease * 2)
   held = held + 1
 end
-return {'ok', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'none'}
+return {'ok', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'none', ms(now)}
 """
 
 # KEYS: slots ZSET, tokens TAT, pause. ARGV: holder ('' : none), token correction ms (+/-), pause ms (0: none).
@@ -194,6 +194,8 @@ class Answer:
     tokens_backlog_s: float
     budget: str
     local: bool = False
+    #: When the answer was given, in ms on the limiter's clock (Redis' TIME; monotonic for the local share).
+    now_ms: float = 0.0
     at: float = field(default_factory=time.monotonic)
 
 
@@ -205,6 +207,9 @@ class Budget:
     holder: str | None
     local: bool
     waited_s: float
+    #: The instant its rate budget was booked for, in ms on the limiter's clock (Redis' TIME; monotonic for the
+    #: local share): these are spaced by the limits exactly; the call itself goes at that instant or later.
+    booked_ms: float = 0.0
 
 
 class _LocalBudget:
@@ -229,7 +234,7 @@ class _LocalBudget:
 
         def answer(status: str, wait_ms: float, charged: bool, budget: str) -> Answer:
             return Answer(
-                status, wait_ms / 1000, charged, held, (req_tat - now) / 1000, (tok_tat - now) / 1000, budget, True
+                status, wait_ms / 1000, charged, held, (req_tat - now) / 1000, (tok_tat - now) / 1000, budget, True, now
             )
 
         if self.paused_until > now:
@@ -430,14 +435,16 @@ class ProviderLimiter:
                             lim.cluster_max_concurrency or 0,
                             holder,
                             self.shared.lease_ms,
-                            max(max_wait_s, 0) * 1000,
+                            min(max(max_wait_s, 0), 86_400) * 1000,  # a day: "no bound" for Lua
                         ],
                     )
             except REDIS_DOWN as exc:
                 self.shared.went_away(exc)
             else:
                 self.shared.came_back()
-                status, wait, charged, held, req, tok, budget = (x.decode() if isinstance(x, bytes) else x for x in raw)
+                status, wait, charged, held, req, tok, budget, now = (
+                    x.decode() if isinstance(x, bytes) else x for x in raw
+                )
                 return Answer(
                     str(status),
                     float(wait) / 1000,
@@ -446,6 +453,7 @@ class ProviderLimiter:
                     float(req) / 1000,
                     float(tok) / 1000,
                     str(budget),
+                    now_ms=float(now),
                 )
         return self._local.acquire(
             lim, self.shared.replicas, charge=charge, tokens=tokens, holder=holder, max_wait_ms=max_wait_s * 1000
@@ -460,12 +468,15 @@ class ProviderLimiter:
         told = False
         budget = "none"
         poll_s = SLOT_POLL_S[0]
+        booked_ms = 0.0
         self.waiting += 1
         try:
             while True:
                 left = max_wait_s - (time.monotonic() - started)
                 answer = await self._ask(charge=charge, tokens=tokens, holder=holder, max_wait_s=left)
                 self.last = answer
+                if answer.charged:
+                    booked_ms = answer.now_ms + (answer.wait_s * 1000 if answer.status == "booked" else 0)
                 charge = charge and not answer.charged
                 if answer.status == "ok":
                     waited = time.monotonic() - started
@@ -473,7 +484,7 @@ class ProviderLimiter:
                     if slot is not None and not answer.local:
                         self.shared.held[slot] = self.keys["slots"]
                     self._observe(budget, waited, granted=True)
-                    return Budget(tokens, slot, answer.local, waited)
+                    return Budget(tokens, slot, answer.local, waited, booked_ms)
                 budget = answer.budget
                 wait = expected = answer.wait_s
                 if answer.status == "concurrency":
@@ -485,13 +496,15 @@ class ProviderLimiter:
                     charge = True
                     wait += random.uniform(0, min(1.0, wait / 10))
                 waited = time.monotonic() - started
-                if expected > left + 1e-3 or left <= 0:
+                # A slot may free up any moment: ask until the time is up. The other waits are known in advance.
+                if left <= 0 or (answer.status != "concurrency" and expected > left + 1e-3):
                     if not told and on_wait is not None:  # the progress log says what it waited for, always
                         await on_wait(budget, expected)
                     self._observe(budget, waited, granted=False)
                     raise BudgetWaitExceeded(
-                        f"{self.name}: no budget after {waited:.1f}s of waiting for its {self.what(budget)}, "
-                        f"{expected:.1f}s more needed; the longest wait allowed is {max_wait_s:g}s",
+                        f"{self.name}: no budget after {waited:.1f}s of waiting for its {self.what(budget)} ("
+                        + (f"{expected:.1f}s more needed" if answer.status != "concurrency" else "no slot came free")
+                        + f"); the longest wait allowed is {max_wait_s:g}s",
                         provider=self.name,
                         task="",
                         retry_after_s=expected if answer.status != "concurrency" else 0.0,
