@@ -124,6 +124,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["runtime"] = rt
     await asyncio.to_thread(clean_leftovers, rt.output_root)  # what crashed site writes left behind
     rt.ai.observe(metrics)
+    if rt.ai.limits is not None:  # the divisor of this replica's share of the provider limits, should Redis go away
+        await rt.ai.limits.count_replicas()
     metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress, rt.ai.slots(), rt.ai.limiters())
     if settings.metrics.port:
         await metrics.serve(settings.metrics.host, settings.metrics.port)

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio
 from arq import ArqRedis
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from tests.helpers import (
     SAMPLE_BRIEF,
@@ -413,3 +414,8 @@ async def test_status_shows_what_generations_wait_for_and_each_providers_budget(
     assert "remote's tokens budget (handed back)" in out and "BudgetWaitExceeded" not in out
     provider_row = next(line for line in out.splitlines() if "60 req/min" in line)
     assert "s ahead" in provider_row and "s left" in provider_row
+
+
+def test_the_offline_provider_takes_no_limits() -> None:
+    with pytest.raises(ValidationError, match="requests_per_minute: the offline provider"):
+        ProviderSettings(kind="offline", requests_per_minute=60)
