@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
 from worker.ai.limits import Budget, Limits, ProviderLimiter, SharedLimits, keys
 from worker.errors import BudgetWaitExceeded
+from worker.follow import follow_logs
 from worker.services import LocalServices, RedisServer
 from worker.settings import ProviderSettings, Settings
 
@@ -327,7 +328,7 @@ async def test_a_waiting_generation_says_so_and_hands_back_after_the_longest_wai
         worker = await start_worker(with_ai(settings, {"remote": config}, max_budget_wait_s=1.5))
         await client.enqueue_generation(redis, 82, SAMPLE_BRIEF)
 
-        rows = await _wait_for_log(db, 82, "handed back after waiting")
+        rows = await _wait_for_log(services.database_url, 82, "handed back after waiting")
         assert not fake.requests, "no call while the cluster's only slot is taken"
         metrics = _samples(worker.ctx["runtime"].metrics.exposition().decode())
         waited = metrics[("sitegen_model_budget_wait_seconds_count", "concurrency", "handed_back", "remote")]
@@ -356,18 +357,16 @@ def _samples(exposition: str) -> dict[tuple[str, ...], float]:
     }
 
 
-async def _wait_for_log(db: asyncpg.Connection, order_id: int, text: str, timeout: float = 30) -> list[Any]:
-    """The order's progress rows once one holds `text` (the log is written asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = await db.fetch(
-            "SELECT message, phase, level, created_at FROM site_generation_logs WHERE order_id = $1 ORDER BY id",
-            order_id,
-        )
-        if any(text in r["message"] for r in rows):
-            return list(rows)
-        assert time.monotonic() < deadline, f"no progress row with {text!r}: {[r['message'] for r in rows]}"
-        await asyncio.sleep(0.05)
+async def _wait_for_log(dsn: str, order_id: int, text: str, timeout: float = 30) -> list[dict[str, Any]]:
+    """The order's progress rows up to the first that holds `text`, followed live (LISTEN/NOTIFY)."""
+    rows: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout), aclosing(follow_logs(dsn, order_id)) as followed:
+        async for row in followed:
+            rows.append(row)
+            if text in row["message"]:
+                return rows
+    raise AssertionError(f"no progress row with {text!r}: {[r['message'] for r in rows]}")
+
 
 
 async def test_status_shows_what_generations_wait_for_and_each_providers_budget(
