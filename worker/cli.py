@@ -31,6 +31,7 @@ from rich.table import Table
 
 from worker import client
 from worker.ai.http import env_proxy
+from worker.ai.limits import read_budget
 from worker.follow import follow_logs, follow_position
 from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
@@ -173,11 +174,12 @@ def status(
             await conn.close()
 
     rows = _run(go())
-    table = Table("order", "generation", "status", "phase", "attempt", "duration", "tokens", "cost", "error")
+    table = Table("order", "generation", "status", "phase", "attempt", "duration", "tokens", "cost", "waiting", "error")
     for r in rows:
         usage = json.loads(r["usage"]) if r["usage"] else {}
         error = json.loads(r["error"]) if r["error"] else None
         cost = usage.get("cost_usd")
+        waiting = _waiting(r["status"], r["last_message"], error)
         table.add_row(
             str(r.get("order_id", order_id)),
             str(r["id"]),
@@ -187,9 +189,61 @@ def status(
             f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "",
             str(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
             f"${cost:.4f}" if isinstance(cost, int | float) else "",
-            _error_summary(error),
+            f"[yellow]{waiting}[/]" if waiting else "",
+            "" if waiting else _error_summary(error),
         )
     console.print(table if rows else f"no generations{'' if order_id is None else f' for order {order_id}'}")
+    budgets = _run(_provider_budgets(settings))
+    if budgets is not None:
+        console.print(budgets)
+
+
+def _waiting(status: str, last_message: str | None, error: dict[str, Any] | None) -> str:
+    """What an active generation waits for: a provider's budget in its phase, or after handing back for it."""
+    if status not in ACTIVE:
+        return ""
+    if last_message and last_message.startswith("waiting for "):
+        return last_message.removeprefix("waiting for ")
+    if error and error.get("type") == "BudgetWaitExceeded":
+        details = error.get("details") or {}
+        return f"{details.get('provider', 'a provider')}'s {details.get('budget', '')} budget (handed back)"
+    return ""
+
+
+async def _provider_budgets(settings: Settings) -> Table | None:
+    """The shared budget of each routed provider with limits, as Redis holds it now (None: nothing to show)."""
+    routed = dict.fromkeys(name for names in settings.ai.routing.values() for name in names)
+    providers = {name: settings.ai.providers[name] for name in routed if settings.ai.providers[name].kind != "offline"}
+    if not providers:
+        return None
+    table = Table(
+        "provider", "limits", "requests booked", "tokens booked", "cluster calls", "paused", title="providers"
+    )
+    try:
+        redis_ = redis.asyncio.Redis.from_url(settings.redis.url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            states = {name: await read_budget(redis_, name) for name in providers}
+        finally:
+            await redis_.aclose()
+    except (OSError, redis.exceptions.RedisError) as exc:
+        console.print(f"[dim]provider budgets unknown: Redis {redact_url(settings.redis.url)}: {_failure(exc)}[/]")
+        return None
+    for name, config in providers.items():
+        state = states[name]
+        limits = [
+            f"{config.requests_per_minute} req/min" if config.requests_per_minute else "",
+            f"{config.tokens_per_minute:,} tok/min" if config.tokens_per_minute else "",
+            f"{config.cluster_max_concurrency} at once" if config.cluster_max_concurrency else "",
+        ]
+        table.add_row(
+            name,
+            ", ".join(x for x in limits if x) or "none",
+            f"{state.requests_backlog_s:.1f}s ahead" if config.requests_per_minute else "",
+            f"{state.tokens_backlog_s:.1f}s ahead" if config.tokens_per_minute else "",
+            f"{state.calls_in_flight}/{config.cluster_max_concurrency}" if config.cluster_max_concurrency else "",
+            f"[yellow]{state.paused_s:.1f}s left[/]" if state.paused_s else "",
+        )
+    return table
 
 
 def _error_summary(error: dict[str, Any] | None) -> str:

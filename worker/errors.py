@@ -135,8 +135,21 @@ class AIBadOutput(AIError):
     """The model's answer could not be parsed or validated, even after re-asking it."""
 
 
+class BudgetWaitExceeded(AIError):
+    """The provider's shared budget (requests or tokens per minute, cluster concurrency, a pause after a 429)
+    did not free up within the wait allowed: not a failure of the generation, which is handed back and tried
+    again after `retry_after_s` (when the budget is expected to be free), or asks the task's fallback."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float, budget: str, **kwargs: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, budget=budget, **kwargs)
+        self.retry_after_s = retry_after_s
+        self.budget = budget
+
+
 #: Failures after which the next provider in a task's fallback list is tried.
-FALLBACK_ON = (AIUnavailable, AIRateLimited, AIQuotaExhausted)
+FALLBACK_ON = (AIUnavailable, AIRateLimited, AIQuotaExhausted, BudgetWaitExceeded)
 
 
 class TokenBudgetExceeded(SitegenError):

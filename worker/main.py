@@ -21,6 +21,7 @@ from loguru import logger
 
 from worker import polling, redis_outage
 from worker.ai import build_router, check_environment
+from worker.ai.limits import SharedLimits
 from worker.client import JOB_FUNCTION, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
@@ -107,14 +108,25 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings=settings,
         store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
         progress=ProgressLog(progress_pool, replica_id=replica, buffer_size=db.progress_buffer_rows),
-        ai=build_router(settings.ai),
+        ai=build_router(
+            settings.ai,
+            SharedLimits(
+                ctx["redis"],
+                queue_name=settings.worker.queue_name,
+                replica=replica,
+                lease_s=settings.worker.lease_s,
+                max_pause_s=settings.ai.max_retry_defer_s,
+            ),
+        ),
         redis=ctx["redis"],
         metrics=metrics,
     )
     ctx["runtime"] = rt
     await asyncio.to_thread(clean_leftovers, rt.output_root)  # what crashed site writes left behind
     rt.ai.observe(metrics)
-    metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress, rt.ai.slots())
+    if rt.ai.limits is not None:  # the divisor of this replica's share of the provider limits, should Redis go away
+        await rt.ai.limits.count_replicas()
+    metrics.watch({"generation": pool, "progress": progress_pool}, rt.progress, rt.ai.slots(), rt.ai.limiters())
     if settings.metrics.port:
         await metrics.serve(settings.metrics.host, settings.metrics.port)
         metrics.sample_queue(ctx["redis"], settings.worker.queue_name, settings.metrics.queue_sample_every_s)

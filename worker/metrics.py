@@ -29,6 +29,7 @@ from worker.errors import InputError, message_of
 GENERATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 PHASE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MODEL_CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+BUDGET_WAIT_BUCKETS = (0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _Pool(Protocol):
@@ -57,6 +58,21 @@ class _Slots(Protocol):
     limit: int
     held: int
     waiting: int
+
+
+class _Limiter(Protocol):
+    """What the collector reads of a provider's shared limits (worker.ai.limits.ProviderLimiter)."""
+
+    waiting: int
+    pauses: int
+
+    @property
+    def limits(self) -> Any: ...
+    @property
+    def shared(self) -> Any: ...
+    @property
+    def last(self) -> Any: ...
+    def paused_s(self) -> float: ...
 
 
 class _Redis(Protocol):
@@ -100,11 +116,16 @@ class _RuntimeCollector(Collector):
     """Pool sizes and progress-log counters, read when Prometheus scrapes (nothing to keep in step)."""
 
     def __init__(
-        self, pools: Mapping[str, _Pool], progress: _Progress | None, slots: Mapping[str, _Slots] | None = None
+        self,
+        pools: Mapping[str, _Pool],
+        progress: _Progress | None,
+        slots: Mapping[str, _Slots] | None = None,
+        limiters: Mapping[str, _Limiter] | None = None,
     ) -> None:
         self.pools = dict(pools)
         self.progress = progress
         self.slots = dict(slots or {})
+        self.limiters = dict(limiters or {})
 
     def collect(self) -> Iterator[Metric]:
         size = GaugeMetricFamily("sitegen_db_pool_connections", "Open connections of the pool", labels=["pool"])
@@ -132,6 +153,8 @@ class _RuntimeCollector(Collector):
                 held.add_metric([name], slots.held)
                 waiting.add_metric([name], slots.waiting)
             yield from (limit, held, waiting)
+        if self.limiters:
+            yield from self._budgets()
         if self.progress is None:
             return
         p = self.progress
@@ -152,6 +175,68 @@ class _RuntimeCollector(Collector):
             value=p.refused,
         )
         yield GaugeMetricFamily("sitegen_progress_rows_pending", "Progress rows waiting to be written", len(p.pending))
+
+    def _budgets(self) -> Iterator[Metric]:
+        """The providers' shared limits: as set, as last seen in Redis, and this replica's calls waiting."""
+        limit = GaugeMetricFamily(
+            "sitegen_model_budget_limit",
+            "A provider's shared limit: requests_per_minute, tokens_per_minute or cluster_max_concurrency",
+            labels=["provider", "limit"],
+        )
+        waiting = GaugeMetricFamily(
+            "sitegen_model_budget_waiting",
+            "Model calls of this replica waiting for the provider's budget now",
+            labels=["provider"],
+        )
+        backlog = GaugeMetricFamily(
+            "sitegen_model_budget_backlog_seconds",
+            "How far ahead the provider's requests or tokens budget is booked, as last seen (0: free now)",
+            labels=["provider", "budget"],
+        )
+        cluster = GaugeMetricFamily(
+            "sitegen_model_cluster_calls_in_flight",
+            "Calls in flight to the provider from every replica, as last seen (with cluster_max_concurrency)",
+            labels=["provider"],
+        )
+        paused = GaugeMetricFamily(
+            "sitegen_model_paused_seconds",
+            "What is left of the provider's pause after a 429, as last seen",
+            labels=["provider"],
+        )
+        pauses = CounterMetricFamily(
+            "sitegen_model_pauses",
+            "429s after which this replica paused the provider for every replica",
+            labels=["provider"],
+        )
+        local = GaugeMetricFamily(
+            "sitegen_model_budget_local_share",
+            "1 while Redis does not answer and this replica keeps to its share of the limits (limit / replicas)",
+        )
+        replicas = GaugeMetricFamily(
+            "sitegen_model_budget_replicas",
+            "Live replicas last counted from the health keys (the local share's divisor)",
+        )
+        shared = None
+        for name, limiter in self.limiters.items():
+            shared = limiter.shared
+            for key in ("requests_per_minute", "tokens_per_minute", "cluster_max_concurrency"):
+                value = getattr(limiter.limits, key)
+                if value:
+                    limit.add_metric([name, key], value)
+            waiting.add_metric([name], limiter.waiting)
+            last = limiter.last
+            if last is not None:
+                backlog.add_metric([name, "requests"], max(last.requests_backlog_s, 0.0))
+                backlog.add_metric([name, "tokens"], max(last.tokens_backlog_s, 0.0))
+                if limiter.limits.cluster_max_concurrency:
+                    cluster.add_metric([name], last.holders)
+            paused.add_metric([name], limiter.paused_s())
+            pauses.add_metric([name], limiter.pauses)
+        yield from (limit, waiting, backlog, cluster, paused, pauses)
+        if shared is not None:
+            local.add_metric([], 1 if shared.degraded else 0)
+            replicas.add_metric([], shared.replicas)
+            yield from (local, replicas)
 
 
 class Metrics:
@@ -205,6 +290,14 @@ class Metrics:
             ["provider", "task"],
             registry=r,
         )
+        self.budget_wait_seconds = Histogram(
+            "sitegen_model_budget_wait_seconds",
+            "Time a model call waited for the provider's shared budget, by what it waited for (requests, tokens, "
+            "concurrency, paused; none) and outcome (granted, or handed_back when it waited too long)",
+            ["provider", "budget", "outcome"],
+            buckets=BUDGET_WAIT_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("sitegen_queue_depth", "Jobs in the arq queue (queued or deferred)", registry=r)
         self.queue_oldest_ready_s = Gauge(
             "sitegen_queue_oldest_ready_seconds", "How long the longest-waiting runnable job has been due", registry=r
@@ -242,14 +335,19 @@ class Metrics:
             self.model_tokens.labels(provider, task, "output").inc(usage.output_tokens)
             self.model_cost.labels(provider, task).inc(usage.cost_usd)
 
+    def budget_wait(self, *, provider: str, budget: str, seconds: float, granted: bool) -> None:
+        self.budget_wait_seconds.labels(provider, budget, "granted" if granted else "handed_back").observe(seconds)
+
     def watch(
         self,
         pools: Mapping[str, _Pool],
         progress: _Progress | None = None,
         slots: Mapping[str, _Slots] | None = None,
+        limiters: Mapping[str, _Limiter] | None = None,
     ) -> None:
-        """Report these pools, this progress log and these providers' slots (by provider name) at every scrape."""
-        self.registry.register(_RuntimeCollector(pools, progress, slots))
+        """Report these pools, this progress log, these providers' slots and shared limits (by provider name)
+        at every scrape."""
+        self.registry.register(_RuntimeCollector(pools, progress, slots, limiters))
 
     # -- serving
 

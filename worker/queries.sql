@@ -143,14 +143,21 @@ SELECT id, generation_id, phase, level, message, details, replica_id, created_at
 FROM site_generation_logs WHERE order_id = $1 AND id > $2 ORDER BY id LIMIT $3;
 
 -- name: generations_for_order
-SELECT id, status, current_phase, attempt, error, output_dir, usage, created_at, started_at, finished_at,
-       EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at)::float8 AS duration_s
-FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT $2;
+-- `sitegen status ORDER`; `last_message` is an active generation's latest progress row ("waiting for openai: ...").
+SELECT g.id, g.status, g.current_phase, g.attempt, g.error, g.output_dir, g.usage, g.created_at, g.started_at,
+       g.finished_at, EXTRACT(EPOCH FROM coalesce(g.finished_at, now()) - g.started_at)::float8 AS duration_s,
+       (SELECT l.message FROM site_generation_logs l
+        WHERE g.status IN ('queued', 'running') AND l.order_id = g.order_id AND l.generation_id = g.id
+        ORDER BY l.id DESC LIMIT 1) AS last_message
+FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT $2;
 
 -- name: recent_generations
-SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, created_at, started_at, finished_at,
-       EXTRACT(EPOCH FROM coalesce(finished_at, now()) - started_at)::float8 AS duration_s
-FROM site_generations ORDER BY id DESC LIMIT $1;
+SELECT g.id, g.order_id, g.status, g.current_phase, g.attempt, g.error, g.output_dir, g.usage, g.created_at,
+       g.started_at, g.finished_at, EXTRACT(EPOCH FROM coalesce(g.finished_at, now()) - g.started_at)::float8 AS duration_s,
+       (SELECT l.message FROM site_generation_logs l
+        WHERE g.status IN ('queued', 'running') AND l.order_id = g.order_id AND l.generation_id = g.id
+        ORDER BY l.id DESC LIMIT 1) AS last_message
+FROM site_generations g ORDER BY g.id DESC LIMIT $1;
 
 -- name: order_overview
 -- `sitegen retry`: whether the order has a stored brief, and its latest generation.

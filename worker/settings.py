@@ -163,7 +163,27 @@ class ProviderSettings(_Section):
     connect_timeout_s: float = Field(default=10, gt=0, description="Connect timeout of one request")
     read_timeout_s: float = Field(default=120, gt=0, description="Longest wait for the next bytes of an answer")
     total_timeout_s: float = Field(default=300, gt=0, description="Longest one request may take in all")
-    max_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once to this provider")
+    max_concurrency: int = Field(
+        default=8, ge=1, description="Requests in flight at once to this provider from one replica"
+    )
+    requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute to this provider from every replica together, spaced evenly (GCRA in "
+        "Redis; none: no limit). Set it a little under the provider's own limit (network jitter)",
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens (input + output) per minute to this provider from every replica together: each call is "
+        "charged an estimate before it is made, corrected from the usage the provider reports (none: no limit)",
+    )
+    cluster_max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests in flight at once to this provider from every replica together (a leased semaphore "
+        "in Redis: a killed replica's slots come back after worker.lease_s; none: no limit)",
+    )
     max_retries: int = Field(default=3, ge=0, le=10, description="Retries of a failed request inside a phase")
     max_retry_wait_s: float = Field(
         default=60, ge=0, description="Longest wait inside a phase; a longer Retry-After goes back to the queue"
@@ -177,6 +197,13 @@ class ProviderSettings(_Section):
     @model_validator(mode="after")
     def _complete(self) -> ProviderSettings:
         if self.kind == "offline":
+            limits = [
+                k for k in ("requests_per_minute", "tokens_per_minute", "cluster_max_concurrency") if getattr(self, k)
+            ]
+            if limits:
+                raise ValueError(
+                    f"{', '.join(limits)}: the offline provider makes no network calls and takes no limits"
+                )
             return self
         if not self.model:
             raise ValueError(f"model: required for a {self.kind} provider")
@@ -226,6 +253,18 @@ class AISection(_Section):
     )
     max_tokens_per_generation: int = Field(
         default=0, ge=0, description="Stop a generation that uses more tokens than this (0: no limit)"
+    )
+    max_budget_wait_s: float = Field(
+        default=120,
+        ge=0,
+        description="Longest a phase waits for a provider's shared budget (requests_per_minute, tokens_per_minute, "
+        "cluster_max_concurrency, or a pause after a 429) before it hands the generation back with a deferred retry",
+    )
+    fallback_budget_wait_s: float = Field(
+        default=10,
+        ge=0,
+        description="For a task with a fallback provider: longest it waits for the first provider's budget before "
+        "it asks the next one instead",
     )
 
     @field_validator("routing", mode="before")

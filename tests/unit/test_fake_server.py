@@ -75,10 +75,10 @@ def shared() -> Iterator[FakeProviderServer]:
 @pytest.fixture
 def server(shared: FakeProviderServer) -> Iterator[FakeProviderServer]:
     shared.reset()
-    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0)
+    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0, rate_limit_rpm=0)
     yield shared
     shared.reset()
-    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0)
+    shared.configure(latency_s=0, latency_max_s=0, rate_429=0, rate_500=0, seed=0, rate_limit_rpm=0)
 
 
 @pytest.fixture
@@ -351,6 +351,23 @@ def test_when_aims_a_fault_at_the_requests_it_accepts(server: FakeProviderServer
     assert call(client, server, "openai", "coding").status_code == 502
     assert call(client, server, "openai", "coding").status_code == 200
     assert server.pending_script() == [("status:503", None)]
+
+
+def test_rate_limit_answers_429_beyond_the_requests_per_minute_and_says_when(
+    server: FakeProviderServer, client: httpx2.Client
+) -> None:
+    server.configure(rate_limit_rpm=2)
+    assert [call(client, server, "openai").status_code for _ in range(2)] == [200, 200]
+    refused = call(client, server, "openai")
+    assert refused.status_code == 429 and error_type("openai", refused) == "rate_limit_error"
+    wait_ms = float(refused.headers["retry-after-ms"])
+    assert 59_000 < wait_ms <= 60_000, "the first answered request leaves the 60 s window then"
+    assert refused.headers["retry-after"] == "60"
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert [r.fault.split(":")[0] for r in server.requests] == ["ok", "ok", "rate-limited"]
+    server.configure(rate_limit_rpm=0)
+    assert call(client, server, "openai").status_code == 200
 
 
 @pytest.mark.parametrize("api", APIS)

@@ -9,10 +9,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from worker.errors import FALLBACK_ON
+from worker.errors import FALLBACK_ON, BudgetWaitExceeded
 
 if TYPE_CHECKING:
     from worker.ai.http import Slots
+    from worker.ai.limits import ProviderLimiter, SharedLimits
 
 Task = Literal["planning", "content", "coding"]
 
@@ -125,13 +126,29 @@ async def observe_call(observer: CallObserver | None, provider: str, task: str, 
 
 
 class AIRouter:
-    """Which providers serve each task, in fallback order, and how many calls each task made."""
+    """Which providers serve each task, in fallback order, and how many calls each task made.
 
-    def __init__(self, providers: dict[str, AIProvider], routing: dict[str, list[str]] | dict[str, str]) -> None:
+    A provider with shared limits is waited for at most `max_budget_wait_s` when it is the last of the
+    task's chain, `fallback_budget_wait_s` when a fallback follows it.
+    """
+
+    def __init__(
+        self,
+        providers: dict[str, AIProvider],
+        routing: dict[str, list[str]] | dict[str, str],
+        *,
+        max_budget_wait_s: float | None = None,
+        fallback_budget_wait_s: float | None = None,
+        limits: SharedLimits | None = None,
+    ) -> None:
         self.providers = providers
         self.routing = {task: [names] if isinstance(names, str) else list(names) for task, names in routing.items()}
         self.calls: Counter[str] = Counter()
         self.observer: CallObserver | None = None
+        self.max_budget_wait_s = max_budget_wait_s
+        self.fallback_budget_wait_s = fallback_budget_wait_s
+        #: The Redis side of the providers' shared limits (None: no Redis, no shared limits).
+        self.limits = limits
 
     def observe(self, observer: CallObserver) -> None:
         """Report every call to `observer`; providers with an `observer` of their own report each HTTP attempt."""
@@ -139,6 +156,18 @@ class AIRouter:
         for provider in self.providers.values():
             if hasattr(provider, "observer"):
                 setattr(provider, "observer", observer)  # noqa: B010 - not part of the AIProvider protocol
+        if hasattr(observer, "budget_wait"):  # the worker's metrics also hear how long calls wait for budget
+            for limiter in self.limiters().values():
+                limiter.observer = observer  # type: ignore[assignment]
+
+    def limiters(self) -> dict[str, ProviderLimiter]:
+        """The shared limits of each provider that has them (the HTTP ones, with Redis), by provider name."""
+        found: dict[str, ProviderLimiter] = {}
+        for name, provider in self.providers.items():
+            limiter = getattr(provider, "limiter", None)
+            if limiter is not None:
+                found[name] = limiter
+        return found
 
     def slots(self) -> dict[str, Slots]:
         """The `max_concurrency` slots of each provider that has them (the HTTP ones), by provider name."""
@@ -153,27 +182,42 @@ class AIRouter:
         chain = self.chain(request.task)
         for position, provider in enumerate(chain):
             self.calls[request.task] += 1
+            last = position == len(chain) - 1
+            wait_s = self.max_budget_wait_s if last else self.fallback_budget_wait_s
             try:
-                return await self._call(provider, request, notify)
+                return await self._call(provider, request, notify, wait_s)
             except FALLBACK_ON as exc:
-                if position == len(chain) - 1:
+                if last:
                     raise
                 following = chain[position + 1]
                 if notify is not None:
+                    why = (
+                        f"has no budget ({exc})"
+                        if isinstance(exc, BudgetWaitExceeded)
+                        else f"failed ({type(exc).__name__}: {exc})"
+                    )
                     await notify(
-                        f"{request.task}: provider {provider.name} failed ({type(exc).__name__}: {exc}); "
-                        f"falling back to {following.name}",
+                        f"{request.task}: provider {provider.name} {why}; falling back to {following.name}",
                         level="warning",
                         provider=provider.name,
                         fallback=following.name,
                     )
         raise AssertionError("unreachable: a routing chain is never empty")
 
-    async def _call(self, provider: AIProvider, request: AIRequest, notify: Notify | None) -> AIReply:
+    async def _call(
+        self, provider: AIProvider, request: AIRequest, notify: Notify | None, budget_wait_s: float | None
+    ) -> AIReply:
+        limiter = getattr(provider, "limiter", None)  # shared limits: waits for budget at most budget_wait_s
+        if limiter is not None:
+            call = provider.complete(request, notify=notify, budget_wait_s=budget_wait_s)  # type: ignore[call-arg]
+        else:
+            call = provider.complete(request, notify=notify)
         if hasattr(provider, "observer"):  # it reports each of its HTTP attempts itself
-            return await provider.complete(request, notify=notify)
-        return await observe_call(self.observer, provider.name, request.task, provider.complete(request, notify=notify))
+            return await call
+        return await observe_call(self.observer, provider.name, request.task, call)
 
     async def aclose(self) -> None:
         for provider in self.providers.values():
             await provider.aclose()
+        if self.limits is not None:
+            await self.limits.aclose()

@@ -12,12 +12,21 @@ text:<payload> (a normal 200 answer whose text is the payload, verbatim: any siz
 colons and newlines included).
 
 `script(..., when=...)` aims faults at the requests a predicate of the JSON body accepts (one order's
-coding calls, say); the other requests pass them by."""
+coding calls, say); the other requests pass them by.
+
+Rate limit (`rate_limit_rpm`, `--rate-limit-rpm`, or POST /_fake/configure {"rate_limit_rpm": N}; 0: off):
+like a real provider, at most N requests are answered in any 60 s sliding window; beyond, the answer
+is 429 with `Retry-After` (whole seconds), `retry-after-ms` and `x-ratelimit-limit-requests`,
+`x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` headers saying when the oldest
+answered request leaves the window. Only answered requests count; such a request is recorded with
+fault `rate-limited:<ms>`. Scripted faults come first and are not counted."""
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import random
 import re
 import signal
@@ -42,6 +51,8 @@ APIS = ("openai", "anthropic", "cloudflare")
 SIMPLE_FAULTS = frozenset(
     {"ok", "hang", "reset", "close", "truncated", "malformed", "malformed-hard", "fenced", "wrong-schema", "cf-quota"}
 )
+#: The fault recorded for a request refused by the rate limit (`rate-limited:<ms until a request may pass>`).
+RATE_LIMITED = "rate-limited"
 #: How long a `hang` holds a request when the server is not stopped first.
 HANG_S = 300.0
 CF_QUOTA_MESSAGE = (
@@ -298,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, "not-found", wall))
             self._send(404, {"error": {"message": f"no route for {self.command} {path}", "type": "not_found"}})
             return
-        fault = self.fake._next_fault(api, body)
+        fault = self.fake._next_fault(api, body, at)
         n = self.fake._record(RecordedRequest(at, self.command, self.path, headers, body, api, fault, wall))
         self._answer(api, path, body, fault, n)
 
@@ -310,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
             stopping.wait(HANG_S)
             self._drop(reset=False)
             return
-        latency = self.fake._latency()
+        latency = 0.0 if fault.startswith(RATE_LIMITED) else self.fake._latency()  # refused at once, as providers do
         if latency > 0 and stopping.wait(latency):
             self._drop(reset=False)
             return
@@ -351,6 +362,19 @@ class _Handler(BaseHTTPRequestHandler):
             return 429, _error_body(api, 429), {"Retry-After": arg}
         if kind == "429ms":
             return 429, _error_body(api, 429), {"retry-after-ms": arg}
+        if kind == RATE_LIMITED:
+            wait_ms = float(arg)
+            return (
+                429,
+                _error_body(api, 429),
+                {
+                    "Retry-After": str(max(math.ceil(wait_ms / 1000), 1)),
+                    "retry-after-ms": f"{wait_ms:.0f}",
+                    "x-ratelimit-limit-requests": str(self.fake.rate_limit_rpm),
+                    "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": f"{wait_ms / 1000:.3f}s",
+                },
+            )
 
         if not isinstance(body, dict):
             raise _Reply(400, _error_body(api, 400, "the request body must be a JSON object"))
@@ -477,6 +501,7 @@ class FakeProviderServer:
         rate_500: float = 0.0,
         seed: int = 0,
         tls: ssl.SSLContext | None = None,
+        rate_limit_rpm: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -488,6 +513,9 @@ class FakeProviderServer:
         self.rate_429 = rate_429
         self.rate_500 = rate_500
         self.seed = seed
+        #: Most requests answered in any 60 s window; beyond, 429 with Retry-After (0: no limit).
+        self.rate_limit_rpm = rate_limit_rpm
+        self._answered: collections.deque[float] = collections.deque()
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._recorded = threading.Condition(self._lock)
@@ -568,7 +596,10 @@ class FakeProviderServer:
         rate_429: float | None = None,
         rate_500: float | None = None,
         seed: int | None = None,
+        rate_limit_rpm: int | None = None,
     ) -> None:
+        if rate_limit_rpm is not None and (isinstance(rate_limit_rpm, bool) or not int(rate_limit_rpm) >= 0):
+            raise ValueError(f"rate_limit_rpm must be a whole number >= 0, got {rate_limit_rpm!r}")
         for name, value in (("latency_s", latency_s), ("latency_max_s", latency_max_s)):
             if value is not None and not float(value) >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
@@ -581,6 +612,9 @@ class FakeProviderServer:
                 self.rate_429 = float(rate_429)
             if rate_500 is not None:
                 self.rate_500 = float(rate_500)
+            if rate_limit_rpm is not None:
+                self.rate_limit_rpm = int(rate_limit_rpm)
+                self._answered.clear()
             if seed is not None:
                 self.seed = int(seed)
                 self._random = random.Random(self.seed)
@@ -591,6 +625,7 @@ class FakeProviderServer:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self._answered.clear()
             self._counter = 0
             self._random = random.Random(self.seed)
             self._latency_random = _latency_rng(self.seed)
@@ -617,12 +652,20 @@ class FakeProviderServer:
                 return self._latency_random.uniform(low, high)
             return low
 
-    def _next_fault(self, api: str, body: Any = None) -> str:
+    def _next_fault(self, api: str, body: Any = None, at: float | None = None) -> str:
         with self._lock:
             for i, (fault, only, when) in enumerate(self._script):
                 if (only is None or only == api) and (when is None or _accepts(when, body)):
                     del self._script[i]
                     return fault
+            if self.rate_limit_rpm > 0:
+                now = time.monotonic() if at is None else at
+                window = self._answered
+                while window and window[0] <= now - 60.0:
+                    window.popleft()
+                if len(window) >= self.rate_limit_rpm:
+                    return f"{RATE_LIMITED}:{(window[0] + 60.0 - now) * 1000:.0f}"
+                window.append(now)
             if self.rate_429 > 0 and self._random.random() < self.rate_429:
                 return "429:1"
             if self.rate_500 > 0 and self._random.random() < self.rate_500:
@@ -655,7 +698,9 @@ class FakeProviderServer:
             self.script(*(faults * repeat), api=args.get("api"))
             return 200, {"ok": True, "queued": len(faults) * repeat}
         if method == "POST" and path == "/_fake/configure":
-            unknown = sorted(set(args) - {"latency_s", "latency_max_s", "rate_429", "rate_500", "seed"})
+            unknown = sorted(
+                set(args) - {"latency_s", "latency_max_s", "rate_429", "rate_500", "seed", "rate_limit_rpm"}
+            )
             if unknown:
                 raise ValueError(f"unknown settings: {', '.join(unknown)}")
             self.configure(**args)
@@ -680,6 +725,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-429", type=float, default=0.0, help="share of requests answered 429")
     parser.add_argument("--rate-500", type=float, default=0.0, help="share of requests answered 500")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=0,
+        help="answer at most this many requests in any 60 s window, 429 with Retry-After beyond (0: no limit)",
+    )
     args = parser.parse_args(argv)
     done = threading.Event()
 
@@ -697,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
         rate_429=args.rate_429,
         rate_500=args.rate_500,
         seed=args.seed,
+        rate_limit_rpm=args.rate_limit_rpm,
     ).start()
     try:
         print(f"FAKE_PROVIDER_URL={server.url}", flush=True)

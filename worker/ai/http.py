@@ -38,6 +38,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
+from worker.ai.limits import DEFAULT_PAUSE_S, Budget, OnWait, ProviderLimiter
 from worker.errors import (
     AIAuthError,
     AIBadRequest,
@@ -45,6 +46,7 @@ from worker.errors import (
     AIQuotaExhausted,
     AIRateLimited,
     AIUnavailable,
+    BudgetWaitExceeded,
 )
 from worker.settings import ProviderSettings, SettingsError
 
@@ -217,6 +219,8 @@ class HTTPProvider:
     kind: ClassVar[str]
     #: Set by `AIRouter.observe`: hears about each HTTP attempt, retries included.
     observer: CallObserver | None = None
+    #: The provider's limits shared with every replica (set by `build_router` when Redis is there).
+    limiter: ProviderLimiter | None = None
 
     def __init__(self, name: str, config: ProviderSettings, api_key: str) -> None:
         self.name = name
@@ -245,6 +249,8 @@ class HTTPProvider:
             else:  # the request itself goes to the proxy
                 self._headers["proxy-authorization"] = f"Basic {credentials}"
         self._session: aiohttp.ClientSession | None = None
+        #: Output tokens each task's answers took lately, for the tokens/min estimate before a call.
+        self._output_tokens: dict[str, float] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         """The provider's session, made at its first call (aiohttp needs the running loop), then kept."""
@@ -354,9 +360,42 @@ class HTTPProvider:
         ) as response:
             return Answer(response.status, response.headers, await response.read())
 
-    async def _attempt(self, request: AIRequest) -> AIReply:
+    def estimate_tokens(self, request: AIRequest) -> int:
+        """The tokens a call is charged before it is made: its prompt (about four characters a token) and
+        the output this task's answers took lately (at first, `max_output_tokens`, as OpenAI counts it)."""
+        prompt = (len(request.system) + len(request.prompt)) // 4 + 1
+        output = self._output_tokens.get(request.task, self.config.max_output_tokens)
+        return prompt + min(int(output), self.config.max_output_tokens)
+
+    async def _attempt(self, request: AIRequest, allowance: _Allowance | None = None) -> AIReply:
+        async with self.slots:
+            budget: Budget | None = None
+            if self.limiter is not None:
+                allowance = allowance or _Allowance(math.inf, None)
+                budget = await self.limiter.acquire(
+                    self.estimate_tokens(request), max_wait_s=allowance.left_s, on_wait=allowance.waiting(self.limiter)
+                )
+                allowance.left_s -= budget.waited_s
+            used: int | None = None
+            pause: float | None = None
+            try:
+                reply = await self._exchange(request)
+                used = reply.usage.tokens
+                if reply.usage.output_tokens:
+                    seen = self._output_tokens.get(request.task)
+                    out = reply.usage.output_tokens
+                    self._output_tokens[request.task] = out if seen is None else 0.8 * seen + 0.2 * out
+                return reply
+            except AIRateLimited as exc:
+                pause = exc.retry_after_s if exc.retry_after_s is not None else DEFAULT_PAUSE_S
+                raise
+            finally:
+                if self.limiter is not None:
+                    await self.limiter.release(budget, used_tokens=used, pause_s=pause)
+
+    async def _exchange(self, request: AIRequest) -> AIReply:
         try:
-            async with self.slots, asyncio.timeout(self.config.total_timeout_s):
+            async with asyncio.timeout(self.config.total_timeout_s):
                 response = await self._send(orjson.dumps(self.body(request)))
         except TimeoutError as exc:  # total_timeout_s, and aiohttp's connect and read timeouts
             kind = failure_kind(exc)
@@ -383,13 +422,21 @@ class HTTPProvider:
         ) / 1_000_000
         return AIReply(text, Usage(tokens_in, tokens_out, 1, cost), self.name, self.model, finish)
 
-    async def _observed_attempt(self, request: AIRequest) -> AIReply:
-        return await observe_call(self.observer, self.name, request.task, self._attempt(request))
+    async def _observed_attempt(self, request: AIRequest, allowance: _Allowance | None = None) -> AIReply:
+        return await observe_call(self.observer, self.name, request.task, self._attempt(request, allowance))
 
-    async def complete(self, request: AIRequest, *, notify: Notify | None = None) -> AIReply:
+    async def complete(
+        self, request: AIRequest, *, notify: Notify | None = None, budget_wait_s: float | None = None
+    ) -> AIReply:
+        """Answer `request`, retrying what may pass; with shared limits, wait at most `budget_wait_s` in all
+        for the provider's budget (BudgetWaitExceeded past it; None: no bound)."""
+        allowance = _Allowance(math.inf if budget_wait_s is None else budget_wait_s, notify)
         for attempt in range(self.config.max_retries + 1):
             try:
-                return await self._observed_attempt(request)
+                return await self._observed_attempt(request, allowance)
+            except BudgetWaitExceeded as exc:
+                exc.task = exc.details["task"] = request.task
+                raise
             except (AIRateLimited, AIUnavailable) as exc:
                 asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
                 wait = asked if asked is not None else min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0)
@@ -405,6 +452,30 @@ class HTTPProvider:
                     )
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
+
+
+@dataclass
+class _Allowance:
+    """What is left of one `complete` call's wait for budget, and the progress log that hears of a wait."""
+
+    left_s: float
+    notify: Notify | None
+
+    def waiting(self, limiter: ProviderLimiter) -> OnWait | None:
+        notify = self.notify
+        if notify is None:
+            return None
+
+        async def told(budget: str, expected_s: float) -> None:
+            await notify(
+                f"waiting for {limiter.name}: {limiter.what(budget)} (about {expected_s:.0f}s)",
+                level="info",
+                provider=limiter.name,
+                budget=budget,
+                wait_s=round(expected_s, 1),
+            )
+
+        return told
 
 
 class OpenAIProvider(HTTPProvider):

@@ -31,6 +31,7 @@ from worker.errors import (
     AIRateLimited,
     AttemptsExhausted,
     BriefInvalid,
+    BudgetWaitExceeded,
     ClaimLost,
     InputError,
     JobArgumentsInvalid,
@@ -397,15 +398,19 @@ class Heartbeat:
                 logger.warning("generation {}: claim taken over by another replica", running[token][0].generation_id)
 
     async def renew_markers(self, rt: Runtime) -> None:
+        """The jobs' in-progress keys and the leases of the cluster slots held for model calls: one round trip."""
         if rt.redis is None:
             return
         ttl_ms = int(rt.settings.worker.lease_s * 1000)
         job_ids = [job_id for token, (_, job_id) in self.running.items() if job_id and token not in self.lost]
-        if not job_ids:
+        limits = rt.ai.limits
+        if not job_ids and (limits is None or not limits.held):
             return
         async with rt.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+            if limits is not None:
+                await limits.renew(pipe)
             await pipe.execute()
 
 
@@ -494,6 +499,19 @@ async def run_generation(
     except ClaimLost as exc:
         await run.log(f"stopped: {exc}", level="warning")
         return run.result("superseded")
+    except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
+        logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
+        defer = max(backoff_s(settings, job_try), min(exc.retry_after_s, settings.ai.max_retry_defer_s))
+        await _store_quietly(rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer))
+        await run.log(
+            f"phase {run.phase} handed back after waiting for {exc.provider}'s budget; "
+            f"will retry in {defer:.1f}s: {exc}",
+            level="info",
+            provider=exc.provider,
+            budget=exc.budget,
+            retry_in_s=round(defer, 1),
+        )
+        raise RetryLater(defer, exc) from exc
     except Exception as exc:
         error = describe(exc, phase=run.phase)
         logger.opt(exception=exc).bind(generation_id=claim.generation_id, phase=run.phase).error(
