@@ -35,6 +35,7 @@ from worker.follow import follow_logs, follow_position
 from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
+from worker.progress import END_EVENTS, event_of
 from worker.screenshot import screenshot
 from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
 from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
@@ -45,9 +46,8 @@ T = TypeVar("T")
 
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 PHASE_STYLE = {"plan": "cyan", "content": "magenta", "code": "blue", "assemble": "green"}
-FINAL_MESSAGES = ("generation succeeded", "generation failed", "job rejected", "already generated")
-#: Progress rows after which `logs --follow` asks whether the order's generation has ended.
-END_MESSAGES = ("generation succeeded", "generation failed", "generation cancelled", "job rejected")
+#: Kinds of progress rows after which the demo stops following: its one job has ended.
+DEMO_FINAL_EVENTS = END_EVENTS | {"generation.already_done"}
 STATUS_STYLE = {
     "queued": "blue",
     "running": "cyan",
@@ -245,12 +245,12 @@ def logs(
         with progress:
             async for row in follow_logs(dsn, order_id, stop=stop):
                 _print_row(row)
-                _advance(progress, bar, row["message"])
+                _advance(progress, bar, row)
                 if (
                     watch_end
                     and not stop.is_set()
                     and row["id"] > history_end
-                    and row["message"].startswith(END_MESSAGES)
+                    and event_of(row) in END_EVENTS
                     and await _generation_ended(dsn, order_id, stop)
                 ):
                     stop.set()
@@ -258,17 +258,17 @@ def logs(
     _run(go())
 
 
-def _advance(progress: Progress, bar: TaskID, message: str) -> None:
-    """Move the phase bar on "generation started", "phase X started" and "phase X done" rows."""
-    words = message.split()
-    if message.startswith("generation started"):
+def _advance(progress: Progress, bar: TaskID, row: dict[str, Any]) -> None:
+    """Move the phase bar on rows of kind generation.started, phase.started and phase.done."""
+    event, phase = event_of(row), row["phase"]
+    if event == "generation.started":
         progress.update(bar, completed=0, description="generation started")
-    elif len(words) >= 3 and words[0] == "phase" and words[1] in PHASES:
-        index = PHASES.index(words[1])
-        if words[2] == "done":
-            progress.update(bar, completed=index + 1, description=f"phase {words[1]} done")
-        elif words[2] == "started":
-            progress.update(bar, completed=index, description=f"phase {words[1]}")
+    elif event in ("phase.started", "phase.done") and phase in PHASES:
+        index = PHASES.index(phase)
+        if event == "phase.done":
+            progress.update(bar, completed=index + 1, description=f"phase {phase} done")
+        else:
+            progress.update(bar, completed=index, description=f"phase {phase}")
 
 
 async def _generation_ended(dsn: str, order_id: int, stop: asyncio.Event, wait_s: float = 60) -> bool:
@@ -668,7 +668,7 @@ async def _demo_run(
         async def watch() -> None:
             async for row in follow_logs(settings.database.url, order_id, stop=stop, poll_s=0.5):
                 _print_row(row)
-                if row["message"].startswith(FINAL_MESSAGES):
+                if event_of(row) in DEMO_FINAL_EVENTS:
                     stop.set()
 
         async def guard() -> None:

@@ -23,6 +23,21 @@ from worker.errors import message_of
 from worker.store import QUERIES
 
 Level = Literal["debug", "info", "warning", "error"]
+
+#: The machine-readable kind of a progress row is `details.event`; messages are for people and may change.
+#: Kinds the runner writes: generation.started, generation.resumed, phase.started, phase.done,
+#: retry.scheduled, handed_back, generation.succeeded, generation.failed, generation.cancelled,
+#: generation.superseded, generation.already_done, job.rejected, job.waiting, job.not_started, job.skipped,
+#: claim.warning, site.warning, site.restored, model.retry, model.fallback, model.answer_rejected.
+#: A row of one of these kinds announces that its generation ended (its status is then terminal).
+END_EVENTS = frozenset({"generation.succeeded", "generation.failed", "generation.cancelled", "job.rejected"})
+
+
+def event_of(row: dict[str, Any]) -> str | None:
+    """The kind of a progress row as read from the table (`details.event`), None for a row without one."""
+    details = row.get("details")
+    event = details.get("event") if isinstance(details, dict) else None
+    return event if isinstance(event, str) else None
 _ECHO_LEVEL = {"debug": "DEBUG", "info": "DEBUG", "warning": "WARNING", "error": "ERROR"}
 
 

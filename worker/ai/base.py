@@ -164,6 +164,7 @@ class AIRouter:
                         f"{request.task}: provider {provider.name} failed ({type(exc).__name__}: {exc}); "
                         f"falling back to {following.name}",
                         level="warning",
+                        event="model.fallback",
                         provider=provider.name,
                         fallback=following.name,
                     )
