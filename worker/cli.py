@@ -532,6 +532,37 @@ async def _cancel(settings: Settings, order_id: int) -> dict[str, Any] | None:
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: setting api.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: setting api.port; 0: any free port)")] = None,
+) -> None:
+    """Run the progress API and the dashboard (aiohttp) until Ctrl-C or SIGTERM.
+
+    Tokens come from the environment only: SITEGEN_API_READ_TOKENS and SITEGEN_API_WRITE_TOKENS
+    (comma-separated). Without any, it serves loopback addresses only, to anyone who can reach them.
+
+    Example: SITEGEN_API_WRITE_TOKENS=$(openssl rand -hex 24) sitegen serve --host 0.0.0.0
+    """
+    from worker.api.app import BindRefused
+    from worker.api.app import serve as run_api
+    from worker.api.auth import Tokens
+
+    settings = _settings()
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if updates:
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update=updates)})
+    setup_logging(settings.log, replica="sitegen-api")
+    try:
+        run_api(settings, Tokens.from_env(), print_url=lambda url: console.print(f"serving on [bold]{url}[/]"))
+    except BindRefused as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        console.print(f"[bold red]cannot serve on {settings.api.host}:{settings.api.port}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings, secrets masked.
 
