@@ -233,3 +233,32 @@ SELECT pg_notify('site_generation_progress', json_build_object(
            'id', id, 'order_id', order_id, 'generation_id', generation_id, 'phase', phase,
            'level', level, 'message', left(message, 200), 'created_at', created_at)::text)
 FROM row;
+
+-- name: dashboard_active
+-- Queued and running generations with how many phases each has committed.
+SELECT g.id, g.order_id, g.status, g.current_phase, g.attempt, g.replica_id, g.created_at, g.started_at,
+       (SELECT count(*) FROM site_generation_phases p WHERE p.generation_id = g.id) AS phases_done
+FROM site_generations g WHERE g.status IN ('queued', 'running') ORDER BY g.id LIMIT 200;
+
+-- name: dashboard_failures
+-- Failures of the last 24 hours by error type, with the latest order of each.
+SELECT coalesce(error ->> 'type', 'Error') AS type, count(*) AS count, max(finished_at) AS last_at,
+       (array_agg(order_id ORDER BY finished_at DESC NULLS LAST))[1] AS order_id
+FROM site_generations
+WHERE status = 'failed' AND finished_at > now() - interval '24 hours'
+GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50;
+
+-- name: dashboard_usage
+-- Tokens and cost of the phases committed today (UTC) and over 7 days, by phase.
+SELECT phase,
+       sum(CASE WHEN completed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                THEN coalesce((usage ->> 'input_tokens')::bigint, 0) + coalesce((usage ->> 'output_tokens')::bigint, 0)
+                ELSE 0 END)::bigint AS today_tokens,
+       sum(CASE WHEN completed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                THEN coalesce((usage ->> 'cost_usd')::float8, 0) ELSE 0 END)::float8 AS today_cost,
+       sum(coalesce((usage ->> 'input_tokens')::bigint, 0) + coalesce((usage ->> 'output_tokens')::bigint, 0))::bigint
+           AS week_tokens,
+       sum(coalesce((usage ->> 'cost_usd')::float8, 0))::float8 AS week_cost
+FROM site_generation_phases
+WHERE completed_at > now() - interval '7 days' AND phase <> 'assemble'
+GROUP BY phase;

@@ -705,3 +705,44 @@ def test_api_settings_take_cors_origins_as_a_list_or_comma_separated(monkeypatch
     monkeypatch.setenv("SITEGEN_API__CORS_ORIGINS", "app.example.com/path")
     with pytest.raises(SettingsError, match=r"api\.cors_origins"):
         load_settings()
+
+
+# --------------------------------------------------------------------------- the dashboard, without a browser
+
+
+async def test_dashboard_sign_in_gives_a_strict_http_only_session_that_posts_only_from_the_dashboard(
+    api: Running, db: asyncpg.Connection
+) -> None:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+        async with browser.get(f"{api.url}/") as response:
+            assert response.status == 200 and "Sign in" in await response.text()
+            assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        async with browser.post(f"{api.url}/session", data={"token": "wrong"}) as response:
+            assert response.status == 401
+        async with browser.post(f"{api.url}/session", data={"token": WRITE}, allow_redirects=False) as response:
+            assert response.status == 303
+            cookie = response.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and WRITE not in cookie
+        async with browser.get(f"{api.url}/") as response:
+            page = await response.text()
+        assert "<h1>Overview</h1>" in page and 'id="enqueue"' in page, "a write session can enqueue"
+        brief = {"brief": SAMPLE_BRIEF}
+        async with browser.post(f"{api.url}/v1/orders/70/generate", json=brief) as response:
+            assert response.status == 403, "a session posts only with the dashboard's header"
+        headers = {"X-Sitegen-Dashboard": "1"}
+        async with browser.post(f"{api.url}/v1/orders/70/generate", json=brief, headers=headers) as response:
+            assert response.status == 202
+        async with browser.get(f"{api.url}/orders/70") as response:
+            assert response.status == 200 and "Order 70" in await response.text()
+        async with browser.get(f"{api.url}/static/dashboard.js") as response:
+            assert response.status == 200
+        async with browser.post(f"{api.url}/session/end", allow_redirects=False) as response:
+            assert response.status == 303
+        async with browser.get(f"{api.url}/v1/orders/70") as response:
+            assert response.status == 401
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as reader:
+        async with reader.post(f"{api.url}/session", data={"token": READ}) as response:
+            page = await response.text()
+        assert "<h1>Overview</h1>" in page and 'id="enqueue"' not in page, "a read session cannot enqueue"
+        async with reader.post(f"{api.url}/v1/orders/70/cancel", headers={"X-Sitegen-Dashboard": "1"}) as response:
+            assert response.status == 403

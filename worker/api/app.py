@@ -26,6 +26,7 @@ from worker.store import Store, create_pool
 
 SESSION_COOKIE = "sitegen_session"
 SITE_COOKIE = "sitegen_site"
+DASHBOARD_HEADER = "X-Sitegen-Dashboard"
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
@@ -107,6 +108,9 @@ class Api:
         if cookie:
             role = self.tokens.session_role(cookie)
             if role is not None:
+                if request.method == "POST" and request.headers.get(DASHBOARD_HEADER) != "1":
+                    # Only the dashboard's own scripts post with a session: no form of another page can.
+                    raise ApiError(403, "forbidden", f"a session needs the {DASHBOARD_HEADER} header to post")
                 return role
         if not self.tokens.configured:
             return "write"  # open mode: loopback only, see `check_bind`
