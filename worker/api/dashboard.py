@@ -73,6 +73,7 @@ def _page(title: str, main: str, *, role: str | None, page: str, data: str = "")
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)} · sitegen</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="/static/dashboard.css">
 <script src="/static/dashboard.js" defer></script>
 </head>
@@ -194,7 +195,7 @@ def _table(caption: str, head: list[str], rows: list[list[str]], empty: str) -> 
     header = "".join(f'<th scope="col">{escape(h)}</th>' for h in head)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return (
-        f'<div class="scroll"><table><caption class="sr-only">{escape(caption)}</caption>'
+        f'<div class="scroll" tabindex="0" role="region" aria-label="{escape(caption)}"><table><caption class="sr-only">{escape(caption)}</caption>'
         f"<thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>"
     )
 
@@ -382,11 +383,15 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
         )
     actions = ""
     if role == "write":
+        buttons = ""
+        if g["status"] in ("queued", "running"):
+            buttons += '<button type="button" data-action="cancel">Cancel</button>'
+        if g["status"] in ("failed", "cancelled"):
+            buttons += '<button type="button" data-action="retry">Retry</button>'
         actions = (
-            '<div class="actions"><button type="button" data-action="cancel">Cancel</button>'
-            '<button type="button" data-action="retry">Retry</button>'
-            '<span id="action-result" role="status" aria-live="polite"></span></div>'
+            f'<div class="actions">{buttons}<span id="action-result" role="status" aria-live="polite"></span></div>'
         )
+
     preview = ""
     if g["status"] == "succeeded":
         preview = (
@@ -427,7 +432,7 @@ async def order_page(request: web.Request) -> web.Response:
 <div id="summary">{summary}</div>
 <section class="card" aria-labelledby="h-timeline"><h2 id="h-timeline">Progress</h2>
 <p id="stream-state" class="muted" role="status" aria-live="polite">Connecting…</p>
-<ol id="timeline" class="timeline"></ol>
+<ol id="timeline" class="timeline" tabindex="0" aria-label="Progress log"></ol>
 </section>"""
     data = f'data-order="{order_id}" data-terminal="{terminal}"'
     return _html(_page(f"Order {order_id}", main, role=role, page="order", data=data))
