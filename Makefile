@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install quality-tools demo test lint typecheck pytest services clean bench
+.PHONY: install quality-tools demo demo-serve test lint typecheck pytest services clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sitegen-worker needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
@@ -25,6 +25,10 @@ quality-tools: install
 ## Generate the sample site with live progress (local services unless DATABASE_URL and REDIS_URL are set).
 demo: install quality-tools
 	$(BIN)/sitegen demo
+
+## `make demo`, then the dashboard and API on the demo's services (URL and a demo token printed) until Ctrl-C.
+demo-serve: install quality-tools
+	$(BIN)/sitegen demo --serve
 
 ## Lint, type-check and run every test against real PostgreSQL and Redis.
 test: lint typecheck pytest

@@ -590,9 +590,15 @@ def demo(
             "answers one request with 429 and one with 500, so you watch the retries"
         ),
     ] = "offline",
+    serve: Annotated[
+        bool,
+        typer.Option("--serve", help="Then keep the dashboard and API running on the demo's services until Ctrl-C"),
+    ] = False,
+    port: Annotated[int, typer.Option(help="With --serve: port on 127.0.0.1 (0: any free port)")] = 8000,
 ) -> None:
     """Generate a real site end to end: local PostgreSQL and Redis (unless DATABASE_URL/REDIS_URL are set),
-    migrations, a worker, one sample order, live progress.
+    migrations, a worker, one sample order, live progress. With --serve, the dashboard and API stay up
+    (with a demo token, printed) until Ctrl-C.
 
     Example: sitegen demo --provider fake --order-id 7
     """
@@ -656,6 +662,8 @@ def demo(
         else:
             console.print("[yellow]no screenshot: Chromium is not installed (make quality-tools installs it)[/]")
         console.print(f"[dim]browse it: sitegen preview {order_id}[/]")
+        if serve:
+            _demo_serve(settings, order_id, port)
     finally:
         if worker_proc is not None and worker_proc.poll() is None:
             worker_proc.send_signal(signal.SIGTERM)
@@ -667,6 +675,27 @@ def demo(
             services.stop()
         if fake is not None:
             fake.stop()
+
+
+def _demo_serve(settings: Settings, order_id: int, port: int) -> None:
+    """The dashboard and API on the demo's services, with a write token made for this run, until Ctrl-C."""
+    import secrets
+
+    from worker.api.app import serve as run_api
+    from worker.api.auth import Tokens
+
+    token = secrets.token_urlsafe(24)  # shown once, here, for the person running the demo; never logged
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"host": "127.0.0.1", "port": port})})
+
+    def show(url: str) -> None:
+        console.print(
+            f"\n[bold green]dashboard:[/] {url}   (sign in with the demo token below; Ctrl-C stops everything)\n"
+            f"demo token (write): [bold]{token}[/]\n"
+            f"order page: {url}orders/{order_id}   events: curl -N -H 'Authorization: Bearer <token>' "
+            f"{url}v1/orders/{order_id}/events"
+        )
+
+    run_api(settings, Tokens(write=(token,)), print_url=show)
 
 
 def _fake_provider_env(url: str) -> dict[str, str]:

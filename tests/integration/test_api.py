@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
 import sys
 import zipfile
@@ -746,3 +747,34 @@ async def test_dashboard_sign_in_gives_a_strict_http_only_session_that_posts_onl
         assert "<h1>Overview</h1>" in page and 'id="enqueue"' not in page, "a read session cannot enqueue"
         async with reader.post(f"{api.url}/v1/orders/70/cancel", headers={"X-Sitegen-Dashboard": "1"}) as response:
             assert response.status == 403
+
+
+async def test_demo_serve_keeps_the_dashboard_running_until_ctrl_c(services: LocalServices, migrated: None) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.cli", "demo", "--serve", "--port", str(port), "--latency", "0",
+        "--order-id", "1090",
+        cwd=ROOT, env=cli_env(services), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    printed: list[str] = []
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(120):
+            while not any(line.startswith("demo token (write):") for line in printed):
+                line = (await process.stdout.readline()).decode()
+                assert line, "sitegen demo --serve exited:\n" + "".join(printed)
+                printed.append(line)
+        token = next(line for line in printed if line.startswith("demo token (write):")).split()[-1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/v1/orders/1090", headers=auth(token)) as response:
+                assert response.status == 200
+                assert (await response.json())["generation"]["status"] == "succeeded"
+            async with http.get(f"http://127.0.0.1:{port}/") as response:
+                assert response.status == 200 and "Sign in" in await response.text()
+        process.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, "".join(printed) + out.decode()
