@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install quality-tools demo demo-serve test lint typecheck pytest services clean bench
+.PHONY: install quality-tools demo demo-serve test lint typecheck pytest services clean bench bench-sse
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sitegen-worker needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
@@ -50,6 +50,10 @@ services: install
 bench: install
 	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib py-spy
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## The sse scenario: 1,000 SSE clients on one `sitegen serve` while generations run (bench/results/SSE.md).
+bench-sse: install
+	$(BIN)/python -m bench.sse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) generated_sites .pytest_cache .mypy_cache .ruff_cache

@@ -778,3 +778,20 @@ async def test_demo_serve_keeps_the_dashboard_running_until_ctrl_c(services: Loc
             process.kill()
             await process.wait()
     assert process.returncode == 0, "".join(printed) + out.decode()
+
+
+@pytest.mark.timeout(180)
+def test_the_sse_bench_runs_and_reports(tmp_path: Path) -> None:
+    """`make bench-sse` keeps working (a few clients; its figures are for a quiet machine, never asserted)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
+    args = ["--clients", "12", "--generations", "3", "--latency-ms", "20", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sse", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=170
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "sse.json").read_text())
+    assert result["events"] == 30 and result["clients_with_wrong_rows"] == [] and result["listen_connections"] == [1]
+    assert "SSE: 12 clients" in (tmp_path / "SSE.md").read_text()
