@@ -192,6 +192,12 @@ SELECT coalesce(max(id), 0)::bigint FROM site_generation_logs;
 SELECT id, order_id, generation_id, phase, level, message, details, created_at
 FROM site_generation_logs WHERE id > $1 ORDER BY id LIMIT $2;
 
+-- name: api_probe_log_ids
+-- Whether ids $1..$2 of the progress log will never be rows: run in a transaction that is rolled back.
+-- An id held by an open transaction makes this wait (and time out); a committed one violates the key.
+INSERT INTO site_generation_logs (id, order_id, level, message)
+SELECT i, 0, 'debug', 'sitegen-api probe (never committed)' FROM generate_series($1::bigint, $2::bigint) AS i;
+
 -- name: api_replay
 -- One order's rows in (after, upto], by id: what an SSE client missed, up to where the fan-out took over.
 SELECT id, order_id, generation_id, phase, level, message, details, created_at

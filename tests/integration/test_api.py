@@ -795,3 +795,44 @@ def test_the_sse_bench_runs_and_reports(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "sse.json").read_text())
     assert result["events"] == 30 and result["clients_with_wrong_rows"] == [] and result["listen_connections"] == [1]
     assert "SSE: 12 clients" in (tmp_path / "SSE.md").read_text()
+
+
+async def test_rows_committed_out_of_id_order_by_several_writers_arrive_in_order_without_a_gap(
+    api: Running, db: asyncpg.Connection, services: LocalServices
+) -> None:
+    """A replica whose batch took an id but commits late holds the rows behind it back, however long."""
+    generation_id = await new_generation(db, 61)
+    first = await insert_log(db, 61, generation_id, "generation started (attempt 1)", "generation.started")
+    fanout = api.app[API].fanout
+    assert fanout is not None
+    slow = await asyncpg.connect(services.database_url)
+    try:
+        async with api.http.get(f"{api.url}/v1/orders/61/events", headers=auth()) as response:
+            stream = sse(response)
+
+            async def next_progress() -> Event:
+                async for event in stream:
+                    if event.kind != "comment":
+                        return event
+                raise AssertionError("the stream closed")
+
+            assert (await next_progress()).id == first
+            late = slow.transaction()
+            await late.start()  # this replica's row takes its id now and commits last
+            held = await insert_log(slow, 61, generation_id, "phase plan started", "phase.started", "plan")
+            after = await insert_log(db, 61, generation_id, "a row of another replica")
+            # The fan-out sees the hole, waits its grace, probes it and finds it held: it must wait on.
+            await wait_until(lambda fanout=fanout: fanout.holes_held >= 2)
+            assert fanout.delivered < held
+            await late.commit()
+            got = [await next_progress(), await next_progress()]
+            assert [e.id for e in got] == [held, after], "in id order, none lost"
+            # A hole nobody holds (a batch rolled back) is passed after its grace.
+            rolled_back = slow.transaction()
+            await rolled_back.start()
+            await insert_log(slow, 61, generation_id, "never committed")
+            await rolled_back.rollback()
+            last = await insert_log(db, 61, generation_id, "after the rolled-back batch")
+            assert (await next_progress()).id == last
+    finally:
+        await slow.close()

@@ -7,9 +7,12 @@ table is the durable record; the fan-out never waits for a client: each has a bo
 client whose queue is full is dropped (it reconnects with Last-Event-ID and replays from the table).
 
 Ids are taken from a sequence before their rows commit, so rows of different replicas can become
-visible out of id order. The fan-out delivers in id order and stops at a hole until the row behind it
-commits, or until `hole_grace_s` shows it never will (a rolled-back batch, the ids PostgreSQL skips
-after a restart): `delivered` is the high-water mark below which every row is known and delivered.
+visible out of id order. The fan-out delivers in id order and stops at a hole until the rows behind it
+commit. A hole still there after `hole_grace_s` is probed: the missing ids are inserted in a
+transaction that is always rolled back. If no transaction holds them, they never will be rows (a
+rolled-back batch, the ids PostgreSQL skips after a restart) and the fan-out moves past them; if one
+does, the probe waits on it, times out, and the fan-out waits on. `delivered` is the high-water mark
+below which every row is known and delivered.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ from worker.store import QUERIES
 
 CHANNEL = "site_generation_progress"
 READ_BATCH = 2000
+#: A hole wider than this is passed after its grace without a probe (nothing writes that many rows at once).
+PROBE_MAX_IDS = 10_000
+
+
+class _RolledBack(Exception):
+    pass
 
 
 @dataclass(eq=False)
@@ -89,6 +98,9 @@ class ProgressFanout:
         self.listening = False
         self.reconnects = 0
         self.dropped_clients = 0
+        #: Holes probed, and those that were still held by an open transaction.
+        self.hole_probes = 0
+        self.holes_held = 0
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._tried_listen = asyncio.Event()
@@ -210,18 +222,37 @@ class ProgressFanout:
             records = await conn.fetch(QUERIES["api_logs_after"], self.delivered, READ_BATCH)
         for record in records:
             row_id = record["id"]
-            if row_id != self.delivered + 1 and not self._hole_settled(self.delivered + 1):
-                return False  # wait for the missing row to commit (or for its grace to pass)
+            if row_id != self.delivered + 1 and not await self._hole_settled(self.delivered + 1, row_id - 1):
+                return False  # wait for the missing rows to commit
             self._hole = None
             self.delivered = row_id
             self._deliver(decode_row(record))
         return len(records) == READ_BATCH
 
-    def _hole_settled(self, missing: int) -> bool:
+    async def _hole_settled(self, first: int, last: int) -> bool:
+        """Whether the ids first..last will never be rows: no open transaction holds them (probed after a grace)."""
         now = time.monotonic()
-        if self._hole is None or self._hole[0] != missing:
-            self._hole = (missing, now)
-        return now - self._hole[1] >= self.hole_grace_s
+        if self._hole is None or self._hole[0] != first:
+            self._hole = (first, now)
+        if now - self._hole[1] < self.hole_grace_s:
+            return False
+        if last - first + 1 > PROBE_MAX_IDS:
+            return True
+        self.hole_probes += 1
+        try:
+            async with self.pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        await conn.execute("SET LOCAL lock_timeout = '200ms'")
+                        await conn.execute(QUERIES["api_probe_log_ids"], first, last)
+                        raise _RolledBack
+                except _RolledBack:
+                    return True
+        except (asyncpg.UniqueViolationError, asyncpg.LockNotAvailableError):
+            # Committed meanwhile (the next read takes it), or its transaction is still open: wait for it.
+            self.holes_held += 1
+            self._hole = (first, time.monotonic() - self.hole_grace_s / 2)  # probe again half a grace later
+            return False
 
     def _deliver(self, row: dict[str, Any]) -> None:
         followers = self.subscribers.get(row["order_id"])
