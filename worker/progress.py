@@ -99,8 +99,11 @@ class ProgressLog:
         row = ProgressRow(order_id, generation_id, phase, level, message, details or None, datetime.now(UTC))
         # Warnings and errors are logged at their level; the routine rows (a phase started or done)
         # at DEBUG: they are what `sitegen logs` shows, and echoing ~10 per site cost ~1 ms of CPU.
-        logger.bind(order_id=order_id, generation_id=generation_id, phase=phase).log(
-            _ECHO_LEVEL[level], "{}{}", message, f" {details}" if details else ""
+        # The kind goes to the record's context (a field of JSON lines), not into the echoed text.
+        shown = {k: v for k, v in details.items() if k != "event"}
+        context = {"event": details["event"]} if "event" in details else {}
+        logger.bind(order_id=order_id, generation_id=generation_id, phase=phase, **context).log(
+            _ECHO_LEVEL[level], "{}{}", message, f" {shown}" if shown else ""
         )
         self.pending.append(row)
         self.logged += 1
