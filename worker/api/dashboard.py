@@ -18,7 +18,7 @@ from aiohttp import web
 from loguru import logger
 
 from worker.api.app import API, SESSION_COOKIE, Api
-from worker.api.routes import TERMINAL, _fetch, _fetchrow, _generation, _order_id
+from worker.api.routes import TERMINAL, fetch_row, fetch_rows, generation_json, order_id_of
 from worker.store import PHASES
 
 STATIC = Path(__file__).parent / "static"
@@ -221,9 +221,9 @@ async def _overview(api: Api, role: str) -> str:
             replicas.append((name.rsplit(":", 1)[-1], health))
     except Exception as exc:
         redis_error = f"Redis did not answer: {type(exc).__name__}"
-    active = await _fetch(api, "dashboard_active")
-    failures = await _fetch(api, "dashboard_failures")
-    usage = await _fetch(api, "dashboard_usage")
+    active = await fetch_rows(api, "dashboard_active")
+    failures = await fetch_rows(api, "dashboard_failures")
+    usage = await fetch_rows(api, "dashboard_usage")
 
     running_by_replica: dict[str, list[str]] = {}
     for g in active:
@@ -351,14 +351,14 @@ async def overview_fragment(request: web.Request) -> web.Response:
 
 
 async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any] | None]:
-    found = await _fetchrow(api, "api_order", order_id)
+    found = await fetch_row(api, "api_order", order_id)
     if found is None:
         raise web.HTTPNotFound()
-    latest = await _fetchrow(api, "api_generations", order_id, 1)
+    latest = await fetch_row(api, "api_generations", order_id, 1)
     if latest is None:
         return '<p class="muted">No generation yet: it appears here once a replica starts the job.</p>', None
-    phases = await _fetch(api, "api_phases", latest["id"])
-    g = _generation(latest, phases)
+    phases = await fetch_rows(api, "api_phases", latest["id"])
+    g = generation_json(latest, phases)
     by_phase = {p["phase"]: p for p in phases}
     phase_rows = []
     for phase in PHASES:
@@ -426,7 +426,7 @@ async def order_page(request: web.Request) -> web.Response:
     role = _session_role(api, request)
     if role is None:
         return _html(_sign_in_page())
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     summary, g = await _order(api, order_id, role)
     terminal = "true" if g is not None and g["status"] in TERMINAL else "false"
     main = f"""<h1>Order {order_id}</h1>
@@ -441,5 +441,5 @@ async def order_page(request: web.Request) -> web.Response:
 
 async def order_fragment(request: web.Request) -> web.Response:
     role = _signed_in(request)
-    summary, _ = await _order(request.app[API], _order_id(request), role)
+    summary, _ = await _order(request.app[API], order_id_of(request), role)
     return _html(summary)

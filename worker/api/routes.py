@@ -52,7 +52,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/orders/{order_id}/site/{path:.*}", site_file)
 
 
-def _order_id(request: web.Request) -> int:
+def order_id_of(request: web.Request) -> int:
     raw = request.match_info["order_id"]
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
         bad_request(f"order_id must be a positive integer, got {raw[:40]!r}")
@@ -67,19 +67,19 @@ def _api(request: web.Request) -> Api:
     return request.app[API]
 
 
-async def _fetch(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
+async def fetch_rows(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
     assert api.pool is not None
     async with api.pool.acquire() as conn:
         return [dict(r) for r in await conn.fetch(QUERIES[query], *args)]
 
 
-async def _fetchrow(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
-    rows = await _fetch(api, query, *args)
+async def fetch_row(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
+    rows = await fetch_rows(api, query, *args)
     return rows[0] if rows else None
 
 
 async def _known_order(api: Api, order_id: int) -> dict[str, Any]:
-    found = await _fetchrow(api, "api_order", order_id)
+    found = await fetch_row(api, "api_order", order_id)
     if found is None:
         not_found(f"order {order_id} not found")
     return found
@@ -117,7 +117,7 @@ async def openapi(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- orders and generations
 
 
-def _generation(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     usage = row.get("usage") or {}
     out = {
         "generation_id": row["id"],
@@ -140,22 +140,22 @@ def _generation(row: dict[str, Any], phases: list[dict[str, Any]] | None = None)
 
 async def order(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "read")
     found = await _known_order(api, order_id)
-    latest = await _fetchrow(api, "api_generations", order_id, 1)
+    latest = await fetch_row(api, "api_generations", order_id, 1)
     body: dict[str, Any] = {"order_id": order_id, "has_brief": found["has_brief"], "created_at": found["created_at"]}
     if latest is None:
         body["generation"] = None
     else:
-        phases = await _fetch(api, "api_phases", latest["id"])
-        body["generation"] = _generation(latest, phases)
+        phases = await fetch_rows(api, "api_phases", latest["id"])
+        body["generation"] = generation_json(latest, phases)
     return _json(body)
 
 
 async def generations(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "read")
     await _known_order(api, order_id)
     try:
@@ -164,8 +164,8 @@ async def generations(request: web.Request) -> web.Response:
         bad_request("limit must be an integer")
     if not 1 <= limit <= 500:
         bad_request("limit must be between 1 and 500")
-    rows = await _fetch(api, "api_generations", order_id, limit)
-    return _json({"order_id": order_id, "generations": [_generation(r) for r in rows]})
+    rows = await fetch_rows(api, "api_generations", order_id, limit)
+    return _json({"order_id": order_id, "generations": [generation_json(r) for r in rows]})
 
 
 # --------------------------------------------------------------------------- live events (SSE)
@@ -211,7 +211,7 @@ class _Stream:
 
     async def ended(self) -> bool:
         """Send `end` if the order's latest generation is terminal and every row announcing its end was sent."""
-        state = await _fetchrow(self.api, "api_stream_end", self.order_id, sorted(END_EVENTS))
+        state = await fetch_row(self.api, "api_stream_end", self.order_id, sorted(END_EVENTS))
         self.end_check_at = None
         if state is None or state["status"] not in TERMINAL:
             return False
@@ -244,7 +244,7 @@ class _Stream:
 
     async def replay(self, upto: int) -> bool:
         while True:
-            rows = await _fetch(self.api, "api_replay", self.order_id, self.cursor, upto, REPLAY_PAGE)
+            rows = await fetch_rows(self.api, "api_replay", self.order_id, self.cursor, upto, REPLAY_PAGE)
             for row in rows:
                 if await self.send(row, live=False):
                     return True
@@ -279,7 +279,7 @@ class _Stream:
 
 async def events(request: web.Request) -> web.StreamResponse:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "read", order_id=order_id)
     cursor = _cursor(request)
     await _known_order(api, order_id)
@@ -288,7 +288,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse()
     try:
         if cursor is None:
-            start = (await _fetchrow(api, "api_stream_start", order_id) or {}).get("start_after")
+            start = (await fetch_row(api, "api_stream_start", order_id) or {}).get("start_after")
             cursor = upto if start is None else int(start)
         response.headers.update(
             {
@@ -354,7 +354,7 @@ async def _enqueue(api: Api, order_id: int, brief: dict[str, Any] | None, regene
 
 async def generate(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "write")
     body = await _body(request)
     unknown = sorted(set(body) - {"brief", "regenerate"})
@@ -370,7 +370,7 @@ async def generate(request: web.Request) -> web.Response:
         async with api.pool.acquire() as conn:  # so the order's events can be followed at once
             await conn.execute(QUERIES["ensure_order"], order_id)
     else:
-        found = await _fetchrow(api, "api_order", order_id)
+        found = await fetch_row(api, "api_order", order_id)
         if found is None:
             not_found(f"order {order_id} not found: send its brief with the first generate")
         if not found["has_brief"]:
@@ -380,7 +380,7 @@ async def generate(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "write")
     await _known_order(api, order_id)
     found = await api.store.request_cancel(order_id, "cancelled through the API")
@@ -396,7 +396,7 @@ async def cancel(request: web.Request) -> web.Response:
 
 async def retry(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "write")
     overview = await api.store.order_overview(order_id)
     if overview is None:
@@ -426,7 +426,7 @@ async def retry(request: web.Request) -> web.Response:
 
 async def stream_token(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "read")
     await _known_order(api, order_id)
     token, expires = api.tokens.stream_token(order_id, api.settings.api.stream_token_ttl_s)
@@ -452,10 +452,10 @@ def _site_path(request: web.Request) -> str:
 
 async def site_file(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     granted = api.require(request, "read", order_id=order_id)
     path = _site_path(request)
-    found = await _fetchrow(api, "api_site_file", order_id, path)
+    found = await fetch_row(api, "api_site_file", order_id, path)
     if found is None:
         not_found("no such file")
     response = web.Response(
@@ -486,9 +486,9 @@ async def site_file(request: web.Request) -> web.Response:
 
 async def site_zip(request: web.Request) -> web.Response:
     api = _api(request)
-    order_id = _order_id(request)
+    order_id = order_id_of(request)
     api.require(request, "read", order_id=order_id)
-    files = await _fetch(api, "api_site_files", order_id)
+    files = await fetch_rows(api, "api_site_files", order_id)
     if not files:
         not_found(f"order {order_id} has no succeeded site")
     buffer = io.BytesIO()
