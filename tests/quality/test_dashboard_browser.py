@@ -1,12 +1,14 @@
 """The dashboard and the progress API in real Chromium (playwright): sign in, enqueue, watch it succeed live.
 
 Skips, naming what is missing, without Chromium, playwright or axe-core (scripts/install-quality-tools.sh).
-Saves the screenshots the README shows under docs/.
+With SITEGEN_UPDATE_SCREENSHOTS=1 it saves the screenshots the README shows under docs/ (otherwise
+under the test's temporary folder, so a test run leaves the working tree as it was).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,9 @@ async def axe_violations(page: Any) -> list[str]:
 
 @pytest.mark.timeout(180)
 async def test_sign_in_enqueue_and_watch_an_order_succeed_live_with_no_console_error_and_axe_clean(
-    api: Running, chromium: Any, settings: Settings, start_worker: WorkerFactory
+    api: Running, chromium: Any, settings: Settings, start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
+    shots = DOCS if os.environ.get("SITEGEN_UPDATE_SCREENSHOTS") == "1" else tmp_path
     slow = settings.model_copy(deep=True)
     slow.ai.providers["offline"].latency_s = 0.7  # a few seconds of `running` to watch
     await start_worker(slow)
@@ -94,12 +97,12 @@ async def test_sign_in_enqueue_and_watch_an_order_succeed_live_with_no_console_e
         assert "ended: succeeded" in await page.locator("#stream-state").inner_text()
         assert await page.locator("#timeline li").count() >= 10
         assert await axe_violations(page) == [], "the order page"
-        await page.screenshot(path=str(DOCS / "dashboard-order.png"), full_page=True)
+        await page.screenshot(path=str(shots / "dashboard-order.png"), full_page=True)
 
         await page.goto(f"{api.url}/")
         await page.get_by_role("heading", name="Tokens and cost").wait_for()
         assert await axe_violations(page) == [], "the overview"
-        await page.screenshot(path=str(DOCS / "dashboard-overview.png"), full_page=True)
+        await page.screenshot(path=str(shots / "dashboard-overview.png"), full_page=True)
 
         await page.set_viewport_size({"width": 390, "height": 844})
         await page.goto(f"{api.url}/orders/80")
