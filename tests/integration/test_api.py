@@ -697,6 +697,14 @@ async def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(
             assert response.status == 200
         assert fanout.reconnects >= 1
 
+        # Redis away: a command answers 503 with a JSON error, never a bare 500 page.
+        await asyncio.to_thread(own_services.redis.stop)
+        async with api.http.post(
+            f"{api.url}/v1/orders/61/generate", headers=auth(WRITE), json={"brief": SAMPLE_BRIEF}
+        ) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["type"] == "unavailable"
+
 
 def test_api_settings_take_cors_origins_as_a_list_or_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SITEGEN_API__CORS_ORIGINS", "https://App.example.com, http://127.0.0.1:5173")

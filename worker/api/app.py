@@ -16,11 +16,13 @@ import asyncpg
 from aiohttp import web
 from arq import ArqRedis
 from loguru import logger
+from redis.exceptions import RedisError
 
 from worker import client
 from worker.api.auth import Role, Tokens, is_loopback
 from worker.api.fanout import ProgressFanout
 from worker.api.metrics import ApiMetrics
+from worker.errors import message_of
 from worker.settings import Settings
 from worker.store import Store, create_pool
 
@@ -179,6 +181,12 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         message = "no such endpoint" if exc.status == 404 else exc.reason
         response = error_response(exc.status, kind, message, {k: v for k, v in exc.headers.items() if k == "Allow"})
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
+        logger.warning("{} {}: a dependency did not answer: {}", request.method, request.path, message_of(exc))
+        response = error_response(503, "unavailable", "PostgreSQL or Redis did not answer; try again")
+    except Exception as exc:
+        logger.opt(exception=exc).error("{} {} failed", request.method, request.path)
+        response = error_response(500, "internal", f"{type(exc).__name__}: the server failed (see its log)")
     if not response.prepared:
         response.headers.update(cors_headers(request))
     return response
