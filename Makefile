@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install quality-tools demo test lint typecheck pytest soak services clean bench
+.PHONY: install quality-tools demo demo-serve test lint typecheck pytest soak services clean bench bench-sse
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sitegen-worker needs Python 3.11 or newer; set PYTHON=python3.11 (or newer)")'
@@ -25,6 +25,10 @@ quality-tools: install
 ## Generate the sample site with live progress (local services unless DATABASE_URL and REDIS_URL are set).
 demo: install quality-tools
 	$(BIN)/sitegen demo
+
+## `make demo`, then the dashboard and API on the demo's services (URL and a demo token printed) until Ctrl-C.
+demo-serve: install quality-tools
+	$(BIN)/sitegen demo --serve
 
 ## Lint, type-check and run every test against real PostgreSQL and Redis.
 test: lint typecheck pytest
@@ -52,6 +56,10 @@ services: install
 bench: install
 	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib py-spy
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## The sse scenario: 1,000 SSE clients on one `sitegen serve` while generations run (bench/results/SSE.md).
+bench-sse: install
+	$(BIN)/python -m bench.sse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) generated_sites .pytest_cache .mypy_cache .ruff_cache

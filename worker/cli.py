@@ -36,6 +36,7 @@ from worker.follow import follow_logs, follow_position
 from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
+from worker.progress import END_EVENTS, event_of
 from worker.screenshot import screenshot
 from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
 from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
@@ -46,9 +47,8 @@ T = TypeVar("T")
 
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 PHASE_STYLE = {"plan": "cyan", "content": "magenta", "code": "blue", "assemble": "green"}
-FINAL_MESSAGES = ("generation succeeded", "generation failed", "job rejected", "already generated")
-#: Progress rows after which `logs --follow` asks whether the order's generation has ended.
-END_MESSAGES = ("generation succeeded", "generation failed", "generation cancelled", "job rejected")
+#: Kinds of progress rows after which the demo stops following: its one job has ended.
+DEMO_FINAL_EVENTS = END_EVENTS | {"generation.already_done"}
 STATUS_STYLE = {
     "queued": "blue",
     "running": "cyan",
@@ -299,12 +299,12 @@ def logs(
         with progress:
             async for row in follow_logs(dsn, order_id, stop=stop):
                 _print_row(row)
-                _advance(progress, bar, row["message"])
+                _advance(progress, bar, row)
                 if (
                     watch_end
                     and not stop.is_set()
                     and row["id"] > history_end
-                    and row["message"].startswith(END_MESSAGES)
+                    and event_of(row) in END_EVENTS
                     and await _generation_ended(dsn, order_id, stop)
                 ):
                     stop.set()
@@ -312,17 +312,17 @@ def logs(
     _run(go())
 
 
-def _advance(progress: Progress, bar: TaskID, message: str) -> None:
-    """Move the phase bar on "generation started", "phase X started" and "phase X done" rows."""
-    words = message.split()
-    if message.startswith("generation started"):
+def _advance(progress: Progress, bar: TaskID, row: dict[str, Any]) -> None:
+    """Move the phase bar on rows of kind generation.started, phase.started and phase.done."""
+    event, phase = event_of(row), row["phase"]
+    if event == "generation.started":
         progress.update(bar, completed=0, description="generation started")
-    elif len(words) >= 3 and words[0] == "phase" and words[1] in PHASES:
-        index = PHASES.index(words[1])
-        if words[2] == "done":
-            progress.update(bar, completed=index + 1, description=f"phase {words[1]} done")
-        elif words[2] == "started":
-            progress.update(bar, completed=index, description=f"phase {words[1]}")
+    elif event in ("phase.started", "phase.done") and phase in PHASES:
+        index = PHASES.index(phase)
+        if event == "phase.done":
+            progress.update(bar, completed=index + 1, description=f"phase {phase} done")
+        else:
+            progress.update(bar, completed=index, description=f"phase {phase}")
 
 
 async def _generation_ended(dsn: str, order_id: int, stop: asyncio.Event, wait_s: float = 60) -> bool:
@@ -586,6 +586,37 @@ async def _cancel(settings: Settings, order_id: int) -> dict[str, Any] | None:
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: setting api.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: setting api.port; 0: any free port)")] = None,
+) -> None:
+    """Run the progress API and the dashboard (aiohttp) until Ctrl-C or SIGTERM.
+
+    Tokens come from the environment only: SITEGEN_API_READ_TOKENS and SITEGEN_API_WRITE_TOKENS
+    (comma-separated). Without any, it serves loopback addresses only, to anyone who can reach them.
+
+    Example: SITEGEN_API_WRITE_TOKENS=$(openssl rand -hex 24) sitegen serve --host 0.0.0.0
+    """
+    from worker.api.app import BindRefused
+    from worker.api.app import serve as run_api
+    from worker.api.auth import Tokens
+
+    settings = _settings()
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if updates:
+        settings = settings.model_copy(update={"api": settings.api.model_copy(update=updates)})
+    setup_logging(settings.log, replica="sitegen-api")
+    try:
+        run_api(settings, Tokens.from_env(), print_url=lambda url: console.print(f"serving on [bold]{url}[/]"))
+    except BindRefused as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        console.print(f"[bold red]cannot serve on {settings.api.host}:{settings.api.port}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def config() -> None:
     """Print the effective settings, secrets masked.
 
@@ -613,9 +644,15 @@ def demo(
             "answers one request with 429 and one with 500, so you watch the retries"
         ),
     ] = "offline",
+    serve: Annotated[
+        bool,
+        typer.Option("--serve", help="Then keep the dashboard and API running on the demo's services until Ctrl-C"),
+    ] = False,
+    port: Annotated[int, typer.Option(help="With --serve: port on 127.0.0.1 (0: any free port)")] = 8000,
 ) -> None:
     """Generate a real site end to end: local PostgreSQL and Redis (unless DATABASE_URL/REDIS_URL are set),
-    migrations, a worker, one sample order, live progress.
+    migrations, a worker, one sample order, live progress. With --serve, the dashboard and API stay up
+    (with a demo token, printed) until Ctrl-C.
 
     Example: sitegen demo --provider fake --order-id 7
     """
@@ -679,6 +716,8 @@ def demo(
         else:
             console.print("[yellow]no screenshot: Chromium is not installed (make quality-tools installs it)[/]")
         console.print(f"[dim]browse it: sitegen preview {order_id}[/]")
+        if serve:
+            _demo_serve(settings, order_id, port)
     finally:
         if worker_proc is not None and worker_proc.poll() is None:
             worker_proc.send_signal(signal.SIGTERM)
@@ -690,6 +729,27 @@ def demo(
             services.stop()
         if fake is not None:
             fake.stop()
+
+
+def _demo_serve(settings: Settings, order_id: int, port: int) -> None:
+    """The dashboard and API on the demo's services, with a write token made for this run, until Ctrl-C."""
+    import secrets
+
+    from worker.api.app import serve as run_api
+    from worker.api.auth import Tokens
+
+    token = secrets.token_urlsafe(24)  # shown once, here, for the person running the demo; never logged
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"host": "127.0.0.1", "port": port})})
+
+    def show(url: str) -> None:
+        console.print(
+            f"\n[bold green]dashboard:[/] {url}   (sign in with the demo token below; Ctrl-C stops everything)\n"
+            f"demo token (write): [bold]{token}[/]\n"
+            f"order page: {url}orders/{order_id}   events: curl -N -H 'Authorization: Bearer <token>' "
+            f"{url}v1/orders/{order_id}/events"
+        )
+
+    run_api(settings, Tokens(write=(token,)), print_url=show)
 
 
 def _fake_provider_env(url: str) -> dict[str, str]:
@@ -722,7 +782,7 @@ async def _demo_run(
         async def watch() -> None:
             async for row in follow_logs(settings.database.url, order_id, stop=stop, poll_s=0.5):
                 _print_row(row)
-                if row["message"].startswith(FINAL_MESSAGES):
+                if event_of(row) in DEMO_FINAL_EVENTS:
                     stop.set()
 
         async def guard() -> None:

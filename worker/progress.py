@@ -23,6 +23,21 @@ from worker.errors import message_of
 from worker.store import QUERIES
 
 Level = Literal["debug", "info", "warning", "error"]
+
+#: The machine-readable kind of a progress row is `details.event`; messages are for people and may change.
+#: Kinds the runner writes: generation.started, generation.resumed, phase.started, phase.done,
+#: retry.scheduled, handed_back, generation.succeeded, generation.failed, generation.cancelled,
+#: generation.superseded, generation.already_done, job.rejected, job.waiting, job.not_started, job.skipped,
+#: claim.warning, site.warning, site.restored, model.retry, model.fallback, model.answer_rejected.
+#: A row of one of these kinds announces that its generation ended (its status is then terminal).
+END_EVENTS = frozenset({"generation.succeeded", "generation.failed", "generation.cancelled", "job.rejected"})
+
+
+def event_of(row: dict[str, Any]) -> str | None:
+    """The kind of a progress row as read from the table (`details.event`), None for a row without one."""
+    details = row.get("details")
+    event = details.get("event") if isinstance(details, dict) else None
+    return event if isinstance(event, str) else None
 _ECHO_LEVEL = {"debug": "DEBUG", "info": "DEBUG", "warning": "WARNING", "error": "ERROR"}
 
 
@@ -84,8 +99,11 @@ class ProgressLog:
         row = ProgressRow(order_id, generation_id, phase, level, message, details or None, datetime.now(UTC))
         # Warnings and errors are logged at their level; the routine rows (a phase started or done)
         # at DEBUG: they are what `sitegen logs` shows, and echoing ~10 per site cost ~1 ms of CPU.
-        logger.bind(order_id=order_id, generation_id=generation_id, phase=phase).log(
-            _ECHO_LEVEL[level], "{}{}", message, f" {details}" if details else ""
+        # The kind goes to the record's context (a field of JSON lines), not into the echoed text.
+        shown = {k: v for k, v in details.items() if k != "event"}
+        context = {"event": details["event"]} if "event" in details else {}
+        logger.bind(order_id=order_id, generation_id=generation_id, phase=phase, **context).log(
+            _ECHO_LEVEL[level], "{}{}", message, f" {shown}" if shown else ""
         )
         self.pending.append(row)
         self.logged += 1

@@ -172,3 +172,106 @@ WHERE o.id = $1;
 -- `sitegen logs --follow`: the order's last progress row and whether a generation is queued or running.
 SELECT coalesce((SELECT max(id) FROM site_generation_logs WHERE order_id = $1), 0)::bigint AS last_log_id,
        EXISTS (SELECT 1 FROM site_generations WHERE order_id = $1 AND status IN ('queued', 'running')) AS active;
+
+-- ---------------------------------------------------------------------------------------------------
+-- `sitegen serve` (worker/api/): reads for the progress API and the dashboard.
+
+-- name: api_order
+SELECT id, brief IS NOT NULL AS has_brief, created_at, updated_at FROM site_orders WHERE id = $1;
+
+-- name: api_generations
+-- An order's generations, newest first, with the pages of each one's manifest.
+SELECT g.id, g.status, g.current_phase, g.attempt, g.error, g.usage, g.replica_id,
+       g.created_at, g.started_at, g.finished_at,
+       coalesce((SELECT p.output -> 'pages' FROM site_generation_phases p
+                 WHERE p.generation_id = g.id AND p.phase = 'assemble'), '[]'::jsonb) AS pages
+FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT $2;
+
+-- name: api_phases
+SELECT phase, duration_ms, usage, completed_at FROM site_generation_phases
+WHERE generation_id = $1 ORDER BY completed_at, phase;
+
+-- name: api_logs_max_id
+SELECT coalesce(max(id), 0)::bigint FROM site_generation_logs;
+
+-- name: api_logs_after
+-- The fan-out's read: every progress row after the last one it delivered, of any order, by id.
+SELECT id, order_id, generation_id, phase, level, message, details, created_at
+FROM site_generation_logs WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: api_probe_log_ids
+-- Whether ids $1..$2 of the progress log will never be rows: run in a transaction that is rolled back.
+-- An id held by an open transaction makes this wait (and time out); a committed one violates the key.
+INSERT INTO site_generation_logs (id, order_id, level, message)
+SELECT i, 0, 'debug', 'sitegen-api probe (never committed)' FROM generate_series($1::bigint, $2::bigint) AS i;
+
+-- name: api_replay
+-- One order's rows in (after, upto], by id: what an SSE client missed, up to where the fan-out took over.
+SELECT id, order_id, generation_id, phase, level, message, details, created_at
+FROM site_generation_logs WHERE order_id = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4;
+
+-- name: api_stream_start
+-- Where a stream without Last-Event-ID starts: just before the first row of the order's latest generation.
+SELECT (SELECT min(l.id) - 1 FROM site_generation_logs l WHERE l.order_id = $1 AND l.generation_id = g.id) AS start_after
+FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT 1;
+
+-- name: api_stream_end
+-- The order's latest generation, and the last row announcing its end (one of the kinds in $2), if written.
+SELECT g.id, g.status, EXTRACT(EPOCH FROM now() - g.finished_at)::float8 AS finished_s_ago,
+       (SELECT max(l.id) FROM site_generation_logs l
+        WHERE l.order_id = g.order_id AND l.generation_id = g.id AND l.details ->> 'event' = ANY($2::text[])) AS end_id
+FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT 1;
+
+-- name: api_site_file
+-- A file of the order's latest succeeded generation.
+SELECT f.content, f.media_type, f.sha256 FROM site_files f
+WHERE f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND status = 'succeeded'
+                         ORDER BY id DESC LIMIT 1)
+  AND f.path = $2;
+
+-- name: api_site_files
+SELECT f.generation_id, f.path, f.content FROM site_files f
+WHERE f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND status = 'succeeded'
+                         ORDER BY id DESC LIMIT 1)
+ORDER BY f.path;
+
+-- name: announce_cancelled
+-- A queued generation cancelled at once has no replica to say so: its progress row announcing the end.
+WITH row AS (
+    INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, replica_id)
+    VALUES ($1, $2, NULL, 'warning', $3::text, jsonb_build_object('event', 'generation.cancelled'), $4::text)
+    RETURNING id, order_id, generation_id, phase, level, message, created_at
+)
+SELECT pg_notify('site_generation_progress', json_build_object(
+           'id', id, 'order_id', order_id, 'generation_id', generation_id, 'phase', phase,
+           'level', level, 'message', left(message, 200), 'created_at', created_at)::text)
+FROM row;
+
+-- name: dashboard_active
+-- Queued and running generations with how many phases each has committed.
+SELECT g.id, g.order_id, g.status, g.current_phase, g.attempt, g.replica_id, g.created_at, g.started_at,
+       (SELECT count(*) FROM site_generation_phases p WHERE p.generation_id = g.id) AS phases_done
+FROM site_generations g WHERE g.status IN ('queued', 'running') ORDER BY g.id LIMIT 200;
+
+-- name: dashboard_failures
+-- Failures of the last 24 hours by error type, with the latest order of each.
+SELECT coalesce(error ->> 'type', 'Error') AS type, count(*) AS count, max(finished_at) AS last_at,
+       (array_agg(order_id ORDER BY finished_at DESC NULLS LAST))[1] AS order_id
+FROM site_generations
+WHERE status = 'failed' AND finished_at > now() - interval '24 hours'
+GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 50;
+
+-- name: dashboard_usage
+-- Tokens and cost of the phases committed today (UTC) and over 7 days, by phase.
+SELECT phase,
+       sum(CASE WHEN completed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                THEN coalesce((usage ->> 'input_tokens')::bigint, 0) + coalesce((usage ->> 'output_tokens')::bigint, 0)
+                ELSE 0 END)::bigint AS today_tokens,
+       sum(CASE WHEN completed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                THEN coalesce((usage ->> 'cost_usd')::float8, 0) ELSE 0 END)::float8 AS today_cost,
+       sum(coalesce((usage ->> 'input_tokens')::bigint, 0) + coalesce((usage ->> 'output_tokens')::bigint, 0))::bigint
+           AS week_tokens,
+       sum(coalesce((usage ->> 'cost_usd')::float8, 0))::float8 AS week_cost
+FROM site_generation_phases
+WHERE completed_at > now() - interval '7 days' AND phase <> 'assemble'
+GROUP BY phase;

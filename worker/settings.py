@@ -11,12 +11,13 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -309,6 +310,36 @@ class MetricsSection(_Section):
     )
 
 
+class ApiSection(_Section):
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address `sitegen serve` listens on; a non-loopback one needs API tokens "
+        "(SITEGEN_API_READ_TOKENS / SITEGEN_API_WRITE_TOKENS, environment only)",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of the progress API and dashboard")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port]) allowed to call the API cross-origin (default: none)",
+    )
+    stream_token_ttl_s: float = Field(
+        default=900, gt=0, le=7 * 86400, description="How long a stream token (one order's events and site) is valid"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_as_list(cls, value: Any) -> Any:
+        return _route_list(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+                raise ValueError(f"expected origins like https://app.example.com, got {origin!r}")
+        return [origin.lower() for origin in origins]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SITEGEN_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
@@ -322,6 +353,7 @@ class Settings(BaseSettings):
     ai: AISection = Field(default_factory=AISection)
     log: LogSection = Field(default_factory=LogSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    api: ApiSection = Field(default_factory=ApiSection)
 
     @classmethod
     def settings_customise_sources(

@@ -335,6 +335,10 @@ class Store:
         """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(QUERIES["request_cancel"], order_id, reason)
+            if row is not None and row["status"] == "cancelled":
+                # No replica holds a queued generation to log its end: its progress row says it here.
+                message = f"generation cancelled: {reason}"
+                await conn.execute(QUERIES["announce_cancelled"], order_id, row["id"], message, self.replica_id)
         return dict(row) if row else None
 
     async def cancel_requested(self, claim: Claim) -> bool:

@@ -42,9 +42,15 @@ BIN = Path(sys.executable).parent
 
 
 async def insert_log(
-    conn: asyncpg.Connection, order_id: int, generation_id: int | None, phase: str | None, level: str, message: str
+    conn: asyncpg.Connection,
+    order_id: int,
+    generation_id: int | None,
+    phase: str | None,
+    level: str,
+    message: str,
+    event: str | None = None,
 ) -> None:
-    """A progress row written (and announced) the way the worker's progress log writes it."""
+    """A progress row written (and announced) the way the worker's progress log writes it, of kind `event`."""
     await conn.execute(
         QUERIES["insert_logs"],
         [order_id],
@@ -52,7 +58,7 @@ async def insert_log(
         [None if phase is None else json.dumps(phase)],  # jsonb[]: the query takes its texts as JSON strings
         [json.dumps(level)],
         [json.dumps(message)],
-        [None],
+        [None if event is None else json.dumps({"event": event})],
         [datetime.now(UTC)],
         "test",
     )
@@ -305,8 +311,8 @@ async def test_logs_follow_survives_a_postgres_restart_and_stops_when_the_genera
     async def connect() -> asyncpg.Connection:
         return await asyncpg.connect(services.database_url)
 
-    async def log(conn: asyncpg.Connection, message: str, phase: str | None = None) -> None:
-        await insert_log(conn, 95, generation_id, phase, "info", message)
+    async def log(conn: asyncpg.Connection, message: str, phase: str | None = None, event: str | None = None) -> None:
+        await insert_log(conn, 95, generation_id, phase, "info", message, event)
 
     conn = await connect()
     try:
@@ -360,10 +366,11 @@ async def test_logs_follow_survives_a_postgres_restart_and_stops_when_the_genera
             await conn.execute(
                 "UPDATE site_generations SET status = 'succeeded', finished_at = now() WHERE id = $1", generation_id
             )
-            await log(conn, "generation succeeded")
+            # The end is recognised by the row's kind, not its text (messages are for people).
+            await log(conn, "the site is ready", event="generation.succeeded")
         finally:
             await conn.close()
-        await read_until("generation succeeded", 20)
+        await read_until("the site is ready", 20)
         code = await asyncio.wait_for(follower.wait(), 20)  # stops by itself: the generation ended
     finally:
         if follower.returncode is None:
@@ -398,7 +405,7 @@ async def test_logs_follow_keep_goes_on_after_the_generation_ends(
     )
     try:
         await db.execute("UPDATE site_generations SET status = 'failed' WHERE id = $1", generation_id)
-        await insert_log(db, 94, generation_id, None, "error", "generation failed: Boom: no")
+        await insert_log(db, 94, generation_id, None, "error", "generation failed: Boom: no", "generation.failed")
         assert follower.stdout is not None
         line = await asyncio.wait_for(follower.stdout.readline(), 20)
         assert b"generation failed" in line

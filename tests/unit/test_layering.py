@@ -46,3 +46,16 @@ def test_importing_the_phases_does_not_load_the_store() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_api_imports_the_store_and_the_client_never_the_pipeline() -> None:
+    """Issue 16: `sitegen serve` is a web face of its own (STYLE.md, "a web face that stays small")."""
+    code = (
+        "import sys, worker.api.app, worker.api.routes, worker.api.dashboard; "
+        "print(sorted(m for m in sys.modules if m.startswith(('worker.pipeline', 'worker.ai.'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"the API loads the pipeline or the AI providers: {out.stdout}"

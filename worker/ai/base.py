@@ -199,6 +199,7 @@ class AIRouter:
                     await notify(
                         f"{request.task}: provider {provider.name} {why}; falling back to {following.name}",
                         level="warning",
+                        event="model.fallback",
                         provider=provider.name,
                         fallback=following.name,
                     )

@@ -447,6 +447,7 @@ class HTTPProvider:
                     await notify(
                         f"{request.task}: {exc}; retrying in {wait:.1f}s ({attempt + 1}/{self.config.max_retries})",
                         level="warning",
+                        event="model.retry",
                         provider=self.name,
                         status=exc.status,
                     )

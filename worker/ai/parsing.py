@@ -158,6 +158,7 @@ async def ask_model(
         await notify(
             f"{task} answer rejected (attempt {attempt + 1} of {max_retries + 1})",
             level="warning",
+            event="model.answer_rejected",
             provider=reply.provider,
             model=reply.model,
             problem=problem[:2000],

@@ -235,7 +235,7 @@ class GenerationRun:
             if self.rt.draining.is_set():
                 raise ShuttingDown(f"stopping before phase {phase}")
             started = time.monotonic()
-            await self.log(f"phase {phase} started")
+            await self.log(f"phase {phase} started", event="phase.started")
             with (
                 self.rt.metrics.phase(phase),
                 logger.contextualize(generation_id=self.claim.generation_id, phase=phase),
@@ -243,10 +243,14 @@ class GenerationRun:
                 output, usage = await self._run_phase(phase, brief, started)
             self.outputs[phase] = output
             await self.log(
-                f"phase {phase} done", duration_ms=round((time.monotonic() - started) * 1000), **usage.as_dict()
+                f"phase {phase} done",
+                event="phase.done",
+                duration_ms=round((time.monotonic() - started) * 1000),
+                **usage.as_dict(),
             )
         self.phase = None
-        await self.log("generation succeeded", output_dir=self.result("succeeded")["output_dir"])
+        output_dir = self.result("succeeded")["output_dir"]
+        await self.log("generation succeeded", event="generation.succeeded", output_dir=output_dir)
         return self.result("succeeded")
 
     async def _run_phase(self, phase: str, brief: Brief, started: float) -> tuple[Any, Usage]:
@@ -304,7 +308,7 @@ class GenerationRun:
         )
         self.ready.clear()
         for warning in manifest.warnings:  # embeds removed from the pages, logged before the files are written
-            await self.log(warning, level="warning")
+            await self.log(warning, level="warning", event="site.warning")
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
         # never a generation marked done without its files.
         target = await self.rt.writer.write(self.rt.output_root, self.order_id, files)
@@ -446,27 +450,35 @@ async def run_generation(
         await _fail_before_start(rt, order_id, exc, job_id=job_id)
         raise
     except OrderBusy as exc:
-        await log(f"waiting: {exc}", level="info")
+        await log(f"waiting: {exc}", level="info", event="job.waiting")
         raise RetryLater(exc.retry_after_s + 1, exc) from exc
     except AttemptsExhausted as exc:  # the claim stored the failure on the generation
         logger.error("order {}: {}", order_id, exc)
-        await log(f"generation failed: {exc}", level="error", generation_id=exc.details["generation_id"])
+        await log(
+            f"generation failed: {exc}",
+            level="error",
+            event="generation.failed",
+            generation_id=exc.details["generation_id"],
+        )
         raise
     except Exception as exc:
         logger.opt(exception=exc).warning("order {}: could not claim a generation", order_id)
-        await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning")
+        await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning", event="job.not_started")
         if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
             raise RetryLater(backoff_s(settings, job_try), exc) from exc
         raise
 
     run = GenerationRun(rt, order_id, claim, job_try=job_try)
     if claim.kind == "cancelled":
-        await run.log("generation was cancelled before this job could run: nothing to do", level="warning")
+        await run.log(
+            "generation was cancelled before this job could run: nothing to do", level="warning", event="job.skipped"
+        )
         return run.result("cancelled")
     if claim.kind == "ended":  # this job outlived its generation in Redis (its end could not be recorded)
         await run.log(
             f"generation {claim.generation_id} already ended {claim.status}: this job has nothing left to do",
             level="warning",
+            event="job.skipped",
         )
         return run.result(str(claim.status))
     remaining = [p for p in PHASES if p not in claim.checkpoints]
@@ -477,11 +489,17 @@ async def run_generation(
     if claim.kind == "done":
         return await _already_done(rt, run)
     for warning in claim.warnings:
-        await run.log(warning, level="warning")
+        await run.log(warning, level="warning", event="claim.warning")
     if claim.kind == "resumed":
-        await run.log(f"generation resumed at phase {remaining[0]} (attempt {claim.attempt})", attempt=claim.attempt)
+        await run.log(
+            f"generation resumed at phase {remaining[0]} (attempt {claim.attempt})",
+            event="generation.resumed",
+            attempt=claim.attempt,
+        )
     else:
-        await run.log(f"generation started (attempt {claim.attempt})", attempt=claim.attempt)
+        await run.log(
+            f"generation started (attempt {claim.attempt})", event="generation.started", attempt=claim.attempt
+        )
 
     rt.heartbeat.track(claim, job_id)
     try:
@@ -497,7 +515,7 @@ async def run_generation(
         await asyncio.shield(_interrupted(run))
         raise
     except ClaimLost as exc:
-        await run.log(f"stopped: {exc}", level="warning")
+        await run.log(f"stopped: {exc}", level="warning", event="generation.superseded")
         return run.result("superseded")
     except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
         logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
@@ -526,11 +544,17 @@ async def run_generation(
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
                 level="warning",
+                event="retry.scheduled",
                 error=_short(error),
             )
             raise RetryLater(defer, exc) from exc
         await _store_quietly(rt.store.fail_generation(claim, error))
-        await run.log(f"generation failed: {error['type']}: {error['message']}", level="error", error=_short(error))
+        await run.log(
+            f"generation failed: {error['type']}: {error['message']}",
+            level="error",
+            event="generation.failed",
+            error=_short(error),
+        )
         raise
     finally:
         rt.heartbeat.forget(claim)
@@ -554,6 +578,7 @@ async def _cancel(run: GenerationRun) -> None:
     await run.log(
         f"generation cancelled at phase {run.phase}; committed phases kept: {', '.join(committed) or 'none'}",
         level="warning",
+        event="generation.cancelled",
     )
 
 
@@ -572,7 +597,7 @@ async def _hand_back(run: GenerationRun, reason: str) -> None:
     await _store_quietly(
         run.rt.store.release_generation(run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase})
     )
-    await run.log(f"handed back at phase {run.phase}: {reason}", level="warning")
+    await run.log(f"handed back at phase {run.phase}: {reason}", level="warning", event="handed_back")
 
 
 async def _fail_before_start(rt: Runtime, order_id: int, exc: InputError, *, job_id: str | None) -> None:
@@ -585,7 +610,12 @@ async def _fail_before_start(rt: Runtime, order_id: int, exc: InputError, *, job
         except Exception as store_exc:
             logger.opt(exception=store_exc).error("could not store the rejected job's error")
     await rt.progress.log(
-        order_id, f"job rejected: {error['message']}", generation_id=generation_id, level="error", error=_short(error)
+        order_id,
+        f"job rejected: {error['message']}",
+        generation_id=generation_id,
+        level="error",
+        event="job.rejected",
+        error=_short(error),
     )
 
 
@@ -595,7 +625,10 @@ async def _already_done(rt: Runtime, run: GenerationRun) -> dict[str, Any]:
     if not site_is_complete(root, run.order_id):
         files = await rt.store.load_files(run.claim.generation_id)
         await rt.writer.write(root, run.order_id, files)
-        await run.log("site restored on disk from the stored files", level="warning")
+        await run.log("site restored on disk from the stored files", level="warning", event="site.restored")
     Manifest.model_validate(run.outputs["assemble"])
-    await run.log("already generated: nothing to do (enqueue with regenerate=true for a new site)")
+    await run.log(
+        "already generated: nothing to do (enqueue with regenerate=true for a new site)",
+        event="generation.already_done",
+    )
     return run.result("succeeded")

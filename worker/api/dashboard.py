@@ -1,0 +1,445 @@
+"""The operators' dashboard (`GET /`): server-rendered pages with a little plain JavaScript for the live parts.
+
+Sign-in exchanges an API token for a signed, HttpOnly, SameSite=Strict session cookie; the pages then
+call the same API as any frontend (the cookie authenticates them, and a write needs the dashboard's
+own request header, so another page cannot make a signed-in browser post). Every asset is served
+from `static/`: no CDN, no build step.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from worker.api.app import API, SESSION_COOKIE, Api
+from worker.api.routes import TERMINAL, fetch_row, fetch_rows, generation_json, order_id_of
+from worker.store import PHASES
+
+STATIC = Path(__file__).parent / "static"
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+TASK_OF_PHASE = {"plan": "planning", "content": "content", "code": "coding"}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", overview_page)
+    app.router.add_get("/orders/{order_id}", order_page)
+    app.router.add_post("/session", sign_in)
+    app.router.add_post("/session/end", sign_out)
+    app.router.add_get("/dashboard/overview", overview_fragment)
+    app.router.add_get("/dashboard/orders/{order_id}", order_fragment)
+    app.router.add_static("/static/", STATIC, append_version=True)
+
+
+# --------------------------------------------------------------------------- pages and sessions
+
+
+def _html(body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=body,
+        status=status,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": PAGE_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def _page(title: str, main: str, *, role: str | None, page: str, data: str = "") -> str:
+    nav = ""
+    if role is not None:
+        sign_out = (
+            '<form method="post" action="/session/end" class="inline">'
+            '<button type="submit" class="link">Sign out</button></form>'
+        )
+        nav = (
+            f'<nav aria-label="Main"><a href="/">Overview</a>'
+            f'<span class="role role-{role}">{escape(role)} access</span>{sign_out}</nav>'
+        )
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)} · sitegen</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/static/dashboard.css">
+<script src="/static/dashboard.js" defer></script>
+</head>
+<body data-page="{page}" {data}>
+<header class="top"><a class="brand" href="/">sitegen</a>{nav}</header>
+<main id="main">
+{main}
+</main>
+</body>
+</html>
+"""
+
+
+def _session_role(api: Api, request: web.Request) -> str | None:
+    if not api.tokens.configured:
+        return "write"
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return api.tokens.session_role(cookie) if cookie else None
+
+
+def _sign_in_page(error: str = "") -> str:
+    alert = f'<p class="alert" role="alert">{escape(error)}</p>' if error else ""
+    main = f"""<section class="card narrow">
+<h1>Sign in</h1>
+<p>Paste a read or write API token (<code>SITEGEN_API_READ_TOKENS</code> or
+<code>SITEGEN_API_WRITE_TOKENS</code>). It is exchanged for a session cookie and not stored.</p>
+{alert}
+<form method="post" action="/session">
+<label for="token">API token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
+<button type="submit">Sign in</button>
+</form>
+</section>"""
+    return _page("Sign in", main, role=None, page="sign-in")
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    api = request.app[API]
+    form = await request.post()
+    token = str(form.get("token", "")).strip()
+    role = api.tokens.role_of(token) if token and api.tokens.configured else None
+    if role is None:
+        logger.info("dashboard: a sign-in with an unknown token was refused")  # never the token itself
+        return _html(_sign_in_page("That token is not valid."), status=401)
+    response = web.HTTPSeeOther("/")
+    response.set_cookie(
+        SESSION_COOKIE,
+        api.tokens.session(role, api.options.session_ttl_s),
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/",
+        max_age=int(api.options.session_ttl_s),
+    )
+    raise response
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther("/")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+def _signed_in(request: web.Request) -> str:
+    role = _session_role(request.app[API], request)
+    if role is None:
+        raise web.HTTPSeeOther("/")
+    return role
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "—"
+    return f'<time datetime="{value.isoformat()}">{value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")} UTC</time>'
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "—"
+    seconds = max((datetime.now(UTC) - value).total_seconds(), 0)
+    text = (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
+    return f'<time datetime="{value.isoformat()}">{text} ago</time>'
+
+
+def _status(status: str | None, *, live_id: str = "") -> str:
+    status = status or "none"
+    ident = f' id="{live_id}"' if live_id else ""
+    return f'<span class="status status-{escape(status)}"{ident}>{escape(status)}</span>'
+
+
+def _tokens(usage: dict[str, Any] | None) -> str:
+    usage = usage or {}
+    return f"{int(usage.get('input_tokens', 0)) + int(usage.get('output_tokens', 0)):,}"
+
+
+def _cost(value: Any) -> str:
+    return f"${float(value or 0):.4f}"
+
+
+def _progress(done: int) -> str:
+    return (
+        f'<progress max="{len(PHASES)}" value="{done}" aria-label="phases done">{done} of {len(PHASES)}</progress>'
+        f' <span class="muted">{done}/{len(PHASES)}</span>'
+    )
+
+
+def _table(caption: str, head: list[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return f'<p class="muted">{escape(empty)}</p>'
+    header = "".join(f'<th scope="col">{escape(h)}</th>' for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return (
+        f'<div class="scroll" tabindex="0" role="region" aria-label="{escape(caption)}">'
+        f'<table><caption class="sr-only">{escape(caption)}</caption>'
+        f"<thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
+# --------------------------------------------------------------------------- overview
+
+
+async def _overview(api: Api, role: str) -> str:
+    assert api.redis is not None
+    queue = api.settings.worker.queue_name
+    now_ms = int(time.time() * 1000)
+    replicas: list[tuple[str, str]] = []
+    depth = deferred = 0
+    redis_error = ""
+    try:
+        depth = int(await api.redis.zcard(queue))
+        deferred = int(await api.redis.zcount(queue, now_ms + 1, "+inf"))
+        async for key in api.redis.scan_iter(match=f"{queue}:health-check:*", count=200):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            value = await api.redis.get(name)
+            health = value.decode() if isinstance(value, bytes) else str(value or "")
+            replicas.append((name.rsplit(":", 1)[-1], health))
+    except Exception as exc:
+        redis_error = f"Redis did not answer: {type(exc).__name__}"
+    active = await fetch_rows(api, "dashboard_active")
+    failures = await fetch_rows(api, "dashboard_failures")
+    usage = await fetch_rows(api, "dashboard_usage")
+
+    running_by_replica: dict[str, list[str]] = {}
+    for g in active:
+        if g["status"] == "running" and g["replica_id"]:
+            link = f'<a href="/orders/{g["order_id"]}">{g["order_id"]}</a>'
+            running_by_replica.setdefault(g["replica_id"], []).append(link)
+    replica_rows = [
+        [escape(name), escape(health[:120]) or "—", ", ".join(running_by_replica.get(name, [])) or "—"]
+        for name, health in sorted(replicas)
+    ]
+    active_rows = [
+        [
+            f'<a href="/orders/{g["order_id"]}">Order {g["order_id"]}</a>',
+            _status(g["status"]),
+            escape(g["current_phase"] or "—"),
+            _progress(int(g["phases_done"])),
+            str(g["attempt"]),
+            escape(g["replica_id"] or "—"),
+            _ago(g["started_at"] or g["created_at"]),
+        ]
+        for g in active
+    ]
+    failure_rows = [
+        [
+            escape(f["type"] or "Error"),
+            str(f["count"]),
+            _ago(f["last_at"]),
+            f'<a href="/orders/{f["order_id"]}">{f["order_id"]}</a>',
+        ]
+        for f in failures
+    ]
+    routed = {phase: (api.settings.ai.routing.get(task) or ["?"])[0] for phase, task in TASK_OF_PHASE.items()}
+    totals: dict[str, dict[str, float]] = {}
+    for u in usage:
+        provider = routed.get(u["phase"], "none")
+        entry = totals.setdefault(provider, {"today_tokens": 0, "today_cost": 0.0, "week_tokens": 0, "week_cost": 0.0})
+        entry["today_tokens"] += u["today_tokens"]
+        entry["today_cost"] += u["today_cost"]
+        entry["week_tokens"] += u["week_tokens"]
+        entry["week_cost"] += u["week_cost"]
+    usage_rows = [
+        [
+            escape(p),
+            f"{int(t['today_tokens']):,}",
+            _cost(t["today_cost"]),
+            f"{int(t['week_tokens']):,}",
+            _cost(t["week_cost"]),
+        ]
+        for p, t in sorted(totals.items())
+    ]
+    redis_note = f'<p class="alert" role="status">{escape(redis_error)}</p>' if redis_error else ""
+    enqueue = _enqueue_form() if role == "write" else ""
+    return f"""<h1>Overview</h1>
+{redis_note}
+<div class="stats">
+<p class="stat"><span class="stat-value" id="replica-count">{len(replicas)}</span> replicas alive</p>
+<p class="stat"><span class="stat-value">{depth}</span> jobs in the queue</p>
+<p class="stat"><span class="stat-value">{deferred}</span> deferred</p>
+<p class="stat"><span class="stat-value">{sum(1 for g in active if g["status"] == "running")}</span> running</p>
+</div>
+<section class="card" aria-labelledby="h-active"><h2 id="h-active">Queued and running generations</h2>
+{
+        _table(
+            "Active generations",
+            ["order", "status", "phase", "progress", "attempt", "replica", "since"],
+            active_rows,
+            "Nothing is queued or running.",
+        )
+    }
+</section>
+<section class="card" aria-labelledby="h-replicas"><h2 id="h-replicas">Replicas</h2>
+{
+        _table(
+            "Replicas",
+            ["replica", "health", "running orders"],
+            replica_rows,
+            "No replica is alive (no health key in Redis).",
+        )
+    }
+</section>
+<section class="card" aria-labelledby="h-failures"><h2 id="h-failures">Failures in the last 24 hours</h2>
+{_table("Failures by error type", ["error type", "count", "last", "latest order"], failure_rows, "No failure.")}
+</section>
+<section class="card" aria-labelledby="h-usage"><h2 id="h-usage">Tokens and cost</h2>
+{
+        _table(
+            "Tokens and cost by provider",
+            ["provider (as routed)", "tokens today", "cost today", "tokens 7 days", "cost 7 days"],
+            usage_rows,
+            "No model calls in the last 7 days.",
+        )
+    }
+</section>
+{enqueue}"""
+
+
+def _enqueue_form() -> str:
+    return """<section class="card" aria-labelledby="h-enqueue"><h2 id="h-enqueue">Generate a site</h2>
+<form id="enqueue" class="stack">
+<label for="order-id">Order id</label>
+<input id="order-id" name="order_id" type="number" min="1" required>
+<label for="brief">Brief (JSON; leave empty to use the order's stored brief)</label>
+<textarea id="brief" name="brief" rows="6" spellcheck="false"></textarea>
+<label class="check"><input id="regenerate" name="regenerate" type="checkbox"> Regenerate even if it succeeded</label>
+<button type="submit">Enqueue</button>
+<p id="enqueue-result" role="status" aria-live="polite"></p>
+</form>
+</section>"""
+
+
+async def overview_page(request: web.Request) -> web.Response:
+    api = request.app[API]
+    role = _session_role(api, request)
+    if role is None:
+        return _html(_sign_in_page())
+    return _html(_page("Overview", await _overview(api, role), role=role, page="overview"))
+
+
+async def overview_fragment(request: web.Request) -> web.Response:
+    role = _signed_in(request)
+    return _html(await _overview(request.app[API], role))
+
+
+# --------------------------------------------------------------------------- order page
+
+
+async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any] | None]:
+    found = await fetch_row(api, "api_order", order_id)
+    if found is None:
+        raise web.HTTPNotFound()
+    latest = await fetch_row(api, "api_generations", order_id, 1)
+    if latest is None:
+        return '<p class="muted">No generation yet: it appears here once a replica starts the job.</p>', None
+    phases = await fetch_rows(api, "api_phases", latest["id"])
+    g = generation_json(latest, phases)
+    by_phase = {p["phase"]: p for p in phases}
+    phase_rows = []
+    for phase in PHASES:
+        p = by_phase.get(phase)
+        phase_rows.append(
+            [
+                escape(phase),
+                "done" if p else ("running" if g["current_phase"] == phase and g["status"] == "running" else "—"),
+                f"{p['duration_ms']:,} ms" if p and p["duration_ms"] is not None else "—",
+                _tokens(p["usage"]) if p else "—",
+                _cost((p["usage"] or {}).get("cost_usd")) if p else "—",
+            ]
+        )
+    error = ""
+    if g["error"]:
+        e = g["error"]
+        trace = e.get("traceback") or ""
+        folded = f"<details><summary>Traceback</summary><pre>{escape(str(trace))}</pre></details>" if trace else ""
+        error = (
+            f'<section class="card error" aria-labelledby="h-error"><h2 id="h-error">Error</h2>'
+            f"<p><strong>{escape(str(e.get('type', 'Error')))}</strong>: {escape(str(e.get('message', '')))}"
+            f"{' (phase ' + escape(str(e['phase'])) + ')' if e.get('phase') else ''}</p>{folded}</section>"
+        )
+    actions = ""
+    if role == "write":
+        buttons = ""
+        if g["status"] in ("queued", "running"):
+            buttons += '<button type="button" data-action="cancel">Cancel</button>'
+        if g["status"] in ("failed", "cancelled"):
+            buttons += '<button type="button" data-action="retry">Retry</button>'
+        actions = (
+            f'<div class="actions">{buttons}<span id="action-result" role="status" aria-live="polite"></span></div>'
+        )
+
+    preview = ""
+    if g["status"] == "succeeded":
+        preview = (
+            f'<section class="card" aria-labelledby="h-preview"><h2 id="h-preview">Preview</h2>'
+            f'<p><a href="/v1/orders/{order_id}/site/">Open the site</a> · '
+            f'<a href="/v1/orders/{order_id}/site.zip">Download it (zip)</a></p>'
+            f'<iframe title="Preview of the site of order {order_id}" src="/v1/orders/{order_id}/site/" '
+            f'sandbox="allow-same-origin" loading="lazy"></iframe></section>'
+        )
+    summary = f"""<dl class="facts">
+<div><dt>Status</dt><dd>{_status(g["status"], live_id="live-status")}</dd></div>
+<div><dt>Phase</dt><dd id="live-phase">{escape(g["current_phase"] or "—")}</dd></div>
+<div><dt>Progress</dt><dd id="live-progress">{_progress(len(phases))}</dd></div>
+<div><dt>Generation</dt><dd>{g["generation_id"]} (attempt {g["attempt"]})</dd></div>
+<div><dt>Tokens</dt><dd>{_tokens(g["usage"])}</dd></div>
+<div><dt>Cost</dt><dd>{_cost(g["cost_usd"])}</dd></div>
+<div><dt>Started</dt><dd>{_when(g["started_at"])}</dd></div>
+<div><dt>Finished</dt><dd>{_when(g["finished_at"])}</dd></div>
+</dl>
+{actions}
+<section class="card" aria-labelledby="h-phases"><h2 id="h-phases">Phases</h2>
+{_table("Phases", ["phase", "state", "duration", "tokens", "cost"], phase_rows, "")}
+</section>
+{error}
+{preview}"""
+    return summary, g
+
+
+async def order_page(request: web.Request) -> web.Response:
+    api = request.app[API]
+    role = _session_role(api, request)
+    if role is None:
+        return _html(_sign_in_page())
+    order_id = order_id_of(request)
+    summary, g = await _order(api, order_id, role)
+    terminal = "true" if g is not None and g["status"] in TERMINAL else "false"
+    main = f"""<h1>Order {order_id}</h1>
+<div id="summary">{summary}</div>
+<section class="card" aria-labelledby="h-timeline"><h2 id="h-timeline">Progress</h2>
+<p id="stream-state" class="muted" role="status" aria-live="polite">Connecting…</p>
+<ol id="timeline" class="timeline" tabindex="0" aria-label="Progress log"></ol>
+</section>"""
+    data = f'data-order="{order_id}" data-terminal="{terminal}"'
+    return _html(_page(f"Order {order_id}", main, role=role, page="order", data=data))
+
+
+async def order_fragment(request: web.Request) -> web.Response:
+    role = _signed_in(request)
+    summary, _ = await _order(request.app[API], order_id_of(request), role)
+    return _html(summary)

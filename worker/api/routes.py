@@ -1,0 +1,505 @@
+"""The progress API's endpoints (docs/api.md): orders, generations, live events, commands, the site, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import time
+import zipfile
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import web
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
+from pydantic import ValidationError
+
+from worker import client
+from worker.api.app import API, SITE_COOKIE, Api, ApiError, bad_request, conflict, cors_headers, not_found
+from worker.api.fanout import Subscriber
+from worker.api.openapi import openapi_document
+from worker.models import Brief
+from worker.progress import END_EVENTS, event_of
+from worker.store import ACTIVE, QUERIES
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: Served site files may not run script, be framed by other sites, or reach anything but their own files.
+SITE_CSP = (
+    "default-src 'none'; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; font-src 'self' data: https:; "
+    "media-src 'self' https:; script-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'; "
+    "sandbox allow-same-origin allow-popups allow-popups-to-escape-sandbox"
+)
+_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=@-]+$")
+REPLAY_PAGE = 1000
+#: How often a stream whose generation ended asks again while a job for the order is still in Redis.
+JOB_RECHECK_S = 0.25
+EVENT_FIELDS = ("id", "order_id", "generation_id", "phase", "level", "message", "details", "created_at")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/v1/orders/{order_id}", order)
+    app.router.add_get("/v1/orders/{order_id}/generations", generations)
+    app.router.add_get("/v1/orders/{order_id}/events", events)
+    app.router.add_post("/v1/orders/{order_id}/generate", generate)
+    app.router.add_post("/v1/orders/{order_id}/cancel", cancel)
+    app.router.add_post("/v1/orders/{order_id}/retry", retry)
+    app.router.add_post("/v1/orders/{order_id}/stream-token", stream_token)
+    app.router.add_get("/v1/orders/{order_id}/site.zip", site_zip)
+    app.router.add_get("/v1/orders/{order_id}/site/{path:.*}", site_file)
+
+
+def order_id_of(request: web.Request) -> int:
+    raw = request.match_info["order_id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
+        bad_request(f"order_id must be a positive integer, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _api(request: web.Request) -> Api:
+    return request.app[API]
+
+
+async def fetch_rows(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
+    assert api.pool is not None
+    async with api.pool.acquire() as conn:
+        return [dict(r) for r in await conn.fetch(QUERIES[query], *args)]
+
+
+async def fetch_row(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
+    rows = await fetch_rows(api, query, *args)
+    return rows[0] if rows else None
+
+
+async def _known_order(api: Api, order_id: int) -> dict[str, Any]:
+    found = await fetch_row(api, "api_order", order_id)
+    if found is None:
+        not_found(f"order {order_id} not found")
+    return found
+
+
+# --------------------------------------------------------------------------- health, metrics, openapi
+
+
+async def healthz(request: web.Request) -> web.Response:
+    api = _api(request)
+    checks: dict[str, Any] = {"listen": bool(api.fanout and api.fanout.listening)}
+    try:
+        assert api.pool is not None
+        async with asyncio.timeout(2):
+            async with api.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        checks["postgresql"] = True
+    except Exception:
+        checks["postgresql"] = False
+    ok = all(checks.values())
+    return _json({"status": "ok" if ok else "unavailable", **checks}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    api = _api(request)
+    api.require(request, "read")
+    return web.Response(body=api.metrics.exposition(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    _api(request).require(request, "read")
+    return _json(openapi_document())
+
+
+# --------------------------------------------------------------------------- orders and generations
+
+
+def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    usage = row.get("usage") or {}
+    out = {
+        "generation_id": row["id"],
+        "status": row["status"],
+        "current_phase": row["current_phase"],
+        "attempt": row["attempt"],
+        "error": row["error"],
+        "usage": {k: v for k, v in usage.items() if k != "by_phase"},
+        "cost_usd": usage.get("cost_usd", 0),
+        "pages": row.get("pages") or [],
+        "replica_id": row.get("replica_id"),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+    if phases is not None:
+        out["phases"] = phases
+    return out
+
+
+async def order(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    found = await _known_order(api, order_id)
+    latest = await fetch_row(api, "api_generations", order_id, 1)
+    body: dict[str, Any] = {"order_id": order_id, "has_brief": found["has_brief"], "created_at": found["created_at"]}
+    if latest is None:
+        body["generation"] = None
+    else:
+        phases = await fetch_rows(api, "api_phases", latest["id"])
+        body["generation"] = generation_json(latest, phases)
+    return _json(body)
+
+
+async def generations(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    await _known_order(api, order_id)
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        bad_request("limit must be an integer")
+    if not 1 <= limit <= 500:
+        bad_request("limit must be between 1 and 500")
+    rows = await fetch_rows(api, "api_generations", order_id, limit)
+    return _json({"order_id": order_id, "generations": [generation_json(r) for r in rows]})
+
+
+# --------------------------------------------------------------------------- live events (SSE)
+
+
+def _event_bytes(row: dict[str, Any]) -> bytes:
+    data = {k: row[k] for k in EVENT_FIELDS}
+    return b"id: %d\nevent: progress\ndata: %s\n\n" % (row["id"], orjson.dumps(data))
+
+
+def _cursor(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID")
+    what = "Last-Event-ID"
+    if raw is None or not raw.strip():
+        raw, what = request.query.get("after"), "after"
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        bad_request(f"{what} must be a progress row id (a non-negative integer), got {raw[:40]!r}")
+    return int(raw)
+
+
+class _Stream:
+    """One SSE client: replay from the table up to the fan-out's mark, then the fan-out's rows, then `end`."""
+
+    def __init__(self, api: Api, response: web.StreamResponse, order_id: int, cursor: int) -> None:
+        self.api = api
+        self.response = response
+        self.order_id = order_id
+        self.cursor = cursor
+        #: When to ask again whether the generation ended without a row saying so (monotonic), if pending.
+        self.end_check_at: float | None = None
+
+    async def send(self, row: dict[str, Any], *, live: bool) -> bool:
+        """Write one row (skipping what the client has); True when the stream must end after it."""
+        if row["id"] <= self.cursor:
+            return False
+        await self.response.write(_event_bytes(row))
+        self.cursor = row["id"]
+        self.api.metrics.sent(row, live=live)
+        return event_of(row) in END_EVENTS and await self.ended()
+
+    async def ended(self) -> bool:
+        """Send `end` if the order's latest generation is terminal and every row announcing its end was sent."""
+        state = await fetch_row(self.api, "api_stream_end", self.order_id, sorted(END_EVENTS))
+        self.end_check_at = None
+        if state is None or state["status"] not in TERMINAL:
+            return False
+        end_id = state["end_id"]
+        if end_id is None:
+            # The status changed and no row says so yet: the worker's buffered writer may still commit
+            # it, or nobody will (a generation ended outside the runner): wait a bounded time for it.
+            waited = state["finished_s_ago"] or 0.0
+            if waited < self.api.options.end_wait_s:
+                self.end_check_at = time.monotonic() + self.api.options.end_wait_s - waited
+                return False
+        elif end_id > self.cursor:
+            return False  # the row is on its way (the fan-out delivers it)
+        if await self._job_pending():
+            # A job for the order is queued or running (a regenerate or retry just sent): its generation
+            # is the one to follow, and it exists once a replica claims the job.
+            self.end_check_at = time.monotonic() + JOB_RECHECK_S
+            return False
+        payload = orjson.dumps({"status": state["status"], "generation_id": state["id"]})
+        await self.response.write(b"event: end\ndata: %s\n\n" % payload)
+        return True
+
+    async def _job_pending(self) -> bool:
+        assert self.api.redis is not None
+        job = client.job_id(self.order_id)
+        try:
+            return bool(await self.api.redis.exists(job_key_prefix + job, in_progress_key_prefix + job))
+        except Exception:  # Redis away: PostgreSQL alone decides
+            return False
+
+    async def replay(self, upto: int) -> bool:
+        while True:
+            rows = await fetch_rows(self.api, "api_replay", self.order_id, self.cursor, upto, REPLAY_PAGE)
+            for row in rows:
+                if await self.send(row, live=False):
+                    return True
+            if len(rows) < REPLAY_PAGE:
+                return await self.ended()
+
+    async def live(self, subscriber: Subscriber) -> None:
+        keepalive = self.api.options.keepalive_s
+        last_write = time.monotonic()
+        while not subscriber.overflowed:
+            now = time.monotonic()
+            deadline = last_write + keepalive
+            if self.end_check_at is not None:
+                deadline = min(deadline, self.end_check_at)
+            try:
+                async with asyncio.timeout(max(deadline - now, 0)):
+                    await subscriber.wake.wait()
+            except TimeoutError:
+                if self.end_check_at is not None and time.monotonic() >= self.end_check_at and await self.ended():
+                    return
+                if time.monotonic() - last_write >= keepalive:
+                    await self.response.write(b": keep-alive\n\n")
+                    last_write = time.monotonic()
+                continue
+            subscriber.wake.clear()
+            while subscriber.rows and not subscriber.overflowed:
+                row = subscriber.rows.popleft()
+                if await self.send(row, live=True):
+                    return
+                last_write = time.monotonic()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read", order_id=order_id)
+    cursor = _cursor(request)
+    await _known_order(api, order_id)
+    assert api.fanout is not None
+    subscriber, upto = api.fanout.subscribe(order_id, api.options.client_queue)
+    response = web.StreamResponse()
+    try:
+        if cursor is None:
+            start = (await fetch_row(api, "api_stream_start", order_id) or {}).get("start_after")
+            cursor = upto if start is None else int(start)
+        response.headers.update(
+            {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache, no-transform",
+                "X-Accel-Buffering": "no",  # nginx: pass events on as they come
+                **cors_headers(request),
+            }
+        )
+        transport = request.transport
+        if transport is not None:
+            # A client that cannot keep up is cut off, so its unread rows never hold memory or others up.
+            subscriber.on_overflow = transport.abort
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        stream = _Stream(api, response, order_id, cursor)
+        if not await stream.replay(upto):
+            await stream.live(subscriber)
+        return response
+    except ConnectionError:  # the client went away (or was cut off for falling behind)
+        return response
+    finally:
+        api.fanout.unsubscribe(subscriber)
+
+
+# --------------------------------------------------------------------------- commands (write)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        bad_request(f"the body is not JSON: {exc}")
+    if not isinstance(data, dict):
+        bad_request("the body must be a JSON object")
+    return data
+
+
+def _valid_brief(raw: Any, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ApiError(400, "invalid_brief", "brief: must be a JSON object")
+    size = len(orjson.dumps(raw))
+    if size > max_bytes:
+        raise ApiError(400, "invalid_brief", f"brief: {size:,} bytes, over the limit of {max_bytes:,}")
+    if b"\\u0000" in orjson.dumps(raw):
+        raise ApiError(400, "invalid_brief", "brief: a NUL character (\\u0000) is not allowed")
+    try:
+        return Brief.model_validate(raw).model_dump(mode="json")
+    except ValidationError as exc:
+        problems = [f"brief.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+        raise ApiError(400, "invalid_brief", "; ".join(problems[:10])) from None
+
+
+async def _enqueue(api: Api, order_id: int, brief: dict[str, Any] | None, regenerate: bool) -> dict[str, Any]:
+    assert api.redis is not None
+    job = await client.enqueue_generation(
+        api.redis, order_id, brief, regenerate, queue_name=api.settings.worker.queue_name
+    )
+    return {"job_id": client.job_id(order_id), "queued": job is not None}
+
+
+async def generate(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "write")
+    body = await _body(request)
+    unknown = sorted(set(body) - {"brief", "regenerate"})
+    if unknown:
+        bad_request(f"unknown field(s): {', '.join(unknown)} (expected brief, regenerate)")
+    regenerate = body.get("regenerate", False)
+    if not isinstance(regenerate, bool):
+        bad_request("regenerate: must be true or false")
+    brief = None
+    if body.get("brief") is not None:
+        brief = _valid_brief(body["brief"], api.settings.limits.max_brief_bytes)
+        assert api.pool is not None
+        async with api.pool.acquire() as conn:  # so the order's events can be followed at once
+            await conn.execute(QUERIES["ensure_order"], order_id)
+    else:
+        found = await fetch_row(api, "api_order", order_id)
+        if found is None:
+            not_found(f"order {order_id} not found: send its brief with the first generate")
+        if not found["has_brief"]:
+            bad_request(f"brief: order {order_id} has no stored brief, send one")
+    return _json(await _enqueue(api, order_id, brief, regenerate), status=202)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "write")
+    await _known_order(api, order_id)
+    found = await api.store.request_cancel(order_id, "cancelled through the API")
+    if found is None:
+        conflict(f"order {order_id} has no queued or running generation")
+    if found["status"] != "cancelled":
+        assert api.redis is not None
+        # Interrupts a model call in flight; the generation sees the request and ends `cancelled`.
+        await api.redis.zadd(abort_jobs_ss, {client.job_id(order_id): int(time.time() * 1000)})
+    status = "cancelled" if found["status"] == "cancelled" else "cancel_requested"
+    return _json({"order_id": order_id, "generation_id": found["id"], "status": status}, status=202)
+
+
+async def retry(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "write")
+    overview = await api.store.order_overview(order_id)
+    if overview is None:
+        not_found(f"order {order_id} not found")
+    if not overview["has_brief"]:
+        conflict(f"order {order_id} has no stored brief: generate it with a brief")
+    if overview["status"] == "succeeded":
+        conflict(
+            f"the latest generation of order {order_id} ({overview['generation_id']}) succeeded: nothing to retry "
+            "(generate with regenerate=true for a fresh site)"
+        )
+    queued = await _enqueue(api, order_id, None, False)
+    resumes = overview["status"] in ACTIVE
+    return _json(
+        {
+            **queued,
+            "previous_generation_id": overview["generation_id"],
+            "previous_status": overview["status"],
+            "resumes": resumes,
+        },
+        status=202,
+    )
+
+
+# --------------------------------------------------------------------------- stream tokens and the site
+
+
+async def stream_token(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    await _known_order(api, order_id)
+    token, expires = api.tokens.stream_token(order_id, api.settings.api.stream_token_ttl_s)
+    return _json({"token": token, "expires_at": expires, "order_id": order_id})
+
+
+def _site_path(request: web.Request) -> str:
+    """The site path asked for, or 404 for anything that is not a plain relative path inside the site."""
+    raw = request.raw_path.split("?", 1)[0]
+    marker = "/site/"
+    tail = raw[raw.index(marker) + len(marker) :] if marker in raw else ""
+    lowered = tail.lower()
+    if any(bad in lowered for bad in ("%2e", "%2f", "%5c", "%00", "\\", "//")) or tail.startswith("/"):
+        not_found("no such file")
+    path = unquote(tail) or "index.html"
+    if path.endswith("/"):
+        path += "index.html"
+    segments = path.split("/")
+    if any(s in ("", ".", "..") or not _SEGMENT.match(s) for s in segments):
+        not_found("no such file")
+    return path
+
+
+async def site_file(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    granted = api.require(request, "read", order_id=order_id)
+    path = _site_path(request)
+    found = await fetch_row(api, "api_site_file", order_id, path)
+    if found is None:
+        not_found("no such file")
+    response = web.Response(
+        body=found["content"],
+        headers={
+            "Content-Type": found["media_type"],
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": SITE_CSP,
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "private, no-cache",
+            "ETag": f'"{found["sha256"]}"',
+        },
+    )
+    token = request.query.get("token")
+    if granted == "stream" and token:
+        # The page's relative links and assets carry no ?token=: a cookie for this order's site path does.
+        response.set_cookie(
+            f"{SITE_COOKIE}_{order_id}",
+            token,
+            path=f"/v1/orders/{order_id}/site/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            max_age=max(int(api.tokens.stream_grant(token).expires_at - time.time()), 1),  # type: ignore[union-attr]
+        )
+    return response
+
+
+async def site_zip(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read", order_id=order_id)
+    files = await fetch_rows(api, "api_site_files", order_id)
+    if not files:
+        not_found(f"order {order_id} has no succeeded site")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for f in files:
+            archive.writestr(f"order-{order_id}/{f['path']}", f["content"])
+    return web.Response(
+        body=buffer.getvalue(),
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="order-{order_id}-site.zip"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
