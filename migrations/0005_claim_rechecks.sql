@@ -11,6 +11,10 @@ ALTER TABLE site_generations ADD COLUMN retry_at timestamptz;
 -- the generation's own job, or older, and never starts another generation.
 ALTER TABLE site_generations ADD COLUMN job_enqueued_at timestamptz;
 
+-- Hand-backs that were not the generation's fault (it waited for a provider's budget, or its replica
+-- was draining for a shutdown): they do not count towards worker.max_attempts.
+ALTER TABLE site_generations ADD COLUMN spared_attempts integer NOT NULL DEFAULT 0;
+
 -- The sweeper pages through the active generations by id.
 CREATE INDEX site_generations_active_by_id ON site_generations (id) WHERE status IN ('queued', 'running');
 
@@ -40,8 +44,9 @@ WHERE p.generation_id = g.id AND p.phase = 'assemble' AND g.status IN ('queued',
 --   does no work: Redis still holds it when arq could not record its end (an outage), and
 --   PostgreSQL, the record, says it is done. Both times come from the same clock, the enqueuer's.
 -- * p_max_attempts: a generation whose `attempt` (claims so far, by any replica and job, the
---   sweeper's included) has reached it is failed here, atomically, with an error naming the
---   attempts and its last error, instead of being claimed again. NULL: no limit.
+--   sweeper's included), less its spared attempts (hand-backs that were not its fault: a wait for
+--   a provider's budget, a shutdown's drain), has reached it is failed here, atomically, with an
+--   error naming the attempts and its last error, instead of being claimed again. NULL: no limit.
 -- * An active generation whose last phase is committed is finished, never resumed.
 --
 -- Outcomes: "started" | "resumed" | "done" | "busy" | "not_found" | "no_brief" | "cancelled" |
@@ -85,7 +90,7 @@ BEGIN
     -- generation that its holder changed in the meantime, and the next pass sees that change.
     FOR pass IN 1..5 LOOP
         SELECT g.id, g.status, g.attempt, g.brief, g.output_dir, g.replica_id, g.claim_token, g.error,
-               g.current_phase, g.cancel_requested_at,
+               g.current_phase, g.cancel_requested_at, g.attempt - g.spared_attempts AS counted_attempts,
                (p_enqueued_at IS NOT NULL AND g.job_enqueued_at IS NOT NULL
                 AND p_enqueued_at <= g.job_enqueued_at) AS own_job,
                GREATEST(EXTRACT(EPOCH FROM g.lease_expires_at - now()), 0)::float8 AS lease_left_s,
@@ -118,7 +123,7 @@ BEGIN
                 RETURN jsonb_build_object(
                     'outcome', 'busy', 'generation_id', latest.id,
                     'replica_id', latest.replica_id, 'lease_left_s', latest.lease_left_s);
-            ELSIF p_max_attempts IS NOT NULL AND latest.attempt >= p_max_attempts THEN
+            ELSIF p_max_attempts IS NOT NULL AND latest.counted_attempts >= p_max_attempts THEN
                 -- A running generation here has a lapsed lease: its last attempt ended without a word.
                 last_error := CASE
                     WHEN latest.status = 'running' THEN jsonb_build_object(
@@ -131,11 +136,11 @@ BEGIN
                 failure := jsonb_build_object(
                     'type', 'AttemptsExhausted',
                     'message', format('gave up after %s attempts (setting worker.max_attempts = %s); last error: %s',
-                                      latest.attempt, p_max_attempts,
+                                      latest.counted_attempts, p_max_attempts,
                                       coalesce((last_error ->> 'type') || ': ' || (last_error ->> 'message'),
                                                'none stored')),
                     'phase', latest.current_phase,
-                    'details', jsonb_build_object('attempts', latest.attempt, 'max_attempts', p_max_attempts,
+                    'details', jsonb_build_object('attempts', latest.counted_attempts, 'max_attempts', p_max_attempts,
                                                   'last_error', last_error));
                 UPDATE site_generations
                 SET status = 'failed', error = failure, finished_at = now(), claim_token = NULL,

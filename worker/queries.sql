@@ -65,9 +65,11 @@ WHERE id = $1 AND claim_token = $2 AND status = 'running';
 
 -- name: release_generation
 -- Hands a generation back for a later try, due in $4 seconds: its committed phases stay, the claim goes.
+-- $5: the hand-back was not the generation's fault, so this attempt does not count (worker.max_attempts).
 UPDATE site_generations
 SET status = 'queued', error = $3, claim_token = NULL, lease_expires_at = NULL,
-    retry_at = now() + make_interval(secs => $4)
+    retry_at = now() + make_interval(secs => $4),
+    spared_attempts = spared_attempts + CASE WHEN $5::boolean THEN 1 ELSE 0 END
 WHERE id = $1 AND claim_token = $2 AND status = 'running';
 
 -- name: settle_assembled

@@ -304,9 +304,15 @@ class Store:
         """End the generation `failed` with its error; a minimal error if PostgreSQL refuses the full one."""
         await self._with_error("fail_generation", claim, error)
 
-    async def release_generation(self, claim: Claim, error: dict[str, Any] | None, *, retry_in_s: float = 0) -> None:
-        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that)."""
-        await self._with_error("release_generation", claim, error, retry_in_s)
+    async def release_generation(
+        self, claim: Claim, error: dict[str, Any] | None, *, retry_in_s: float = 0, spare: bool = False
+    ) -> None:
+        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that).
+
+        `spare`: not the generation's fault (a wait for budget, a draining replica): this attempt does
+        not count towards `worker.max_attempts`.
+        """
+        await self._with_error("release_generation", claim, error, retry_in_s, spare)
 
     async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None, *args: Any) -> None:
         try:

@@ -343,6 +343,7 @@ class GenerationModel(RuleBasedStateMachine):
                 c.token,
                 {"type": "ModelError", "message": "model: release"},
                 0,
+                False,  # an attempt that counts towards max_attempts
             )
         return await conn.fetchrow(returning("cancel_generation"), c.generation_id, c.token, "model: cancelled", phase)
 

@@ -348,3 +348,29 @@ async def test_a_generation_waiting_for_its_deferred_retry_is_not_stale(store: S
     assert [g async for g in store.stale_generations()] == [], "within a lease of its due time"
     await db.execute("UPDATE site_generations SET retry_at = now() - interval '31 seconds'")
     assert [g["id"] async for g in store.stale_generations()] == [claim.generation_id]
+
+
+async def test_hand_backs_for_budget_or_shutdown_do_not_count_towards_max_attempts(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """Issue 15 part 2 with issue 14 defect 10: a generation that waits for a provider's budget, or is
+    handed back by a draining replica, is not at fault; only attempts that ended otherwise count."""
+    pool = await create_pool(settings.database, max_size=2, name="spared")
+    store = Store(pool, replica_id="r0", lease_s=30)
+    try:
+
+        async def claim() -> Claim:
+            return await store.claim_generation(523, SAMPLE_BRIEF, regenerate=False, job_id="job-523", max_attempts=2)
+
+        current = await claim()
+        for _ in range(4):  # four hand-backs for budget or a shutdown: past max_attempts, and still claimed
+            await store.release_generation(current, {"type": "BudgetWaitExceeded", "message": "no budget"}, spare=True)
+            current = await claim()
+        assert current.kind == "resumed" and current.attempt == 5
+        await store.release_generation(current, {"type": "AIUnavailable", "message": "HTTP 503"})
+        current = await claim()  # the second counted attempt
+        await store.release_generation(current, {"type": "AIUnavailable", "message": "HTTP 503"})
+        with pytest.raises(AttemptsExhausted, match="gave up after 2 attempts"):
+            await claim()
+    finally:
+        await pool.close()

@@ -505,7 +505,7 @@ async def run_generation(
     try:
         return await run.run()
     except ShuttingDown:
-        await _hand_back(run, f"replica {settings.worker.replica} is shutting down")
+        await _hand_back(run, f"replica {settings.worker.replica} is shutting down", spare=True)
         raise RetryLater(0.0, ShuttingDown("handed back for another replica")) from None
     except CancelRequested:
         await _cancel(run)
@@ -520,11 +520,14 @@ async def run_generation(
     except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
         logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
         defer = max(backoff_s(settings, job_try), min(exc.retry_after_s, settings.ai.max_retry_defer_s))
-        await _store_quietly(rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer))
+        await _store_quietly(
+            rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer, spare=True)
+        )
         await run.log(
             f"phase {run.phase} handed back after waiting for {exc.provider}'s budget; "
             f"will retry in {defer:.1f}s: {exc}",
             level="info",
+            event="retry.scheduled",
             provider=exc.provider,
             budget=exc.budget,
             retry_in_s=round(defer, 1),
@@ -590,12 +593,18 @@ async def _interrupted(run: GenerationRun) -> None:
     if cancel:
         await _cancel(run)
     else:
-        await _hand_back(run, "interrupted (worker shutting down, job aborted or timed out)")
+        # A shutdown past its grace period is not the generation's fault; an abort or arq's timeout is.
+        await _hand_back(
+            run, "interrupted (worker shutting down, job aborted or timed out)", spare=run.rt.draining.is_set()
+        )
 
 
-async def _hand_back(run: GenerationRun, reason: str) -> None:
+async def _hand_back(run: GenerationRun, reason: str, *, spare: bool) -> None:
+    """Give the generation back for a later try; `spare`: not its fault (its attempt does not count)."""
     await _store_quietly(
-        run.rt.store.release_generation(run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase})
+        run.rt.store.release_generation(
+            run.claim, {"type": "Interrupted", "message": reason, "phase": run.phase}, spare=spare
+        )
     )
     await run.log(f"handed back at phase {run.phase}: {reason}", level="warning", event="handed_back")
 
