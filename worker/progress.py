@@ -28,7 +28,8 @@ Level = Literal["debug", "info", "warning", "error"]
 #: Kinds the runner writes: generation.started, generation.resumed, phase.started, phase.done,
 #: retry.scheduled, handed_back, generation.succeeded, generation.failed, generation.cancelled,
 #: generation.superseded, generation.already_done, job.rejected, job.waiting, job.not_started, job.skipped,
-#: claim.warning, site.warning, site.restored, model.retry, model.fallback, model.answer_rejected.
+#: claim.warning, site.warning, site.restored, model.retry, model.fallback, model.answer_rejected,
+#: model.budget_wait; the sweeper writes job.requeued.
 #: A row of one of these kinds announces that its generation ended (its status is then terminal).
 END_EVENTS = frozenset({"generation.succeeded", "generation.failed", "generation.cancelled", "job.rejected"})
 

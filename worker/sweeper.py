@@ -38,6 +38,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
             f"{generation['current_phase']} with no job in the queue; re-enqueued",
             generation_id=generation["id"],
             level="warning",
+            event="job.requeued",
         )
     if requeued:
         logger.info("sweeper re-enqueued {} generation(s)", requeued)

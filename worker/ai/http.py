@@ -471,6 +471,7 @@ class _Allowance:
             await notify(
                 f"waiting for {limiter.name}: {limiter.what(budget)} (about {expected_s:.0f}s)",
                 level="info",
+                event="model.budget_wait",
                 provider=limiter.name,
                 budget=budget,
                 wait_s=round(expected_s, 1),
