@@ -13,6 +13,7 @@ from arq.jobs import SerializationError
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, cli_env, order_job, remote, run_sitegen, with_ai
 from worker import client
+from worker.ai import limits
 from worker.ai.fake_server import FakeProviderServer
 from worker.services import LocalServices
 from worker.settings import Settings
@@ -91,6 +92,7 @@ async def test_cancel_of_a_generation_waiting_for_a_deferred_retry_sticks(
     assert code == 0 and "cancelled" in out, out
     # The clock: the deferred retry (an hour away) is due now.
     assert await redis.zadd(client.QUEUE_NAME, {client.job_id(82): time.time() * 1000}, xx=True, ch=True) == 1
+    await redis.delete(limits.keys("remote")["pause"])  # and the provider's pause after its 429 is over
 
     result = await order_job(redis, 82).result(timeout=30, poll_delay=0.05)
 

@@ -21,6 +21,7 @@ from arq.jobs import SerializationError
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, remote, wait_for_result, with_ai
 from worker import client
+from worker.ai import limits
 from worker.ai.fake_server import FakeProviderServer
 from worker.settings import Settings
 
@@ -68,6 +69,7 @@ async def test_a_regenerate_jobs_deferred_retry_resumes_its_own_generation(
         await asyncio.sleep(0.05)
     # The clock: its deferred retry (an hour away) is due now.
     assert await redis.zadd(client.QUEUE_NAME, {client.job_id(92): time.time() * 1000}, xx=True, ch=True) == 1
+    await redis.delete(limits.keys("remote")["pause"])  # and the provider's pause after its 429 is over
     result = await wait_for_result(redis, 92)
 
     assert result["status"] == "succeeded" and result["generation_id"] == 2
