@@ -52,14 +52,16 @@ soak: install
 services: install
 	$(BIN)/python -m worker.services
 
-## Benchmarks against real worker processes: writes bench/results/RESULTS.md and charts (BENCH_ARGS=--check ...).
+## Benchmarks against real worker processes: writes bench/results/RESULTS.md and charts (BENCH_ARGS=--check ...),
+## then the sse scenario (bench/results/SSE.md; SSE_ARGS for its options).
 bench: install
 	$(BIN)/pip install --quiet --disable-pip-version-check matplotlib py-spy
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.sse $(SSE_ARGS)
 
-## The sse scenario: 1,000 SSE clients on one `sitegen serve` while generations run (bench/results/SSE.md).
+## The sse scenario alone: 1,000 SSE clients on one `sitegen serve` while generations run (bench/results/SSE.md).
 bench-sse: install
-	$(BIN)/python -m bench.sse $(BENCH_ARGS)
+	$(BIN)/python -m bench.sse $(SSE_ARGS)
 
 clean:
 	rm -rf $(VENV) generated_sites .pytest_cache .mypy_cache .ruff_cache

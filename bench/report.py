@@ -58,6 +58,12 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
                if cpu_bound and not ok else "")
         add(f"latency {r['latency_ms']:g} ms, max_jobs {r['max_jobs']}: >= 90% of ideal {r['ideal']}", ok,
             f"{r['throughput']} sites/s = {r['of_ideal']:.0%}", why, status)
+    rl = report.get("ratelimit")
+    if rl:
+        add(f"ratelimit: never above {rl['provider_rpm']} requests in any 60 s, no 429 after the first",
+            rl["max_requests_in_any_60s"] <= rl["provider_rpm"] and rl["429s_after_the_first"] == 0,
+            f"at most {rl['max_requests_in_any_60s']} in 60 s, {rl['max_requests_per_10s']} in 10 s; "
+            f"{rl['429s_received']} 429s")
     inflight = runs.get("inflight")
     if inflight and inflight.get("probes"):
         held = inflight["sites"] - inflight["probes"]
@@ -420,6 +426,22 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
                   f"| PostgreSQL connections | {h['pg_conns']} (bound {inflight['pg_conn_bound']}) | - |",
                   "| leases renewed per heartbeat | one UPDATE and one Redis pipeline for all | "
                   "one row and one PEXPIRE |"]
+    rl = report.get("ratelimit")
+    if rl:
+        lines += ["", f"## {rl['replicas']} replicas sharing a provider limited to {rl['provider_rpm']} requests/min "
+                  "(issue 15)", "",
+                  f"The provider (the fake) answers 429 beyond {rl['provider_rpm']} requests in any 60 s; the "
+                  f"worker's shared limit is {rl['shared_rpm']}/min (2% under). {rl['sites']} sites enqueued at once.",
+                  "", "| what | measured |", "|---|---|",
+                  f"| requests answered, most in a 10 s window (limit {rl['limit_per_10s']:g}) | "
+                  f"{rl['max_requests_per_10s']} |",
+                  f"| most in any 60 s (limit {rl['provider_rpm']}) | {rl['max_requests_in_any_60s']} |",
+                  f"| 429s received (after the first) | {rl['429s_received']} ({rl['429s_after_the_first']}) |",
+                  f"| sites/s (ideal {rl['ideal_sites_per_s']}: the limit / 3 calls) | {rl['sites_per_s']} |",
+                  f"| budget waits in the progress log | {rl['budget_waits_logged']}; expected wait p50 "
+                  f"{rl['budget_wait_s']['p50']} s, p95 {rl['budget_wait_s']['p95']} s, max "
+                  f"{rl['budget_wait_s']['max']} s |",
+                  f"| requests answered per 10 s | {', '.join(map(str, rl['requests_per_10s']))} |"]
     beats = report.get("heartbeat") or []
     if beats:
         lines += ["", "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)", "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psutil
 
@@ -68,11 +70,18 @@ def pct(values: list[float], q: float) -> float:
 class Fake:
     """One fake provider process (bench/fake.py)."""
 
-    def __init__(self, latency_s: float, log_path: Path, jitter: float = 0.0) -> None:
+    def __init__(
+        self, latency_s: float, log_path: Path, jitter: float = 0.0, *, rate_limit_rpm: int = 0
+    ) -> None:
         self.log_path = log_path
         spread = ["--latency", str(latency_s * (1 - jitter)), "--latency-max", str(latency_s * (1 + jitter))]
+        # With a rate limit, the test server itself: it records every request (when, and whether it
+        # answered 429), where bench.fake only counts them.
+        module = ["bench.fake"]
+        if rate_limit_rpm:
+            module = ["worker.ai.fake_server", "--rate-limit-rpm", str(rate_limit_rpm)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake", *(spread if jitter and latency_s else ["--latency", str(latency_s)])],
+            [sys.executable, "-m", *module, *(spread if jitter and latency_s else ["--latency", str(latency_s)])],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=log_path.open("ab"),
@@ -773,6 +782,80 @@ class Bench:
         return res
 
 
+    async def ratelimit(self, replicas: int, rpm: int, sites: int, latency_s: float) -> dict[str, Any]:
+        """`replicas` replicas sharing one provider that answers 429 beyond `rpm` requests a minute.
+
+        The worker's shared limit is set 2% under the provider's (network jitter would otherwise put an
+        occasional request just inside the provider's window). Reports what the provider saw: answered
+        requests per 10 s window, the 429s it sent, and the budget waits the progress log recorded.
+        """
+        log(f"ratelimit: {replicas} replicas sharing a provider limited to {rpm} requests/min, {sites} sites")
+        await self.reset()
+        fake = Fake(latency_s, self.work / "fake-ratelimit.log", rate_limit_rpm=rpm)
+        shared = int(rpm * 0.98)
+        sc = Scenario("ratelimit", "ratelimit", latency_s, max(4, sites // replicas), sites, replicas=replicas,
+                      extra_env={"SITEGEN_AI__PROVIDERS__FAKE0__REQUESTS_PER_MINUTE": str(shared),
+                                 "SITEGEN_AI__MAX_BUDGET_WAIT_S": "600"})
+        env = self.env(sc, [fake])
+        workers = [Worker(f"bench-ratelimit-{i}", env, self.work / f"worker-ratelimit-{i}.log")
+                   for i in range(replicas)]
+        conn = await self.connect()
+        redis = await client.connect(self.redis_url)
+        try:
+            await self.wait_healthy(workers)
+            t0 = time.time()
+            order_ids = list(range(self.args.order_base + 800_000, self.args.order_base + 800_000 + sites))
+            await self._enqueue(redis, order_ids, {}, 0)
+            deadline = t0 + sites * 3 * 60 / shared + 120
+            while await conn.fetchval("SELECT count(*) FROM site_generations WHERE status = 'succeeded'") < sites:
+                if time.time() > deadline:
+                    raise RuntimeError("ratelimit: the sites did not all succeed in time")
+                for w in workers:
+                    if w.proc.poll() is not None:
+                        raise RuntimeError(f"worker {w.name} died:\n{w.log_path.read_text()[-3000:]}")
+                await asyncio.sleep(0.5)
+            elapsed = time.time() - t0
+            waits = await conn.fetch(
+                "SELECT (details->>'wait_s')::float8 AS wait_s FROM site_generation_logs "
+                "WHERE details->>'event' = 'model.budget_wait'"
+            )
+            async with aiohttp.ClientSession() as http, http.get(f"{fake.url}/_fake/requests") as answer:
+                seen = await answer.json()
+        finally:
+            await redis.aclose()
+            await conn.close()
+            for w in workers:
+                w.stop()
+            fake.stop()
+        calls = [r for r in seen if r["api"] != "control"]
+        refused = sorted(r["wall"] for r in calls if r["fault"].startswith("rate-limited"))
+        answered = sorted(r["wall"] for r in calls if not r["fault"].startswith("rate-limited"))
+        start = answered[0] if answered else t0
+        per_window = Counter(int((t - start) // 10) for t in answered)
+        sliding = max((bisect.bisect_right(answered, t + 60) - i for i, t in enumerate(answered)), default=0)
+        wait_s = [w["wait_s"] for w in waits if w["wait_s"] is not None]
+        res = {
+            "replicas": replicas,
+            "provider_rpm": rpm,
+            "shared_rpm": shared,
+            "sites": sites,
+            "elapsed_s": round(elapsed, 1),
+            "sites_per_s": round(sites / elapsed, 3),
+            "ideal_sites_per_s": round(shared / 60 / CALLS_PER_SITE, 3),
+            "requests_answered": len(answered),
+            "max_requests_per_10s": max(per_window.values(), default=0),
+            "limit_per_10s": rpm / 6,
+            "max_requests_in_any_60s": sliding,
+            "requests_per_10s": [per_window.get(i, 0) for i in range(max(per_window, default=-1) + 1)],
+            "429s_received": len(refused),
+            "429s_after_the_first": max(len(refused) - 1, 0),
+            "budget_waits_logged": len(wait_s),
+            "budget_wait_s": {"p50": round(pct(wait_s, 0.5), 1), "p95": round(pct(wait_s, 0.95), 1),
+                              "max": round(max(wait_s, default=0.0), 1)},
+        }
+        log(f"ratelimit: {res}")
+        return res
+
 # ---------------------------------------------------------------------------------------------- profile
 
 
@@ -854,7 +937,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--progress-rows", type=int, default=20_000,
                    help="rows of the progress-log capacity run (a tenth of them with --slow-log-ms)")
     p.add_argument("--scenarios",
-                   default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,progress,idle,heartbeat",
+                   default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,"
+                   "heartbeat",
                    help="which scenarios to run, comma-separated")
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
@@ -896,6 +980,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites-dir", default=None,
                    help="folder the generated sites are written under (default: /dev/shm if there, else TMPDIR)")
     p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
+    p.add_argument("--ratelimit-replicas", type=int, default=4, help="replicas of the ratelimit run")
+    p.add_argument("--ratelimit-rpm", type=int, default=120, help="the fake provider's requests/min limit")
+    p.add_argument("--ratelimit-sites", type=int, default=60, help="sites of the ratelimit run")
+    p.add_argument("--ratelimit-latency-s", type=float, default=0.5, help="model latency of the ratelimit run")
     p.add_argument("--heartbeat-jobs", type=int, default=100, help="generations held while the heartbeat is measured")
     p.add_argument("--heartbeat-seconds", type=float, default=20, help="how long the heartbeat cost is measured")
     p.add_argument("--log-level", default="INFO",
@@ -915,6 +1003,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "runs": bench.results,
         "idle": [],
         "heartbeat": [],
+        "ratelimit": None,
         "progress": [],
         "profile": {},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -979,6 +1068,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if "idle" in wanted:
             for pd in (0.05, 0.5):
                 report["idle"].append(await bench.idle_poll_cost(pd, args.idle_seconds))
+        if "ratelimit" in wanted:
+            report["ratelimit"] = await bench.ratelimit(
+                args.ratelimit_replicas, args.ratelimit_rpm, args.ratelimit_sites, args.ratelimit_latency_s
+            )
         if "heartbeat" in wanted:
             # The default lease (8 s, SIGKILL recovery within 15 s) against the former default (20 s).
             for lease in (WorkerSection.model_fields["lease_s"].default, 20.0):

@@ -23,7 +23,7 @@ pytest.importorskip("psutil", reason="psutil is a dev dependency: `make install`
 def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = [
-        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,scaleout,progress,idle,heartbeat",
+        "--scenarios", "zero,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,heartbeat",
         "--zero-sites", "12",
         "--max-jobs", "4",
         "--latency-ms", "20",
@@ -36,6 +36,9 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--scaleout-max-jobs", "3",
         "--scaleout-latency-s", "0.2",
         "--scaleout-waves", "2",
+        "--ratelimit-replicas", "2",
+        "--ratelimit-sites", "2",
+        "--ratelimit-latency-s", "0.1",
         "--enqueue-rate", "50",
         "--enqueue-sites", "6",
         "--slowlog-sites", "6",
@@ -80,4 +83,5 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         assert f"| {name}: " in results, name
     assert "## Targets (issue 6)" in results and "## What polling costs an idle replica" in results
     assert "## What the heartbeat costs a replica" in results
+    assert report["ratelimit"]["requests_answered"] == 6 and "sharing a provider limited to 120" in results
     assert "## What each generation in flight costs" in results and runs["inflight"]["held"]["generations"] == 6
