@@ -63,6 +63,11 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
             big["peak_rss_mib"] < TARGET_RSS_MIB, f"{big['peak_rss_mib']} MiB")
         if big["peak_running"] < big["max_jobs"]:
             checks[-1]["why"] = f"only {big['peak_running']} generations were running at once at the peak"
+    for name, r in runs.items():
+        if name.startswith("window"):  # issue 15 part 1: the queue's head does not cap the cluster
+            slots = r["replicas"] * r["max_jobs"]
+            add(f"{r['replicas']} replicas x max_jobs {r['max_jobs']}: all {slots} slots busy at once",
+                r["peak_running"] >= slots, f"peak {r['peak_running']} running")
     over = [r for r in report["runs"] if r["peak_pg_conns"] > r["pg_conn_bound"]]
     add("PostgreSQL connections never above the pools' maximum", not over,
         ", ".join(f"{r['name']} {r['peak_pg_conns']}/{r['pg_conn_bound']}" for r in report["runs"]))
@@ -345,9 +350,12 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{p['dropped']} |" for p in progress]
     idle = report.get("idle") or []
     if idle:
-        lines += ["", "## What polling costs an idle replica", "", "| poll_delay_s | Redis commands/s | worker CPU % |",
-                  "|---|---|---|"]
-        lines += [f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | {i['worker_cpu_pct']} |" for i in idle]
+        lines += ["", "## What polling costs an idle replica", "",
+                  "Redis counts the commands a Lua script runs as commands: `evalsha` is the one round trip of a poll.",
+                  "", "| poll_delay_s | Redis commands/s | by command (/s) | worker CPU % |", "|---|---|---|---|"]
+        lines += [f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | "
+                  + ", ".join(f"{c} {r}" for c, r in (i.get("redis_cmds_by_command_per_s") or {}).items())
+                  + f" | {i['worker_cpu_pct']} |" for i in idle]
     beats = report.get("heartbeat") or []
     if beats:
         lines += ["", "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)", "",

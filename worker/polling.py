@@ -91,7 +91,9 @@ end
 local aborts = {}
 if ARGV[7] ~= '' then
     aborts = redis.call('ZRANGE', KEYS[2], 0, -1)
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], ARGV[7], '+inf')
+    if #aborts > 0 then  -- arq's clean-up, which has nothing to remove from an empty set
+        redis.call('ZREMRANGEBYSCORE', KEYS[2], ARGV[7], '+inf')
+    end
 end
 return {claimed, aborts}
 """
