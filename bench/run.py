@@ -531,6 +531,8 @@ class Bench:
             "machine_cpu_pct": round((worker_cpu + sum(other_cpu.values())) / window / psutil.cpu_count() * 100, 1),
             "peak_rss_mib": round(rss.peak(), 1),
             "peak_running": max(poll["running"], default=0),
+            # Generations `running` in PostgreSQL over time (s since the first enqueue, count), every 0.1 s.
+            "running_samples": [(round(t - t_start, 1), r) for t, r in zip(poll["t"], poll["running"], strict=True)],
             "peak_pg_conns": max(poll["conns"], default=0),
             "pg_conn_bound": bound,
             "pg_sessions_per_site": round(sessions / n, 3),
