@@ -15,10 +15,14 @@ Here a running job leases its place in the queue instead:
   to the end of that lease, so it leaves the due range: a poll reads waiting jobs, never running
   ones, whatever the number of jobs running across the cluster. The same call reads arq's abort
   set (arq's `_cancel_aborted_jobs` took a MULTI of its own on every poll).
-- The heartbeat (`renew`, every lease_s/4, one script call for all of a replica's jobs) pushes both
-  again while the job runs. A SIGKILLed replica's job becomes due again when its lease ends, the
-  moment its in-progress key expires, and another replica takes it.
-- `finish_job` (arq's, plus one command in its MULTI) puts the job's original score back before
+- The claim also records the lease in `<queue>:leases` (job id -> the lease's end) and the job's
+  score before the claim in `<queue>:leased-scores`. The heartbeat (`renew`, every lease_s/4, one
+  script call for all of a replica's jobs) pushes the in-progress key, the score and the lease
+  forward while the job runs. A SIGKILLed replica's job becomes due again when its lease ends, the
+  moment its in-progress key expires; the first poll after that puts its original score back, so
+  it resumes in its old place in the queue, not behind every job enqueued before its lease's end.
+- `finish_job` (arq's, plus three commands in its MULTI: the lease's two records go) puts the job's
+  original score back before
   arq's own bookkeeping: a job arq hands back (cancelled at shutdown, `Retry` without a delay) is
   due at once in its old place, and a deferred `Retry` (arq's ZINCRBY adds `defer + now - score`
   to the current score, with `score` the one `run_job` was given) becomes due at now + defer.
@@ -55,12 +59,25 @@ from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
 from loguru import logger
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
-#: KEYS: the queue, arq's abort set. ARGV: now (ms), the lease (ms: the in-progress key's time to live),
-#: its end (ms: the claimed job's new score), the most jobs to claim, the most due jobs to read, the
-#: in-progress key prefix, then the abort set's cutoff (as arq computes it), or '' not to read it.
+#: KEYS: the queue, arq's abort set, the leases (job id -> the end of its lease), the original scores
+#: (job id -> its score before its claim). ARGV: now (ms), the lease (ms: the in-progress key's time to
+#: live), its end (ms: the claimed job's new score), the most jobs to claim, the most due jobs to read,
+#: the in-progress key prefix, then the abort set's cutoff (as arq computes it), or '' not to read it.
 #: Returns {claimed jobs as a flat list (job id, original score, ...), the job ids asked to abort}.
 POLL = """
+-- Leases that ended without their job's end (its replica died, or lost Redis for longer than a lease):
+-- the job gets its original score back, its place in the queue, ahead of the jobs enqueued after it.
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, job_id in ipairs(lapsed) do
+    local original = redis.call('HGET', KEYS[4], job_id)
+    redis.call('ZREM', KEYS[3], job_id)
+    redis.call('HDEL', KEYS[4], job_id)
+    if original and redis.call('EXISTS', ARGV[6] .. job_id) == 0 then
+        redis.call('ZADD', KEYS[1], 'XX', original, job_id)
+    end
+end
 local free = tonumber(ARGV[4])
 local limit = tonumber(ARGV[5])
 local claimed = {}
@@ -77,6 +94,8 @@ while free > 0 and read < limit do
         if free > 0 and redis.call('EXISTS', key) == 0 then
             redis.call('PSETEX', key, ARGV[2], '1')
             redis.call('ZADD', KEYS[1], 'XX', ARGV[3], job_id)
+            redis.call('ZADD', KEYS[3], ARGV[3], job_id)
+            redis.call('HSET', KEYS[4], job_id, page[i + 1])
             claimed[#claimed + 1] = job_id
             claimed[#claimed + 1] = page[i + 1]
             free = free - 1
@@ -98,16 +117,39 @@ end
 return {claimed, aborts}
 """
 
-#: KEYS: the queue, then each job's in-progress key. ARGV: the lease (ms), its end (ms), then the job
-#: ids (in KEYS' order). A job whose in-progress key is gone (finished, handed back) is left alone.
+#: KEYS: the queue, the leases, then each job's in-progress key. ARGV: the lease (ms), its end (ms), then
+#: the job ids (in KEYS' order). A job whose in-progress key is gone (finished, handed back) is left alone.
 RENEW = """
-for i = 2, #KEYS do
+for i = 3, #KEYS do
     if redis.call('PEXPIRE', KEYS[i], ARGV[1]) == 1 then
-        redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i + 1])
+        redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+        redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[i])
     end
 end
 return 0
 """
+
+
+def leases_key(queue_name: str) -> str:
+    """The sorted set of running jobs' leases: job id -> the end of its lease (ms)."""
+    return f"{queue_name}:leases"
+
+
+def original_scores_key(queue_name: str) -> str:
+    """The hash of running jobs' scores before their claim, for when a lease ends without its job's end."""
+    return f"{queue_name}:leased-scores"
+
+
+async def claim(
+    script: AsyncScript, queue_name: str, *, free: int, read_limit: int, lease_ms: int, abort_cutoff: int | None
+) -> tuple[list[bytes], list[bytes]]:
+    """One call of `POLL`: (claimed jobs as job id, original score, ...; job ids asked to abort)."""
+    now = timestamp_ms()
+    claimed, aborts = await script(
+        keys=[queue_name, abort_jobs_ss, leases_key(queue_name), original_scores_key(queue_name)],
+        args=[now, lease_ms, now + lease_ms, free, read_limit, in_progress_key_prefix, abort_cutoff or ""],
+    )
+    return claimed, aborts
 
 
 async def poll_iteration(self: Worker) -> None:
@@ -126,12 +168,10 @@ async def poll_iteration(self: Worker) -> None:
         if script is None:  # EVALSHA of the script, loaded again by redis-py if Redis lost it (NOSCRIPT)
             script = self._sitegen_poll = self.pool.register_script(POLL)  # type: ignore[attr-defined]
         lease_ms = int(self.ctx["settings"].worker.lease_s * 1000)
-        now = timestamp_ms()
         # arq drops abort requests scored past now + abort_job_max_age (its milliseconds plus seconds, kept).
-        abort_cutoff = now + abort_job_max_age if self.allow_abort_jobs else ""
-        claimed, aborts = await script(
-            keys=[self.queue_name, abort_jobs_ss],
-            args=[now, lease_ms, now + lease_ms, free, count, in_progress_key_prefix, abort_cutoff],
+        abort_cutoff = timestamp_ms() + abort_job_max_age if self.allow_abort_jobs else None
+        claimed, aborts = await claim(
+            script, self.queue_name, free=free, read_limit=count, lease_ms=lease_ms, abort_cutoff=abort_cutoff
         )
         await _start(self, claimed)
         if aborts:
@@ -226,6 +266,8 @@ async def finish_job(
                 tr.zincrby(self.queue_name, incr_score, job_id)
         if delete_keys:
             tr.delete(*delete_keys)
+        tr.zrem(leases_key(self.queue_name), job_id)
+        tr.hdel(original_scores_key(self.queue_name), job_id)
         await tr.execute()
 
 
@@ -236,7 +278,7 @@ async def renew(redis: Redis, queue_name: str, job_ids: list[str], lease_s: floa
     lease_ms = int(lease_s * 1000)
     script = redis.register_script(RENEW)
     await script(
-        keys=[queue_name, *(in_progress_key_prefix + job_id for job_id in job_ids)],
+        keys=[queue_name, leases_key(queue_name), *(in_progress_key_prefix + job_id for job_id in job_ids)],
         args=[lease_ms, timestamp_ms() + lease_ms, *job_ids],
     )
 

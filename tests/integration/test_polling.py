@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("provider_key")
 
 def is_poll(command: str) -> bool:
     """One call of the poll script (`worker.polling.POLL`), which reads the queue and arq's abort set."""
-    return command.startswith("EVALSHA ") and f" 2 {client.QUEUE_NAME} {abort_jobs_ss} " in command
+    return command.startswith("EVALSHA ") and f" 4 {client.QUEUE_NAME} {abort_jobs_ss} " in command
 
 
 async def commands_during_polls(redis: ArqRedis, polls: int) -> list[str]:
@@ -312,3 +312,37 @@ async def test_a_job_whose_lease_lapsed_while_it_runs_here_is_not_started_twice(
     assert any("lease in Redis had lapsed" in line for line in log_lines)
     assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 183") == 1
     assert len(fake.requests) == 1, "one model call: the job was not started again"
+
+
+async def test_a_job_whose_replica_died_comes_due_in_its_old_place_ahead_of_the_jobs_enqueued_after_it(
+    settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 15 part 1. A replica SIGKILLed mid-job leaves its job scored at the end of its lease,
+    behind every job enqueued before then: with a backlog, the half-done generation would wait for all of
+    them. When the lease ends, the next poll puts back the score it was claimed with."""
+    await client.enqueue_generation(redis, 190, SAMPLE_BRIEF)
+    job_id = client.job_id(190)
+    # A replica claims it for a short lease, as worker.polling's poll does, and dies.
+    script = redis.register_script(polling.POLL)
+    claimed, _ = await polling.claim(script, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=500, abort_cutoff=None)
+    assert claimed[0].decode() == job_id
+    backlog = list(range(191, 196))
+    for order_id in backlog:  # enqueued after the claim, before the lease's end
+        await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
+    assert (await redis.zscore(client.QUEUE_NAME, job_id) or 0) > (
+        await redis.zscore(client.QUEUE_NAME, client.job_id(backlog[-1])) or 0
+    ), "while leased, it sorts after the backlog"
+
+    async def lease_over() -> bool:
+        return not await redis.exists(in_progress_key_prefix + job_id)
+
+    await _until(lease_over, "the dead replica's lease to end")
+    await start_worker(settings, max_jobs=1)
+    for order_id in [190, *backlog]:
+        assert (await wait_for_result(redis, order_id))["status"] == "succeeded"
+
+    started = await db.fetch("SELECT order_id FROM site_generations ORDER BY started_at")
+    assert [r["order_id"] for r in started] == [190, *backlog], "the dead replica's job first, in its old place"
+    assert await redis.zscore(client.QUEUE_NAME, job_id) is None
+    assert await redis.zscore(polling.leases_key(client.QUEUE_NAME), job_id) is None, "its lease is gone"
+    assert await redis.hget(polling.original_scores_key(client.QUEUE_NAME), job_id) is None
