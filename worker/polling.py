@@ -19,7 +19,7 @@ Here a running job leases its place in the queue instead:
   score before the claim in `<queue>:leased-scores`. The heartbeat (`renew`, every lease_s/4, one
   script call for all of a replica's jobs) pushes the in-progress key, the score and the lease
   forward while the job runs. A SIGKILLed replica's job becomes due again when its lease ends, the
-  moment its in-progress key expires; the first poll after that puts its original score back, so
+  moment its in-progress key expires; a poll within a second after that puts its original score back, so
   it resumes in its old place in the queue, not behind every job enqueued before its lease's end.
 - `finish_job` (arq's, plus three commands in its MULTI: the lease's two records go) puts the job's
   original score back before
@@ -45,6 +45,7 @@ not Redis Cluster). tests/integration/test_polling.py covers it.
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 
 from arq.constants import (
@@ -64,12 +65,16 @@ from redis.commands.core import AsyncScript
 #: KEYS: the queue, arq's abort set, the leases (job id -> the end of its lease), the original scores
 #: (job id -> its score before its claim). ARGV: now (ms), the lease (ms: the in-progress key's time to
 #: live), its end (ms: the claimed job's new score), the most jobs to claim, the most due jobs to read,
-#: the in-progress key prefix, then the abort set's cutoff (as arq computes it), or '' not to read it.
+#: the in-progress key prefix, the abort set's cutoff (as arq computes it) or '' not to read it, then 1 to
+#: look for lapsed leases first (`LAPSED_CHECK_EVERY_S`) or 0.
 #: Returns {claimed jobs as a flat list (job id, original score, ...), the job ids asked to abort}.
 POLL = """
 -- Leases that ended without their job's end (its replica died, or lost Redis for longer than a lease):
 -- the job gets its original score back, its place in the queue, ahead of the jobs enqueued after it.
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, 100)
+local lapsed = {}
+if ARGV[8] == '1' then
+    lapsed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, 100)
+end
 for _, job_id in ipairs(lapsed) do
     local original = redis.call('HGET', KEYS[4], job_id)
     redis.call('ZREM', KEYS[3], job_id)
@@ -130,6 +135,12 @@ return 0
 """
 
 
+#: How often a poll looks for leases that ended without their job's end. Not every poll: it costs an
+#: idle replica one more command in its script call (a third of them), and a lapsed job is due anyway;
+#: this only puts it back in its old place before a replica reads the due jobs past it.
+LAPSED_CHECK_EVERY_S = 1.0
+
+
 def leases_key(queue_name: str) -> str:
     """The sorted set of running jobs' leases: job id -> the end of its lease (ms)."""
     return f"{queue_name}:leases"
@@ -141,13 +152,29 @@ def original_scores_key(queue_name: str) -> str:
 
 
 async def claim(
-    script: AsyncScript, queue_name: str, *, free: int, read_limit: int, lease_ms: int, abort_cutoff: int | None
+    script: AsyncScript,
+    queue_name: str,
+    *,
+    free: int,
+    read_limit: int,
+    lease_ms: int,
+    abort_cutoff: int | None,
+    lapsed_check: bool = True,
 ) -> tuple[list[bytes], list[bytes]]:
     """One call of `POLL`: (claimed jobs as job id, original score, ...; job ids asked to abort)."""
     now = timestamp_ms()
     claimed, aborts = await script(
         keys=[queue_name, abort_jobs_ss, leases_key(queue_name), original_scores_key(queue_name)],
-        args=[now, lease_ms, now + lease_ms, free, read_limit, in_progress_key_prefix, abort_cutoff or ""],
+        args=[
+            now,
+            lease_ms,
+            now + lease_ms,
+            free,
+            read_limit,
+            in_progress_key_prefix,
+            abort_cutoff or "",
+            int(lapsed_check),
+        ],
     )
     return claimed, aborts
 
@@ -170,8 +197,17 @@ async def poll_iteration(self: Worker) -> None:
         lease_ms = int(self.ctx["settings"].worker.lease_s * 1000)
         # arq drops abort requests scored past now + abort_job_max_age (its milliseconds plus seconds, kept).
         abort_cutoff = timestamp_ms() + abort_job_max_age if self.allow_abort_jobs else None
+        lapsed_check = time.monotonic() >= getattr(self, "_sitegen_lapsed_check_at", 0.0)
+        if lapsed_check:
+            self._sitegen_lapsed_check_at = time.monotonic() + LAPSED_CHECK_EVERY_S  # type: ignore[attr-defined]
         claimed, aborts = await claim(
-            script, self.queue_name, free=free, read_limit=count, lease_ms=lease_ms, abort_cutoff=abort_cutoff
+            script,
+            self.queue_name,
+            free=free,
+            read_limit=count,
+            lease_ms=lease_ms,
+            abort_cutoff=abort_cutoff,
+            lapsed_check=lapsed_check,
         )
         await _start(self, claimed)
         if aborts:
