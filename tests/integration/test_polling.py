@@ -221,6 +221,8 @@ async def test_a_running_job_leases_its_place_in_the_queue_and_the_heartbeat_ren
     await rt.heartbeat.renew_markers(rt)
     renewed = await redis.zscore(client.QUEUE_NAME, job_id)
     assert renewed is not None and renewed >= beat_at + lease_ms, "the heartbeat moved the lease's end"
+    assert await redis.zscore(polling.leases_key(client.QUEUE_NAME), job_id) == renewed, "and its lease record"
+    assert await redis.hget(polling.original_scores_key(client.QUEUE_NAME), job_id) == str(int(enqueued)).encode()
     assert renewed - timestamp_ms() - 50 <= await redis.pttl(in_progress_key_prefix + job_id) <= lease_ms
 
 
