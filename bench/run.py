@@ -575,6 +575,8 @@ class Bench:
             "machine_cpu_pct": round((worker_cpu + sum(other_cpu.values())) / window / psutil.cpu_count() * 100, 1),
             "peak_rss_mib": round(rss.peak(), 1),
             "peak_running": max(poll["running"], default=0),
+            # Generations `running` in PostgreSQL over time (s since the first enqueue, count), every 0.1 s.
+            "running_samples": [(round(t - t_start, 1), r) for t, r in zip(poll["t"], poll["running"], strict=True)],
             "peak_pg_conns": max(poll["conns"], default=0),
             "pg_conn_bound": bound,
             "pg_sessions_per_site": round(sessions / n, 3),
@@ -710,14 +712,26 @@ class Bench:
             await self.wait_healthy([w])
             await asyncio.sleep(1.0)
             redis = await client.connect(self.redis_url)
-            c0, cpu0, t0 = int((await redis.info("stats"))["total_commands_processed"]), w.cpu_s(), time.time()
+
+            async def calls() -> dict[str, int]:  # per command, those a Lua script runs included
+                stats = await redis.info("commandstats")
+                return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+            k0, c0 = await calls(), int((await redis.info("stats"))["total_commands_processed"])
+            cpu0, t0 = w.cpu_s(), time.time()
             await asyncio.sleep(seconds)
             c1, cpu1, t1 = int((await redis.info("stats"))["total_commands_processed"]), w.cpu_s(), time.time()
+            k1 = await calls()
             await redis.aclose()
         finally:
             w.stop()
             fake.stop()
+        # This driver's own INFO calls (3 between the two counts) are not the replica's.
+        k1["info"] = k1.get("info", 0) - 3
+        rates = {c: round((n - k0.get(c, 0)) / (t1 - t0), 1) for c, n in sorted(k1.items())}
+        by_command = {c: r for c, r in rates.items() if r > 0}
         res = {"poll_delay_s": poll_delay_s, "redis_cmds_per_s": round((c1 - c0 - 2) / (t1 - t0), 1),
+               "redis_cmds_by_command_per_s": by_command,
                "worker_cpu_pct": round((cpu1 - cpu0) / (t1 - t0) * 100, 2)}
         log(f"idle poll {poll_delay_s}s: {res}")
         return res
@@ -976,6 +990,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="jobs enqueued one by one while the inflight run holds its generations")
     p.add_argument("--inflight-probe-rate", type=float, default=10, help="jobs/s of the inflight probes")
     p.add_argument("--scale-sites", type=int, default=1500, help="sites of each scale-out run (latency 0)")
+    p.add_argument("--window-replicas", type=int, default=10, help="replicas of the `window` run (issue 15 part 1)")
+    p.add_argument("--window-max-jobs", type=int, default=20, help="max_jobs of each replica in the `window` run")
+    p.add_argument("--window-latency-s", type=float, default=2, help="model latency of the `window` run")
+    p.add_argument("--window-sites", type=int, default=400, help="sites of the `window` run (a backlog past the slots)")
     p.add_argument("--fakes", type=int, default=1, help="fake provider processes (tasks are spread over them)")
     p.add_argument("--sites-dir", default=None,
                    help="folder the generated sites are written under (default: /dev/shm if there, else TMPDIR)")
@@ -1061,6 +1079,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     continue  # the `zero` run
                 await bench.run(Scenario(f"scale{n}", f"latency 0, max_jobs {zj}, {n} replicas", 0, zj,
                                          args.scale_sites, replicas=n, fakes=args.fakes))
+        if "window" in wanted:
+            # Issue 15 part 1: more running jobs across the cluster than one poll reads (queue_read_limit,
+            # max(5 x max_jobs, 100)) must not leave slots empty: peak_running should reach replicas x max_jobs.
+            n, mj, slow = args.window_replicas, args.window_max_jobs, args.window_latency_s
+            await bench.run(Scenario(f"window{n}x{mj}", f"{n} replicas x max_jobs {mj}, latency {slow:g} s: all "
+                                     f"{n * mj} slots busy?", slow, mj, args.window_sites, replicas=n,
+                                     fakes=args.fakes))
         if "progress" in wanted:
             report["progress"].append(await bench.progress_capacity(args.progress_rows, 0.0))
             # ~200 rows/s when each row costs 5 ms: a tenth of the rows keeps this run ~10 s.

@@ -235,8 +235,9 @@ def _settings_or_exit() -> Settings:
     return settings
 
 
-# Every Worker of this process (arq's CLI builds its own) polls with worker.polling (running jobs
-# skipped, startable ones claimed by one Lua script per poll) and rides out Redis outages.
+# Every Worker of this process (arq's CLI builds its own) polls with worker.polling (one Lua script per
+# poll claims the due jobs; a running job leases its place in the queue, so polls never read it) and
+# rides out Redis outages.
 polling.install()
 redis_outage.install()
 SETTINGS = _settings_or_exit()

@@ -298,7 +298,9 @@ class Metrics:
             buckets=BUDGET_WAIT_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("sitegen_queue_depth", "Jobs in the arq queue (queued or deferred)", registry=r)
+        self.queue_depth = Gauge(
+            "sitegen_queue_depth", "Jobs in the arq queue (waiting, deferred or running)", registry=r
+        )
         self.queue_oldest_ready_s = Gauge(
             "sitegen_queue_oldest_ready_seconds", "How long the longest-waiting runnable job has been due", registry=r
         )

@@ -14,8 +14,8 @@ arq lets a `redis.exceptions.ConnectionError` escape from its poll loop and from
 `arq --check` fails while Redis is unreachable (it cannot read the health key) and passes again at
 the first poll after Redis returns, which records the health key at once.
 
-Installed on arq's `Worker` class by `install()` (`worker.main` calls it on import), as
-`worker.polling` is; it relies on `Worker._poll_iteration`, `run_job`, `close`, `_pool`, `tasks`,
+Installed on arq's `Worker` class by `install()` (`worker.main` calls it on import); its poll wraps
+`worker.polling`'s. It relies on `Worker.run_job`, `close`, `_pool`, `tasks`,
 `_handle_signals`, `handle_sig`, `health_check_key`, `on_shutdown` and `_last_health_check` as
 arq 0.28 has them, and tests/faults/test_redis_outage.py covers it.
 """
@@ -31,6 +31,7 @@ import redis.exceptions
 from arq.worker import Worker
 from loguru import logger
 
+from worker import polling
 from worker.errors import message_of
 
 #: What an unreachable Redis raises through redis-py (BusyLoadingError, Redis still loading its AOF,
@@ -41,14 +42,13 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, C
 FIRST_RETRY_S = 0.25
 MAX_RETRY_S = 5.0
 
-_arq_poll_iteration = Worker._poll_iteration
 _arq_run_job = Worker.run_job
 
 
 async def poll_iteration(self: Worker) -> None:
-    """arq's poll; when Redis is unreachable, wait for it instead of letting the process exit."""
+    """The poll (`worker.polling`); when Redis is unreachable, wait for it instead of letting the process exit."""
     try:
-        await _arq_poll_iteration(self)
+        await polling.poll_iteration(self)
     except REDIS_DOWN as exc:
         await wait_for_redis(self, exc)
 

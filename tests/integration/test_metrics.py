@@ -143,6 +143,30 @@ async def test_a_generation_shows_in_the_metrics(
         await scrape(port, wait_s=0)
 
 
+async def test_a_running_job_is_not_read_as_the_oldest_waiting_one(
+    fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """Regression: issue 15 part 1. A running job stayed at the head of arq's queue at its enqueue time, so
+    `sitegen_queue_oldest_ready_seconds` grew for as long as it ran (a generation running past the alert's
+    5 minutes fired it with nothing waiting). Its score is now the end of its lease: nothing is due."""
+    fake.script("hang")
+    port = free_port()
+    await start_worker(with_metrics(with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=30)}), port))
+    await client.enqueue_generation(redis, 81, SAMPLE_BRIEF)
+    await asyncio.to_thread(fake.wait_for_requests, 1)
+    running_since = time.time()
+
+    deadline = time.monotonic() + 10
+    while (m := await scrape(port)) and total(m, "sitegen_queue_sampled_timestamp_seconds") < running_since + 0.5:
+        assert time.monotonic() < deadline, "the queue was not sampled while the job ran"
+        await asyncio.sleep(0.1)
+
+    assert total(m, "sitegen_queue_depth") >= 1, "the running job is still in arq's queue (beside the sweeper's)"
+    # Read as waiting, it would show at least 0.5 s (sampled that long after it started); the sweeper's cron
+    # job may be caught in the few milliseconds between coming due and being taken.
+    assert total(m, "sitegen_queue_oldest_ready_seconds") < 0.25, "but it is not waiting"
+
+
 async def test_calls_waiting_for_a_providers_slots_show_and_leave_no_count_behind(fake: FakeProviderServer) -> None:
     """max_concurrency 1 and three calls: one in flight (held by the fake), two waiting for its slot.
     Cancelling a waiting call and then the held one frees the slot for the last, and every count

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from arq import ArqRedis
-from arq.constants import in_progress_key_prefix
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
+from worker import polling
 from worker.ai.base import AIRouter, Task, Usage
 from worker.ai.parsing import ask_model
 from worker.errors import (
@@ -402,20 +402,17 @@ class Heartbeat:
                 logger.warning("generation {}: claim taken over by another replica", running[token][0].generation_id)
 
     async def renew_markers(self, rt: Runtime) -> None:
-        """The jobs' in-progress keys and the leases of the cluster slots held for model calls: one round trip."""
+        """Extend the jobs' leases in Redis (their in-progress keys and their places in the queue: one script
+        call, `polling.renew`) and the leases of the cluster slots held for model calls (one pipeline)."""
         if rt.redis is None:
             return
-        ttl_ms = int(rt.settings.worker.lease_s * 1000)
         job_ids = [job_id for token, (_, job_id) in self.running.items() if job_id and token not in self.lost]
+        await polling.renew(rt.redis, rt.settings.worker.queue_name, job_ids, rt.settings.worker.lease_s)
         limits = rt.ai.limits
-        if not job_ids and (limits is None or not limits.held):
-            return
-        async with rt.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
-            if limits is not None:
+        if limits is not None and limits.held:
+            async with rt.redis.pipeline(transaction=False) as pipe:
                 await limits.renew(pipe)
-            await pipe.execute()
+                await pipe.execute()
 
 
 async def run_generation(
