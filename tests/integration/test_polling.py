@@ -12,7 +12,7 @@ from arq.constants import in_progress_key_prefix
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
 from worker import client, polling
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")
