@@ -50,7 +50,7 @@ soak: install
 
 ## Throwaway PostgreSQL + Redis in the foreground; prints DATABASE_URL / REDIS_URL to export.
 services: install
-	$(BIN)/python -m worker.services
+	$(BIN)/python -m worker.local.services
 
 ## Benchmarks against real worker processes: writes bench/results/RESULTS.md and charts (BENCH_ARGS=--check ...),
 ## then the sse scenario (bench/results/SSE.md; SSE_ARGS for its options).

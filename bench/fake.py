@@ -1,6 +1,6 @@
 """The fake provider as its own process, for benchmarks: `python -m bench.fake --latency 0.2`.
 
-It is `worker.ai.fake_server` (the stdlib ThreadingHTTPServer the tests use) with three changes that
+It is `worker.local.fake_server` (the stdlib ThreadingHTTPServer the tests use) with three changes that
 keep the fake from being what is measured:
 - answers are cached by prompt (the benchmark sends one brief to every order, so three prompts
   cover every request; without the cache each request rebuilds the site offline, ~ms of CPU);
@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from worker.ai import fake_server
+from worker.local import fake_server
 
 if os.environ.get("BENCH_FAKE_NO_CACHE") != "1":
     fake_server.answer_for = functools.lru_cache(maxsize=64)(fake_server.answer_for)

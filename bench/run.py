@@ -30,7 +30,7 @@ import asyncpg
 import psutil
 
 from worker import client
-from worker.services import LocalServices
+from worker.local.services import LocalServices
 from worker.settings import ProviderSettings, WorkerSection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ class Fake:
         # answered 429), where bench.fake only counts them.
         module = ["bench.fake"]
         if rate_limit_rpm:
-            module = ["worker.ai.fake_server", "--rate-limit-rpm", str(rate_limit_rpm)]
+            module = ["worker.local.fake_server", "--rate-limit-rpm", str(rate_limit_rpm)]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", *module, *(spread if jitter and latency_s else ["--latency", str(latency_s)])],
             cwd=ROOT,

@@ -33,8 +33,8 @@ import psutil
 
 from bench.run import BRIEF, ROOT, log, pct
 from worker import client
+from worker.local.services import LocalServices, free_port
 from worker.migrate import migrate
-from worker.services import LocalServices, free_port
 
 GOALS = {"p95_ms": 100.0, "listen_connections": 1, "rss_mib": 300.0}
 

@@ -18,9 +18,9 @@ from loguru import logger
 
 from tests.helpers import KEY, KEY_ENV, WorkerFactory, close_worker
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.migrate import migrate
-from worker.services import LocalServices
 from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

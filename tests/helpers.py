@@ -17,7 +17,7 @@ from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from worker import client
-from worker.services import LocalServices
+from worker.local.services import LocalServices
 from worker.settings import AISection, ProviderSettings, Settings
 
 WorkerFactory = Callable[..., Awaitable[Worker]]

@@ -33,11 +33,11 @@ from worker import client
 from worker.ai.http import env_proxy
 from worker.ai.limits import read_budget
 from worker.follow import follow_logs, follow_position
+from worker.local.screenshot import screenshot
 from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
 from worker.progress import END_EVENTS, event_of
-from worker.screenshot import screenshot
 from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
 from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
 
@@ -656,7 +656,7 @@ def demo(
 
     Example: sitegen demo --provider fake --order-id 7
     """
-    from worker.services import LocalServices, ServicesUnavailable
+    from worker.local.services import LocalServices, ServicesUnavailable
 
     if provider not in ("offline", "fake"):
         console.print(f"[bold red]--provider must be offline or fake, not {provider!r}[/]")
@@ -664,7 +664,7 @@ def demo(
     data = json.loads(brief.read_text()) if brief else SAMPLE_BRIEF
     fake = None
     if provider == "fake":
-        from worker.ai.fake_server import FakeProviderServer
+        from worker.local.fake_server import FakeProviderServer
 
         fake = FakeProviderServer(latency_s=latency).start()
         fake.script("429:1", "status:500")

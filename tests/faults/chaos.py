@@ -40,7 +40,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from worker import client
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief
 
 INFRA_FAULTS = ("replica-sigkill", "replica-sigterm", "redis-sigkill", "postgres-restart")

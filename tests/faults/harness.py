@@ -20,8 +20,8 @@ import asyncpg
 from arq.jobs import Job
 
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
-from worker.services import LocalServices
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("planning", "content", "coding")

@@ -33,9 +33,9 @@ from tests.faults.chaos import (
     wait_terminal,
 )
 from tests.faults.harness import Cluster
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.migrate import migrate
-from worker.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[2]
 SOAK_S = float(os.environ.get("SOAK_S", "120"))

@@ -17,9 +17,9 @@ import pytest
 
 from tests.faults.harness import Cluster, order_of_request, wait_until
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.migrate import migrate
-from worker.services import LocalServices
 from worker.settings import WorkerSection
 
 # Real processes on a 2-core machine: generous per-test limits, each scenario has its own deadline too.

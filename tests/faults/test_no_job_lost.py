@@ -14,9 +14,9 @@ import pytest
 
 from tests.faults.harness import Cluster, wait_until
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.migrate import migrate
-from worker.services import LocalServices
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

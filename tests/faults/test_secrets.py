@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio
 
 from tests.faults.harness import ROOT, Cluster, wait_until
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices, RedisServer
 from worker.migrate import migrate
-from worker.services import LocalServices, RedisServer
 
 # Real processes on a 2-core machine: generous per-test limits, each scenario has its own deadline too.
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]

@@ -14,8 +14,8 @@ from arq.jobs import SerializationError
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, cli_env, order_job, remote, run_sitegen, with_ai
 from worker import client
 from worker.ai import limits
-from worker.ai.fake_server import FakeProviderServer
-from worker.services import LocalServices
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from tests.helpers import SAMPLE_BRIEF
 from worker.errors import AttemptsExhausted, ClaimLost, OrderBusy
-from worker.services import LocalServices
+from worker.local.services import LocalServices
 from worker.settings import DatabaseSection
 from worker.store import PHASES, QUERIES, Claim, OutputFile, Store, create_pool
 

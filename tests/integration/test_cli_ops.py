@@ -32,8 +32,8 @@ from tests.helpers import (
     with_ai,
 )
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
-from worker.services import LocalServices, free_port
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices, free_port
 from worker.settings import Settings
 from worker.store import QUERIES
 

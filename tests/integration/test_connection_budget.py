@@ -10,7 +10,7 @@ from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
 
 SAMPLE = """

@@ -15,8 +15,8 @@ from arq.jobs import SerializationError
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, wait_for_result
 from worker import client
+from worker.local.services import LocalServices
 from worker.progress import ProgressLog
-from worker.services import LocalServices
 from worker.settings import Settings
 from worker.store import create_pool
 

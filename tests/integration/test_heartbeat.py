@@ -21,9 +21,9 @@ from arq.worker import Worker
 
 from tests.helpers import WorkerFactory, remote, wait_for_result, with_ai
 from worker import client
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import free_port
 from worker.pipeline.runner import Runtime
-from worker.services import free_port
 from worker.settings import Settings
 
 SAMPLE_BRIEF = {

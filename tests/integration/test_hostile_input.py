@@ -27,9 +27,9 @@ from tests.helpers import (
     with_ai,
 )
 from worker import client
-from worker.ai.fake_server import TEXT_PREFIX, FakeProviderServer
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import PROMPTS_DIR
+from worker.local.fake_server import TEXT_PREFIX, FakeProviderServer
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import MAX_FILE_BYTES, MAX_FILES, Brief
 from worker.settings import Settings
 

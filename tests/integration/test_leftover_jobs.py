@@ -22,7 +22,7 @@ from arq.jobs import SerializationError
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, remote, wait_for_result, with_ai
 from worker import client
 from worker.ai import limits
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")

@@ -21,10 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import KEY, KEY_ENV, SAMPLE_BRIEF, WorkerFactory, close_worker, remote, wait_for_result, with_ai
 from worker import client
 from worker.ai.base import AIRequest
-from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import free_port
 from worker.metrics import Metrics
-from worker.services import free_port
 from worker.settings import MetricsSection, Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")

@@ -9,8 +9,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from worker.local.services import LocalServices
 from worker.migrate import migrate
-from worker.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[2]
 LARGE = {("site_generation_phases", "output"), ("site_files", "content")}

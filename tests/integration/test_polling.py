@@ -17,7 +17,7 @@ from arq.utils import timestamp_ms
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, close_worker, order_job, remote, wait_for_result, with_ai
 from worker import client, polling
-from worker.ai.fake_server import FakeProviderServer
+from worker.local.fake_server import FakeProviderServer
 from worker.pipeline.runner import Runtime
 from worker.settings import Settings
 

@@ -17,7 +17,7 @@ from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
 from worker import client
-from worker.services import LocalServices
+from worker.local.services import LocalServices
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BIN = ROOT / ".venv" / "bin"

@@ -30,10 +30,10 @@ from tests.helpers import (
 )
 from worker import client
 from worker.ai.base import AIRequest, call_status
-from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
 from worker.errors import AIBadRequest, AIUnavailable
-from worker.services import free_port
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import free_port
 from worker.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.usefixtures("provider_key")

@@ -33,12 +33,12 @@ from tests.helpers import (
 )
 from worker import client
 from worker.ai.base import AIReply, AIRequest
-from worker.ai.fake_server import FakeProviderServer
 from worker.ai.http import OpenAIProvider
 from worker.ai.limits import Budget, Limits, ProviderLimiter, SharedLimits, keys
 from worker.errors import BudgetWaitExceeded
 from worker.follow import follow_logs
-from worker.services import LocalServices, RedisServer
+from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices, RedisServer
 from worker.settings import ProviderSettings, Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")

@@ -1,4 +1,4 @@
-"""Integration tests for worker.services: real throwaway PostgreSQL and Redis servers."""
+"""Integration tests for worker.local.services: real throwaway PostgreSQL and Redis servers."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from worker import services as services_module
-from worker.services import (
+from worker.local import services as services_module
+from worker.local.services import (
     LocalServices,
     PostgresServer,
     RedisServer,
@@ -188,7 +188,7 @@ def test_stop_removes_base_dir_unless_keep() -> None:
 def test_atexit_stops_servers_of_a_crashing_process(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        from worker.services import RedisServer
+        from worker.local.services import RedisServer
         server = RedisServer({str(tmp_path / "redis")!r}).start()
         print(server.pid, flush=True)
         raise RuntimeError("simulated crash without cleanup")
@@ -350,14 +350,14 @@ async def test_root_in_private_folder_without_system_postgres_runs_a_reachable_c
 @as_root
 def test_root_cli_without_runnable_postgres_says_what_to_do_in_one_line(private_dir: Path, tmp_path: Path) -> None:
     """Regression: issue 14 defect 14. Binaries `nobody` cannot run, even copied out of the private folder,
-    end `python -m worker.services` with one line that says what to do, not a traceback."""
+    end `python -m worker.local.services` with one line that says what to do, not a traceback."""
     # They fail to load, as a binary whose shared libraries stayed behind would.
     pgbin = _fake_executables(private_dir / "pgbin", "initdb", "postgres")
     for name in ("initdb", "postgres"):
         (pgbin / name).write_text("#!/bin/sh\necho 'error while loading shared libraries: libpq.so.5' >&2\nexit 127\n")
     env = {**os.environ, "PGBIN": str(pgbin), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "worker.services", "--no-redis"],
+        [sys.executable, "-m", "worker.local.services", "--no-redis"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,7 +17,7 @@ from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
 from worker import client
-from worker.services import LocalServices, find_redis_server
+from worker.local.services import LocalServices, find_redis_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "wire-format.md"

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
+from worker.local.offline_site import offline_code, offline_content, offline_plan
+from worker.local.screenshot import find_chromium, screenshot
 from worker.models import Brief, SiteCode
-from worker.screenshot import find_chromium, screenshot
 
 INSTALL_HINT = "run scripts/install-quality-tools.sh"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -251,7 +251,7 @@ def test_axe_harness_reports_a_known_violation(browser: Any) -> None:
     assert {"image-alt", "link-name", "html-has-lang", "document-title"} <= found
 
 
-# --------------------------------------------------------------------------- screenshots (worker/screenshot.py)
+# --------------------------------------------------------------------------- screenshots (worker/local/screenshot.py)
 
 
 def test_screenshot_of_the_sample_home_page(sites: dict[str, Path], tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from tests.helpers import SAMPLE_BRIEF
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.errors import SiteCheckFailed, is_retryable
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import (
     Brief,
     GeneratedFile,

@@ -16,9 +16,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from worker.ai.base import AIRequest
-from worker.ai.fake_server import CF_QUOTA_MESSAGE, FakeProviderServer, validate_fault
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import extract_json, render_prompt
+from worker.local.fake_server import CF_QUOTA_MESSAGE, FakeProviderServer, validate_fault
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief, GeneratedFile, SiteCode, SiteContent, SitePlan
 
 APIS = ["openai", "anthropic", "cloudflare"]
@@ -698,7 +698,7 @@ def test_requests_record_the_wall_clock(server: FakeProviderServer, client: http
 
 def test_cli_latency_range() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.ai.fake_server", "--latency", "0.15", "--latency-max", "0.3", "--seed", "3"],
+        [sys.executable, "-m", "worker.local.fake_server", "--latency", "0.15", "--latency-max", "0.3", "--seed", "3"],
         stdout=subprocess.PIPE,
         text=True,
     )

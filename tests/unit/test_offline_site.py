@@ -10,7 +10,7 @@ import pytest
 # selectolax 1.x removed the Modest `selectolax.parser` backend; lexbor is its drop-in replacement.
 from selectolax.lexbor import LexborHTMLParser as HTMLParser
 
-from worker.ai.offline_site import (
+from worker.local.offline_site import (
     clip,
     contrast_ratio,
     offline_code,

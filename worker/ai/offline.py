@@ -11,8 +11,8 @@ import asyncio
 from typing import Any
 
 from worker.ai.base import AIReply, AIRequest, Notify, Usage
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import extract_input
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief, SiteContent, SitePlan
 
 

@@ -1163,7 +1163,7 @@ class LocalServices:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.services",
+        prog="python -m worker.local.services",
         description="Start throwaway PostgreSQL and Redis, print their URLs, and stop them on Ctrl-C/SIGTERM.",
     )
     parser.add_argument("--no-postgres", action="store_true", help="do not start PostgreSQL")

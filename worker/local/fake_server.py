@@ -43,8 +43,8 @@ from types import FrameType, TracebackType
 from typing import Any, Self, cast
 from urllib.parse import urlsplit
 
-from worker.ai.offline_site import offline_code, offline_content, offline_plan
 from worker.ai.parsing import extract_input
+from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief, SiteContent, SitePlan
 
 APIS = ("openai", "anthropic", "cloudflare")
@@ -712,7 +712,7 @@ class FakeProviderServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker.ai.fake_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m worker.local.fake_server", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added before every answer")
