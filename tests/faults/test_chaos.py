@@ -18,8 +18,6 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -33,11 +31,7 @@ from tests.faults.chaos import (
     wait_terminal,
 )
 from tests.faults.harness import Cluster
-from worker.local.fake_server import FakeProviderServer
-from worker.local.services import LocalServices
-from worker.migrate import migrate
 
-ROOT = Path(__file__).resolve().parents[2]
 SOAK_S = float(os.environ.get("SOAK_S", "120"))
 #: After the last fault: how long the orders still running may take to end (lease 8 s, sweep every 10 s).
 DRAIN_S = float(os.environ.get("SOAK_DRAIN_S", "35"))
@@ -45,27 +39,6 @@ SHUTDOWN_GRACE_S = 5.0
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(int(SOAK_S + DRAIN_S + 150))]
 
-
-@pytest.fixture
-def services() -> Iterator[LocalServices]:
-    with LocalServices(redis_appendonly=True) as running:
-        # A SIGKILLed PostgreSQL must keep every commit it acknowledged, as a production one does:
-        # synchronous_commit=off (the throwaway default) would lose the last few hundred milliseconds of
-        # them and blame the worker. fsync=off stays: the OS keeps the pages through a process crash.
-        running.postgres.extra_settings["synchronous_commit"] = "on"
-        running.postgres.restart()
-        yield running
-
-
-@pytest.fixture
-async def cluster(services: LocalServices, tmp_path: Path) -> AsyncIterator[Cluster]:
-    await migrate(services.database_url, ROOT / "migrations")
-    with FakeProviderServer() as fake:
-        running = Cluster(services, fake, tmp_path)
-        try:
-            yield running
-        finally:
-            running.stop_all()
 
 
 async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:

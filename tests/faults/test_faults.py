@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -18,31 +16,12 @@ import pytest
 from tests.faults.harness import Cluster, order_of_request, wait_until
 from worker import client
 from worker.local.fake_server import FakeProviderServer
-from worker.local.services import LocalServices
-from worker.migrate import migrate
 from worker.settings import WorkerSection
 
 # Real processes on a 2-core machine: generous per-test limits, each scenario has its own deadline too.
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def services() -> Iterator[LocalServices]:
-    with LocalServices(redis_appendonly=True) as running:
-        yield running
-
-
-@pytest.fixture
-async def cluster(services: LocalServices, tmp_path: Path) -> AsyncIterator[Cluster]:
-    await migrate(services.database_url, ROOT / "migrations")
-    with FakeProviderServer() as fake:
-        running = Cluster(services, fake, tmp_path)
-        try:
-            yield running
-        finally:
-            running.stop_all()
 
 
 async def _resumed_by(cluster: Cluster, order_id: int) -> asyncpg.Record | None:

@@ -7,37 +7,15 @@ claim failed on the job's last try, arq dropped the job, and the brief, which on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Cluster, wait_until
 from worker import client
-from worker.local.fake_server import FakeProviderServer
-from worker.local.services import LocalServices
-from worker.migrate import migrate
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def services() -> Iterator[LocalServices]:
-    with LocalServices(redis_appendonly=True) as running:
-        yield running
-
-
-@pytest.fixture
-async def cluster(services: LocalServices, tmp_path: Path) -> AsyncIterator[Cluster]:
-    await migrate(services.database_url, ROOT / "migrations")
-    with FakeProviderServer() as fake:
-        running = Cluster(services, fake, tmp_path)
-        try:
-            yield running
-        finally:
-            running.stop_all()
 
 
 async def test_a_new_order_survives_postgresql_down_for_longer_than_its_tries(cluster: Cluster) -> None:

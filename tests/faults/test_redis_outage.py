@@ -10,36 +10,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Cluster, wait_until
-from worker.local.fake_server import FakeProviderServer
-from worker.local.services import LocalServices
-from worker.migrate import migrate
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def services() -> Iterator[LocalServices]:
-    with LocalServices(redis_appendonly=True) as running:
-        yield running
-
-
-@pytest.fixture
-async def cluster(services: LocalServices, tmp_path: Path) -> AsyncIterator[Cluster]:
-    await migrate(services.database_url, ROOT / "migrations")
-    with FakeProviderServer() as fake:
-        running = Cluster(services, fake, tmp_path)
-        try:
-            yield running
-        finally:
-            running.stop_all()
 
 
 async def _arq_check(cluster: Cluster, replica: str) -> int:
