@@ -162,7 +162,8 @@ BEGIN
                 WHERE id = latest.id AND status = latest.status
                   AND claim_token IS NOT DISTINCT FROM latest.claim_token
                   AND (status = 'queued' OR lease_expires_at IS NULL OR lease_expires_at <= now())
-                RETURNING id, attempt, brief, cancel_requested_at IS NOT NULL AS cancel_requested INTO claimed;
+                RETURNING id, attempt, attempt - spared_attempts AS counted, brief,
+                          cancel_requested_at IS NOT NULL AS cancel_requested INTO claimed;
                 IF NOT FOUND THEN
                     CONTINUE;
                 END IF;
@@ -172,6 +173,7 @@ BEGIN
                 FROM site_generation_phases p WHERE p.generation_id = latest.id;
                 RETURN jsonb_build_object(
                     'outcome', 'resumed', 'generation_id', claimed.id, 'attempt', claimed.attempt,
+                    'counted_attempts', claimed.counted,
                     'brief', claimed.brief, 'checkpoints', phases.outputs, 'usage', phases.usage,
                     'cancel_requested', claimed.cancel_requested,
                     'brief_differs', p_brief IS NOT NULL AND latest.brief IS DISTINCT FROM p_brief);

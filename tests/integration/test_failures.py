@@ -13,8 +13,9 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, wait_for_result
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, remote, wait_for_result, with_ai
 from worker import client
+from worker.local.fake_server import FakeProviderServer
 from worker.local.services import LocalServices
 from worker.progress import ProgressLog
 from worker.settings import Settings
@@ -360,3 +361,28 @@ async def test_a_generation_past_max_attempts_fails_and_its_job_is_not_retried(
     assert "replica gone stopped at phase content" in message
     assert await db.fetchval("SELECT count(*) FROM site_generation_phases") == 1, "no phase ran"
     assert f"generation failed: generation 1 of order 54 {message}" in await progress_messages(db, 54)
+
+
+async def test_runs_of_a_job_that_did_no_work_do_not_use_up_its_tries(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    provider_key: None,
+) -> None:
+    """Found by the chaos soak (issue 14): a job that ran twice only to find its order held by another
+    replica's live claim (after a Redis outage let its in-progress key expire) was on its last of 3
+    tries when its first model call met a 429, and the generation failed. The generation's own
+    attempts decide its last try, not arq's count of the job's runs."""
+    fake.script("status:503")
+    custom = with_ai(settings, {"remote": remote("openai", fake.url, max_retries=0)})
+    custom = custom.model_copy(update={"worker": custom.worker.model_copy(update={"max_tries": 3})})
+    await client.enqueue_generation(redis, 57, SAMPLE_BRIEF)
+    await redis.set(f"arq:retry:{client.job_id(57)}", 2)  # two runs that waited behind a busy order
+    await start_worker(custom)
+
+    result = await wait_for_result(redis, 57)
+
+    assert result["status"] == "succeeded"
+    assert await db.fetchval("SELECT attempt FROM site_generations WHERE order_id = 57") == 2
