@@ -44,8 +44,9 @@ class WorkerSection(_Section):
     max_tries: int = Field(
         default=5,
         ge=1,
-        description="Tries of a job whose failures are retryable (a provider down or rate limited) before its "
-        "generation fails; PostgreSQL or Redis out of reach is retried for as long as it lasts",
+        description="Attempts of a generation whose failures are retryable (a provider down or rate limited) "
+        "before it fails; runs that did no work (an order busy elsewhere, a drain) do not count, and PostgreSQL "
+        "or Redis out of reach is retried for as long as it lasts",
     )
     max_attempts: int = Field(
         default=10,
