@@ -225,6 +225,10 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) and _infrastructure_cause(exc) is None
 
 
+#: What redis-py raises while Redis is unreachable (BusyLoadingError, Redis still loading its AOF, is a
+#: ConnectionError): the replica waits for Redis (worker/redis_outage.py), the limits use their shares.
+REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
+
 #: PostgreSQL or Redis out of reach (down, restarting, refusing connections): the job that meets one
 #: is kept and retried with capped backoff for as long as it lasts, never failed on its last try.
 INFRASTRUCTURE = (

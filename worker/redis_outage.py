@@ -27,16 +27,13 @@ import random
 import signal
 import time
 
-import redis.exceptions
 from arq.worker import Worker
 from loguru import logger
 
 from worker import polling
-from worker.errors import message_of
+from worker.errors import REDIS_UNREACHABLE, message_of
 
-#: What an unreachable Redis raises through redis-py (BusyLoadingError, Redis still loading its AOF,
-#: is a ConnectionError).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
+REDIS_DOWN = REDIS_UNREACHABLE
 
 #: First and longest wait between two attempts to reach Redis again (each with jitter: half to all of it).
 FIRST_RETRY_S = 0.25

@@ -49,7 +49,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from worker.errors import BudgetWaitExceeded, message_of
+from worker.errors import REDIS_UNREACHABLE, BudgetWaitExceeded, message_of
 
 KEY_PREFIX = "sitegen:limits"
 #: Longest one limiter call to Redis may take before this replica uses its local share instead.
@@ -69,7 +69,7 @@ PAUSE_RECHECK_S = 0.2
 #: A pause without Retry-After or reset header lasts this long.
 DEFAULT_PAUSE_S = 1.0
 
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError, OSError)
+REDIS_DOWN = (*REDIS_UNREACHABLE, OSError)
 
 # KEYS: requests TAT, tokens TAT, slots ZSET, pause.
 # ARGV: charge (1: charge the rates), ms per request (0: no limit), tokens, ms per token (0: no limit),
