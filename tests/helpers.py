@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,15 @@ def with_ai(
     """`settings` with these providers, routed (by default every task to the first one)."""
     routing = routing or {task: [next(iter(providers))] for task in ("planning", "content", "coding")}
     return settings.model_copy(update={"ai": AISection(providers=providers, routing=routing, **ai)})
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> float:
+    """Poll `predicate` until true; returns the seconds it took. Fails the test with `what` on timeout."""
+    started = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started

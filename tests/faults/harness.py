@@ -3,7 +3,6 @@ PostgreSQL and Redis, and the fake provider, with ways to kill, restart and wait
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -11,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,24 +17,13 @@ from typing import Any
 import asyncpg
 from arq.jobs import Job
 
+from tests.helpers import wait_until
 from worker import client
 from worker.local.fake_server import FakeProviderServer
 from worker.local.services import LocalServices
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("planning", "content", "coding")
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2, what: str = "condition"
-) -> float:
-    """Poll `predicate` until true; returns the seconds it took. Fails the test with `what` on timeout."""
-    started = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
-    return time.monotonic() - started
 
 
 def brief_for(order_id: int) -> dict[str, Any]:

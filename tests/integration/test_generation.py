@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -12,7 +11,7 @@ import asyncpg
 from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result, wait_until
 from worker import client
 from worker.settings import Settings
 
@@ -198,7 +197,8 @@ async def test_startup_removes_what_a_crashed_site_write_left_behind(
     hour_ago = time.time() - 3600
     os.utime(leftover, (hour_ago, hour_ago))
     await start_worker()
-    deadline = time.monotonic() + 30
-    while leftover.exists():
-        assert time.monotonic() < deadline, "the replica's startup did not remove the dead build folder"
-        await asyncio.sleep(0.02)
+
+    async def removed() -> bool:
+        return not leftover.exists()
+
+    await wait_until(removed, 30, 0.02, "the replica's startup to remove the dead build folder")

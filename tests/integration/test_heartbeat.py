@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 from arq import ArqRedis
 from arq.worker import Worker
 
-from tests.helpers import WorkerFactory, remote, wait_for_result, with_ai
+from tests.helpers import WorkerFactory, remote, wait_for_result, wait_until, with_ai
 from worker import client
 from worker.local.fake_server import FakeProviderServer
 from worker.local.services import free_port
@@ -48,13 +47,6 @@ async def _lease(db: asyncpg.Connection, order_id: int) -> float:
     return float(expires)
 
 
-async def _until(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_a_redis_outage_does_not_stop_the_postgresql_lease_renewal(
     fake: FakeProviderServer, settings: Settings, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
 ) -> None:
@@ -70,7 +62,9 @@ async def test_a_redis_outage_does_not_stop_the_postgresql_lease_renewal(
     async def renewed_twice() -> bool:
         return await _lease(db, 61) > first + LEASE_S / 2
 
-    await _until(renewed_twice, 3 * LEASE_S, "the PostgreSQL lease to be renewed while Redis is unreachable")
+    await wait_until(
+        renewed_twice, 3 * LEASE_S, 0.05, "the PostgreSQL lease to be renewed while Redis is unreachable"
+    )
 
 
 async def test_a_hung_postgresql_renewal_does_not_let_the_job_marker_expire(
@@ -86,9 +80,10 @@ async def test_a_hung_postgresql_renewal_does_not_let_the_job_marker_expire(
     try:
         async with db.transaction():
             await db.execute("SELECT 1 FROM site_generations WHERE order_id = 62 FOR UPDATE")
-            await _until(
+            await wait_until(
                 lambda: _renewal_waits_on_lock(watcher),
                 3 * LEASE_S,
+                0.05,
                 "the heartbeat's lease renewal to wait on the row lock",
             )
             # Watch the marker for two leases: without its own renewal it would expire within one.

@@ -10,7 +10,6 @@ over from `plan`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import asyncpg
@@ -19,7 +18,16 @@ from arq import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, order_job, progress_messages, remote, wait_for_result, with_ai
+from tests.helpers import (
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    order_job,
+    progress_messages,
+    remote,
+    wait_for_result,
+    wait_until,
+    with_ai,
+)
 from worker import client
 from worker.ai import limits
 from worker.local.fake_server import FakeProviderServer
@@ -63,10 +71,11 @@ async def test_a_regenerate_jobs_deferred_retry_resumes_its_own_generation(
     fake.script("ok", "429:3600")  # the new plan commits; content is rate limited past the in-call wait
 
     await client.enqueue_generation(redis, 92, regenerate=True)
-    deadline = time.monotonic() + 30
-    while await db.fetchval("SELECT status FROM site_generations WHERE order_id = 92 AND id = 2") != "queued":
-        assert time.monotonic() < deadline, "the regenerated generation was not handed back"
-        await asyncio.sleep(0.05)
+
+    async def handed_back() -> bool:
+        return await db.fetchval("SELECT status FROM site_generations WHERE order_id = 92 AND id = 2") == "queued"
+
+    await wait_until(handed_back, 30, 0.05, "the regenerated generation to be handed back")
     # The clock: its deferred retry (an hour away) is due now.
     assert await redis.zadd(client.QUEUE_NAME, {client.job_id(92): time.time() * 1000}, xx=True, ch=True) == 1
     await redis.delete(limits.keys("remote")["pause"])  # and the provider's pause after its 429 is over
