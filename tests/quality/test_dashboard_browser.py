@@ -19,7 +19,13 @@ from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory
 from tests.integration.test_api import READ, WRITE, Running, _start
-from tests.quality.test_site_quality import BLOCKING_IMPACTS, CHROMIUM, CHROMIUM_ARGS, INSTALL_HINT, _axe_js
+from tests.quality.test_site_quality import (
+    BLOCKING_IMPACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    _axe_js,
+    skip_without_browser_tools,
+)
 from worker.api.auth import Tokens
 from worker.settings import Settings
 
@@ -29,14 +35,9 @@ DOCS = ROOT / "docs"
 
 @pytest.fixture
 async def chromium() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium); {INSTALL_HINT}")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.skip(f"playwright is not installed (pip extra [quality]); {INSTALL_HINT}")
-    if _axe_js() is None:
-        pytest.skip(f"axe-core's axe.min.js not found (npm axe-core, or set AXE_JS); {INSTALL_HINT}")
+    skip_without_browser_tools()
+    from playwright.async_api import async_playwright
+
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import json
 import os
 import shutil
@@ -161,16 +162,21 @@ def _axe_js() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def skip_without_browser_tools() -> None:
+    """Skip the test, naming what is missing, without Chromium, playwright or axe-core."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install -y chromium); {INSTALL_HINT}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         pytest.skip(f"playwright is not installed (pip extra [quality]); {INSTALL_HINT}")
     if _axe_js() is None:
         pytest.skip(f"axe-core's axe.min.js not found (npm axe-core, or set AXE_JS); {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    skip_without_browser_tools()
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
