@@ -98,11 +98,15 @@ class Runtime:
         return SiteWriter(self.settings.output.inline_write_max_ms / 1000)
 
 
-def backoff_s(settings: Settings, job_try: int) -> float:
-    """Exponential backoff with jitter, so a crowd of failed jobs does not come back at once."""
+def backoff_s(settings: Settings, job_try: int, *, provider_asked_s: float | None = None) -> float:
+    """Exponential backoff with jitter, so a crowd of failed jobs does not come back at once; at least what
+    a provider asked for (its Retry-After, or the wait for its budget), up to `ai.max_retry_defer_s`."""
     w = settings.worker
     base: float = min(w.retry_backoff_max_s, w.retry_backoff_s * 2.0 ** min(max(job_try - 1, 0), 30))
-    return base * random.uniform(0.5, 1.0)
+    defer = base * random.uniform(0.5, 1.0)
+    if provider_asked_s:
+        defer = max(defer, min(provider_asked_s, settings.ai.max_retry_defer_s))
+    return defer
 
 
 def validate_job_args(
@@ -519,7 +523,7 @@ async def run_generation(
         return run.result("superseded")
     except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
         logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
-        defer = max(backoff_s(settings, job_try), min(exc.retry_after_s, settings.ai.max_retry_defer_s))
+        defer = backoff_s(settings, job_try, provider_asked_s=exc.retry_after_s)
         await _store_quietly(
             rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer, spare=True)
         )
@@ -540,9 +544,8 @@ async def run_generation(
         )
         # PostgreSQL or Redis out of reach is never the generation's fault: hand it back on any try.
         if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
-            defer = backoff_s(settings, job_try)
-            if isinstance(exc, AIRateLimited) and exc.retry_after_s:  # the provider's word, within bounds
-                defer = max(defer, min(exc.retry_after_s, settings.ai.max_retry_defer_s))
+            asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
+            defer = backoff_s(settings, job_try, provider_asked_s=asked)
             await _store_quietly(rt.store.release_generation(claim, error, retry_in_s=defer))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
