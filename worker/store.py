@@ -138,8 +138,8 @@ class Claim:
     #: The status an `ended` generation ended with (`failed` or `cancelled`).
     status: str | None = None
     #: Attempts that count towards `worker.max_tries` and `worker.max_attempts`: `attempt` less the
-    #: hand-backs that were not the generation's fault (a wait for budget, a drain). None: `attempt`.
-    counted_attempts: int | None = None
+    #: hand-backs that were not the generation's fault (a wait for budget, a drain).
+    counted_attempts: int = 1
 
 
 def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, Any]:
@@ -236,7 +236,7 @@ class Store:
             warnings=warnings,
             cancel_requested=bool(claimed.get("cancel_requested")),
             status=claimed.get("status"),
-            counted_attempts=claimed.get("counted_attempts"),
+            counted_attempts=claimed.get("counted_attempts", claimed["attempt"]),
         )
 
     async def commit_phase(

@@ -504,7 +504,7 @@ async def run_generation(
 
     # The generation's own attempts decide its last try, not arq's count of this job's runs: a job that
     # waited for another replica's live claim, or was handed back by a draining replica, used no try.
-    final_try = (claim.counted_attempts or claim.attempt) >= settings.worker.max_tries
+    final_try = claim.counted_attempts >= settings.worker.max_tries
     rt.heartbeat.track(claim, job_id)
     try:
         return await run.run()
