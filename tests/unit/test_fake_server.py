@@ -234,6 +234,14 @@ def test_requests_are_recorded_with_headers_and_bodies(server: FakeProviderServe
     assert first.at <= second.at
 
 
+def test_count_says_how_many_api_requests_arrived(server: FakeProviderServer, client: httpx2.Client) -> None:
+    # The benchmarks read it to know every generation has its model call in flight (bench.fake keeps no bodies).
+    assert client.get(f"{server.url}/_fake/count").json() == {"requests": 0}
+    call(client, server, "openai")
+    call(client, server, "openai")
+    assert client.get(f"{server.url}/_fake/count").json() == {"requests": 2}
+
+
 def test_wait_for_requests_blocks_until_they_arrive(server: FakeProviderServer) -> None:
     def later() -> None:
         with httpx2.Client() as c:

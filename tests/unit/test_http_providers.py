@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import email.utils
 import time
+import tracemalloc
 
 import httpx2
+import orjson
 import pytest
 
-from worker.ai.http import redact, retry_after_s
+from worker.ai.http import redact, request_body, retry_after_s
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,18 @@ def test_redact_hides_given_secrets_and_key_shaped_strings() -> None:
     shown = redact(text, "my-own-secret-value")
     assert "my-own-secret-value" not in shown and "sk-abcdefghijklmnop" not in shown
     assert "abc.def-ghi_jkl" not in shown and shown.count("***") == 3
+
+
+def test_a_request_body_holds_no_more_memory_than_its_size() -> None:
+    # Issue 15 (`inflight`): orjson.dumps hands back its whole working buffer (~128 KiB for a 9 KB code
+    # prompt) and aiohttp holds the body until the answer is read: 2,000 calls in flight held ~250 MiB.
+    body = {"model": "m", "messages": [{"role": "user", "content": "p" * 9000}], "max_tokens": 8000}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [request_body(body) for _ in range(50)]
+        per_body = (tracemalloc.get_traced_memory()[0] - before) / len(held)
+    finally:
+        tracemalloc.stop()
+    assert orjson.loads(held[0]) == body
+    assert per_body < 2 * len(held[0])

@@ -687,6 +687,9 @@ class FakeProviderServer:
                 return 200, [asdict(r) for r in self.requests]
         if method == "GET" and path == "/_fake/health":
             return 200, {"ok": True}
+        if method == "GET" and path == "/_fake/count":  # API requests received, without their bodies
+            with self._lock:
+                return 200, {"requests": self._counter}
         if method == "POST" and path == "/_fake/script":
             faults = args.get("faults", [])
             if not isinstance(faults, list) or not all(isinstance(f, str) for f in faults):
