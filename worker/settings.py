@@ -38,7 +38,14 @@ class _Section(BaseModel):
 class WorkerSection(_Section):
     queue_name: str = Field(default="site_generation", description="The arq queue this replica takes jobs from")
     replica_id: str = Field(default="", description="Names this replica in logs and its health key; default: host name")
-    max_jobs: int = Field(default=10, ge=1, le=10_000, description="Generations one replica runs at once")
+    max_jobs: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Generations one replica runs at once. The default matches a provider's default max_concurrency "
+        "(8) plus 2 for generations between calls or waiting out a Retry-After; raise both together, up to what the "
+        "provider's limits allow (docs/runbook.md, Sizing)",
+    )
     poll_delay_s: float = Field(default=0.05, gt=0, description="How often an idle replica asks Redis for jobs")
     job_timeout_s: float = Field(default=1800, gt=0, description="Longest one job may run (arq job_timeout)")
     max_tries: int = Field(
