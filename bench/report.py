@@ -283,6 +283,50 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "scaleout.png")
         plt.close(fig)
         made.append("scaleout.png")
+    inflight = runs.get("inflight")
+    rss_pts = (report.get("rss_series") or {}).get("inflight") or []
+    if inflight and rss_pts:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        t0 = rss_pts[0][0]
+        ax.plot([t - t0 for t, _ in rss_pts], [r for _, r in rss_pts], color="tab:blue", label="worker RSS (MiB)")
+        ax.axhline(TARGET_INFLIGHT_RSS_MIB, color="tab:red", ls=":", label=f"target {TARGET_INFLIGHT_RSS_MIB:g} MiB")
+        ax.set_ylim(0, TARGET_INFLIGHT_RSS_MIB * 1.15)
+        ax.set_xlabel("seconds from the first enqueue")
+        ax.set_ylabel("MiB")
+        ax2 = ax.twinx()
+        series = inflight.get("running_series") or []
+        ax2.plot([t for t, _ in series], [n for _, n in series], color="tab:green", label="generations running")
+        ax2.set_ylabel("generations running")
+        ax2.set_ylim(0, max((n for _, n in series), default=1) * 1.15)
+        for i, t in enumerate(inflight.get("probe_enqueued_s") or []):
+            ax.axvline(t, color="grey", lw=0.3, alpha=0.5, label="a probe job enqueued" if i == 0 else None)
+        lines = ax.get_legend_handles_labels()
+        more = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", fontsize=7)
+        ax.set_title(f"one replica holding {inflight['sites'] - inflight['probes']} generations (latency "
+                     f"{inflight['latency_ms'] / 1000:g} s); probes start p95 {inflight['to_start_ms']['p95']:.0f} ms")
+        fig.tight_layout()
+        fig.savefig(out / "inflight.png")
+        plt.close(fig)
+        made.append("inflight.png")
+    rl = report.get("ratelimit")
+    if rl and rl.get("requests_per_10s"):
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        counts = rl["requests_per_10s"]
+        ax.bar([10 * i for i in range(len(counts))], counts, width=8, align="edge", color="tab:blue",
+               label="requests the provider answered")
+        ax.axhline(rl["limit_per_10s"], color="tab:red", ls=":",
+                   label=f"its limit: {rl['provider_rpm']}/min = {rl['limit_per_10s']:g} per 10 s")
+        ax.set_xlabel("seconds from the first request (10 s windows)")
+        ax.set_ylabel("requests")
+        ax.set_ylim(0, rl["limit_per_10s"] * 1.4)
+        ax.set_title(f"{rl['replicas']} replicas sharing one provider: {rl['429s_received']} 429s received, "
+                     f"at most {rl['max_requests_in_any_60s']} requests in any 60 s")
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "ratelimit.png")
+        plt.close(fig)
+        made.append("ratelimit.png")
     return made
 
 
