@@ -36,6 +36,8 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--scaleout-max-jobs", "3",
         "--scaleout-latency-s", "0.2",
         "--scaleout-waves", "2",
+        "--scaleout-long-latency-s", "0.3",
+        "--scaleout-long-waves", "2",
         "--ratelimit-replicas", "2",
         "--ratelimit-sites", "2",
         "--ratelimit-latency-s", "0.1",
@@ -61,7 +63,7 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     runs = {r["name"]: r for r in report["runs"]}
     expected = {
         "zero": 12, "lat4": 8, "inflight": 8, "enqueue": 6, "slowbase": 6, "slowlog": 6, "scale2": 12,
-        "scaleout1": 6, "scaleout2": 12,
+        "scaleout1": 6, "scaleout2": 12, "scaleout2long": 12,
     }
     assert {name: r["sites"] for name, r in runs.items()} == expected
     for r in runs.values():
@@ -70,6 +72,9 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     assert runs["inflight"]["peak_running"] >= 6, "all six generations of the in-flight run were running at once"
     assert runs["inflight"]["one_wave"] and runs["inflight"]["ideal"] is None, "one wave has no steady rate"
     assert runs["scaleout2"]["ideal"] and runs["scaleout2"]["running_series"], "a backlog has an ideal"
+    for name in ("scaleout2", "scaleout2long"):  # Little's law's two factors (bench/stats.py)
+        r = runs[name]
+        assert 0 < r["occupancy"] <= 1 and 0 < r["speed"] and r["of_ideal"] > 0, name
     assert runs["slowlog"]["log_rows"] == 10 * 6, "every progress row of the slow-log run was written"
     assert [p["rows"] for p in report["progress"]] == [200, 20]
     assert [i["poll_delay_s"] for i in report["idle"]] == [0.05, 0.5]
@@ -85,3 +90,6 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     assert "## What the heartbeat costs a replica" in results
     assert report["ratelimit"]["requests_answered"] == 6 and "sharing a provider limited to 120" in results
     assert "## What each generation in flight costs" in results and runs["inflight"]["held"]["generations"] == 6
+    assert len(runs["inflight"]["to_start_samples"]) == 2, "the probes' enqueue-to-start, sent once all 6 are held"
+    scaleout = {c["target"]: c for c in report["checks"] if c["target"].startswith("scale-out")}
+    assert len(scaleout) == 3 and all(c["status"] in ("met", "missed", "cpu-bound") for c in scaleout.values())
