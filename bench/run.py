@@ -628,7 +628,7 @@ class Bench:
             "retried_generations": retries,
             "stored_kib_per_site": round(stored / n / 1024, 1),
             "to_start_samples": [round(x, 2) for x in to_start] if sc.rate or sc.probes else [],
-            "probe_enqueued_s": sorted(round(t - t_start, 2) for o, t in enqueued.items()) if sc.probes else [],
+            "probe_enqueued_s": sorted(round(t - t_start, 2) for t in enqueued.values()) if sc.probes else [],
             "duration_samples": [round(x, 1) for x in durations[:5000]],
             "probes": sc.probes,
             "rss_start_mib": round(max(samples[0][1]), 1) if samples and samples[0][1] else None,
@@ -1087,22 +1087,19 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                                      f"jobs at {args.inflight_probe_rate:g}/s", slow, mj, n, fakes=args.fakes,
                                      probes=probes, probe_rate=args.inflight_probe_rate))
         if "scaleout" in wanted:
-            mj, lat_s = args.scaleout_max_jobs, args.scaleout_latency_s
-            for n in args.scaleout_replicas:
-                # Waves of sites for a steady window; pools of 6 + 2 keep 20 replicas under the local
-                # PostgreSQL's 200 connections (a replica holds one per statement, never across a call).
-                await bench.run(Scenario(
-                    f"scaleout{n}", f"latency {lat_s:g} s, {n} replicas x max_jobs {mj}", lat_s, mj,
-                    int(args.scaleout_waves * n * mj), replicas=n, fakes=max(args.fakes, -(-n * mj // 500)),
-                    extra_env={"SITEGEN_DATABASE__POOL_MAX_SIZE": "6"},
-                ))
+            mj = args.scaleout_max_jobs
+            runs = [(f"scaleout{n}", n, args.scaleout_latency_s, args.scaleout_waves) for n in args.scaleout_replicas]
             if args.scaleout_long_latency_s:
                 # The most replicas again at a latency whose ideal this machine's CPU can serve: what the
                 # design does with the same slots once the 2 cores are not the limit.
-                n, lat_s = max(args.scaleout_replicas), args.scaleout_long_latency_s
+                n = max(args.scaleout_replicas)
+                runs.append((f"scaleout{n}long", n, args.scaleout_long_latency_s, args.scaleout_long_waves))
+            for name, n, lat_s, waves in runs:
+                # Waves of sites for a steady window; pools of 6 + 2 keep 20 replicas under the local
+                # PostgreSQL's 200 connections (a replica holds one per statement, never across a call).
                 await bench.run(Scenario(
-                    f"scaleout{n}long", f"latency {lat_s:g} s, {n} replicas x max_jobs {mj}", lat_s, mj,
-                    int(args.scaleout_long_waves * n * mj), replicas=n, fakes=max(args.fakes, -(-n * mj // 500)),
+                    name, f"latency {lat_s:g} s, {n} replicas x max_jobs {mj}", lat_s, mj, int(waves * n * mj),
+                    replicas=n, fakes=max(args.fakes, -(-n * mj // 500)),
                     extra_env={"SITEGEN_DATABASE__POOL_MAX_SIZE": "6"},
                 ))
         if "enqueue" in wanted:
