@@ -27,8 +27,9 @@ from aiohttp.test_utils import TestServer
 from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, cli_env, remote, with_ai
-from worker.api.app import API, ApiOptions, BindRefused, check_bind, create_app
+from worker.api.app import BindRefused, check_bind, create_app
 from worker.api.auth import Tokens
+from worker.api.context import API, ApiOptions
 from worker.api.openapi import openapi_document
 from worker.local.fake_server import FakeProviderServer
 from worker.local.services import LocalServices, free_port

@@ -59,3 +59,28 @@ def test_the_api_imports_the_store_and_the_client_never_the_pipeline() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"the API loads the pipeline or the AI providers: {out.stdout}"
+
+
+def _api_imports() -> dict[str, set[str]]:
+    """worker.api's modules and the worker.api modules each imports (at any depth of its source)."""
+    modules = {p.stem: p for p in (ROOT / "worker" / "api").glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imports = imported_modules(path.read_text())
+        graph[name] = {m for m in modules if f"worker.api.{m}" in imports} - {name}
+    return graph
+
+
+def test_the_api_modules_import_each_other_in_no_circle() -> None:
+    """Issue 20 acceptance 6: app.py, routes.py and dashboard.py imported each other in a circle; the
+    shared pieces live in worker.api.context, and the app factory sits on top."""
+    graph = _api_imports()
+    assert not {m for m, deps in graph.items() if "app" in deps}, "nothing in worker/api imports the app factory"
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(dep == goal or (dep not in seen and reaches(dep, goal, seen | {dep})) for dep in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not circles, f"worker/api modules in an import circle: {circles} ({graph})"
+    assert {"routes", "dashboard"} <= graph["app"]
+    assert "routes" not in graph["dashboard"] and "dashboard" not in graph["routes"]

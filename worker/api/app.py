@@ -1,7 +1,9 @@
-"""The aiohttp application of `sitegen serve`: its resources (pools, Redis, the fan-out), errors, auth and CORS.
+"""The aiohttp application of `sitegen serve`: the factory on top of the routes and the dashboard, its
+middleware (errors, CORS, metrics), its resources (pools, Redis, the fan-out) and `serve`.
 
 Everything is created on the server's event loop in `on_startup` and closed in `on_cleanup`, as the
-worker does in arq's hooks; handlers live in `worker.api.routes`.
+worker does in arq's hooks; handlers live in `worker.api.routes` and `worker.api.dashboard`, and what
+they share in `worker.api.context`.
 """
 
 from __future__ import annotations
@@ -9,148 +11,26 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import asyncpg
 from aiohttp import web
-from arq import ArqRedis
 from loguru import logger
 from redis.exceptions import RedisError
 
 from worker import client
-from worker.api.auth import Role, Tokens, is_loopback
+from worker.api import dashboard, routes
+from worker.api.auth import Tokens, is_loopback
+from worker.api.context import API, Api, ApiError, ApiOptions, cors_headers, error_response
 from worker.api.fanout import ProgressFanout
 from worker.api.metrics import ApiMetrics
 from worker.errors import message_of
 from worker.settings import Settings
-from worker.store import Store, create_pool
+from worker.store import create_pool
 
-SESSION_COOKIE = "sitegen_session"
-SITE_COOKIE = "sitegen_site"
-DASHBOARD_HEADER = "X-Sitegen-Dashboard"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
-
-
-class ApiError(Exception):
-    """An error answered as JSON `{"error": {"type", "message"}}` with its HTTP status."""
-
-    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-        self.message = message
-        self.headers = headers or {}
-
-
-def bad_request(message: str) -> NoReturn:
-    raise ApiError(400, "bad_request", message)
-
-
-def not_found(message: str) -> NoReturn:
-    raise ApiError(404, "not_found", message)
-
-
-def conflict(message: str) -> NoReturn:
-    raise ApiError(409, "conflict", message)
-
-
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"type": type_, "message": message}}, status=status, headers=headers)
-
-
-@dataclass
-class ApiOptions:
-    """Tunables of the API that are not settings: tests shorten them."""
-
-    keepalive_s: float = 15.0
-    #: How long an SSE stream waits, after its generation's status turned terminal, for the row announcing it.
-    end_wait_s: float = 5.0
-    #: Rows a slow SSE client may have waiting before it is disconnected.
-    client_queue: int = 1000
-    poll_s: float = 1.0
-    hole_grace_s: float = 1.0
-    session_ttl_s: float = 12 * 3600
-
-
-@dataclass
-class Api:
-    """What every handler reaches through `request.app[API]`."""
-
-    settings: Settings
-    tokens: Tokens
-    options: ApiOptions
-    metrics: ApiMetrics
-    pool: asyncpg.Pool | None = None
-    redis: ArqRedis | None = None
-    fanout: ProgressFanout | None = None
-
-    @property
-    def store(self) -> Store:
-        assert self.pool is not None
-        return Store(self.pool, replica_id="sitegen-api", lease_s=self.settings.worker.lease_s)
-
-    # -- auth
-
-    def role(self, request: web.Request, *, allow_session: bool = True) -> Role | None:
-        """The role of the request's bearer token (or dashboard session); None when it has neither."""
-        header = request.headers.get("Authorization")
-        if header is not None:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise ApiError(401, "unauthorized", "expected `Authorization: Bearer <token>`", _challenge())
-            if not self.tokens.configured:
-                return "write"
-            role = self.tokens.role_of(token.strip())
-            if role is None:
-                raise ApiError(401, "unauthorized", "unknown token", _challenge())
-            return role
-        cookie = request.cookies.get(SESSION_COOKIE) if allow_session else None
-        if cookie:
-            role = self.tokens.session_role(cookie)
-            if role is not None:
-                if request.method == "POST" and request.headers.get(DASHBOARD_HEADER) != "1":
-                    # Only the dashboard's own scripts post with a session: no form of another page can.
-                    raise ApiError(403, "forbidden", f"a session needs the {DASHBOARD_HEADER} header to post")
-                return role
-        if not self.tokens.configured:
-            return "write"  # open mode: loopback only, see `check_bind`
-        return None
-
-    def require(self, request: web.Request, role: Role, *, order_id: int | None = None) -> Role | str:
-        """Authorize the request for `role`; with `order_id`, a stream token for that order is accepted too."""
-        got = self.role(request)
-        if got is None and order_id is not None:
-            token = request.query.get("token") or request.cookies.get(f"{SITE_COOKIE}_{order_id}")
-            if token:
-                grant = self.tokens.stream_grant(token)
-                if grant is None:
-                    raise ApiError(401, "unauthorized", "invalid or expired stream token", _challenge())
-                if grant.order_id != order_id:
-                    raise ApiError(403, "forbidden", "this stream token is for another order")
-                return "stream"
-        if got is None:
-            raise ApiError(401, "unauthorized", "missing token: send `Authorization: Bearer <token>`", _challenge())
-        if role == "write" and got != "write":
-            raise ApiError(403, "forbidden", "this endpoint needs a write token")
-        return got
-
-
-def _challenge() -> dict[str, str]:
-    return {"WWW-Authenticate": 'Bearer realm="sitegen"'}
-
-
-API = web.AppKey("sitegen_api", Api)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def cors_headers(request: web.Request) -> dict[str, str]:
-    """The CORS headers for a request from an allowed origin; none for other origins or same-origin calls."""
-    origin = request.headers.get("Origin")
-    if origin and origin.lower() in request.app[API].settings.api.cors_origins:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Expose-Headers": "*"}
-    return {}
 
 
 @web.middleware
@@ -209,8 +89,6 @@ def _preflight(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, tokens: Tokens, options: ApiOptions | None = None) -> web.Application:
     """The API and dashboard as an aiohttp application; its resources open when it starts."""
-    from worker.api import dashboard, routes
-
     app = web.Application(middlewares=[_errors_cors_metrics], client_max_size=1024 * 1024)
     app[API] = Api(settings, tokens, options or ApiOptions(), ApiMetrics())
     routes.add_routes(app)

@@ -17,8 +17,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from worker.api.app import API, SESSION_COOKIE, Api
-from worker.api.routes import TERMINAL, fetch_row, fetch_rows, generation_json, order_id_of
+from worker.api.context import API, SESSION_COOKIE, TERMINAL, Api, fetch_row, fetch_rows, generation_json, order_id_of
 from worker.store import PHASES
 
 STATIC = Path(__file__).parent / "static"

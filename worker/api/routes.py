@@ -16,14 +16,28 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix
 from pydantic import ValidationError
 
 from worker import client
-from worker.api.app import API, SITE_COOKIE, Api, ApiError, bad_request, conflict, cors_headers, not_found
+from worker.api.context import (
+    API,
+    SITE_COOKIE,
+    TERMINAL,
+    Api,
+    ApiError,
+    bad_request,
+    conflict,
+    cors_headers,
+    fetch_row,
+    fetch_rows,
+    generation_json,
+    json_response,
+    not_found,
+    order_id_of,
+)
 from worker.api.fanout import Subscriber
 from worker.api.openapi import openapi_document
 from worker.models import Brief
 from worker.progress import END_EVENTS, event_of
 from worker.store import ACTIVE, QUERIES
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 #: Served site files may not run script, be framed by other sites, or reach anything but their own files.
 SITE_CSP = (
     "default-src 'none'; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; font-src 'self' data: https:; "
@@ -52,30 +66,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/orders/{order_id}/site/{path:.*}", site_file)
 
 
-def order_id_of(request: web.Request) -> int:
-    raw = request.match_info["order_id"]
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
-        bad_request(f"order_id must be a positive integer, got {raw[:40]!r}")
-    return int(raw)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
 def _api(request: web.Request) -> Api:
     return request.app[API]
-
-
-async def fetch_rows(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
-    assert api.pool is not None
-    async with api.pool.acquire() as conn:
-        return [dict(r) for r in await conn.fetch(QUERIES[query], *args)]
-
-
-async def fetch_row(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
-    rows = await fetch_rows(api, query, *args)
-    return rows[0] if rows else None
 
 
 async def _known_order(api: Api, order_id: int) -> dict[str, Any]:
@@ -100,7 +92,7 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception:
         checks["postgresql"] = False
     ok = all(checks.values())
-    return _json({"status": "ok" if ok else "unavailable", **checks}, status=200 if ok else 503)
+    return json_response({"status": "ok" if ok else "unavailable", **checks}, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -111,31 +103,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     _api(request).require(request, "read")
-    return _json(openapi_document())
+    return json_response(openapi_document())
 
 
 # --------------------------------------------------------------------------- orders and generations
-
-
-def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    usage = row.get("usage") or {}
-    out = {
-        "generation_id": row["id"],
-        "status": row["status"],
-        "current_phase": row["current_phase"],
-        "attempt": row["attempt"],
-        "error": row["error"],
-        "usage": {k: v for k, v in usage.items() if k != "by_phase"},
-        "cost_usd": usage.get("cost_usd", 0),
-        "pages": row.get("pages") or [],
-        "replica_id": row.get("replica_id"),
-        "created_at": row["created_at"],
-        "started_at": row["started_at"],
-        "finished_at": row["finished_at"],
-    }
-    if phases is not None:
-        out["phases"] = phases
-    return out
 
 
 async def order(request: web.Request) -> web.Response:
@@ -150,7 +121,7 @@ async def order(request: web.Request) -> web.Response:
     else:
         phases = await fetch_rows(api, "api_phases", latest["id"])
         body["generation"] = generation_json(latest, phases)
-    return _json(body)
+    return json_response(body)
 
 
 async def generations(request: web.Request) -> web.Response:
@@ -165,7 +136,7 @@ async def generations(request: web.Request) -> web.Response:
     if not 1 <= limit <= 500:
         bad_request("limit must be between 1 and 500")
     rows = await fetch_rows(api, "api_generations", order_id, limit)
-    return _json({"order_id": order_id, "generations": [generation_json(r) for r in rows]})
+    return json_response({"order_id": order_id, "generations": [generation_json(r) for r in rows]})
 
 
 # --------------------------------------------------------------------------- live events (SSE)
@@ -375,7 +346,7 @@ async def generate(request: web.Request) -> web.Response:
             not_found(f"order {order_id} not found: send its brief with the first generate")
         if not found["has_brief"]:
             bad_request(f"brief: order {order_id} has no stored brief, send one")
-    return _json(await _enqueue(api, order_id, brief, regenerate), status=202)
+    return json_response(await _enqueue(api, order_id, brief, regenerate), status=202)
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -391,7 +362,7 @@ async def cancel(request: web.Request) -> web.Response:
         # Interrupts a model call in flight; the generation sees the request and ends `cancelled`.
         await api.redis.zadd(abort_jobs_ss, {client.job_id(order_id): int(time.time() * 1000)})
     status = "cancelled" if found["status"] == "cancelled" else "cancel_requested"
-    return _json({"order_id": order_id, "generation_id": found["id"], "status": status}, status=202)
+    return json_response({"order_id": order_id, "generation_id": found["id"], "status": status}, status=202)
 
 
 async def retry(request: web.Request) -> web.Response:
@@ -410,7 +381,7 @@ async def retry(request: web.Request) -> web.Response:
         )
     queued = await _enqueue(api, order_id, None, False)
     resumes = overview["status"] in ACTIVE
-    return _json(
+    return json_response(
         {
             **queued,
             "previous_generation_id": overview["generation_id"],
@@ -430,7 +401,7 @@ async def stream_token(request: web.Request) -> web.Response:
     api.require(request, "read")
     await _known_order(api, order_id)
     token, expires = api.tokens.stream_token(order_id, api.settings.api.stream_token_ttl_s)
-    return _json({"token": token, "expires_at": expires, "order_id": order_id})
+    return json_response({"token": token, "expires_at": expires, "order_id": order_id})
 
 
 def _site_path(request: web.Request) -> str:

@@ -1,0 +1,192 @@
+"""What the API's handlers share: the `Api` context each reaches through `request.app[API]`, its errors,
+auth checks and CORS headers, and the small helpers that read rows for them.
+
+`worker.api.routes` and `worker.api.dashboard` import this module and nothing of each other;
+`worker.api.app`, the application factory, sits on top of all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import asyncpg
+import orjson
+from aiohttp import web
+from arq import ArqRedis
+
+from worker.api.auth import Role, Tokens
+from worker.api.fanout import ProgressFanout
+from worker.api.metrics import ApiMetrics
+from worker.settings import Settings
+from worker.store import QUERIES, Store
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+SESSION_COOKIE = "sitegen_session"
+SITE_COOKIE = "sitegen_site"
+DASHBOARD_HEADER = "X-Sitegen-Dashboard"
+
+
+class ApiError(Exception):
+    """An error answered as JSON `{"error": {"type", "message"}}` with its HTTP status."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> NoReturn:
+    raise ApiError(400, "bad_request", message)
+
+
+def not_found(message: str) -> NoReturn:
+    raise ApiError(404, "not_found", message)
+
+
+def conflict(message: str) -> NoReturn:
+    raise ApiError(409, "conflict", message)
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"type": type_, "message": message}}, status=status, headers=headers)
+
+
+@dataclass
+class ApiOptions:
+    """Tunables of the API that are not settings: tests shorten them."""
+
+    keepalive_s: float = 15.0
+    #: How long an SSE stream waits, after its generation's status turned terminal, for the row announcing it.
+    end_wait_s: float = 5.0
+    #: Rows a slow SSE client may have waiting before it is disconnected.
+    client_queue: int = 1000
+    poll_s: float = 1.0
+    hole_grace_s: float = 1.0
+    session_ttl_s: float = 12 * 3600
+
+
+@dataclass
+class Api:
+    """What every handler reaches through `request.app[API]`."""
+
+    settings: Settings
+    tokens: Tokens
+    options: ApiOptions
+    metrics: ApiMetrics
+    pool: asyncpg.Pool | None = None
+    redis: ArqRedis | None = None
+    fanout: ProgressFanout | None = None
+
+    @property
+    def store(self) -> Store:
+        assert self.pool is not None
+        return Store(self.pool, replica_id="sitegen-api", lease_s=self.settings.worker.lease_s)
+
+    # -- auth
+
+    def role(self, request: web.Request, *, allow_session: bool = True) -> Role | None:
+        """The role of the request's bearer token (or dashboard session); None when it has neither."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise ApiError(401, "unauthorized", "expected `Authorization: Bearer <token>`", _challenge())
+            if not self.tokens.configured:
+                return "write"
+            role = self.tokens.role_of(token.strip())
+            if role is None:
+                raise ApiError(401, "unauthorized", "unknown token", _challenge())
+            return role
+        cookie = request.cookies.get(SESSION_COOKIE) if allow_session else None
+        if cookie:
+            role = self.tokens.session_role(cookie)
+            if role is not None:
+                if request.method == "POST" and request.headers.get(DASHBOARD_HEADER) != "1":
+                    # Only the dashboard's own scripts post with a session: no form of another page can.
+                    raise ApiError(403, "forbidden", f"a session needs the {DASHBOARD_HEADER} header to post")
+                return role
+        if not self.tokens.configured:
+            return "write"  # open mode: loopback only, see `check_bind`
+        return None
+
+    def require(self, request: web.Request, role: Role, *, order_id: int | None = None) -> Role | str:
+        """Authorize the request for `role`; with `order_id`, a stream token for that order is accepted too."""
+        got = self.role(request)
+        if got is None and order_id is not None:
+            token = request.query.get("token") or request.cookies.get(f"{SITE_COOKIE}_{order_id}")
+            if token:
+                grant = self.tokens.stream_grant(token)
+                if grant is None:
+                    raise ApiError(401, "unauthorized", "invalid or expired stream token", _challenge())
+                if grant.order_id != order_id:
+                    raise ApiError(403, "forbidden", "this stream token is for another order")
+                return "stream"
+        if got is None:
+            raise ApiError(401, "unauthorized", "missing token: send `Authorization: Bearer <token>`", _challenge())
+        if role == "write" and got != "write":
+            raise ApiError(403, "forbidden", "this endpoint needs a write token")
+        return got
+
+
+def _challenge() -> dict[str, str]:
+    return {"WWW-Authenticate": 'Bearer realm="sitegen"'}
+
+
+API = web.AppKey("sitegen_api", Api)
+
+
+def cors_headers(request: web.Request) -> dict[str, str]:
+    """The CORS headers for a request from an allowed origin; none for other origins or same-origin calls."""
+    origin = request.headers.get("Origin")
+    if origin and origin.lower() in request.app[API].settings.api.cors_origins:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Expose-Headers": "*"}
+    return {}
+
+
+# --------------------------------------------------------------------------- helpers of the handlers
+
+
+def order_id_of(request: web.Request) -> int:
+    raw = request.match_info["order_id"]
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18 or int(raw) <= 0:
+        bad_request(f"order_id must be a positive integer, got {raw[:40]!r}")
+    return int(raw)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def fetch_rows(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
+    assert api.pool is not None
+    async with api.pool.acquire() as conn:
+        return [dict(r) for r in await conn.fetch(QUERIES[query], *args)]
+
+
+async def fetch_row(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
+    rows = await fetch_rows(api, query, *args)
+    return rows[0] if rows else None
+
+
+def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    usage = row.get("usage") or {}
+    out = {
+        "generation_id": row["id"],
+        "status": row["status"],
+        "current_phase": row["current_phase"],
+        "attempt": row["attempt"],
+        "error": row["error"],
+        "usage": {k: v for k, v in usage.items() if k != "by_phase"},
+        "cost_usd": usage.get("cost_usd", 0),
+        "pages": row.get("pages") or [],
+        "replica_id": row.get("replica_id"),
+        "created_at": row["created_at"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+    if phases is not None:
+        out["phases"] = phases
+    return out
