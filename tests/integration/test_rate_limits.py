@@ -189,6 +189,20 @@ async def test_tokens_are_charged_by_estimate_and_given_back_from_the_reported_u
     assert backlog_ms < 1000, "only the tokens used stay charged"
 
 
+async def test_a_failed_call_gives_back_its_token_estimate(
+    services: LocalServices, redis: ArqRedis, fake: FakeProviderServer
+) -> None:
+    """Regression: issue 21 defect 9: failed calls (429, 5xx, timeout) kept their token estimate, so a retry
+    after a 500 waited for budget the failed call never used. 6,000 tokens/min with a 1,000-token estimate:
+    the 500 books 10 s of budget; given back, the retry goes at once."""
+    fake.script("status:500")
+    config = remote("openai", fake.url, tokens_per_minute=6000, max_output_tokens=1000, max_retries=1)
+    async with replicas(services.redis_url, config, 1) as (one,):
+        reply = await one.complete(budget_wait_s=2)
+    assert [r.fault for r in fake.requests] == ["status:500", "ok"]
+    assert reply.usage.tokens < 50
+
+
 def _ms(redis_time: tuple[int, int]) -> float:
     return redis_time[0] * 1000 + redis_time[1] / 1000
 

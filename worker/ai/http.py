@@ -388,8 +388,10 @@ class HTTPProvider:
                 allowance.left_s -= budget.waited_s
             used: int | None = None
             pause: float | None = None
+            failed = True  # until it answers: a 429, 5xx, timeout or lost connection gives its estimate back
             try:
                 reply = await self._exchange(request)
+                failed = False
                 used = reply.usage.tokens
                 if reply.usage.output_tokens:
                     seen = self._output_tokens.get(request.task)
@@ -401,7 +403,7 @@ class HTTPProvider:
                 raise
             finally:
                 if self.limiter is not None:
-                    await self.limiter.release(budget, used_tokens=used, pause_s=pause)
+                    await self.limiter.release(budget, used_tokens=used, pause_s=pause, failed=failed)
 
     async def _exchange(self, request: AIRequest) -> AIReply:
         try:

@@ -13,7 +13,12 @@ never exceed a limit whatever their number:
   absorbs). A call that would have to wait books its place in the future at once (the TAT
   moves for it), so waiting callers never poll for rate budget and never herd.
 - cluster concurrency: a ZSET of holders scored by the end of their lease (`worker.lease_s`,
-  renewed by the heartbeat), so the slots of a SIGKILLed replica come back by themselves.
+  renewed by the heartbeat), so the slots of a SIGKILLed replica come back by themselves. A call takes
+  its slot first and is charged for the rates only then (holding the slot while it waits for its
+  booked time), so calls that waited for a slot while the provider stalled still go out at the rates.
+- a call that failed (an error status, a timeout, a lost connection) gives its token estimate back; a
+  correction for a call that used more than its estimate is charged from now when its budget's key
+  has expired meanwhile.
 - pause: after a 429, one key holds when the provider may be asked again (its Retry-After or
   rate-limit reset, clamped to `ai.max_retry_defer_s`); every replica checks it before every call.
 
@@ -75,8 +80,11 @@ REDIS_DOWN = (*REDIS_UNREACHABLE, OSError)
 # ARGV: charge (1: charge the rates), ms per request (0: no limit), tokens, ms per token (0: no limit),
 #       cluster max (0: no limit), holder, lease ms, longest wait ms the caller accepts for the rates.
 # Returns {status, wait ms, charged, holders, requests backlog ms, tokens backlog ms, budget, now ms}; status is
-# ok, paused, booked (charged for a time `wait` from now: come back then with charge 0), over (`budget`,
-# requests or tokens, needs `wait`, more than the caller accepts: nothing charged) or concurrency.
+# ok, paused, booked (charged for a time `wait` from now, and holding its cluster slot: come back then with
+# charge 0), over (`budget`, requests or tokens, needs `wait`, more than the caller accepts: nothing charged)
+# or concurrency (no slot free: nothing charged).
+# The cluster slot comes first: a call is charged for the rates only once it holds a slot, so calls that
+# waited for one (a provider that stalled) go out spaced by the rates, not all at once when it answers again.
 # Fractions go back as strings: Lua numbers become integers on the way out.
 ACQUIRE = """
 local t = redis.call('TIME')
@@ -89,19 +97,23 @@ local req_ms, tokens, tok_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(AR
 local req_tat, tok_tat = now, now
 if req_ms > 0 then req_tat = tat(KEYS[1]) end
 if tok_ms > 0 then tok_tat = tat(KEYS[2]) end
-local held = 0
+local held, holding = 0, false
 local max = tonumber(ARGV[5])
 if max > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   held = redis.call('ZCARD', KEYS[3])
+  holding = redis.call('ZSCORE', KEYS[3], ARGV[6]) ~= false
 end
 local paused = tonumber(redis.call('GET', KEYS[4]) or '0')
 if paused > now then
   return {'paused', ms(paused - now), 0, held, ms(req_tat - now), ms(tok_tat - now), 'paused', ms(now)}
 end
-local charged = 0
+if max > 0 and not holding and held >= max then
+  return {'concurrency', '0', 0, held, ms(req_tat - now), ms(tok_tat - now), 'concurrency', ms(now)}
+end
+local charged, wait, what = 0, 0, 'none'
 if ARGV[1] == '1' then
-  local wait, what = math.max(req_tat, tok_tat) - now, 'requests'
+  wait, what = math.max(req_tat, tok_tat) - now, 'requests'
   if tok_tat > req_tat then what = 'tokens' end
   if wait > tonumber(ARGV[8]) then
     return {'over', ms(wait), 0, held, ms(req_tat - now), ms(tok_tat - now), what, ms(now)}
@@ -115,23 +127,22 @@ if ARGV[1] == '1' then
     redis.call('SET', KEYS[2], ms(tok_tat), 'PX', math.ceil(tok_tat - now) + 1000)
   end
   charged = 1
-  if wait > 0 then
-    return {'booked', ms(wait), 1, held, ms(req_tat - now), ms(tok_tat - now), what, ms(now)}
-  end
 end
 if max > 0 then
-  if held >= max then
-    return {'concurrency', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'concurrency', ms(now)}
-  end
   local lease = tonumber(ARGV[7])
   redis.call('ZADD', KEYS[3], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[3], lease * 2)
-  held = held + 1
+  if not holding then held = held + 1 end
+end
+if wait > 0 then
+  return {'booked', ms(wait), 1, held, ms(req_tat - now), ms(tok_tat - now), what, ms(now)}
 end
 return {'ok', '0', charged, held, ms(req_tat - now), ms(tok_tat - now), 'none', ms(now)}
 """
 
 # KEYS: slots ZSET, tokens TAT, pause. ARGV: holder ('' : none), token correction ms (+/-), pause ms (0: none).
+# A positive correction is charged from the budget's TAT or now, whichever is later: the key of a budget paid
+# up expires (1 s after its TAT), and a call can outlast that.
 RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -139,6 +150,7 @@ if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 local d = tonumber(ARGV[2])
 if d ~= 0 then
   local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if d > 0 then tat = math.max(tat, now) end
   local new = math.max(tat + d, now)
   if new > now then
     redis.call('SET', KEYS[2], string.format('%.3f', new), 'PX', math.ceil(new - now) + 1000)
@@ -243,7 +255,10 @@ class _LocalBudget:
 
         if self.paused_until > now:
             return answer("paused", self.paused_until - now, False, "paused")
-        charged = False
+        holding = holder in self.holders
+        if most and not holding and held >= most:
+            return answer("concurrency", 0, False, "concurrency")
+        charged, wait, what = False, 0.0, "none"
         if charge:
             wait = max(req_tat, tok_tat) - now
             what = "tokens" if tok_tat > req_tat else "requests"
@@ -254,13 +269,11 @@ class _LocalBudget:
             if tok_ms:
                 tok_tat = self.tokens_tat = tok_tat + tokens * tok_ms
             charged = True
-            if wait > 0:
-                return answer("booked", wait, True, what)
-        if most:
-            if held >= most:
-                return answer("concurrency", 0, charged, "concurrency")
+        if most and not holding:
             self.holders.add(holder)
             held += 1
+        if wait > 0:
+            return answer("booked", wait, True, what)
         return answer("ok", 0, charged, "none")
 
     def release(self, limits: Limits, share: int, holder: str | None, token_delta: int, pause_s: float) -> None:
@@ -268,7 +281,8 @@ class _LocalBudget:
         if holder is not None:
             self.holders.discard(holder)
         if token_delta and limits.tokens_per_minute:
-            self.tokens_tat = max(self.tokens_tat + token_delta * 60_000 * share / limits.tokens_per_minute, now)
+            tat = max(self.tokens_tat, now) if token_delta > 0 else self.tokens_tat  # as RELEASE does
+            self.tokens_tat = max(tat + token_delta * 60_000 * share / limits.tokens_per_minute, now)
         if pause_s > 0:
             self.paused_until = max(self.paused_until, now + pause_s * 1000)
 
@@ -473,6 +487,9 @@ class ProviderLimiter:
         if started < self._unpaused_until:  # no limits, and no pause PAUSE_RECHECK_S ago
             return Budget(tokens, None, False, 0.0)
         holder = f"{self.shared.replica}:{uuid.uuid4().hex[:16]}"
+        slot = holder if self.limits.cluster_max_concurrency else None
+        #: The cluster slot this call took while it waits for its booked time (None: none yet), and where.
+        taken: Answer | None = None
         charge = True
         told = False
         budget = "none"
@@ -487,14 +504,16 @@ class ProviderLimiter:
                 if answer.charged:
                     booked_ms = answer.now_ms + (answer.wait_s * 1000 if answer.status == "booked" else 0)
                 charge = charge and not answer.charged
+                if slot is not None and answer.status in ("ok", "booked"):
+                    taken = answer
+                    if not answer.local:  # renewed by the heartbeat from now on, while it waits too
+                        self.shared.held[slot] = self.keys["slots"]
                 if answer.status == "ok":
                     if not self.limited and not answer.local:
                         self._unpaused_until = time.monotonic() + PAUSE_RECHECK_S
                     waited = time.monotonic() - started
-                    slot = holder if self.limits.cluster_max_concurrency else None
-                    if slot is not None and not answer.local:
-                        self.shared.held[slot] = self.keys["slots"]
                     self._observe(budget, waited, granted=True)
+                    taken = None  # the caller's to release now
                     return Budget(tokens, slot, answer.local, waited, booked_ms)
                 budget = answer.budget
                 wait = expected = answer.wait_s
@@ -527,23 +546,34 @@ class ProviderLimiter:
                 await asyncio.sleep(min(wait, max(left, 0)))
         finally:
             self.waiting -= 1
+            if taken is not None:  # refused or cancelled while it held a slot: give the slot back
+                await self.release(Budget(0, slot, taken.local, 0.0))
 
     def _observe(self, budget: str, seconds: float, *, granted: bool) -> None:
         if self.observer is not None:
             self.observer.budget_wait(provider=self.name, budget=budget, seconds=seconds, granted=granted)
 
     async def release(
-        self, budget: Budget | None, *, used_tokens: int | None = None, pause_s: float | None = None
+        self,
+        budget: Budget | None,
+        *,
+        used_tokens: int | None = None,
+        pause_s: float | None = None,
+        failed: bool = False,
     ) -> None:
-        """Give back the call's cluster slot, correct its token estimate from `used_tokens`, and pause the
-        provider for every replica for `pause_s` (a 429; clamped to `ai.max_retry_defer_s`). One EVALSHA at
-        most, none when there is nothing to do; never raises (a slot left behind ends with its lease)."""
+        """Give back the call's cluster slot, correct its token estimate from `used_tokens` (a call that
+        `failed`, answered with an error or none, gives all of it back), and pause the provider for every
+        replica for `pause_s` (a 429; clamped to `ai.max_retry_defer_s`). One EVALSHA at most, none when
+        there is nothing to do; never raises (a slot left behind ends with its lease)."""
         holder = budget.holder if budget is not None else None
         if holder is not None:
             self.shared.held.pop(holder, None)  # no longer renewed, whatever happens below
         delta = 0
-        if budget is not None and used_tokens and self.limits.tokens_per_minute:
-            delta = used_tokens - budget.tokens
+        if budget is not None and self.limits.tokens_per_minute:
+            if failed:
+                delta = -budget.tokens
+            elif used_tokens:
+                delta = used_tokens - budget.tokens
         pause = min(max(pause_s or 0.0, 0.0), self.shared.max_pause_s)
         if pause > 0:
             self.pauses += 1
