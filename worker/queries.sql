@@ -17,6 +17,10 @@ SELECT id, order_id, status, current_phase, attempt, error, output_dir, usage, b
        GREATEST(EXTRACT(EPOCH FROM lease_expires_at - now()), 0)::float8 AS lease_left_s
 FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
 
+-- name: counted_attempts
+-- The attempts of the order's latest generation that count towards worker.max_tries (not the spared ones).
+SELECT attempt - spared_attempts FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
+
 -- name: record_failed_generation
 -- A job that failed before it could start a generation (bad brief): the error still lands on the order.
 INSERT INTO site_generations (order_id, status, attempt, error, job_id, replica_id, started_at, finished_at)

@@ -351,6 +351,11 @@ class Store:
                 await conn.execute(QUERIES["announce_cancelled"], order_id, row["id"], message, self.replica_id)
         return dict(row) if row else None
 
+    async def counted_attempts(self, order_id: int) -> int:
+        """The counted attempts of the order's latest generation (0: it has none yet)."""
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(QUERIES["counted_attempts"], order_id) or 0)
+
     async def cancel_requested(self, claim: Claim) -> bool:
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(QUERIES["cancel_requested"], claim.generation_id))

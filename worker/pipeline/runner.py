@@ -435,7 +435,6 @@ async def run_generation(
     before the order's generation was cancelled ends `cancelled` without work.
     """
     settings = rt.settings
-    final_try = job_try >= settings.worker.max_tries
     log = partial(rt.progress.log, order_id)
     try:
         valid = validate_brief(brief, settings.limits.max_brief_bytes) if brief is not None else None
@@ -465,8 +464,12 @@ async def run_generation(
     except Exception as exc:
         logger.opt(exception=exc).warning("order {}: could not claim a generation", order_id)
         await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning", event="job.not_started")
-        if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
+        if is_infrastructure(exc):
             raise RetryLater(backoff_s(settings, job_try), exc) from exc
+        if is_retryable(exc):
+            tries = await _counted_attempts(rt, order_id, job_try)
+            if tries < settings.worker.max_tries:
+                raise RetryLater(backoff_s(settings, tries), exc) from exc
         raise
 
     run = GenerationRun(rt, order_id, claim, job_try=job_try)
@@ -523,7 +526,9 @@ async def run_generation(
         return run.result("superseded")
     except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
         logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
-        defer = backoff_s(settings, job_try, provider_asked_s=exc.retry_after_s)
+        # Its backoff follows the generation's counted attempts, which budget waits do not raise: arq's count
+        # of the job's runs grows with every wait, and would defer it minutes when the budget frees in seconds.
+        defer = backoff_s(settings, claim.counted_attempts, provider_asked_s=exc.retry_after_s)
         await _store_quietly(
             rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer, spare=True)
         )
@@ -542,11 +547,13 @@ async def run_generation(
         logger.opt(exception=exc).bind(generation_id=claim.generation_id, phase=run.phase).error(
             "order {} generation {} phase {} failed", order_id, claim.generation_id, run.phase
         )
-        # PostgreSQL or Redis out of reach is never the generation's fault: hand it back on any try.
-        if is_infrastructure(exc) or (is_retryable(exc) and not final_try):
+        # PostgreSQL or Redis out of reach is never the generation's fault: hand it back on any try, and spare
+        # the attempt (backing off by the job's runs, which grow for as long as the outage lasts).
+        infrastructure = is_infrastructure(exc)
+        if infrastructure or (is_retryable(exc) and not final_try):
             asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
-            defer = backoff_s(settings, job_try, provider_asked_s=asked)
-            await _store_quietly(rt.store.release_generation(claim, error, retry_in_s=defer))
+            defer = backoff_s(settings, job_try if infrastructure else claim.counted_attempts, provider_asked_s=asked)
+            await _store_quietly(rt.store.release_generation(claim, error, retry_in_s=defer, spare=infrastructure))
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
                 level="warning",
@@ -564,6 +571,15 @@ async def run_generation(
         raise
     finally:
         rt.heartbeat.forget(claim)
+
+
+async def _counted_attempts(rt: Runtime, order_id: int, job_try: int) -> int:
+    """The order's latest generation's counted attempts; arq's count of the job's runs if PostgreSQL cannot say."""
+    try:
+        return await rt.store.counted_attempts(order_id)
+    except Exception as exc:
+        logger.warning("order {}: could not read its attempts ({}); using the job's runs", order_id, message_of(exc))
+        return job_try
 
 
 def _short(error: dict[str, Any]) -> dict[str, Any]:
