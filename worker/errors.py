@@ -56,9 +56,13 @@ class OrderBusy(SitegenError):
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float, generation_id: int | None = None, replica_id: str | None = None
+    ) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         self.retry_after_s = retry_after_s
+        self.generation_id = generation_id
+        self.replica_id = replica_id
 
 
 class AttemptsExhausted(SitegenError):
@@ -246,9 +250,7 @@ INFRASTRUCTURE = (
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether `exc` says PostgreSQL or Redis is out of reach (never the job's own fault)."""
-    return (
-        isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
-    )
+    return isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
 
 
 def message_of(exc: BaseException) -> str:

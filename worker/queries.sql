@@ -21,6 +21,15 @@ FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
 -- The attempts of the order's latest generation that count towards worker.max_tries (not the spared ones).
 SELECT attempt - spared_attempts FROM site_generations WHERE order_id = $1 ORDER BY id DESC LIMIT 1;
 
+-- name: running_claim
+SELECT claim_token FROM site_generations WHERE id = $1 AND status = 'running' AND replica_id = $2;
+
+-- name: lapse_claim
+-- Ends the lease of a claim its own replica proved dead (issued by this process, held by no run of it).
+UPDATE site_generations SET lease_expires_at = now()
+WHERE id = $1 AND claim_token = $2 AND status = 'running' AND lease_expires_at > now()
+RETURNING id;
+
 -- name: record_failed_generation
 -- A job that failed before it could start a generation (bad brief): the error still lands on the order.
 INSERT INTO site_generations (order_id, status, attempt, error, job_id, replica_id, started_at, finished_at)

@@ -378,9 +378,7 @@ class Heartbeat:
             if rt.redis is not None:
                 beats.create_task(self._every(every_s, "Redis in-progress keys", self.renew_markers, rt))
 
-    async def _every(
-        self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime
-    ) -> None:
+    async def _every(self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime) -> None:
         while True:
             await asyncio.sleep(every_s)
             if not self.running:
@@ -438,14 +436,21 @@ async def run_generation(
     log = partial(rt.progress.log, order_id)
     try:
         valid = validate_brief(brief, settings.limits.max_brief_bytes) if brief is not None else None
-        claim = await rt.store.claim_generation(
-            order_id,
-            valid.model_dump(mode="json") if valid else None,
-            regenerate=regenerate,
-            job_id=job_id,
-            enqueued_at=enqueued_at,
-            max_attempts=settings.worker.max_attempts,
+        claim_args: dict[str, Any] = dict(
+            regenerate=regenerate, job_id=job_id, enqueued_at=enqueued_at, max_attempts=settings.worker.max_attempts
         )
+        stored_brief = valid.model_dump(mode="json") if valid else None
+        try:
+            claim = await rt.store.claim_generation(order_id, stored_brief, **claim_args)
+        except OrderBusy as busy:
+            # Held in this replica's own name: if no run of this process holds it, its run ended without
+            # PostgreSQL taking the hand-back (a restart). Proven dead, it is taken over now, not in a lease.
+            if busy.replica_id != settings.worker.replica or busy.generation_id is None:
+                raise
+            if not await rt.store.lapse_own_claim(busy.generation_id, rt.heartbeat.running.keys()):
+                raise
+            logger.info("order {}: took back generation {}, left claimed by this replica", order_id, busy.generation_id)
+            claim = await rt.store.claim_generation(order_id, stored_brief, **claim_args)
     except InputError as exc:
         await _fail_before_start(rt, order_id, exc, job_id=job_id)
         raise
