@@ -22,7 +22,7 @@ from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, cli_env
 from tests.integration.test_api import FAST, READ, ROOT, WRITE, Running, _start, auth, new_generation
-from worker.api.auth import Tokens
+from worker.api.auth import Tokens, key_id
 from worker.local.services import LocalServices, free_port
 from worker.settings import Settings
 
@@ -373,3 +373,35 @@ async def test_cookies_are_secure_host_prefixed_behind_a_trusted_tls_proxy_only(
                 assert response.status == 303
                 set_cookie = response.headers["Set-Cookie"]
         assert set_cookie.startswith("sitegen_session=") and "Secure" not in set_cookie, set_cookie
+
+
+async def test_a_new_key_in_postgresql_is_picked_up_without_a_restart(
+    settings: Settings, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Regression: issue 20 finding 4: rotation without a flag day. A key added to api_signing_keys (by an
+    operator, then used by a restarted process) is learnt by a running process the first time it sees
+    its key id, and then signs; the previous key still verifies until its row is deleted."""
+    await new_generation(db, 12, "succeeded")
+    async for api in _start(settings, Tokens(read=(READ,), write=(WRITE,))):
+        grant = api.tokens.bearer_grant(READ)
+        old_token, _ = api.tokens.stream_token(12, 600, grant)
+        old = [bytes(r["key"]) for r in await db.fetch("SELECT key FROM api_signing_keys")]
+        new = secrets.token_bytes(32)
+        await db.execute(
+            "INSERT INTO api_signing_keys (kid, key, created_at) VALUES ($1, $2, now() + interval '1 second')",
+            key_id(new),
+            new,
+        )
+        restarted = Tokens(read=(READ,), write=(WRITE,), signing_keys=[new, *old])
+        session = restarted.session(WRITE, 600)
+        assert session is not None
+        assert await status_of(api, "GET", "/v1/orders/12", headers=session_cookie(session)) == 200
+        async with api.http.post(f"{api.url}/v1/orders/12/stream-token", headers=auth(READ)) as response:
+            signed_now = (await response.json())["token"]
+        assert signed_now.split(".")[1] == key_id(new), "the newest key signs"
+        for token in (old_token, signed_now):
+            assert await status_of(api, "GET", "/v1/orders/12/site.zip", params={"token": token}) == 404
+        unknown = Tokens(read=(READ,), signing_keys=[secrets.token_bytes(32)]).session(READ, 600)
+        assert unknown is not None
+        assert await status_of(api, "GET", "/v1/orders/12", headers=session_cookie(unknown)) == 401
+    await db.execute("DELETE FROM api_signing_keys WHERE kid = $1", key_id(new))

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from worker.api.auth import AuthConfigError, Tokens
+from worker.api.auth import AuthConfigError, AuthThrottle, Tokens, is_loopback_name
 
 READ = "r" * 32
 WRITE = "w" * 32
@@ -80,3 +80,44 @@ def test_expired_tampered_and_cross_purpose_values_are_refused() -> None:
     assert expires > time.time()
     for broken in (stream[:-2] + "AA", stream.replace(".", "", 1), "", "....", "v2." + "A" * 300):
         assert tokens.stream_grant(broken) is None, broken
+
+
+def test_the_failure_throttle_is_per_address_per_ipv6_64_and_bounded() -> None:
+    """Regression: issue 20 finding 6: failures are counted per client address in bounded memory."""
+    throttle = AuthThrottle(per_minute=3, max_clients=100)
+    for _ in range(3):
+        assert throttle.retry_after("203.0.113.1") is None
+        throttle.failed("203.0.113.1")
+    wait = throttle.retry_after("203.0.113.1")
+    assert wait is not None and 1 <= wait <= 20
+    assert throttle.retry_after("203.0.113.2") is None, "another address has its own budget"
+    for host in range(3):  # one IPv6 host owns a /64: its addresses share a budget
+        throttle.failed(f"2001:db8:1:2::{host + 1}")
+    assert throttle.retry_after("2001:db8:1:2:ffff::9") is not None
+    assert throttle.retry_after("2001:db8:1:3::1") is None
+    assert throttle.retry_after("::ffff:203.0.113.1") is not None, "an IPv4-mapped address is the IPv4 one"
+    for n in range(10_000):  # an attacker with many addresses cannot grow the table
+        throttle.failed(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}")
+    assert len(throttle) == 100
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1:8000", True),
+        ("localhost", True),
+        ("LOCALHOST.:80", True),
+        ("app.localhost:8000", True),
+        ("[::1]:8000", True),
+        ("127.9.9.9", True),
+        ("rebind.evil.example", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example", False),
+        ("[::ffff:8.8.8.8]", False),
+        ("", False),
+        ("0.0.0.0", False),
+    ],
+)
+def test_open_mode_host_names_are_loopback_literally(host: str, loopback: bool) -> None:
+    """Regression: issue 20 finding 7: DNS rebinding: a Host is loopback by its text, never by resolving it."""
+    assert is_loopback_name(host) is loopback

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ from worker.store import QUERIES, create_pool
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+#: At most this often a process reads the signing keys again on seeing an unknown key id.
+KEY_RELOAD_S = 10.0
 
 
 @web.middleware
@@ -117,7 +120,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             403, "forbidden", "no API token is configured, so this server answers loopback host names only "
             "(localhost, 127.0.0.1, [::1]); set SITEGEN_API_READ_TOKENS / SITEGEN_API_WRITE_TOKENS",
         )  # fmt: skip
-    request[SIGNED_OUT] = await _signed_out(api, request)
+    values = _signed_values(request)
+    if not api.tokens.explicit_keys and any(api.tokens.unknown_key(v) for v in values):
+        await _reload_keys(api)
+    request[SIGNED_OUT] = await _signed_out(api, values)
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -129,13 +135,28 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-async def _signed_out(api: Api, request: web.Request) -> frozenset[str]:
-    """The session ids of the request's signed values that sign-out revoked (one Redis round trip)."""
+def _signed_values(request: web.Request) -> list[str]:
+    """The session cookie and stream tokens the request carries."""
     values = [request.cookies.get(session_cookie_name(request)), request.query.get("token")]
     order = request.match_info.get("order_id")
     if order is not None:
         values.append(request.cookies.get(f"{SITE_COOKIE}_{order}"))
-    sessions = {s for v in values if v and (s := api.tokens.session_id_of(v)) is not None}
+    return [v for v in values if v]
+
+
+async def _reload_keys(api: Api) -> None:
+    """A value signed with a key id this process does not know: a key added to PostgreSQL since it started
+    (a rotation). Read the keys again, at most every KEY_RELOAD_S, whatever unknown ids clients send."""
+    now = time.monotonic()
+    if api.pool is None or now < api.keys_read_at + KEY_RELOAD_S:
+        return
+    api.keys_read_at = now
+    api.tokens.use_keys(await _signing_keys(api.pool))
+
+
+async def _signed_out(api: Api, values: list[str]) -> frozenset[str]:
+    """The session ids of the request's signed values that sign-out revoked (one Redis round trip)."""
+    sessions = {s for v in values if (s := api.tokens.session_id_of(v)) is not None}
     if not sessions:
         return frozenset()
     assert api.redis is not None

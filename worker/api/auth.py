@@ -238,6 +238,11 @@ class Tokens:
         granted: Role = "write" if role == "write" and current == "write" else "read"
         return Grant(granted, token, session, float(expires) if isinstance(expires, int | float) else None)
 
+    def unknown_key(self, value: str) -> bool:
+        """Whether `value` looks signed by a key this process does not know (yet: a rotation)."""
+        parts = value.split(".")
+        return len(parts) == 4 and parts[0] == VERSION and parts[1] not in self._keys and len(value) <= 4096
+
     def session_id_of(self, value: str) -> str | None:
         """The session id a session cookie or stream token carries, if it verifies."""
         for purpose in ("session", "stream"):

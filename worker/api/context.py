@@ -84,6 +84,8 @@ class Api:
     redis: ArqRedis | None = None
     fanout: ProgressFanout | None = None
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    #: When the signing keys were last read from PostgreSQL (monotonic), if they come from there.
+    keys_read_at: float = float("-inf")
 
     @property
     def store(self) -> Store:
