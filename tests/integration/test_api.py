@@ -577,7 +577,7 @@ async def test_stream_token_is_scoped_to_one_order_and_expires(api: Running, db:
     assert await status("/v1/orders/49/site/index.html", token) == 403
     assert await status("/v1/orders/48", token) == 401, "only events and site take a stream token"
     assert await status("/v1/orders/48/generations", token) == 401
-    expired, _ = api.tokens.stream_token(48, -1)
+    expired, _ = api.tokens.stream_token(48, -1, api.tokens.bearer_grant(READ))
     assert await status("/v1/orders/48/events", {"token": expired}) == 401
     forged = grant["token"][:-4] + ("AAAA" if not grant["token"].endswith("AAAA") else "BBBB")
     assert await status("/v1/orders/48/events", {"token": forged}) == 401
