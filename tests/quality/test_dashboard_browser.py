@@ -188,7 +188,7 @@ async def test_another_site_cannot_sign_the_operator_out_swap_their_session_or_p
     pages = {"/logout": form("/session/end"), "/login": form("/session", READ), "/post": no_cors}
     evil = web.Application()
     for path, html in pages.items():
-        evil.router.add_get(path, lambda _r, html=html: web.Response(text=html, content_type="text/html"))
+        evil.router.add_get(path, _page_handler(html))
     server = TestServer(evil, host="127.0.0.1", port=free_port())
     await server.start_server()
     context = await chromium.new_context()
@@ -211,3 +211,12 @@ async def test_another_site_cannot_sign_the_operator_out_swap_their_session_or_p
         await context.close()
         await server.close()
     assert await db.fetchval("SELECT count(*) FROM site_orders WHERE id = 90") == 0
+
+
+def _page_handler(html: str) -> Any:
+    from aiohttp import web
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+
+    return handler

@@ -123,13 +123,15 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     values = _signed_values(request)
     if not api.tokens.explicit_keys and any(api.tokens.unknown_key(v) for v in values):
         await _reload_keys(api)
-    request[SIGNED_OUT] = await _signed_out(api, values)
+    reset = SIGNED_OUT.set(await _signed_out(api, values))
     try:
         response = await handler(request)
     except ApiError as exc:
         if exc.status == 401:
             api.throttle.failed(request.remote)
         raise
+    finally:
+        SIGNED_OUT.reset(reset)
     if response.status == 401:
         api.throttle.failed(request.remote)
     return response

@@ -7,6 +7,7 @@ auth checks and CORS headers, and the small helpers that read rows for them.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -25,8 +26,9 @@ from worker.store import QUERIES, Store
 TERMINAL = ("succeeded", "failed", "cancelled")
 SESSION_COOKIE = "sitegen_session"
 SECURE_SESSION_COOKIE = "__Host-sitegen_session"
-#: Request key: the signed-out session ids among the request's credentials (see `app._guard`).
-SIGNED_OUT = "sitegen_signed_out"
+#: The signed-out session ids among the current request's credentials, set by `app._guard` around
+#: each handler (a context variable: the handler runs in the middleware's task and context).
+SIGNED_OUT: ContextVar[frozenset[str]] = ContextVar("sitegen_signed_out", default=frozenset())
 SITE_COOKIE = "sitegen_site"
 DASHBOARD_HEADER = "X-Sitegen-Dashboard"
 
@@ -164,8 +166,7 @@ def signed_out_key(session_id: str) -> str:
 
 def signed_out(request: web.Request) -> frozenset[str]:
     """The session ids among the request's credentials that were signed out (looked up by the middleware)."""
-    found: frozenset[str] = request.get(SIGNED_OUT, frozenset())
-    return found
+    return SIGNED_OUT.get()
 
 
 def session_grant(api: Api, request: web.Request) -> Grant | None:
