@@ -415,3 +415,26 @@ async def test_a_new_key_in_postgresql_is_picked_up_without_a_restart(
         assert unknown is not None
         assert await status_of(api, "GET", "/v1/orders/12", headers=session_cookie(unknown)) == 401
     await db.execute("DELETE FROM api_signing_keys WHERE kid = $1", key_id(new))
+
+
+async def test_forwarded_headers_from_an_untrusted_peer_neither_evade_the_throttle_nor_fake_https(
+    settings: Settings, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Regression: issue 20 findings 6 and 9: the client address and scheme come from X-Forwarded-* only when
+    the peer is a trusted proxy; a guesser sending a new X-Forwarded-For each time is still one address."""
+    elsewhere = api_settings(settings, auth_failures_per_minute=3, trusted_proxies=["192.0.2.1", "10.9.0.0/16"])
+    async for api in _start(elsewhere, Tokens(write=(WRITE,)), FAST):
+        statuses = [
+            await status_of(
+                api, "GET", "/v1/orders/1", headers={**auth("y" * 40), "X-Forwarded-For": f"198.51.100.{n}"}
+            )
+            for n in range(4)
+        ]
+        assert statuses == [401, 401, 401, 429]
+    async for api in _start(api_settings(settings, trusted_proxies=["127.0.0.1"]), Tokens(write=(WRITE,)), FAST):
+        # A proxy that appends to the client's header instead of replacing it: refused, not guessed at.
+        two_hops = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9", "X-Forwarded-Proto": "https"}
+        assert await status_of(api, "GET", "/v1/orders/1", headers={**auth(WRITE), **two_hops}) == 400
+        assert await status_of(api, "GET", "/healthz", headers={"X-Forwarded-For": "not an address"}) == 400
+        # Without X-Forwarded-For the proxy's host itself is a plain client (a local curl, a health check).
+        assert await status_of(api, "GET", "/v1/orders/1", headers=auth(WRITE)) == 404
