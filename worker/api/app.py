@@ -47,6 +47,10 @@ CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 #: At most this often a process reads the signing keys again on seeing an unknown key id.
 KEY_RELOAD_S = 10.0
+OPEN_MODE_HOSTS = (
+    "no API token is configured, so this server answers loopback host names only (localhost, 127.0.0.1, "
+    "[::1]); set SITEGEN_API_READ_TOKENS / SITEGEN_API_WRITE_TOKENS"
+)
 
 
 @web.middleware
@@ -113,13 +117,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     wait = api.throttle.retry_after(request.remote)
     if wait is not None:
-        raise ApiError(429, "too_many_requests", f"too many failed sign-ins or 401s: retry in {wait} s",
-                       {"Retry-After": str(wait)})  # fmt: skip
+        message = f"too many failed sign-ins or 401s from your address: retry in {wait} s"
+        raise ApiError(429, "too_many_requests", message, {"Retry-After": str(wait)})
     if not api.tokens.configured and not is_loopback_name(request.host):
-        raise ApiError(
-            403, "forbidden", "no API token is configured, so this server answers loopback host names only "
-            "(localhost, 127.0.0.1, [::1]); set SITEGEN_API_READ_TOKENS / SITEGEN_API_WRITE_TOKENS",
-        )  # fmt: skip
+        raise ApiError(403, "forbidden", OPEN_MODE_HOSTS)
     values = _signed_values(request)
     if not api.tokens.explicit_keys and any(api.tokens.unknown_key(v) for v in values):
         await _reload_keys(api)
@@ -167,7 +168,7 @@ async def _signed_out(api: Api, values: list[str]) -> frozenset[str]:
     return frozenset(s for s, hit in zip(ordered, found, strict=True) if hit is not None)
 
 
-def _forwarded(trusted: list[str]) -> Handler | Any:
+def _forwarded(trusted: list[str]) -> Any:
     """X-Forwarded-For/-Proto/-Host (aiohttp-remotes' strict parser, one hop) from a trusted proxy only;
     from anyone else, and from the proxy's host without them, they are not believed (nor needed)."""
     networks = [ipaddress.ip_network(t, strict=False) for t in trusted]
