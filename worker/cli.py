@@ -593,13 +593,15 @@ def serve(
     """Run the progress API and the dashboard (aiohttp) until Ctrl-C or SIGTERM.
 
     Tokens come from the environment only: SITEGEN_API_READ_TOKENS and SITEGEN_API_WRITE_TOKENS
-    (comma-separated). Without any, it serves loopback addresses only, to anyone who can reach them.
+    (comma-separated, at least 32 characters each). Without any, it is read-only and answers loopback
+    addresses and host names only. SITEGEN_API_SIGNING_KEY (optional, 32 bytes or more) signs sessions
+    and stream tokens; without it a random key is kept in PostgreSQL.
 
     Example: SITEGEN_API_WRITE_TOKENS=$(openssl rand -hex 24) sitegen serve --host 0.0.0.0
     """
-    from worker.api.app import BindRefused
+    from worker.api.app import ServeRefused
     from worker.api.app import serve as run_api
-    from worker.api.auth import Tokens
+    from worker.api.auth import AuthConfigError, Tokens
 
     settings = _settings()
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -608,8 +610,8 @@ def serve(
     setup_logging(settings.log, replica="sitegen-api")
     try:
         run_api(settings, Tokens.from_env(), print_url=lambda url: console.print(f"serving on [bold]{url}[/]"))
-    except BindRefused as exc:
-        console.print(f"[bold red]{exc}[/]")
+    except (ServeRefused, AuthConfigError) as exc:
+        console.print(str(exc), style="bold red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         console.print(f"[bold red]cannot serve on {settings.api.host}:{settings.api.port}:[/] {exc}")

@@ -290,3 +290,14 @@ SELECT phase,
 FROM site_generation_phases
 WHERE completed_at > now() - interval '7 days' AND phase <> 'assemble'
 GROUP BY phase;
+
+-- name: api_signing_keys_lock
+-- One `serve` process at a time creates the first signing key (in the caller's transaction).
+SELECT pg_advisory_xact_lock(20862, 2);
+
+-- name: api_signing_keys
+-- The API's signing keys, newest (the one that signs) first.
+SELECT key FROM api_signing_keys ORDER BY created_at DESC, kid;
+
+-- name: api_signing_key_add
+INSERT INTO api_signing_keys (kid, key) VALUES ($1, $2) ON CONFLICT (kid) DO NOTHING;

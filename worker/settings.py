@@ -6,6 +6,7 @@ TOML file: a provider names the environment variable that holds its key (`api_ke
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -332,11 +333,35 @@ class ApiSection(_Section):
     stream_token_ttl_s: float = Field(
         default=900, gt=0, le=7 * 86400, description="How long a stream token (one order's events and site) is valid"
     )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks of the reverse proxies in front of `sitegen serve` (JSON list or "
+        "comma-separated, e.g. 127.0.0.1): only requests from them have their X-Forwarded-For/-Proto/-Host "
+        "believed (client address, https, host). Default: none",
+    )
+    auth_failures_per_minute: int = Field(
+        default=30,
+        ge=1,
+        le=100_000,
+        description="Failed sign-ins and 401s one client address may cause per minute (burst as large) before "
+        "its requests get 429 with Retry-After; counted per `serve` process",
+    )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _origins_as_list(cls, value: Any) -> Any:
         return _route_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                expected = "expected addresses or networks like 127.0.0.1 or 10.0.0.0/8"
+                raise ValueError(f"{expected}, got {proxy!r}") from None
+        return proxies
 
     @field_validator("cors_origins")
     @classmethod

@@ -38,8 +38,8 @@ from worker.settings import Settings, SettingsError, load_settings
 from worker.store import QUERIES
 
 ROOT = Path(__file__).resolve().parents[2]
-READ = "read-token-for-tests-0123456789"
-WRITE = "write-token-for-tests-0123456789"
+READ = "read-token-for-tests-0123456789abcdef"
+WRITE = "write-token-for-tests-0123456789abcdef"
 ORIGIN = "https://app.example.com"
 FAST = ApiOptions(keepalive_s=0.5, end_wait_s=1.0, poll_s=0.2, hole_grace_s=0.3)
 
@@ -227,7 +227,8 @@ async def test_errors_are_json_with_the_right_status(api: Running, db: asyncpg.C
     assert (await call("GET", "/v1/orders/7/generations", auth(), params={"limit": "0"}))[0] == 400
     assert (await call("GET", "/v1/nothing-here", auth()))[0] == 404
     assert (await call("DELETE", "/v1/orders/7", auth(WRITE)))[0] == 405
-    status, body = await call("POST", "/v1/orders/7/generate", auth(WRITE), data=b"{not json")
+    json_type = {**auth(WRITE), "Content-Type": "application/json"}
+    status, body = await call("POST", "/v1/orders/7/generate", json_type, data=b"{not json")
     assert status == 400 and "JSON" in body["error"]["message"]
     status, body = await call("POST", "/v1/orders/7/generate", auth(WRITE), json={"brief": {"business_name": "X"}})
     assert status == 400 and body["error"]["type"] == "invalid_brief"
@@ -244,7 +245,7 @@ async def test_no_token_configured_refuses_a_non_loopback_address(services: Loca
     with pytest.raises(BindRefused):
         check_bind("0.0.0.0", Tokens())
     check_bind("127.0.0.1", Tokens())
-    check_bind("0.0.0.0", Tokens(read=("r",)))
+    check_bind("0.0.0.0", Tokens(read=(READ,)))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -576,11 +577,11 @@ async def test_stream_token_is_scoped_to_one_order_and_expires(api: Running, db:
     assert await status("/v1/orders/49/site/index.html", token) == 403
     assert await status("/v1/orders/48", token) == 401, "only events and site take a stream token"
     assert await status("/v1/orders/48/generations", token) == 401
-    expired, _ = api.tokens.stream_token(48, -1)
+    expired, _ = api.tokens.stream_token(48, -1, api.tokens.bearer_grant(READ))
     assert await status("/v1/orders/48/events", {"token": expired}) == 401
     forged = grant["token"][:-4] + ("AAAA" if not grant["token"].endswith("AAAA") else "BBBB")
     assert await status("/v1/orders/48/events", {"token": forged}) == 401
-    other_key = Tokens(read=("another deployment",)).stream_token(48, 600)[0]
+    other_key = Tokens(read=(READ,), signing_keys=[b"another deployment's key, 32 bytes"]).stream_token(48, 600)[0]
     assert await status("/v1/orders/48/events", {"token": other_key}) == 401
 
 
@@ -727,9 +728,11 @@ async def test_dashboard_sign_in_gives_a_strict_http_only_session_that_posts_onl
         async with browser.get(f"{api.url}/") as response:
             assert response.status == 200 and "Sign in" in await response.text()
             assert "script-src 'self'" in response.headers["Content-Security-Policy"]
-        async with browser.post(f"{api.url}/session", data={"token": "wrong"}) as response:
+        async with browser.post(f"{api.url}/session", data={"token": "wrong"}, headers={"Origin": api.url}) as response:
             assert response.status == 401
-        async with browser.post(f"{api.url}/session", data={"token": WRITE}, allow_redirects=False) as response:
+        async with browser.post(
+            f"{api.url}/session", data={"token": WRITE}, headers={"Origin": api.url}, allow_redirects=False
+        ) as response:
             assert response.status == 303
             cookie = response.headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and WRITE not in cookie
@@ -746,12 +749,14 @@ async def test_dashboard_sign_in_gives_a_strict_http_only_session_that_posts_onl
             assert response.status == 200 and "Order 70" in await response.text()
         async with browser.get(f"{api.url}/static/dashboard.js") as response:
             assert response.status == 200
-        async with browser.post(f"{api.url}/session/end", allow_redirects=False) as response:
+        async with browser.post(
+            f"{api.url}/session/end", headers={"Origin": api.url}, allow_redirects=False
+        ) as response:
             assert response.status == 303
         async with browser.get(f"{api.url}/v1/orders/70") as response:
             assert response.status == 401
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as reader:
-        async with reader.post(f"{api.url}/session", data={"token": READ}) as response:
+        async with reader.post(f"{api.url}/session", data={"token": READ}, headers={"Origin": api.url}) as response:
             page = await response.text()
         assert "<h1>Overview</h1>" in page and 'id="enqueue"' not in page, "a read session cannot enqueue"
         async with reader.post(f"{api.url}/v1/orders/70/cancel", headers={"X-Sitegen-Dashboard": "1"}) as response:

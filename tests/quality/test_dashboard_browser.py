@@ -158,3 +158,65 @@ async def test_a_browser_event_source_with_a_stream_token_follows_an_order_to_it
     assert followed["ids"] == rows
     assert followed["end"]["status"] == "succeeded"
     assert problems == []
+
+
+@pytest.mark.timeout(120)
+async def test_another_site_cannot_sign_the_operator_out_swap_their_session_or_post_a_command(
+    api: Running, chromium: Any, db: asyncpg.Connection
+) -> None:
+    """Regression: issue 20 findings 7 and 8, in Chromium. The attacker's page is on another port of the same
+    host: same-site, so the SameSite=Strict session cookie IS sent; only the same-origin check stops the
+    forms, and the dashboard header plus the JSON content type stop the no-cors post."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from worker.local.services import free_port
+
+    def form(action: str, token: str | None = None) -> str:
+        field = f'<input name="token" value="{token}">' if token else ""
+        return (
+            f'<!doctype html><form id="f" method="post" action="{api.url}{action}">{field}</form>'
+            '<script>document.getElementById("f").submit()</script>'
+        )
+
+    no_cors = (
+        "<!doctype html><script>fetch('" + api.url + "/v1/orders/90/generate', {method: 'POST', mode: 'no-cors', "
+        "credentials: 'include', headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({brief: "
+        + json.dumps(SAMPLE_BRIEF)
+        + "})}).finally(() => { document.title = 'sent'; });</script>"
+    )
+    pages = {"/logout": form("/session/end"), "/login": form("/session", READ), "/post": no_cors}
+    evil = web.Application()
+    for path, html in pages.items():
+        evil.router.add_get(path, _page_handler(html))
+    server = TestServer(evil, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    context = await chromium.new_context()
+    page = await context.new_page()
+    try:
+        await page.goto(f"{api.url}/")
+        await page.get_by_label("API token").fill(WRITE)
+        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_role("heading", name="Overview").wait_for()
+        for path in ("/logout", "/login"):
+            async with page.expect_response(lambda r: r.url.startswith(api.url)) as answer:
+                await page.goto(str(server.make_url(path)))
+            assert (await answer.value).status == 403, path
+        await page.goto(str(server.make_url("/post")))
+        await page.wait_for_function("document.title === 'sent'")
+        await page.goto(f"{api.url}/")
+        await page.get_by_role("heading", name="Overview").wait_for()
+        assert await page.locator(".role-write").count() == 1, "still the operator's own write session"
+    finally:
+        await context.close()
+        await server.close()
+    assert await db.fetchval("SELECT count(*) FROM site_orders WHERE id = 90") == 0
+
+
+def _page_handler(html: str) -> Any:
+    from aiohttp import web
+
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+
+    return handler

@@ -7,15 +7,17 @@ auth checks and CORS headers, and the small helpers that read rows for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import asyncpg
 import orjson
 from aiohttp import web
 from arq import ArqRedis
+from yarl import URL
 
-from worker.api.auth import Role, Tokens
+from worker.api.auth import AuthThrottle, Grant, Role, Tokens
 from worker.api.fanout import ProgressFanout
 from worker.api.metrics import ApiMetrics
 from worker.settings import Settings
@@ -23,6 +25,10 @@ from worker.store import QUERIES, Store
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 SESSION_COOKIE = "sitegen_session"
+SECURE_SESSION_COOKIE = "__Host-sitegen_session"
+#: The signed-out session ids among the current request's credentials, set by `app._guard` around
+#: each handler (a context variable: the handler runs in the middleware's task and context).
+SIGNED_OUT: ContextVar[frozenset[str]] = ContextVar("sitegen_signed_out", default=frozenset())
 SITE_COOKIE = "sitegen_site"
 DASHBOARD_HEADER = "X-Sitegen-Dashboard"
 
@@ -79,6 +85,9 @@ class Api:
     pool: asyncpg.Pool | None = None
     redis: ArqRedis | None = None
     fanout: ProgressFanout | None = None
+    throttle: AuthThrottle = field(default_factory=AuthThrottle)
+    #: When the signing keys were last read from PostgreSQL (monotonic), if they come from there.
+    keys_read_at: float = float("-inf")
 
     @property
     def store(self) -> Store:
@@ -87,52 +96,106 @@ class Api:
 
     # -- auth
 
-    def role(self, request: web.Request, *, allow_session: bool = True) -> Role | None:
-        """The role of the request's bearer token (or dashboard session); None when it has neither."""
+    def grant(self, request: web.Request, *, allow_session: bool = True) -> Grant | None:
+        """What the request's bearer token (or dashboard session) allows; None when it has neither.
+
+        In open mode (no token configured) a request without credentials may read, from a loopback
+        Host name only (the middleware checks the Host), and nothing may write.
+        """
         header = request.headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise ApiError(401, "unauthorized", "expected `Authorization: Bearer <token>`", _challenge())
             if not self.tokens.configured:
-                return "write"
-            role = self.tokens.role_of(token.strip())
-            if role is None:
+                raise ApiError(401, "unauthorized", "no API token is configured on this server", _challenge())
+            grant = self.tokens.bearer_grant(token.strip())
+            if grant is None:
                 raise ApiError(401, "unauthorized", "unknown token", _challenge())
-            return role
-        cookie = request.cookies.get(SESSION_COOKIE) if allow_session else None
-        if cookie:
-            role = self.tokens.session_role(cookie)
-            if role is not None:
+            return grant
+        if allow_session:
+            grant = session_grant(self, request)
+            if grant is not None:
                 if request.method == "POST" and request.headers.get(DASHBOARD_HEADER) != "1":
                     # Only the dashboard's own scripts post with a session: no form of another page can.
                     raise ApiError(403, "forbidden", f"a session needs the {DASHBOARD_HEADER} header to post")
-                return role
+                return grant
         if not self.tokens.configured:
-            return "write"  # open mode: loopback only, see `check_bind`
+            return Grant("read", None)
         return None
+
+    def role(self, request: web.Request, *, allow_session: bool = True) -> Role | None:
+        grant = self.grant(request, allow_session=allow_session)
+        return None if grant is None else grant.role
 
     def require(self, request: web.Request, role: Role, *, order_id: int | None = None) -> Role | str:
         """Authorize the request for `role`; with `order_id`, a stream token for that order is accepted too."""
-        got = self.role(request)
-        if got is None and order_id is not None:
+        got = self.grant(request)
+        if order_id is not None and (got is None or got.token is None):
             token = request.query.get("token") or request.cookies.get(f"{SITE_COOKIE}_{order_id}")
             if token:
-                grant = self.tokens.stream_grant(token)
-                if grant is None:
+                stream = self.tokens.stream_grant(token)
+                if stream is None or (stream.session_id is not None and stream.session_id in signed_out(request)):
                     raise ApiError(401, "unauthorized", "invalid or expired stream token", _challenge())
-                if grant.order_id != order_id:
+                if stream.order_id != order_id:
                     raise ApiError(403, "forbidden", "this stream token is for another order")
                 return "stream"
         if got is None:
             raise ApiError(401, "unauthorized", "missing token: send `Authorization: Bearer <token>`", _challenge())
-        if role == "write" and got != "write":
+        if role == "write" and got.role != "write":
+            if not self.tokens.configured:
+                message = "no write token is configured: set SITEGEN_API_WRITE_TOKENS (open mode reads only)"
+                raise ApiError(403, "forbidden", message)
             raise ApiError(403, "forbidden", "this endpoint needs a write token")
-        return got
+        return got.role
 
 
 def _challenge() -> dict[str, str]:
     return {"WWW-Authenticate": 'Bearer realm="sitegen"'}
+
+
+def session_cookie_name(request: web.Request) -> str:
+    """`__Host-` (Secure, Path=/, no Domain: no sibling subdomain can set it) over https; plain over http."""
+    return SECURE_SESSION_COOKIE if request.secure else SESSION_COOKIE
+
+
+def signed_out_key(session_id: str) -> str:
+    """The Redis key that says a session was signed out; it expires after whatever the session signed."""
+    return f"sitegen-api:signed-out:{session_id}"
+
+
+def signed_out(request: web.Request) -> frozenset[str]:
+    """The session ids among the request's credentials that were signed out (looked up by the middleware)."""
+    return SIGNED_OUT.get()
+
+
+def session_grant(api: Api, request: web.Request) -> Grant | None:
+    """The request's dashboard session, if valid, still bound to a configured token, and not signed out."""
+    cookie = request.cookies.get(session_cookie_name(request))
+    if not cookie or not api.tokens.configured:
+        return None
+    grant = api.tokens.session_grant(cookie)
+    if grant is None or grant.session_id in signed_out(request):
+        return None
+    return grant
+
+
+def same_origin(request: web.Request) -> bool:
+    """Whether a browser says the request comes from a page of this site (login/logout CSRF).
+
+    `Sec-Fetch-Site` (set by the browser, no page can forge it) decides when present; otherwise the
+    `Origin` must be this site as the client sees it (scheme and host as forwarded by a trusted proxy).
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return False
+    try:
+        return URL(origin).origin() == request.url.origin()
+    except ValueError:
+        return False
 
 
 API = web.AppKey("sitegen_api", Api)

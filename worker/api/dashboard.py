@@ -1,6 +1,7 @@
 """The operators' dashboard (`GET /`): server-rendered pages with a little plain JavaScript for the live parts.
 
-Sign-in exchanges an API token for a signed, HttpOnly, SameSite=Strict session cookie; the pages then
+Sign-in (from this site's pages only) exchanges an API token for a signed, HttpOnly, SameSite=Strict
+session cookie (`__Host-` and Secure over https), bound to that token; sign-out revokes it. The pages then
 call the same API as any frontend (the cookie authenticates them, and a write needs the dashboard's
 own request header, so another page cannot make a signed-in browser post). Every asset is served
 from `static/`: no CDN, no build step.
@@ -17,7 +18,20 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from worker.api.context import API, SESSION_COOKIE, TERMINAL, Api, fetch_row, fetch_rows, generation_json, order_id_of
+from worker.api.context import (
+    API,
+    TERMINAL,
+    Api,
+    ApiError,
+    fetch_row,
+    fetch_rows,
+    generation_json,
+    order_id_of,
+    same_origin,
+    session_cookie_name,
+    session_grant,
+    signed_out_key,
+)
 from worker.store import PHASES
 
 STATIC = Path(__file__).parent / "static"
@@ -88,9 +102,9 @@ def _page(title: str, main: str, *, role: str | None, page: str, data: str = "")
 
 def _session_role(api: Api, request: web.Request) -> str | None:
     if not api.tokens.configured:
-        return "write"
-    cookie = request.cookies.get(SESSION_COOKIE)
-    return api.tokens.session_role(cookie) if cookie else None
+        return "read"  # open mode: read-only, loopback host names only (see `app._guard`)
+    grant = session_grant(api, request)
+    return grant.role if grant is not None else None
 
 
 def _sign_in_page(error: str = "") -> str:
@@ -109,18 +123,28 @@ def _sign_in_page(error: str = "") -> str:
     return _page("Sign in", main, role=None, page="sign-in")
 
 
+def _same_origin_only(request: web.Request) -> None:
+    if not same_origin(request):
+        # Login and logout CSRF: another site's form could sign the operator out, or into its own session.
+        raise ApiError(403, "forbidden", "sign-in and sign-out are accepted from this site's own pages only")
+
+
 async def sign_in(request: web.Request) -> web.Response:
     api = request.app[API]
+    _same_origin_only(request)
     form = await request.post()
     token = str(form.get("token", "")).strip()
-    role = api.tokens.role_of(token) if token and api.tokens.configured else None
-    if role is None:
+    session = api.tokens.session(token, api.options.session_ttl_s) if token and api.tokens.configured else None
+    if session is None:
         logger.info("dashboard: a sign-in with an unknown token was refused")  # never the token itself
         return _html(_sign_in_page("That token is not valid."), status=401)
     response = web.HTTPSeeOther("/")
+    # HttpOnly (no script reads it), SameSite=Strict (no other site's request carries it, not even a link:
+    # the dashboard has no page another site needs to open signed in), Secure with the __Host- prefix
+    # over https (as a trusted proxy forwarded it), so no subdomain can set or overwrite it.
     response.set_cookie(
-        SESSION_COOKIE,
-        api.tokens.session(role, api.options.session_ttl_s),
+        session_cookie_name(request),
+        session,
         httponly=True,
         samesite="Strict",
         secure=request.secure,
@@ -131,8 +155,16 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
+    """End the session on the server too: its id is refused until whatever it signed has expired."""
+    api = request.app[API]
+    _same_origin_only(request)
+    grant = session_grant(api, request)
+    if grant is not None and grant.session_id is not None:
+        assert api.redis is not None
+        lives = (grant.expires_at or time.time()) - time.time() + api.settings.api.stream_token_ttl_s
+        await api.redis.set(signed_out_key(grant.session_id), b"1", ex=max(int(lives) + 1, 1))
     response = web.HTTPSeeOther("/")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    response.del_cookie(session_cookie_name(request), path="/", secure=request.secure, httponly=True, samesite="Strict")
     raise response
 
 

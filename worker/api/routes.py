@@ -291,6 +291,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
+    if request.content_type != "application/json":
+        # A page of another site can post text/plain or a form without a preflight, never JSON.
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON with `Content-Type: application/json`")
     try:
         data = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:
@@ -400,7 +403,8 @@ async def stream_token(request: web.Request) -> web.Response:
     order_id = order_id_of(request)
     api.require(request, "read")
     await _known_order(api, order_id)
-    token, expires = api.tokens.stream_token(order_id, api.settings.api.stream_token_ttl_s)
+    # Bound to the token (and session) that asked: it ends when that token is removed or the session signs out.
+    token, expires = api.tokens.stream_token(order_id, api.settings.api.stream_token_ttl_s, api.grant(request))
     return json_response({"token": token, "expires_at": expires, "order_id": order_id})
 
 
