@@ -102,12 +102,14 @@ async def _open(app: web.Application) -> None:
     api = app[API]
     db = api.settings.database
     api.pool = await create_pool(db, max_size=max(2, min(db.pool_max_size, 10)), min_size=1, name="api")
+    api.health_pool = await create_pool(db, max_size=1, min_size=1, name="api-health")
     api.redis = await client.connect(api.settings.redis.url)
     api.fanout = ProgressFanout(
         db.url,
         api.pool,
         poll_s=api.options.poll_s,
         hole_grace_s=api.options.hole_grace_s,
+        acquire_timeout_s=api.settings.api.pool_acquire_timeout_s,
     )
     api.metrics.watch(api.fanout)
     await api.fanout.start()
@@ -121,6 +123,8 @@ async def _close(app: web.Application) -> None:
         await api.redis.aclose()
     if api.pool is not None:
         await api.pool.close()
+    if api.health_pool is not None:
+        await api.health_pool.close()
 
 
 class BindRefused(RuntimeError):
