@@ -17,9 +17,21 @@ import pytest
 from arq import ArqRedis
 
 from tests.helpers import WorkerFactory
-from tests.integration.test_api import READ, WRITE, Event, Running, _start, auth, insert_log, new_generation, sse
+from tests.integration.test_api import (
+    READ,
+    WRITE,
+    Event,
+    Running,
+    _start,
+    auth,
+    insert_log,
+    new_generation,
+    sse,
+    wait_until,
+)
 from worker.api.auth import Tokens
 from worker.api.context import API
+from worker.api.routes import STREAMS
 from worker.errors import AIUnavailable, describe
 from worker.main import health_check_key
 from worker.settings import Settings
@@ -104,7 +116,13 @@ async def test_streams_are_capped_per_token_per_client_and_per_process(capped: R
             for response in held:
                 response.close()
             await other.close()
-        # Closed streams give their places back.
+        # Closed streams give their places back (at their next write, a keep-alive at the latest), and
+        # so do opens that fail (an unknown order, 404).
+        caps = capped.app[STREAMS]
+        await wait_until(lambda: caps.total == 0)
+        for _ in range(4):
+            async with capped.http.get(url.format(999), headers=auth(READ)) as response:
+                assert response.status == 404
         again = await open_stream(capped.http, url.format(1), params={"token": first})
         assert again.status == 200
         again.close()
