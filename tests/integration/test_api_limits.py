@@ -17,6 +17,7 @@ import pytest
 from arq import ArqRedis
 
 from tests.helpers import WorkerFactory
+from tests.helpers import wait_until as poll_until
 from tests.integration.test_api import (
     READ,
     WRITE,
@@ -253,12 +254,12 @@ async def test_the_overview_reads_replica_health_by_known_keys_and_is_cached(
     aggregates again; now replicas come from a set of known health keys, and renders are cached per role."""
     await start_worker()
     replicas_key = f"{settings.worker.queue_name}:replicas"
-    for _ in range(200):
-        if await redis.zscore(replicas_key, "test-replica") is not None:
-            break
-        await asyncio.sleep(0.05)
+
+    async def recorded() -> bool:
+        return await redis.zscore(replicas_key, "test-replica") is not None
+
+    await poll_until(recorded, timeout=30, interval=0.05, what="the worker recording itself in the replica set")
     assert await redis.exists(health_check_key(settings))
-    assert await redis.zscore(replicas_key, "test-replica") is not None, "the worker records itself in the set"
     # A replica that stopped long ago, and one whose health key is gone, are not alive.
     await redis.zadd(replicas_key, {"long-gone": 1.0, "no-key": 4_000_000_000.0})
     await redis.mset({f"unrelated:{i}": "x" for i in range(500)})
