@@ -151,6 +151,34 @@ def original_scores_key(queue_name: str) -> str:
     return f"{queue_name}:leased-scores"
 
 
+def replicas_key(queue_name: str) -> str:
+    """The sorted set of replicas that wrote a health key: replica id -> when it last did (Unix seconds).
+
+    The dashboard reads it, then each replica's health key `<queue>:health-check:<replica>`, instead of
+    scanning the keyspace; members older than `REPLICAS_MAX_AGE_S` are pruned by writers and readers.
+    """
+    return f"{queue_name}:replicas"
+
+
+#: A replica not heard of for this long leaves `replicas_key` (its health key expired long before).
+REPLICAS_MAX_AGE_S = 86400.0
+_arq_record_health = Worker.record_health
+
+
+async def record_health(self: Worker) -> None:
+    """arq's `record_health`; each time it writes the health key, the replica is recorded in `replicas_key`."""
+    before = self._last_health_check
+    await _arq_record_health(self)
+    queue, marker, replica = self.health_check_key.rpartition(":health-check:")
+    if self._last_health_check == before or not marker or queue != self.queue_name:
+        return
+    now = time.time()
+    async with self.pool.pipeline(transaction=False) as pipe:
+        pipe.zadd(replicas_key(self.queue_name), {replica: now})
+        pipe.zremrangebyscore(replicas_key(self.queue_name), "-inf", now - REPLICAS_MAX_AGE_S)
+        await pipe.execute()
+
+
 async def claim(
     script: AsyncScript,
     queue_name: str,
@@ -326,6 +354,7 @@ def install() -> None:
     """
     Worker._poll_iteration = poll_iteration  # type: ignore[method-assign]
     Worker.finish_job = finish_job  # type: ignore[method-assign]
+    Worker.record_health = record_health  # type: ignore[method-assign]
 
 
 def installed() -> bool:

@@ -346,6 +346,25 @@ class ApiSection(_Section):
         description="Failed sign-ins and 401s one client address may cause per minute (burst as large) before "
         "its requests get 429 with Retry-After; counted per `serve` process",
     )
+    max_streams: int = Field(
+        default=1000, ge=1, description="Most SSE streams one `serve` process holds open; beyond it 429 (Retry-After)"
+    )
+    max_streams_per_token: int = Field(
+        default=100,
+        ge=1,
+        description="Most SSE streams open at once with one token (bearer, stream token or dashboard session)",
+    )
+    max_streams_per_client: int = Field(
+        default=200, ge=1, description="Most SSE streams open at once from one client address"
+    )
+    pool_acquire_timeout_s: float = Field(
+        default=5,
+        gt=0,
+        description="Longest a request waits for a PostgreSQL connection of the API's pool; then 503 (try again)",
+    )
+    overview_cache_s: float = Field(
+        default=3, ge=0, description="How long one process reuses a rendered dashboard overview (0: render each time)"
+    )
 
     @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod

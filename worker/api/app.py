@@ -209,6 +209,7 @@ async def _open(app: web.Application) -> None:
     api = app[API]
     db = api.settings.database
     api.pool = await create_pool(db, max_size=max(2, min(db.pool_max_size, 10)), min_size=1, name="api")
+    api.health_pool = await create_pool(db, max_size=1, min_size=1, name="api-health")
     if not api.tokens.explicit_keys:
         api.tokens.use_keys(await _signing_keys(api.pool))
     api.redis = await client.connect(api.settings.redis.url)
@@ -217,6 +218,7 @@ async def _open(app: web.Application) -> None:
         api.pool,
         poll_s=api.options.poll_s,
         hole_grace_s=api.options.hole_grace_s,
+        acquire_timeout_s=api.settings.api.pool_acquire_timeout_s,
     )
     api.metrics.watch(api.fanout)
     await api.fanout.start()
@@ -247,6 +249,8 @@ async def _close(app: web.Application) -> None:
         await api.redis.aclose()
     if api.pool is not None:
         await api.pool.close()
+    if api.health_pool is not None:
+        await api.health_pool.close()
 
 
 class ServeRefused(RuntimeError):

@@ -83,6 +83,8 @@ class Api:
     options: ApiOptions
     metrics: ApiMetrics
     pool: asyncpg.Pool | None = None
+    #: One connection of its own for /healthz, so it never waits behind client traffic.
+    health_pool: asyncpg.Pool | None = None
     redis: ArqRedis | None = None
     fanout: ProgressFanout | None = None
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
@@ -224,8 +226,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 async def fetch_rows(api: Api, query: str, *args: Any) -> list[dict[str, Any]]:
+    """The rows of a named query; a pool busy past `api.pool_acquire_timeout_s` raises TimeoutError (503)."""
     assert api.pool is not None
-    async with api.pool.acquire() as conn:
+    async with api.pool.acquire(timeout=api.settings.api.pool_acquire_timeout_s) as conn:
         return [dict(r) for r in await conn.fetch(QUERIES[query], *args)]
 
 
@@ -234,14 +237,17 @@ async def fetch_row(api: Api, query: str, *args: Any) -> dict[str, Any] | None:
     return rows[0] if rows else None
 
 
-def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def generation_json(
+    row: dict[str, Any], phases: list[dict[str, Any]] | None = None, *, whole_error: bool = False
+) -> dict[str, Any]:
+    """A generation as the API shows it; its error whole only with `whole_error` (write tokens)."""
     usage = row.get("usage") or {}
     out = {
         "generation_id": row["id"],
         "status": row["status"],
         "current_phase": row["current_phase"],
         "attempt": row["attempt"],
-        "error": row["error"],
+        "error": row["error"] if whole_error else public_error(row["error"]),
         "usage": {k: v for k, v in usage.items() if k != "by_phase"},
         "cost_usd": usage.get("cost_usd", 0),
         "pages": row.get("pages") or [],
@@ -253,3 +259,80 @@ def generation_json(row: dict[str, Any], phases: list[dict[str, Any]] | None = N
     if phases is not None:
         out["phases"] = phases
     return out
+
+
+# --------------------------------------------------------------------------- errors as read tokens see them
+
+#: Errors whose stored message is ours and says what to fix or why it stopped (a brief's field, a
+#: budget, a cancel): shown as stored, first line only. Any other message may quote a provider's
+#: answer, a SQL error or a host name, and is replaced by the sentence of its family below.
+_OWN_MESSAGES = frozenset(
+    {
+        "JobArgumentsInvalid",
+        "BriefInvalid",
+        "OrderNotFound",
+        "TokenBudgetExceeded",
+        "SiteCheckFailed",
+        "Cancelled",
+        "Superseded",
+        "Interrupted",
+    }
+)
+_AI_MESSAGES = {
+    "AIAuthError": "the AI provider refused the worker's credentials",
+    "AIBadRequest": "the AI provider refused the request",
+    "AIQuotaExhausted": "the AI provider's quota is used up",
+    "AIRateLimited": "the AI provider is rate limiting requests",
+    "AIUnavailable": "the AI provider did not answer or was unavailable",
+    "AIBadOutput": "the model's answer could not be used",
+    "BudgetWaitExceeded": "the AI provider's shared budget was busy",
+    "AIError": "a model call failed",
+}
+_OTHER_MESSAGES = {
+    "AttemptsExhausted": "gave up after the most attempts allowed",
+    "AttemptLost": "an attempt stopped without storing an error",
+    "OrderBusy": "another replica is working on this order",
+}
+PUBLIC_MESSAGE_CHARS = 500
+
+
+def public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a read or stream token sees of a stored error: `{type, message, phase, retryable}`.
+
+    The whole error (traceback, provider request ids, body excerpts, SQL details, replica names) is
+    for write tokens and the dashboard's write sessions.
+    """
+    if not error:
+        return error
+    kind = str(error.get("type") or "Error")[:200]
+    if kind in _OWN_MESSAGES:
+        message = str(error.get("message") or "").split("\n", 1)[0][:PUBLIC_MESSAGE_CHARS]
+    else:
+        message = (
+            _AI_MESSAGES.get(kind) or _OTHER_MESSAGES.get(kind) or "an internal error (the operators have the details)"
+        )
+    phase = error.get("phase")
+    return {
+        "type": kind,
+        "message": message,
+        "phase": str(phase) if phase else None,
+        "retryable": bool(error.get("retryable", False)),
+    }
+
+
+def public_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A progress row as a read or stream token sees it: an error in its details shaped by `public_error`,
+    and that error's stored message replaced in the row's message."""
+    details = row.get("details")
+    if not isinstance(details, dict) or not isinstance(details.get("error"), dict):
+        return row
+    error = details["error"]
+    shown = public_error(error)
+    assert shown is not None
+    message = str(row.get("message") or "")
+    stored = str(error.get("message") or "")
+    if stored and stored in message:
+        message = message.replace(stored, shown["message"])
+    elif stored:
+        message = f"{message.split(':', 1)[0]}: {shown['type']}: {shown['message']}"
+    return {**row, "message": message, "details": {**details, "error": shown}}

@@ -9,7 +9,9 @@ from `static/`: no CDN, no build step.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -32,6 +34,7 @@ from worker.api.context import (
     session_grant,
     signed_out_key,
 )
+from worker.polling import REPLICAS_MAX_AGE_S, replicas_key
 from worker.store import PHASES
 
 STATIC = Path(__file__).parent / "static"
@@ -40,9 +43,25 @@ PAGE_CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
 )
 TASK_OF_PHASE = {"plan": "planning", "content": "content", "code": "coding"}
+#: Replicas the overview lists at most (the most recently healthy first).
+MAX_REPLICAS_SHOWN = 500
+
+
+@dataclass
+class OverviewCache:
+    """The rendered overview of each role in this process, reused for `api.overview_cache_s`."""
+
+    #: role -> (when it was rendered, monotonic; the HTML).
+    rendered: dict[str, tuple[float, str]] = field(default_factory=dict)
+    #: One render at a time: the tabs asking while it runs get its result.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+OVERVIEW_CACHE = web.AppKey("sitegen_overview_cache", OverviewCache)
 
 
 def add_routes(app: web.Application) -> None:
+    app[OVERVIEW_CACHE] = OverviewCache()
     app.router.add_get("/", overview_page)
     app.router.add_get("/orders/{order_id}", order_page)
     app.router.add_post("/session", sign_in)
@@ -235,7 +254,42 @@ def _table(caption: str, head: list[str], rows: list[list[str]], empty: str) -> 
 # --------------------------------------------------------------------------- overview
 
 
-async def _overview(api: Api, role: str) -> str:
+async def _overview(app: web.Application, role: str) -> str:
+    """The overview for `role`, rendered at most once per `api.overview_cache_s` in this process."""
+    api, cache = app[API], app[OVERVIEW_CACHE]
+    ttl = api.settings.api.overview_cache_s
+    if ttl <= 0:
+        return await _render_overview(api, role)
+    async with cache.lock:
+        cached = cache.rendered.get(role)
+        if cached is None or time.monotonic() - cached[0] >= ttl:
+            cached = (time.monotonic(), await _render_overview(api, role))
+            cache.rendered[role] = cached
+        return cached[1]
+
+
+async def _replica_health(api: Api) -> list[tuple[str, str]]:
+    """(replica, health) of every replica whose health key is there, read by known keys (no SCAN)."""
+    assert api.redis is not None
+    queue = api.settings.worker.queue_name
+    members = replicas_key(queue)
+    now = time.time()
+    await api.redis.zremrangebyscore(members, "-inf", now - REPLICAS_MAX_AGE_S)
+    names = [
+        m.decode() if isinstance(m, bytes) else str(m)
+        for m in await api.redis.zrevrangebyscore(members, "+inf", "-inf", start=0, num=MAX_REPLICAS_SHOWN)
+    ]
+    if not names:
+        return []
+    values = await api.redis.mget([f"{queue}:health-check:{name}" for name in names])
+    return [
+        (name, value.decode() if isinstance(value, bytes) else str(value))
+        for name, value in zip(names, values, strict=True)
+        if value is not None
+    ]
+
+
+async def _render_overview(api: Api, role: str) -> str:
     assert api.redis is not None
     queue = api.settings.worker.queue_name
     now_ms = int(time.time() * 1000)
@@ -245,11 +299,7 @@ async def _overview(api: Api, role: str) -> str:
     try:
         depth = int(await api.redis.zcard(queue))
         deferred = int(await api.redis.zcount(queue, now_ms + 1, "+inf"))
-        async for key in api.redis.scan_iter(match=f"{queue}:health-check:*", count=200):
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            value = await api.redis.get(name)
-            health = value.decode() if isinstance(value, bytes) else str(value or "")
-            replicas.append((name.rsplit(":", 1)[-1], health))
+        replicas = await _replica_health(api)
     except Exception as exc:
         redis_error = f"Redis did not answer: {type(exc).__name__}"
     active = await fetch_rows(api, "dashboard_active")
@@ -370,12 +420,12 @@ async def overview_page(request: web.Request) -> web.Response:
     role = _session_role(api, request)
     if role is None:
         return _html(_sign_in_page())
-    return _html(_page("Overview", await _overview(api, role), role=role, page="overview"))
+    return _html(_page("Overview", await _overview(request.app, role), role=role, page="overview"))
 
 
 async def overview_fragment(request: web.Request) -> web.Response:
     role = _signed_in(request)
-    return _html(await _overview(request.app[API], role))
+    return _html(await _overview(request.app, role))
 
 
 # --------------------------------------------------------------------------- order page
@@ -389,7 +439,7 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
     if latest is None:
         return '<p class="muted">No generation yet: it appears here once a replica starts the job.</p>', None
     phases = await fetch_rows(api, "api_phases", latest["id"])
-    g = generation_json(latest, phases)
+    g = generation_json(latest, phases, whole_error=role == "write")
     by_phase = {p["phase"]: p for p in phases}
     phase_rows = []
     for phase in PHASES:

@@ -84,6 +84,7 @@ class ProgressFanout:
         poll_s: float = 1.0,
         hole_grace_s: float = 1.0,
         reconnect_max_s: float = 5.0,
+        acquire_timeout_s: float = 5.0,
         on_delivered: Callable[[dict[str, Any], int], None] | None = None,
     ) -> None:
         self.dsn = dsn
@@ -91,6 +92,8 @@ class ProgressFanout:
         self.poll_s = poll_s
         self.hole_grace_s = hole_grace_s
         self.reconnect_max_s = reconnect_max_s
+        #: A pool busy with client requests fails a read after this (retried at the next wake or poll).
+        self.acquire_timeout_s = acquire_timeout_s
         self.on_delivered = on_delivered
         self.subscribers: dict[int, set[Subscriber]] = {}
         #: Every row with an id up to this one has been delivered (or is known never to exist).
@@ -188,7 +191,7 @@ class ProgressFanout:
     async def _read_loop(self) -> None:
         while not self._ready.is_set():
             try:
-                async with self.pool.acquire() as conn:
+                async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
                     self.delivered = int(await conn.fetchval(QUERIES["api_logs_max_id"]))
                 self._ready.set()
             except asyncio.CancelledError:
@@ -218,7 +221,7 @@ class ProgressFanout:
 
     async def read_once(self) -> bool:
         """Read and deliver the rows after `delivered`; True when a full batch came (read again at once)."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
             records = await conn.fetch(QUERIES["api_logs_after"], self.delivered, READ_BATCH)
         for record in records:
             row_id = record["id"]
@@ -240,7 +243,7 @@ class ProgressFanout:
             return True
         self.hole_probes += 1
         try:
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
                 try:
                     async with conn.transaction():
                         await conn.execute("SET LOCAL lock_timeout = '200ms'")

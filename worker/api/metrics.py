@@ -48,6 +48,12 @@ class ApiMetrics:
             ["route", "method", "status"],
             registry=r,
         )
+        self.streams_refused = Counter(
+            "sitegen_api_sse_streams_refused",
+            "SSE streams refused with 429, by the cap they would pass (setting api.max_streams*)",
+            ["cap"],
+            registry=r,
+        )
         self.events_sent = Counter("sitegen_api_sse_events_sent", "SSE progress events sent to clients", registry=r)
         self.event_delay = Histogram(
             "sitegen_api_sse_event_delay_seconds",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import re
 import time
 import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -18,6 +21,7 @@ from pydantic import ValidationError
 from worker import client
 from worker.api.context import (
     API,
+    SESSION_COOKIE,
     SITE_COOKIE,
     TERMINAL,
     Api,
@@ -31,11 +35,13 @@ from worker.api.context import (
     json_response,
     not_found,
     order_id_of,
+    public_row,
 )
 from worker.api.fanout import Subscriber
 from worker.api.openapi import openapi_document
 from worker.models import Brief
 from worker.progress import END_EVENTS, event_of
+from worker.settings import ApiSection
 from worker.store import ACTIVE, QUERIES
 
 #: Served site files may not run script, be framed by other sites, or reach anything but their own files.
@@ -49,9 +55,50 @@ REPLAY_PAGE = 1000
 #: How often a stream whose generation ended asks again while a job for the order is still in Redis.
 JOB_RECHECK_S = 0.25
 EVENT_FIELDS = ("id", "order_id", "generation_id", "phase", "level", "message", "details", "created_at")
+#: What a stream refused for a cap tells the client to wait before it tries again.
+STREAM_RETRY_AFTER_S = 5
+#: Longest /healthz waits for its own connection and `SELECT 1`.
+HEALTH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class StreamCaps:
+    """The SSE streams open in this process, counted per token and per client address (settings api.max_streams*)."""
+
+    total: int = 0
+    by_token: Counter[str] = field(default_factory=Counter)
+    by_client: Counter[str] = field(default_factory=Counter)
+
+    def over(self, limits: ApiSection, token: str | None, client: str) -> str | None:
+        """The cap one more stream would pass, as `setting = value`; None when it fits."""
+        if self.total >= limits.max_streams:
+            return f"api.max_streams = {limits.max_streams}"
+        if self.by_client[client] >= limits.max_streams_per_client:
+            return f"api.max_streams_per_client = {limits.max_streams_per_client}"
+        if token is not None and self.by_token[token] >= limits.max_streams_per_token:
+            return f"api.max_streams_per_token = {limits.max_streams_per_token}"
+        return None
+
+    def take(self, token: str | None, client: str) -> None:
+        self.total += 1
+        self.by_client[client] += 1
+        if token is not None:
+            self.by_token[token] += 1
+
+    def give_back(self, token: str | None, client: str) -> None:
+        self.total -= 1
+        for counts, key in ((self.by_client, client), (self.by_token, token)):
+            if key is not None:
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
+
+
+STREAMS = web.AppKey("sitegen_streams", StreamCaps)
 
 
 def add_routes(app: web.Application) -> None:
+    app[STREAMS] = StreamCaps()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
@@ -84,9 +131,9 @@ async def healthz(request: web.Request) -> web.Response:
     api = _api(request)
     checks: dict[str, Any] = {"listen": bool(api.fanout and api.fanout.listening)}
     try:
-        assert api.pool is not None
-        async with asyncio.timeout(2):
-            async with api.pool.acquire() as conn:
+        assert api.health_pool is not None
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):  # its own connection: never behind client traffic
+            async with api.health_pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
         checks["postgresql"] = True
     except Exception:
@@ -112,7 +159,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def order(request: web.Request) -> web.Response:
     api = _api(request)
     order_id = order_id_of(request)
-    api.require(request, "read")
+    whole_error = api.require(request, "read") == "write"
     found = await _known_order(api, order_id)
     latest = await fetch_row(api, "api_generations", order_id, 1)
     body: dict[str, Any] = {"order_id": order_id, "has_brief": found["has_brief"], "created_at": found["created_at"]}
@@ -120,14 +167,14 @@ async def order(request: web.Request) -> web.Response:
         body["generation"] = None
     else:
         phases = await fetch_rows(api, "api_phases", latest["id"])
-        body["generation"] = generation_json(latest, phases)
+        body["generation"] = generation_json(latest, phases, whole_error=whole_error)
     return json_response(body)
 
 
 async def generations(request: web.Request) -> web.Response:
     api = _api(request)
     order_id = order_id_of(request)
-    api.require(request, "read")
+    whole_error = api.require(request, "read") == "write"
     await _known_order(api, order_id)
     try:
         limit = int(request.query.get("limit", "50"))
@@ -136,7 +183,9 @@ async def generations(request: web.Request) -> web.Response:
     if not 1 <= limit <= 500:
         bad_request("limit must be between 1 and 500")
     rows = await fetch_rows(api, "api_generations", order_id, limit)
-    return json_response({"order_id": order_id, "generations": [generation_json(r) for r in rows]})
+    return json_response(
+        {"order_id": order_id, "generations": [generation_json(r, whole_error=whole_error) for r in rows]}
+    )
 
 
 # --------------------------------------------------------------------------- live events (SSE)
@@ -163,11 +212,25 @@ def _cursor(request: web.Request) -> int | None:
 class _Stream:
     """One SSE client: replay from the table up to the fan-out's mark, then the fan-out's rows, then `end`."""
 
-    def __init__(self, api: Api, response: web.StreamResponse, order_id: int, cursor: int) -> None:
+    def __init__(
+        self,
+        api: Api,
+        response: web.StreamResponse,
+        order_id: int,
+        cursor: int,
+        *,
+        whole_errors: bool,
+        expires_at: float | None,
+    ) -> None:
         self.api = api
         self.response = response
         self.order_id = order_id
         self.cursor = cursor
+        #: Write tokens see the errors in rows whole; read and stream tokens see `public_row`'s.
+        self.whole_errors = whole_errors
+        #: The stream token's expiry (Unix time): the stream ends then with `event: expired`.
+        self.expires_at = expires_at
+        self.expires_mono = None if expires_at is None else time.monotonic() + expires_at - time.time()
         #: When to ask again whether the generation ended without a row saying so (monotonic), if pending.
         self.end_check_at: float | None = None
 
@@ -175,7 +238,7 @@ class _Stream:
         """Write one row (skipping what the client has); True when the stream must end after it."""
         if row["id"] <= self.cursor:
             return False
-        await self.response.write(_event_bytes(row))
+        await self.response.write(_event_bytes(row if self.whole_errors else public_row(row)))
         self.cursor = row["id"]
         self.api.metrics.sent(row, live=live)
         return event_of(row) in END_EVENTS and await self.ended()
@@ -222,18 +285,31 @@ class _Stream:
             if len(rows) < REPLAY_PAGE:
                 return await self.ended()
 
+    async def expired(self) -> bool:
+        """Send `expired` and end the stream once its stream token expired."""
+        if self.expires_mono is None or time.monotonic() < self.expires_mono:
+            return False
+        await self.response.write(b"event: expired\ndata: %s\n\n" % orjson.dumps({"expires_at": self.expires_at}))
+        return True
+
     async def live(self, subscriber: Subscriber) -> None:
         keepalive = self.api.options.keepalive_s
         last_write = time.monotonic()
         while not subscriber.overflowed:
+            if await self.expired():
+                return
             now = time.monotonic()
             deadline = last_write + keepalive
             if self.end_check_at is not None:
                 deadline = min(deadline, self.end_check_at)
+            if self.expires_mono is not None:
+                deadline = min(deadline, self.expires_mono)
             try:
                 async with asyncio.timeout(max(deadline - now, 0)):
                     await subscriber.wake.wait()
             except TimeoutError:
+                if await self.expired():
+                    return
                 if self.end_check_at is not None and time.monotonic() >= self.end_check_at and await self.ended():
                     return
                 if time.monotonic() - last_write >= keepalive:
@@ -248,11 +324,52 @@ class _Stream:
                 last_write = time.monotonic()
 
 
+def _stream_token(request: web.Request, order_id: int) -> str | None:
+    return request.query.get("token") or request.cookies.get(f"{SITE_COOKIE}_{order_id}")
+
+
+def _credential(request: web.Request, granted: str, order_id: int) -> str | None:
+    """A fingerprint of what authenticated the request (bearer, stream token, session), for the per-token cap."""
+    raw = request.headers.get("Authorization")
+    if raw is None and granted == "stream":
+        raw = _stream_token(request, order_id)
+    if raw is None:
+        raw = request.cookies.get(SESSION_COOKIE)
+    return None if not raw else hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     api = _api(request)
     order_id = order_id_of(request)
-    api.require(request, "read", order_id=order_id)
+    granted = api.require(request, "read", order_id=order_id)
     cursor = _cursor(request)
+    expires_at = None
+    if granted == "stream":
+        grant = api.tokens.stream_grant(_stream_token(request, order_id) or "")
+        if grant is None:  # expired since `require` read it
+            raise ApiError(401, "unauthorized", "invalid or expired stream token")
+        expires_at = grant.expires_at
+    # The caps are checked before any query: refused streams cost PostgreSQL nothing.
+    caps, token, client = request.app[STREAMS], _credential(request, granted, order_id), request.remote or "unknown"
+    over = caps.over(api.settings.api, token, client)
+    if over is not None:
+        api.metrics.streams_refused.labels(over.split(" ", 1)[0]).inc()
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"too many open event streams ({over}): close one, or try again later",
+            {"Retry-After": str(STREAM_RETRY_AFTER_S)},
+        )
+    caps.take(token, client)
+    try:
+        return await _follow(request, api, order_id, cursor, whole_errors=granted == "write", expires_at=expires_at)
+    finally:
+        caps.give_back(token, client)
+
+
+async def _follow(
+    request: web.Request, api: Api, order_id: int, cursor: int | None, *, whole_errors: bool, expires_at: float | None
+) -> web.StreamResponse:
     await _known_order(api, order_id)
     assert api.fanout is not None
     subscriber, upto = api.fanout.subscribe(order_id, api.options.client_queue)
@@ -275,7 +392,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             subscriber.on_overflow = transport.abort
         await response.prepare(request)
         await response.write(b"retry: 2000\n\n")
-        stream = _Stream(api, response, order_id, cursor)
+        stream = _Stream(api, response, order_id, cursor, whole_errors=whole_errors, expires_at=expires_at)
         if not await stream.replay(upto):
             await stream.live(subscriber)
         return response
@@ -286,6 +403,11 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 # --------------------------------------------------------------------------- commands (write)
+
+
+def _store_deadline(api: Api) -> asyncio.Timeout:
+    """A bound on a `Store` call (whose acquire takes no timeout): its acquire's timeout and one statement's."""
+    return asyncio.timeout(api.settings.api.pool_acquire_timeout_s + api.settings.database.command_timeout_s)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -341,7 +463,8 @@ async def generate(request: web.Request) -> web.Response:
     if body.get("brief") is not None:
         brief = _valid_brief(body["brief"], api.settings.limits.max_brief_bytes)
         assert api.pool is not None
-        async with api.pool.acquire() as conn:  # so the order's events can be followed at once
+        # So the order's events can be followed at once.
+        async with api.pool.acquire(timeout=api.settings.api.pool_acquire_timeout_s) as conn:
             await conn.execute(QUERIES["ensure_order"], order_id)
     else:
         found = await fetch_row(api, "api_order", order_id)
@@ -357,7 +480,8 @@ async def cancel(request: web.Request) -> web.Response:
     order_id = order_id_of(request)
     api.require(request, "write")
     await _known_order(api, order_id)
-    found = await api.store.request_cancel(order_id, "cancelled through the API")
+    async with _store_deadline(api):
+        found = await api.store.request_cancel(order_id, "cancelled through the API")
     if found is None:
         conflict(f"order {order_id} has no queued or running generation")
     if found["status"] != "cancelled":
@@ -372,7 +496,8 @@ async def retry(request: web.Request) -> web.Response:
     api = _api(request)
     order_id = order_id_of(request)
     api.require(request, "write")
-    overview = await api.store.order_overview(order_id)
+    async with _store_deadline(api):
+        overview = await api.store.order_overview(order_id)
     if overview is None:
         not_found(f"order {order_id} not found")
     if not overview["has_brief"]:
