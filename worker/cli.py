@@ -17,7 +17,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import asyncpg
@@ -38,7 +37,7 @@ from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
 from worker.progress import END_EVENTS, event_of
-from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
+from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url, url_secrets
 from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
 
 app = typer.Typer(help="sitegen-worker: AI site generation on arq, with live progress.", no_args_is_help=True)
@@ -471,12 +470,8 @@ def check(
 def _scrub(text: str, settings: Settings) -> str:
     """Never echo a password from the URLs, whatever a driver put in its message."""
     for url in (settings.database.url, settings.redis.url):
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:  # as written in the URL, and percent-decoded as drivers use it
-            text = text.replace(password, "***").replace(unquote(password), "***")
+        for secret in url_secrets(url):  # as written in the URL, and percent-decoded as drivers use it
+            text = text.replace(secret, "***")
     return text
 
 
