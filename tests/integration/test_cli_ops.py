@@ -129,7 +129,7 @@ async def test_check_and_config_never_print_a_password_from_a_query(
         REDIS_URL=f"redis://:redis-user-secret@127.0.0.1:{free_port()}/0?password=redis-query-secret",
     )
     outputs = [await run_sitegen(env, "check", "--timeout", "2"), await run_sitegen(env, "config")]
-    for code, out in outputs:
+    for _code, out in outputs:
         for secret in ("pg-query-secret", "redis-user-secret", "redis-query-secret"):
             assert secret not in out, f"{secret} printed:\n{out}"
     code, out = outputs[0]
