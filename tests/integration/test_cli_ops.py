@@ -119,9 +119,7 @@ async def test_check_fails_naming_an_unreachable_postgresql(services: LocalServi
     assert "pw-not-shown" not in out, "a password is never printed"
 
 
-async def test_check_and_config_never_print_a_password_from_a_query(
-    services: LocalServices, migrated: None
-) -> None:
+async def test_check_and_config_never_print_a_password_from_a_query(services: LocalServices, migrated: None) -> None:
     """Regression: issue 20 finding 13: `?password=` in DATABASE_URL and REDIS_URL was printed as written."""
     env = cli_env(
         services,
