@@ -532,8 +532,10 @@ def check(
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """Never echo a password from the URLs, whatever a driver put in its message."""
-    for url in (settings.database.url, settings.redis.url):
+    """Never echo a password from the URLs, whatever a driver put in its message (an invalid-URL error quotes
+    the whole URL)."""
+    urls = [settings.database.url, settings.redis.url, *(p.api_root for p in settings.ai.providers.values())]
+    for url in urls:
         for secret in url_secrets(url):  # as written in the URL, and percent-decoded as drivers use it
             text = text.replace(secret, "***")
     return text
