@@ -448,8 +448,11 @@ class _SiteHandler(SimpleHTTPRequestHandler):
         super().end_headers()
 
     def send_head(self) -> Any:
+        path = Path(self.translate_path(self.path))
+        # A folder is answered with its index.html (or index.htm): that file must be inside too.
+        candidates = [path, path / "index.html", path / "index.htm"] if path.is_dir() else [path]
         try:
-            inside = Path(self.translate_path(self.path)).resolve().is_relative_to(self.root)
+            inside = all(c.resolve().is_relative_to(self.root) for c in candidates if c == path or c.exists())
         except (OSError, RuntimeError, ValueError):
             inside = False
         if not inside:

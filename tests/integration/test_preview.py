@@ -70,6 +70,10 @@ async def preview(services: LocalServices, tmp_path_factory: pytest.TempPathFact
     (site / "empty").mkdir()
     (site / "leak.txt").symlink_to(base / "secret.txt")
     (site / "leakdir").symlink_to(base / "secrets")
+    (site / "sub").mkdir()
+    (site / "sub" / "index.html").symlink_to(base / "secret.txt")
+    (site / "sub2").mkdir()
+    (site / "sub2" / "index.htm").symlink_to(base / "secret.txt")
     port = free_port()
     env = cli_env(
         services, SITEGEN_OUTPUT__DIR=str(base / "sites"), SITEGEN_OUTPUT__ALLOWED_EMBED_HOSTS=json.dumps(ALLOWED)
@@ -209,6 +213,10 @@ TRAVERSALS = [
     b"/leak.txt",
     b"/leakdir/secret.txt",
     b"/leakdir/",
+    b"/sub/",
+    b"/sub",
+    b"/sub/index.html",
+    b"/sub2/",
     b"/empty/",
 ]
 
