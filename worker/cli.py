@@ -13,11 +13,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import asyncpg
@@ -26,8 +26,10 @@ import redis.exceptions
 import typer
 from arq.constants import abort_jobs_ss
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from worker import client
 from worker.ai.http import env_proxy
@@ -38,11 +40,13 @@ from worker.logs import setup_logging
 from worker.migrate import MigrationError, pending_migrations
 from worker.migrate import migrate as run_migrations
 from worker.progress import END_EVENTS, event_of
-from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url
+from worker.settings import LogSection, Settings, SettingsError, load_settings, redact_url, url_secrets
+from worker.site_headers import site_headers
 from worker.store import ACTIVE, PHASES, QUERIES, Store, create_pool
 
 app = typer.Typer(help="sitegen-worker: AI site generation on arq, with live progress.", no_args_is_help=True)
-console = Console(highlight=False, soft_wrap=True)
+# No emoji codes either: `:warning:` in a model's text is printed as written.
+console = Console(highlight=False, soft_wrap=True, emoji=False)
 T = TypeVar("T")
 
 LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
@@ -75,6 +79,35 @@ SAMPLE_BRIEF: dict[str, Any] = {
 }
 
 
+#: Characters that move the cursor, start an escape sequence (ESC, C1 CSI/OSC), end a line or reorder
+#: text (bidi controls): printed escaped, so text from outside cannot rewrite or fake what a terminal shows.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def visible(value: object) -> str:
+    """`value` as text with every control character escaped (ESC as `\\x1b`, CR as `\\r`), tabs kept."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(
+        c
+        if c == "\t" or (c.isprintable() and c not in _BIDI)
+        else (repr(c)[1:-1] if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+def shown(value: object) -> str:
+    """Text from outside (the model, a brief, a driver's error, a request line) inside our Rich markup:
+    control characters escaped and markup escaped, so `[/bold]` or `[link=...]` is printed as written."""
+    return escape(visible(value))
+
+
+def _text(value: object, style: str = "") -> Text:
+    """Text from outside as a Rich `Text` (never parsed as markup), control characters escaped."""
+    return Text(visible(value), style=style)
+
+
 @app.callback()
 def _setup() -> None:
     # Before settings are read (they may be what is wrong), so only the level comes from the env.
@@ -85,7 +118,7 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        console.print(f"[bold red]invalid settings:[/] {exc}")
+        console.print(f"[bold red]invalid settings:[/] {shown(exc)}")
         raise typer.Exit(2) from None
 
 
@@ -93,23 +126,21 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (OSError, asyncpg.PostgresError, redis.exceptions.RedisError) as exc:
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {shown(exc)}")
         raise typer.Exit(1) from None
 
 
 def _print_row(row: dict[str, Any]) -> None:
+    """One progress row as a line; its message (often carrying the model's text) is printed as written."""
     created = row["created_at"].astimezone().strftime("%H:%M:%S")
     phase = row["phase"] or ""
     details = row.get("details") or {}
-    extra = ""
+    line = Text.assemble((created, "dim"), " ", _text(f"{phase:<8}", PHASE_STYLE.get(phase, "white")), " ")
+    line.append_text(_text(row["message"], LEVEL_STYLE.get(row["level"], "")))
     if "duration_ms" in details:
         tokens = details.get("input_tokens", 0) + details.get("output_tokens", 0)
-        extra = f"  [dim]{details['duration_ms']} ms, {tokens} tokens[/]"
-    style = LEVEL_STYLE.get(row["level"], "")
-    message = f"[{style}]{row['message']}[/]" if style else row["message"]
-    console.print(
-        f"[dim]{created}[/] [{PHASE_STYLE.get(phase, 'white')}]{phase:<8}[/] {message}{extra}", soft_wrap=True
-    )
+        line.append_text(_text(f"  {details['duration_ms']} ms, {tokens} tokens", "dim"))
+    console.print(line, soft_wrap=True)
 
 
 @app.command()
@@ -120,7 +151,7 @@ def migrate() -> None:
     """
     settings = _settings()
     applied = _run(run_migrations(settings.database.url, settings.database.migrations_dir))
-    console.print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    console.print(_text(f"applied: {', '.join(applied)}") if applied else "database is up to date")
 
 
 @app.command()
@@ -148,7 +179,7 @@ def enqueue(
             await redis.aclose()
         return f"enqueued job {job.job_id}" if job else f"a job for order {order_id} is already queued or running"
 
-    console.print(_run(go()))
+    console.print(_text(_run(go())))
 
 
 @app.command()
@@ -183,14 +214,14 @@ def status(
         table.add_row(
             str(r.get("order_id", order_id)),
             str(r["id"]),
-            f"[{STATUS_STYLE.get(r['status'], 'white')}]{r['status']}[/]",
-            r["current_phase"] or "",
+            _text(r["status"], STATUS_STYLE.get(r["status"], "white")),
+            _text(r["current_phase"] or ""),
             str(r["attempt"]),
             f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "",
             str(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
             f"${cost:.4f}" if isinstance(cost, int | float) else "",
-            f"[yellow]{waiting}[/]" if waiting else "",
-            "" if waiting else _error_summary(error),
+            _text(waiting, "yellow"),
+            _text("" if waiting else _error_summary(error)),
         )
     console.print(table if rows else f"no generations{'' if order_id is None else f' for order {order_id}'}")
     budgets = _run(_provider_budgets(settings))
@@ -226,7 +257,9 @@ async def _provider_budgets(settings: Settings) -> Table | None:
         finally:
             await redis_.aclose()
     except (OSError, redis.exceptions.RedisError) as exc:
-        console.print(f"[dim]provider budgets unknown: Redis {redact_url(settings.redis.url)}: {_failure(exc)}[/]")
+        console.print(
+            _text(f"provider budgets unknown: Redis {redact_url(settings.redis.url)}: {_failure(exc)}", "dim")
+        )
         return None
     for name, config in providers.items():
         state = states[name]
@@ -236,7 +269,7 @@ async def _provider_budgets(settings: Settings) -> Table | None:
             f"{config.cluster_max_concurrency} at once" if config.cluster_max_concurrency else "",
         ]
         table.add_row(
-            name,
+            _text(name),
             ", ".join(x for x in limits if x) or "none",
             f"{state.requests_backlog_s:.1f}s ahead" if config.requests_per_minute else "",
             f"{state.tokens_backlog_s:.1f}s ahead" if config.tokens_per_minute else "",
@@ -387,7 +420,9 @@ def retry(order_id: int) -> None:
             f"a fresh generation starts with the stored brief (generation {overview['generation_id']} ended "
             f"{status_}{': ' + summary if summary else ''})"
         )
-    console.print(f"enqueued job {job_id}: {what}\nfollow it: sitegen logs {order_id} --follow")
+    console.print(
+        Text.assemble(f"enqueued job {job_id}: ", _text(what), f"\nfollow it: sitegen logs {order_id} --follow")
+    )
 
 
 async def _order_overview(settings: Settings, order_id: int) -> dict[str, Any] | None:
@@ -399,8 +434,38 @@ async def _order_overview(settings: Settings, order_id: int) -> dict[str, Any] |
 
 
 class _SiteHandler(SimpleHTTPRequestHandler):
+    """The site folder over HTTP with the API's site headers (worker.site_headers); nothing outside the folder
+    (symlinks included) and no folder listings."""
+
+    def __init__(self, *args: Any, directory: str, headers: dict[str, str], **kwargs: Any) -> None:
+        self.site_headers = headers
+        self.root = Path(directory).resolve()
+        super().__init__(*args, directory=directory, **kwargs)
+
+    def end_headers(self) -> None:
+        for name, value in self.site_headers.items():  # every answer, errors and redirects too
+            self.send_header(name, value)
+        super().end_headers()
+
+    def send_head(self) -> Any:
+        path = Path(self.translate_path(self.path))
+        # A folder is answered with its index.html (or index.htm): that file must be inside too.
+        candidates = [path, path / "index.html", path / "index.htm"] if path.is_dir() else [path]
+        try:
+            inside = all(c.resolve().is_relative_to(self.root) for c in candidates if c == path or c.exists())
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+
     def log_message(self, format: str, *args: Any) -> None:
-        console.print(f"[dim]{self.address_string()} {format % args}[/]")
+        # The request line is whatever a client sent (a page's link can carry `[/bold]` or an escape sequence).
+        console.print(_text(f"{self.address_string()} {format % args}", "dim"))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -420,21 +485,22 @@ def preview(
     site = settings.output.dir / str(order_id)
     if not (site / "index.html").is_file():
         console.print(
-            f"[bold red]no site for order {order_id}[/] ({site.absolute()}/index.html does not exist): "
+            f"[bold red]no site for order {order_id}[/] ({shown(site.absolute())}/index.html does not exist): "
             f"see `sitegen status {order_id}`; generate it with `sitegen enqueue {order_id}`"
         )
         raise typer.Exit(1)
-    handler = functools.partial(_SiteHandler, directory=str(site.absolute()))
+    headers = site_headers(settings.output.allowed_embed_hosts)
+    handler = functools.partial(_SiteHandler, directory=str(site.absolute()), headers=headers)
     try:
         server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     except OSError as exc:
-        console.print(f"[bold red]cannot listen on 127.0.0.1:{port}:[/] {exc}")
+        console.print(f"[bold red]cannot listen on 127.0.0.1:{port}:[/] {shown(exc)}")
         raise typer.Exit(1) from None
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    console.print(f"serving {site.absolute()} at [bold]{url}[/] (Ctrl-C stops)")
+    console.print(f"serving {shown(site.absolute())} at [bold]{url}[/] (Ctrl-C stops)")
     screenshot = settings.output.dir / f"{order_id}.png"
     if screenshot.is_file():
-        console.print(f"screenshot: {screenshot.absolute()}")
+        console.print(_text(f"screenshot: {screenshot.absolute()}"))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
@@ -459,24 +525,22 @@ def check(
     results = asyncio.run(_checks(settings, timeout))
     table = Table("check", "result", "detail")
     for name, ok, detail in results:
-        table.add_row(name, "[green]ok[/]" if ok else "[bold red]FAIL[/]", _scrub(detail, settings))
+        table.add_row(_text(name), "[green]ok[/]" if ok else "[bold red]FAIL[/]", _text(_scrub(detail, settings)))
     console.print(table)
     failed = [name for name, ok, _ in results if not ok]
     if failed:
-        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {shown(', '.join(failed))}")
         raise typer.Exit(1)
     console.print("[green]all checks passed[/]")
 
 
 def _scrub(text: str, settings: Settings) -> str:
-    """Never echo a password from the URLs, whatever a driver put in its message."""
-    for url in (settings.database.url, settings.redis.url):
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-        if password:  # as written in the URL, and percent-decoded as drivers use it
-            text = text.replace(password, "***").replace(unquote(password), "***")
+    """Never echo a password from the URLs, whatever a driver put in its message (an invalid-URL error quotes
+    the whole URL)."""
+    urls = [settings.database.url, settings.redis.url, *(p.api_root for p in settings.ai.providers.values())]
+    for url in urls:
+        for secret in url_secrets(url):  # as written in the URL, and percent-decoded as drivers use it
+            text = text.replace(secret, "***")
     return text
 
 
@@ -661,7 +725,7 @@ def demo(
     from worker.local.services import LocalServices, ServicesUnavailable
 
     if provider not in ("offline", "fake"):
-        console.print(f"[bold red]--provider must be offline or fake, not {provider!r}[/]")
+        console.print(f"[bold red]--provider must be offline or fake, not {shown(repr(provider))}[/]")
         raise typer.Exit(2)
     data = json.loads(brief.read_text()) if brief else SAMPLE_BRIEF
     fake = None
@@ -679,7 +743,7 @@ def demo(
             services = LocalServices()
             services.start()
         except ServicesUnavailable as exc:
-            console.print(f"[bold red]cannot start local services:[/] {exc}")
+            console.print(f"[bold red]cannot start local services:[/] {shown(exc)}")
             raise typer.Exit(1) from None
         os.environ["DATABASE_URL"] = services.database_url
         os.environ["REDIS_URL"] = services.redis_url
@@ -687,9 +751,9 @@ def demo(
     log_path = Path(services.base_dir if services else tempfile.mkdtemp(prefix="sitegen-demo-")) / "demo-worker.log"
     try:
         settings = _settings()
-        console.print(f"database {redact_url(settings.database.url)}  redis {redact_url(settings.redis.url)}")
+        console.print(_text(f"database {redact_url(settings.database.url)}  redis {redact_url(settings.redis.url)}"))
         applied = _run(run_migrations(settings.database.url, settings.database.migrations_dir))
-        console.print(f"migrations applied: {', '.join(applied) or 'none needed'}")
+        console.print(_text(f"migrations applied: {', '.join(applied) or 'none needed'}"))
         with log_path.open("wb") as log_file:
             worker_proc = subprocess.Popen(
                 [sys.executable, "-m", "arq", "worker.main.WorkerSettings"],
@@ -701,20 +765,24 @@ def demo(
                     "SITEGEN_AI__PROVIDERS__OFFLINE__LATENCY_S": str(latency),
                 },
             )
-        console.print(f"worker started (pid {worker_proc.pid}, log {log_path})")
+        console.print(_text(f"worker started (pid {worker_proc.pid}, log {log_path})"))
         result = _run(_demo_run(settings, order_id, data, worker_proc))
         if result is None or result.get("status") != "succeeded":
-            console.print(f"[bold red]the generation did not succeed[/]: {result}; worker log: {log_path}")
+            console.print(
+                f"[bold red]the generation did not succeed[/]: {shown(result)}; worker log: {shown(log_path)}"
+            )
             raise typer.Exit(1)
         site = Path(result["output_dir"])
-        console.print(f"\n[bold green]site ready:[/] {site / 'index.html'}")
+        console.print(f"\n[bold green]site ready:[/] {shown(site / 'index.html')}")
         console.print(
-            f"pages: {', '.join(result['pages'])}   tokens: {result['usage']['input_tokens']} in, "
-            f"{result['usage']['output_tokens']} out   model calls: {result['usage']['calls']}"
+            _text(
+                f"pages: {', '.join(result['pages'])}   tokens: {result['usage']['input_tokens']} in, "
+                f"{result['usage']['output_tokens']} out   model calls: {result['usage']['calls']}"
+            )
         )
         shot = site.parent / f"{order_id}.png"
         if screenshot(site / "index.html", shot):
-            console.print(f"[bold green]screenshot:[/] {shot}")
+            console.print(f"[bold green]screenshot:[/] {shown(shot)}")
         else:
             console.print("[yellow]no screenshot: Chromium is not installed (make quality-tools installs it)[/]")
         console.print(f"[dim]browse it: sitegen preview {order_id}[/]")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -472,17 +473,95 @@ def _explain(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+#: A query parameter (or libpq keyword) whose name says it carries a secret: password, passwd, pass, pwd,
+#: sslpassword, oauth_client_secret, token, api_key, ... (case-insensitive, after percent-decoding).
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+#: Schemes whose clients may read a lone user name as the password (`redis://secret@host`, pre-ACL style).
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+_HOST = re.compile(r"(\[[0-9A-Za-z:.%]*\]|[^:\[\]]*)(:[0-9]*)?")
+_KEYWORD_SECRET = re.compile(r"""([\w.-]+)(\s*=\s*)('(?:\\.|[^'\\])*'|\S*)""")
+MASK = "***"
+UNPARSEABLE = "<unparseable URL>"
+
+
+class _Url:
+    """A URL cut as libpq and redis-py read it, textually: no normalisation, multi-host authorities kept."""
+
+    def __init__(self, url: str) -> None:
+        self.scheme, _, rest = url.partition("://")
+        cut = re.search(r"[/?#]", rest)
+        self.authority, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+        self.userinfo, self.at, self.hosts = self.authority.rpartition("@")
+        self.path, self.question, query = tail.partition("?")
+        if not self.question:
+            self.path, self.hash, self.fragment = tail.partition("#")
+            self.query = ""
+        else:
+            self.query, self.hash, self.fragment = query.partition("#")
+
+    @property
+    def parseable(self) -> bool:
+        return all(_HOST.fullmatch(host) for host in self.hosts.split(","))
+
+    def params(self) -> list[tuple[str, str, str]]:
+        """(name as written, '=' or '', value as written) of each query parameter (libpq: &; redis-py: & and ;)."""
+        found = []
+        for param in re.split(r"[&;]", self.query) if self.question else ():
+            name, eq, value = param.partition("=")
+            found.append((name, eq, value))
+        return found
+
+    def password(self) -> str | None:
+        """The userinfo part a client may read as the password (as written), if any."""
+        if not self.at:
+            return None
+        user, colon, password = self.userinfo.partition(":")
+        if colon:
+            return password
+        return user if self.scheme.lower() in _REDIS_SCHEMES and user else None
+
+
+def _secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(unquote(name)) or _SECRET_NAME.search(unquote_plus(name)))
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for logs and `sitegen config`."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a malformed netloc, which must not be echoed either
-    except ValueError:
-        return "<unparseable URL>" if "@" in url else url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with every password-bearing part masked as `***`, for logs, errors and `sitegen config`.
+
+    Masked: the userinfo's password (on Redis URLs also a lone user name, which some clients read as the
+    password), query parameters named like a secret (`?password=`, `sslpassword`, `token`, `key`, ...), and
+    in a libpq `key=value` string the same keywords. A URL no driver could read is not shown at all.
+    """
+    if "://" not in url:
+        return _KEYWORD_SECRET.sub(lambda m: m[1] + m[2] + MASK if _secret_name(m[1]) else m[0], url)
+    parts = _Url(url)
+    if not parts.parseable:
+        return UNPARSEABLE
+    authority = parts.authority
+    if parts.password() is not None:
+        user, colon, _ = parts.userinfo.partition(":")
+        authority = f"{user}:{MASK}@{parts.hosts}" if colon else f"{MASK}@{parts.hosts}"
+    query = parts.query
+    if parts.question:
+        separators = re.findall(r"[&;]", parts.query)
+        shown = [f"{n}{eq}{MASK}" if eq and _secret_name(n) else f"{n}{eq}{v}" for n, eq, v in parts.params()]
+        query = shown[0] + "".join(sep + param for sep, param in zip(separators, shown[1:], strict=True))
+    return f"{parts.scheme}://{authority}{parts.path}{parts.question}{query}{parts.hash}{parts.fragment}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets `redact_url` masks, as written and percent-decoded (to scrub them from a driver's message)."""
+    if "://" not in url:
+        found = [m[3] for m in _KEYWORD_SECRET.finditer(url) if _secret_name(m[1])]
+        found += [s[1:-1] for s in found if s.startswith("'") and s.endswith("'")]
+    else:
+        parts = _Url(url)
+        found = [v for n, eq, v in parts.params() if eq and _secret_name(n)]
+        password = parts.password()
+        if password is not None:
+            found.append(password)
+    found += [unquote(s) for s in found] + [unquote_plus(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 def settings_reference() -> str:

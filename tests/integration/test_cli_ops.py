@@ -119,6 +119,27 @@ async def test_check_fails_naming_an_unreachable_postgresql(services: LocalServi
     assert "pw-not-shown" not in out, "a password is never printed"
 
 
+async def test_check_and_config_never_print_a_password_from_a_query(services: LocalServices, migrated: None) -> None:
+    """Regression: issue 20 finding 13: `?password=` in DATABASE_URL and REDIS_URL was printed as written."""
+    env = cli_env(
+        services,
+        DATABASE_URL=services.database_url + "?password=pg-query-secret&sslmode=disable",
+        REDIS_URL=f"redis://:redis-user-secret@127.0.0.1:{free_port()}/0?password=redis-query-secret",
+    )
+    outputs = [await run_sitegen(env, "check", "--timeout", "2"), await run_sitegen(env, "config")]
+    for _code, out in outputs:
+        for secret in ("pg-query-secret", "redis-user-secret", "redis-query-secret"):
+            assert secret not in out, f"{secret} printed:\n{out}"
+    code, out = outputs[0]
+    assert code == 1 and "FAIL" in _row(out, "redis") and "ok" in _row(out, "postgresql"), out
+    assert "password=***" in out
+    code, out = outputs[1]
+    assert code == 0, out
+    config = json.loads(out)
+    assert config["database"]["url"].endswith("?password=***&sslmode=disable")
+    assert config["redis"]["url"].startswith("redis://:***@") and config["redis"]["url"].endswith("?password=***")
+
+
 async def test_check_fails_on_pending_migrations_until_the_compose_migrate_command_ran(
     services: LocalServices, fresh_database: str
 ) -> None:

@@ -42,14 +42,9 @@ from worker.api.openapi import openapi_document
 from worker.models import Brief
 from worker.progress import END_EVENTS, event_of
 from worker.settings import ApiSection
+from worker.site_headers import site_headers
 from worker.store import ACTIVE, QUERIES
 
-#: Served site files may not run script, be framed by other sites, or reach anything but their own files.
-SITE_CSP = (
-    "default-src 'none'; img-src 'self' data: https:; style-src 'self' 'unsafe-inline'; font-src 'self' data: https:; "
-    "media-src 'self' https:; script-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'; "
-    "sandbox allow-same-origin allow-popups allow-popups-to-escape-sandbox"
-)
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=@-]+$")
 REPLAY_PAGE = 1000
 #: How often a stream whose generation ended asks again while a job for the order is still in Redis.
@@ -562,10 +557,7 @@ async def site_file(request: web.Request) -> web.Response:
         body=found["content"],
         headers={
             "Content-Type": found["media_type"],
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": SITE_CSP,
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "private, no-cache",
+            **site_headers(api.settings.output.allowed_embed_hosts),  # the same as `sitegen preview` sends
             "ETag": f'"{found["sha256"]}"',
         },
     )

@@ -32,6 +32,7 @@ from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
 from worker.models import GeneratedFile, Manifest, ManifestFile, OutputFile, SiteCode, SitePlan, page_file
+from worker.site_headers import normalize_hosts
 
 _LINKING = (
     ("a", "href"),
@@ -321,22 +322,6 @@ def quality_warnings(report: dict[str, list[str]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- embedded resources
-
-
-def normalize_hosts(hosts: Iterable[str]) -> frozenset[str]:
-    """Allowed hosts as compared: lower case, no trailing dot; `*.example.com` or a URL also work."""
-    normalized: set[str] = set()
-    for entry in hosts:
-        host = entry.strip().lower()
-        if "://" in host:
-            try:
-                host = urlsplit(host).hostname or ""
-            except ValueError:
-                continue
-        host = host.removeprefix("*.").strip(".")
-        if host:
-            normalized.add(host)
-    return frozenset(normalized)
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
