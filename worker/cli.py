@@ -584,7 +584,9 @@ async def _checks(settings: Settings, limit_s: float) -> list[tuple[str, bool, s
                 pending_migrations(settings.database.url, settings.database.migrations_dir), limit_s
             )
             if pending:
-                results.append(("migrations", False, f"pending: {', '.join(pending)} (run `sitegen migrate`)"))
+                # The first and the last when there are many: a fresh database has them all pending.
+                shown = ", ".join(pending) if len(pending) <= 3 else f"{pending[0]} ... {pending[-1]}"
+                results.append(("migrations", False, f"pending: {shown} ({len(pending)}; run `sitegen migrate`)"))
             else:
                 results.append(("migrations", True, "up to date"))
         except (MigrationError, OSError, asyncpg.PostgresError, TimeoutError) as exc:
