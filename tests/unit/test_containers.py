@@ -71,3 +71,15 @@ def test_the_image_has_the_example_brief_the_readme_uses() -> None:
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert "examples" not in ignored
     assert (ROOT / "examples" / "brief.json").is_file()
+
+
+def test_the_api_service_is_opt_in_and_not_restarted_for_ever() -> None:
+    """Regression: issue 21 (found by running the compose file): `docker compose up` started `api` with no
+    token, and it crash-looped ("refusing to listen on 0.0.0.0: no API token is configured") for ever,
+    although the README's quick start says no keys are needed. It is behind a profile, and a setting it
+    refuses ends in a bounded number of restarts."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    block = text[text.index("\n  api:\n") : text.index("\n  fake-provider:\n")]
+    assert 'profiles: ["api"]' in block
+    assert "restart: on-failure:3" in block and "unless-stopped" not in block and "always" not in block
+    assert "--profile api" in text.split("\nservices:")[0], "the header says how to start it"
