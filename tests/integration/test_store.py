@@ -374,3 +374,32 @@ async def test_hand_backs_for_budget_or_shutdown_do_not_count_towards_max_attemp
             await claim()
     finally:
         await pool.close()
+
+
+async def test_a_regenerate_claim_that_loses_every_race_answers_busy(store: Store, db: asyncpg.Connection) -> None:
+    """Regression: issue 21 defect 9: a claim with regenerate=true whose five passes were each overtaken by
+    the generation's holder (its superseding UPDATE matched nothing every time) fell through to inserting a
+    new generation while one was active, and failed on the unique index. It answers busy instead.
+
+    The holder's overtaking is played by a trigger that makes every superseding UPDATE match nothing."""
+    running = await _started(store, 81)
+    await db.execute(
+        """
+        CREATE FUNCTION test_holder_wins() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RETURN NULL; END $$;
+        CREATE TRIGGER test_holder_wins BEFORE UPDATE ON site_generations FOR EACH ROW
+            WHEN (NEW.status = 'cancelled' AND NEW.error ->> 'type' = 'Superseded')
+            EXECUTE FUNCTION test_holder_wins();
+        """
+    )
+    try:
+        with pytest.raises(OrderBusy) as busy:
+            await store.claim_generation(81, SAMPLE_BRIEF, regenerate=True, job_id="job-81-again")
+    finally:
+        await db.execute("DROP TRIGGER test_holder_wins ON site_generations; DROP FUNCTION test_holder_wins()")
+    assert busy.value.generation_id == running.generation_id and busy.value.retry_after_s == 1
+    rows = await db.fetch("SELECT id, status FROM site_generations WHERE order_id = 81")
+    assert [(r["id"], r["status"]) for r in rows] == [(running.generation_id, "running")]
+    # Once the holder lets go of the row, the same job supersedes it.
+    fresh = await store.claim_generation(81, SAMPLE_BRIEF, regenerate=True, job_id="job-81-again")
+    assert fresh.kind == "started" and fresh.generation_id != running.generation_id
