@@ -406,3 +406,26 @@ async def test_read_tokens_get_the_short_error_and_write_tokens_the_whole_one(
         assert ("Traceback" in page and "db-7.internal" in page) is whole
         if not whole:
             assert not any(word in page for word in INTERNAL) and "AIUnavailable" in page
+
+
+async def test_the_overview_counts_running_jobs_apart_from_deferred_ones(
+    capped: Running, settings: Settings, redis: ArqRedis
+) -> None:
+    """Regression: issue 21 defect 9: the dashboard's "deferred" count included every running job, because a
+    running job is scored in the queue at the end of its lease (worker/polling.py). Here one job is deferred
+    (due in a minute) and two run (their queue score and their lease end, the same future instant)."""
+    queue = settings.worker.queue_name
+    seconds, micros = await redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    lease_end = now_ms + 8000
+    await redis.zadd(
+        queue, {"generate_site:1": now_ms + 60_000, "generate_site:2": lease_end, "generate_site:3": lease_end}
+    )
+    await redis.zadd(f"{queue}:leases", {"generate_site:2": lease_end, "generate_site:3": lease_end})
+    writer = await _signed_in(capped, WRITE)
+    try:
+        async with writer.get(f"{capped.url}/dashboard/overview") as response:
+            page = await response.text()
+    finally:
+        await writer.close()
+    assert '<span class="stat-value">1</span> deferred' in page, page

@@ -34,7 +34,7 @@ from worker.api.context import (
     session_grant,
     signed_out_key,
 )
-from worker.polling import REPLICAS_MAX_AGE_S, replicas_key
+from worker.polling import REPLICAS_MAX_AGE_S, leases_key, replicas_key
 from worker.store import PHASES
 
 STATIC = Path(__file__).parent / "static"
@@ -297,8 +297,14 @@ async def _render_overview(api: Api, role: str) -> str:
     depth = deferred = 0
     redis_error = ""
     try:
-        depth = int(await api.redis.zcard(queue))
-        deferred = int(await api.redis.zcount(queue, now_ms + 1, "+inf"))
+        # A running job is scored at the end of its lease (worker.polling): the future scores less the
+        # leases still running are the jobs deferred. One round trip.
+        async with api.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(queue)
+            pipe.zcount(queue, now_ms + 1, "+inf")
+            pipe.zcount(leases_key(queue), now_ms + 1, "+inf")
+            depth, later, leased = (int(n) for n in await pipe.execute())
+        deferred = max(later - leased, 0)
         replicas = await _replica_health(api)
     except Exception as exc:
         redis_error = f"Redis did not answer: {type(exc).__name__}"
