@@ -93,3 +93,41 @@ async def test_calls_that_waited_for_a_cluster_slot_go_out_at_the_rate_not_in_a_
         f"calls that waited for a slot went out {bunched[:5]} (intervals, seconds) apart: "
         f"faster than {rpm} requests/min"
     )
+
+
+@pytest.mark.parametrize(("replicas", "cluster_max"), [(5, 2), (3, 3), (4, 10), (2, 1), (7, 3)])
+def test_while_redis_is_away_the_replicas_shares_of_cluster_slots_add_up_to_the_limit(
+    replicas: int, cluster_max: int
+) -> None:
+    """Regression: issue 21 defect 9: with more replicas than cluster_max_concurrency, each replica's share
+    while Redis was away was one call (max(limit // n, 1)), so 5 replicas held 5 calls against a limit of 2.
+    The slots are dealt round the live replicas by id: together they never exceed the limit."""
+    limits = Limits(cluster_max_concurrency=cluster_max)
+    held = 0
+    for rank in range(replicas):
+        shared = SharedLimits(None, replica=f"r{rank}")
+        shared.replicas, shared.rank = replicas, rank
+        local = _LocalBudget()
+        slots = shared.slot_share(cluster_max)
+        for call in range(cluster_max + 1):  # each replica tries more calls than the whole cluster may make
+            answer = local.acquire(
+                limits, replicas, charge=True, tokens=1, holder=f"c{call}", max_wait_ms=0, slots=slots
+            )
+            held += answer.status == "ok"
+    assert held == cluster_max
+
+
+async def test_a_replica_learns_its_place_among_the_live_replicas(services: LocalServices, redis: ArqRedis) -> None:
+    """The place that deals the slots (defect 9), read from the replicas' health keys."""
+    for name in ("b", "a", "c"):
+        await redis.set(f"site_generation:health-check:{name}", "alive", px=10_000)
+    conn: Redis = Redis.from_url(services.redis_url)
+    try:
+        shared = SharedLimits(conn, replica="b")
+        assert await shared.count_replicas() == 3
+        assert shared.rank == 1 and shared.slot_share(2) == 1
+        lonely = SharedLimits(conn, replica="not-alive")
+        await lonely.count_replicas()
+        assert lonely.rank is None and lonely.slot_share(2) == 0, "not seen yet: as the last of 3"
+    finally:
+        await conn.aclose()

@@ -238,14 +238,26 @@ class _LocalBudget:
         self.holders: set[str] = set()
 
     def acquire(
-        self, limits: Limits, share: int, *, charge: bool, tokens: int, holder: str, max_wait_ms: float
+        self,
+        limits: Limits,
+        share: int,
+        *,
+        charge: bool,
+        tokens: int,
+        holder: str,
+        max_wait_ms: float,
+        slots: int | None = None,
     ) -> Answer:
+        """`share`: the replicas the rates are divided by; `slots`: this replica's calls at once (None: the
+        cluster's limit divided by `share`, at least one)."""
         now = time.monotonic() * 1000
         req_ms = 60_000 * share / limits.requests_per_minute if limits.requests_per_minute else 0
         tok_ms = 60_000 * share / limits.tokens_per_minute if limits.tokens_per_minute else 0
         req_tat = max(self.requests_tat, now) if req_ms else now
         tok_tat = max(self.tokens_tat, now) if tok_ms else now
-        most = max(limits.cluster_max_concurrency // share, 1) if limits.cluster_max_concurrency else 0
+        most: int | None = None  # calls at once: None, no limit; 0, none while Redis is away (see slot_share)
+        if limits.cluster_max_concurrency:
+            most = slots if slots is not None else max(limits.cluster_max_concurrency // share, 1)
         held = len(self.holders)
 
         def answer(status: str, wait_ms: float, charged: bool, budget: str) -> Answer:
@@ -256,7 +268,7 @@ class _LocalBudget:
         if self.paused_until > now:
             return answer("paused", self.paused_until - now, False, "paused")
         holding = holder in self.holders
-        if most and not holding and held >= most:
+        if most is not None and not holding and held >= most:
             return answer("concurrency", 0, False, "concurrency")
         charged, wait, what = False, 0.0, "none"
         if charge:
@@ -269,7 +281,7 @@ class _LocalBudget:
             if tok_ms:
                 tok_tat = self.tokens_tat = tok_tat + tokens * tok_ms
             charged = True
-        if most and not holding:
+        if most is not None and not holding:
             self.holders.add(holder)
             held += 1
         if wait > 0:
@@ -305,8 +317,10 @@ class SharedLimits:
         self.replica = replica
         self.lease_ms = int(lease_s * 1000)
         self.max_pause_s = max_pause_s
-        #: Live replicas last seen in the health keys (the local share of a limit is limit / this).
+        #: Live replicas last seen in the health keys (the local share of a limit is limit / this), and this
+        #: replica's place among them by id (None: its own key was not among them).
         self.replicas = 1
+        self.rank: int | None = None
         self.degraded = redis is None
         self.limiters: dict[str, ProviderLimiter] = {}
         #: Cluster slots held by this replica's calls: holder -> slots key (renewed by the heartbeat).
@@ -363,7 +377,20 @@ class SharedLimits:
         except REDIS_DOWN:
             return self.replicas  # the acquire that finds Redis away says so
         self.replicas = max(len(found), 1)
+        names = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in found)
+        own = self.health_pattern[:-1] + self.replica
+        self.rank = names.index(own) if own in names else None
         return self.replicas
+
+    def slot_share(self, cluster_max: int) -> int:
+        """This replica's share of `cluster_max` calls at once while Redis is away: the slots dealt round the
+        live replicas in the order of their ids, so together they never hold more than `cluster_max` (with
+        more replicas than slots, some get none: their calls wait, and hand back after the longest wait)."""
+        n = self.replicas
+        if n <= 1:
+            return cluster_max
+        rank = self.rank if self.rank is not None else n - 1  # not seen yet: as the last
+        return len(range(rank, cluster_max, n))
 
     async def renew(self, pipe: Pipeline | None = None) -> None:
         """Extend the lease of every cluster slot this replica holds: one EVALSHA, in `pipe` when given
@@ -428,7 +455,7 @@ class ProviderLimiter:
         if self.limits.tokens_per_minute:
             parts.append(f"{self.limits.tokens_per_minute / n:g} tokens/min")
         if self.limits.cluster_max_concurrency:
-            parts.append(f"{max(self.limits.cluster_max_concurrency // n, 1)} calls at once")
+            parts.append(f"{self.shared.slot_share(self.limits.cluster_max_concurrency)} calls at once")
         return f"{self.name}: {', '.join(parts)}"
 
     def what(self, budget: str) -> str:
@@ -477,7 +504,13 @@ class ProviderLimiter:
                     now_ms=float(now),
                 )
         return self._local.acquire(
-            lim, self.shared.replicas, charge=charge, tokens=tokens, holder=holder, max_wait_ms=max_wait_s * 1000
+            lim,
+            self.shared.replicas,
+            charge=charge,
+            tokens=tokens,
+            holder=holder,
+            max_wait_ms=max_wait_s * 1000,
+            slots=self.shared.slot_share(lim.cluster_max_concurrency) if lim.cluster_max_concurrency else None,
         )
 
     async def acquire(self, tokens: int, *, max_wait_s: float, on_wait: OnWait | None = None) -> Budget:
