@@ -378,9 +378,7 @@ class Heartbeat:
             if rt.redis is not None:
                 beats.create_task(self._every(every_s, "Redis in-progress keys", self.renew_markers, rt))
 
-    async def _every(
-        self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime
-    ) -> None:
+    async def _every(self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime) -> None:
         while True:
             await asyncio.sleep(every_s)
             if not self.running:
