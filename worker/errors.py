@@ -246,9 +246,7 @@ INFRASTRUCTURE = (
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether `exc` says PostgreSQL or Redis is out of reach (never the job's own fault)."""
-    return (
-        isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
-    )
+    return isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
 
 
 def message_of(exc: BaseException) -> str:

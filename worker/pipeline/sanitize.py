@@ -360,7 +360,9 @@ def _attribute_filter(allowed: frozenset[str], tag: str, attribute: str, value: 
 
 
 @functools.lru_cache(maxsize=64)
-def _cleaner(allowed: frozenset[str]) -> nh3.Cleaner:
+def _cleaner(allowed: frozenset[str] | None) -> nh3.Cleaner:
+    """ammonia with our allow-list; `allowed` None: without the URL and CSS callback, which costs most of
+    its time and changes nothing in a page it already cleaned (what `_fixed_point` uses it for)."""
     # Both spellings of SVG's camelCase names: ammonia compares them as the parser wrote them.
     attributes = {tag: set(names) | {n.lower() for n in names} for tag, names in ATTRIBUTES.items()}
     attributes["*"] = set(_GLOBAL_ATTRIBUTES | {"style"})
@@ -368,7 +370,7 @@ def _cleaner(allowed: frozenset[str]) -> nh3.Cleaner:
         tags=set(BODY_TAGS),
         clean_content_tags=set(_CLEAN_CONTENT_TAGS),
         attributes=attributes,
-        attribute_filter=functools.partial(_attribute_filter, allowed),
+        attribute_filter=None if allowed is None else functools.partial(_attribute_filter, allowed),
         strip_comments=True,
         link_rel=None,
         generic_attribute_prefixes=set(_GENERIC_PREFIXES),
@@ -561,14 +563,20 @@ def _attribute_removals(
 _MAX_PASSES = 4
 
 
-def _fixed_point(cleaner: nh3.Cleaner, source: str) -> str:
+def _fixed_point(allowed: frozenset[str], source: str) -> str:
+    cleaner = _cleaner(allowed)
     body = cleaner.clean(source).strip()
     for _ in range(_MAX_PASSES):
-        again = cleaner.clean(body).strip()
-        if again == body:
+        if _cleaner(None).clean(body).strip() == body:  # reads back the same: the usual case, checked cheaply
             return body
-        body = again
+        body = cleaner.clean(body).strip()
     return ""  # no fixed point: nothing of it is published (the page then fails its checks, and is re-asked)
+
+
+def _trimmed(body: LexborNode | None) -> str:
+    """A body as lexbor serializes it, without the whitespace at its ends (where the head's elements were)."""
+    html = (body.html or "") if body is not None else ""
+    return html[html.find(">") + 1 : html.rfind("</body>")].strip()
 
 
 def clean_page(page: str, source: str, allowed: frozenset[str], tree: HTMLParser | None = None) -> CleanPage:
@@ -583,9 +591,15 @@ def clean_page(page: str, source: str, allowed: frozenset[str], tree: HTMLParser
         lang = ""
     direction = (root.attributes.get("dir") or "").strip().lower() if root is not None else ""
     head = _head(tree, allowed, removed)
+    body = _fixed_point(allowed, source)
     scripts: list[str] = []
-    _body_removals(tree, allowed, removed, scripts)
-    body = _fixed_point(_cleaner(allowed), source)
+    source_body = tree.body
+    if source_body is not None and (
+        source_body.attributes
+        or tree.css_first("body script") is not None
+        or _trimmed(source_body) != _trimmed(HTMLParser(f"<body>{body}</body>").body)
+    ):  # something was removed (or a script moved): find out what, element by element
+        _body_removals(tree, allowed, removed, scripts)
     html_attributes = (f' lang="{_escape(lang)}"' if lang else "") + (
         f' dir="{direction}"' if direction in ("ltr", "rtl", "auto") else ""
     )
