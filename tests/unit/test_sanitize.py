@@ -7,6 +7,7 @@ send the visitor elsewhere or load from a host not allowed.
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -312,6 +313,33 @@ def test_stylesheet_files_lose_outside_urls_only() -> None:
     assert cleaned == "body { color: #111; background: url(img/a.png) }\n@import none;\n"
     assert removed == ["url(https://evil.example/x.css) (host evil.example not in output.allowed_embed_hosts)"]
     assert clean_css(cleaned, frozenset()) == (cleaned, [])
+
+
+@pytest.mark.parametrize(
+    "css",
+    [
+        "@font-face { font-family: x; src: url(https://evil.example/f.woff2) format('woff2'); }",
+        "@import url('https://evil.example/x.css') screen;",
+        '@import "//evil.example/x.css";',
+        ".a { background-image: image-set('https://evil.example/a.png' 1x, url(b.png) 2x); }",
+        '.a { background-image: -webkit-image-set("https://evil.example/a.png" 1x); }',
+        ".a { background: image('https://evil.example/a.png'); }",
+        ".a { cursor: url(https://evil.example/c.cur), auto; }",
+        ".a { background: U\\52L(https://evil.example/a.png); }",
+        r".a { background: url(/\\evil.example/a.png); }",  # an escaped backslash: browsers read //evil.example
+        ".a { background: url(data:image/svg+xml,%3Csvg%20onload%3Dalert(1)%3E); }",
+        "@media screen { @supports (display: grid) { .a { background: url(https://evil.example/n.png) } } }",
+        ".a { list-style: url(https://evil.example/l.png) }",
+        ".a { mask: url(https://evil.example/m.svg#x) }",
+    ],
+)
+def test_css_loads_nothing_from_an_outside_host(css: str) -> None:
+    """Issue 20 finding 1: CSS url(), @import, image-set() and fonts to hosts not allowed do not survive."""
+    cleaned, removed = clean_css(css, ALLOWED)
+    assert removed and "evil.example" not in cleaned and "svg" not in cleaned.lower().replace("m.svg", "")
+    assert clean_css(cleaned, ALLOWED) == (cleaned, [])
+    page = clean_page("about.html", page_html("about", body=f'<div style="{html.escape(css)}">x</div>'), ALLOWED)
+    assert "evil.example" not in page.html.split("</head>")[1] and page.removed
 
 
 def _trimmed(body: str | None) -> str:

@@ -297,7 +297,7 @@ def _clean_tokens(tokens: list[tinycss2.ast.Node], allowed: frozenset[str], remo
         elif not isinstance(token, (tinycss2.ast.WhitespaceToken, tinycss2.ast.Comment)):
             importing = False
         if isinstance(token, tinycss2.ast.FunctionBlock):
-            if token.lower_name.endswith("image-set"):  # image-set("a.png" 1x): a bare string is a URL
+            if token.lower_name.endswith("image-set") or token.lower_name == "image":  # a bare string is a URL
                 for j, argument in enumerate(token.arguments):
                     if isinstance(argument, tinycss2.ast.StringToken) and (
                         problem := _css_url_problem(argument.value, allowed)
@@ -322,7 +322,7 @@ def clean_css(css: str, allowed: frozenset[str]) -> tuple[str, list[str]]:
     Read by a CSS tokenizer (tinycss2), so escapes (`u\\72l(`), comments and nesting do not hide a URL.
     """
     lowered = css.lower()
-    if "url" not in lowered and "@import" not in lowered and "image-set" not in lowered and "\\" not in css:
+    if "url" not in lowered and "@import" not in lowered and "image" not in lowered and "\\" not in css:
         return css, []  # the usual style attribute, and most stylesheets' rules
     tokens = tinycss2.parse_component_value_list(css)
     removed: list[str] = []
