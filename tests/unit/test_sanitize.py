@@ -35,6 +35,8 @@ _URL_ATTRIBUTES = frozenset(
     "href src action formaction xlink:href data poster srcset cite background ping codebase lowsrc dynsrc".split()
 )
 _RESOURCE_ATTRIBUTES = frozenset({"src", "srcset", "poster", "data", "background"})
+#: SVG attributes whose CSS values can load a resource (a fill pattern, a mask, a filter...).
+_SVG_PRESENTATION = frozenset("fill stroke mask clip-path filter marker-start marker-mid marker-end cursor".split())
 _RASTER = re.compile(r"data:image/(png|gif|jpeg|jpg|webp|avif)[;,]", re.I)
 _HOST = re.compile(r"^\s*(?:[a-z][a-z0-9+.-]*:)?/{2,}([^/?#\\\s:@]*@)?([^/?#\\\s:]+)", re.I)
 #: Characters browsers drop from URLs before reading their scheme.
@@ -104,7 +106,7 @@ def script_capable(page: str, allowed: frozenset[str] = frozenset()) -> list[str
                     tag not in ("img", "source", "input", "video") and bare.startswith("data:")
                 ):
                     found.append(f"<{tag} {name}={value[:60]}>")
-            elif name == "style" or (tag in ("svg", "path", "circle", "rect", "g") and "url(" in bare):
+            elif name == "style" or (name in _SVG_PRESENTATION and "url(" in bare):
                 found += [f"<{tag} {name}> loads {u}" for u in _css_urls(value) if _resource_refused(u, allowed)]
     for style in tree.css("style"):
         found += [f"<style> loads {u}" for u in _css_urls(style.text(deep=True)) if _resource_refused(u, allowed)]
@@ -412,6 +414,22 @@ _HOSTILE = [
     "<plaintext><script>alert(1)</script>",
     '<textarea></textarea><script>alert(1)</script>">',
     '<input type="image" src="https://evil.example/i.png" alt="i">',
+    '<a href="jav&#x0A;ascript:alert(1)">n</a>',
+    '<a href="&#x6A;&#x61;vascript&colon;alert(1)">e</a>',
+    '<svg><a href="javascript:alert(1)"><text>t</text></a></svg>',
+    '<svg><use href="https://evil.example/s.svg#x"/></svg>',
+    '<svg><image href="https://evil.example/i.png"/></svg>',
+    '<svg><path fill="url(https://evil.example/p.svg#g)" d="M0 0"/></svg>',
+    '<video><source src="https://evil.example/v.mp4"></video>',
+    '<link rel="stylesheet" href="https://evil.example/x.css">',
+    '<script src="https://cdn.allowed.example/m.js" type="module" async></script>',
+    '<script src="//evil.example/x.js"></script>',
+    '<script src="https:evil.example/x.js"></script>',
+    '<iframe src="/\\evil.example/"></iframe>',
+    "<a href=https://evil.example/ ping=https://evil.example/p>p</a>",
+    "<form><input name=q></form><form action=https://evil.example/>",
+    "</head><body><script>alert(1)</script>",
+    "</body></html><script>alert(1)</script>",
 ]
 _NAMES = ["p", "div", "a", "svg", "math", "table", "noscript", "template", "style", "select", "textarea", "b", "title"]
 _ATTRIBUTES = ["href", "src", "onload", "style", "title", "srcdoc", "formaction", "xlink:href", "class", "action"]
