@@ -346,10 +346,6 @@ def csp(allowed: frozenset[str]) -> str:
     )
 
 
-#: How every CSP of ours starts (what follows depends on the allowed hosts).
-_OUR_CSP = "default-src 'self'"
-
-
 def _attribute_filter(allowed: frozenset[str], tag: str, attribute: str, value: str) -> str | None:
     """ammonia's callback for every attribute: URLs and CSS as `url_problem` and `clean_css` rule."""
     if attribute == "style" or (attribute in _SVG_CSS_ATTRIBUTES and "(" in value):
@@ -419,9 +415,10 @@ def _script_tag(node: LexborNode, allowed: frozenset[str]) -> str | None:
 
 
 def _head(tree: HTMLParser, allowed: frozenset[str], removed: list[str]) -> str:
+    policy = csp(allowed)
     lines = [
         '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_escape(csp(allowed))}">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_escape(policy)}">',
         f'<meta name="referrer" content="{_REFERRER}">',
     ]
     head = tree.head
@@ -433,7 +430,7 @@ def _head(tree: HTMLParser, allowed: frozenset[str], removed: list[str]) -> str:
             titled = True
             lines.append(f"<title>{_escape(node.text(deep=True))}</title>")
         elif tag == "meta":
-            _head_meta(attributes, lines, removed)
+            _head_meta(attributes, policy, lines, removed)
         elif tag == "link":
             _head_link(attributes, allowed, lines, removed)
         elif tag == "style":
@@ -460,14 +457,16 @@ def _about(node: LexborNode) -> str:
     return ""
 
 
-def _head_meta(attributes: dict[str, str | None], lines: list[str], removed: list[str]) -> None:
+def _head_meta(attributes: dict[str, str | None], policy: str, lines: list[str], removed: list[str]) -> None:
+    """A <meta> of the head: kept (as we write it), dropped silently (a charset, or one of our own lines
+    read back when a published page is cleaned again: `policy` is the page's CSP), or removed."""
     name = (attributes.get("name") or "").strip().lower()
     content = attributes.get("content") or ""
     if "charset" in attributes or (attributes.get("http-equiv") or "").strip().lower() == "content-type":
         return  # ours is the first line of the head
     if "http-equiv" in attributes:
-        if content in (_OUR_CSP, _REFERRER) or content.startswith(_OUR_CSP):
-            return  # our own lines, read back when a published page is cleaned again
+        if (attributes.get("http-equiv") or "").lower() == "content-security-policy" and content == policy:
+            return
         removed.append(f"removed <meta http-equiv={shown(attributes['http-equiv'] or '')}>")
     elif name == "referrer" and content == _REFERRER:
         return
