@@ -147,7 +147,6 @@ def _swap_in(build: Path, target: Path) -> None:
     raise OSError(errno.EBUSY, f"could not swap in the site: {target} kept being replaced by other writers")
 
 
-
 def _swap_by_two_renames(build: Path, target: Path) -> bool:
     """The fallback where RENAME_EXCHANGE is not supported: `target` is missing between the two renames.
 

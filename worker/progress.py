@@ -39,6 +39,8 @@ def event_of(row: dict[str, Any]) -> str | None:
     details = row.get("details")
     event = details.get("event") if isinstance(details, dict) else None
     return event if isinstance(event, str) else None
+
+
 _ECHO_LEVEL = {"debug": "DEBUG", "info": "DEBUG", "warning": "WARNING", "error": "ERROR"}
 
 

@@ -142,7 +142,9 @@ class RedisSection(_Section):
 class OutputSection(_Section):
     dir: Path = Field(default=Path("generated_sites"), description="Sites are written to <dir>/<order_id>/")
     allowed_embed_hosts: list[str] = Field(
-        default_factory=list, description="Hosts whose scripts and iframes generated pages may load; others are removed"
+        default_factory=list,
+        description="Hosts (and their subdomains) published pages may load scripts, frames, images, styles, "
+        "fonts and media from and post forms to; all others are removed",
     )
     inline_write_max_ms: float = Field(
         default=20,

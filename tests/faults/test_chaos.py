@@ -40,7 +40,6 @@ SHUTDOWN_GRACE_S = 5.0
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(int(SOAK_S + DRAIN_S + 150))]
 
 
-
 async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(1, 1_000_000))
     n_orders = int(os.environ.get("SOAK_ORDERS") or max(60, round(SOAK_S / 2)))

@@ -22,8 +22,6 @@ from worker.settings import WorkerSection
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 
-
-
 async def _resumed_by(cluster: Cluster, order_id: int) -> asyncpg.Record | None:
     conn = await cluster.connect()
     try:

@@ -16,8 +16,6 @@ from worker import client
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 
-
-
 async def test_a_new_order_survives_postgresql_down_for_longer_than_its_tries(cluster: Cluster) -> None:
     cluster.settings_env.update(
         SITEGEN_WORKER__MAX_TRIES="2", SITEGEN_WORKER__RETRY_BACKOFF_S="0.1", SITEGEN_WORKER__RETRY_BACKOFF_MAX_S="0.5"

@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 async def _arq_check(cluster: Cluster, replica: str) -> int:
     """`arq --check` for one replica, as ops probe it."""
     process = await asyncio.create_subprocess_exec(

@@ -66,8 +66,13 @@ async def _read_key(store: redis.asyncio.Redis, key: bytes) -> object:
 
 def _cli(cluster: Cluster, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], cwd=ROOT, env=cluster.env(), capture_output=True, text=True,
-        timeout=60, check=False,
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return result.stdout + result.stderr
 

@@ -62,8 +62,16 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     report = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
     expected = {
-        "zero": 12, "lat4": 8, "inflight": 8, "enqueue": 6, "slowbase": 6, "slowlog": 6, "scale2": 12,
-        "scaleout1": 6, "scaleout2": 12, "scaleout2long": 12,
+        "zero": 12,
+        "lat4": 8,
+        "inflight": 8,
+        "enqueue": 6,
+        "slowbase": 6,
+        "slowlog": 6,
+        "scale2": 12,
+        "scaleout1": 6,
+        "scaleout2": 12,
+        "scaleout2long": 12,
     }
     assert {name: r["sites"] for name, r in runs.items()} == expected
     for r in runs.values():

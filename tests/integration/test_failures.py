@@ -297,6 +297,8 @@ async def test_shutdown_writes_the_progress_batch_the_writer_was_sending(
     messages = [r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs ORDER BY id")]
     assert messages == ["row 0", "row 1", "row 2"], "written by the last flush, in order"
     assert progress.dropped == 0 and not progress.pending
+
+
 async def _generation_left_running(
     db: asyncpg.Connection, order_id: int, *, attempt: int, phases: tuple[str, ...]
 ) -> int:

@@ -62,9 +62,7 @@ async def test_a_redis_outage_does_not_stop_the_postgresql_lease_renewal(
     async def renewed_twice() -> bool:
         return await _lease(db, 61) > first + LEASE_S / 2
 
-    await wait_until(
-        renewed_twice, 3 * LEASE_S, 0.05, "the PostgreSQL lease to be renewed while Redis is unreachable"
-    )
+    await wait_until(renewed_twice, 3 * LEASE_S, 0.05, "the PostgreSQL lease to be renewed while Redis is unreachable")
 
 
 async def test_a_hung_postgresql_renewal_does_not_let_the_job_marker_expire(

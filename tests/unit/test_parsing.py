@@ -175,9 +175,7 @@ async def test_check_failure_is_reasked() -> None:
             raise ValueError(f"name must be Rosa, not {answer.name}")
 
     provider = ScriptedProvider([json.dumps({"name": "Bob", "count": 1}), GOOD])
-    answer, _ = await ask_model(
-        make_router(provider), "coding", {}, Answer, check=check, max_retries=1, notify=Notes()
-    )
+    answer, _ = await ask_model(make_router(provider), "coding", {}, Answer, check=check, max_retries=1, notify=Notes())
     assert answer.name == "Rosa"
     assert "name must be Rosa, not Bob" in provider.requests[1].prompt
 

@@ -126,7 +126,7 @@ coding = "local"
 
 
 def test_env_overrides_toml(write_toml: WriteToml, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_toml("[worker]\nmax_jobs = 7\nqueue_name = \"from-toml\"\n")
+    write_toml('[worker]\nmax_jobs = 7\nqueue_name = "from-toml"\n')
     monkeypatch.setenv("SITEGEN_WORKER__MAX_JOBS", "20")
     settings = load_settings()
     assert settings.worker.max_jobs == 20
@@ -140,9 +140,7 @@ def test_init_overrides_win_over_env(write_toml: WriteToml, monkeypatch: pytest.
 
 
 def test_plain_database_and_redis_urls_override_toml(write_toml: WriteToml, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_toml(
-        '[database]\nurl = "postgresql://toml@h/db"\npool_max_size = 4\n[redis]\nurl = "redis://toml:6379/0"\n'
-    )
+    write_toml('[database]\nurl = "postgresql://toml@h/db"\npool_max_size = 4\n[redis]\nurl = "redis://toml:6379/0"\n')
     monkeypatch.setenv("DATABASE_URL", "postgresql://plain@pg:5432/sites")
     monkeypatch.setenv("REDIS_URL", "redis://plain:6379/1")
     settings = load_settings()

@@ -11,10 +11,14 @@ Quality warnings (`quality_report`): a page without `<html lang>`, meta viewport
 description, or with an `<img>` lacking `alt`, is still published (a reader can use it), but
 the manifest's `quality` lists the warnings per page and its `warnings` carry one line per page.
 
-Then the pages are sanitized: a `<script>`, `<iframe>`, `<frame>`, `<embed>`, `<object>` or
-`<base>` that would load from a host not in `output.allowed_embed_hosts` is removed (not a
-failure) and each removal is reported in the manifest's `warnings`. Pages with nothing to
-remove are written byte for byte as the model wrote them.
+`.js`, `.xml` and `.svg` files fail the site too (`REFUSED_SUFFIXES`): they could run script.
+
+Then every page is rebuilt by the sanitizer (`worker.pipeline.sanitize.clean_page`: an allow-list,
+no script of the model's, nothing loaded from a host not in `output.allowed_embed_hosts`, a CSP
+meta tag) and every stylesheet cleaned of such URLs (`clean_css`); what was removed is not a
+failure, it is reported in the manifest's `warnings` (one line each). The checks above run again
+on the site as published, and the sanitizer's serialisation is what is written: never the
+model's bytes, so what was checked is what is published.
 """
 
 from __future__ import annotations
@@ -32,7 +36,17 @@ from selectolax.lexbor import LexborNode
 
 from worker.errors import SiteCheckFailed
 from worker.models import GeneratedFile, Manifest, ManifestFile, OutputFile, SiteCode, SitePlan, page_file
-from worker.site_headers import normalize_hosts
+from worker.pipeline.sanitize import (
+    ALLOWED_HOSTS_SETTING as ALLOWED_HOSTS_SETTING,
+)
+from worker.pipeline.sanitize import (
+    clean_css,
+    clean_page,
+    normalize_hosts,
+)
+from worker.pipeline.sanitize import (
+    host_allowed as host_allowed,
+)
 
 _LINKING = (
     ("a", "href"),
@@ -52,27 +66,18 @@ _IGNORED_IN_URL = re.compile(r"[\t\n\r]")
 _LEADING_IN_URL = "".join(map(chr, range(33)))
 _SCRIPT_SCHEMES = ("javascript:", "vbscript:", "data:text/html")
 
-#: Elements that load another resource and run or show it, with the attributes that name it
-#: (`<base href>` too: it would send every relative script address to its host).
-_EMBEDDING: dict[str, tuple[str, ...]] = {
-    "script": ("src", "href", "xlink:href"),  # href / xlink:href: <script> inside inline SVG
-    "iframe": ("src",),
-    "frame": ("src",),
-    "embed": ("src",),
-    "object": ("data",),
-    "base": ("href",),
-}
-_EMBEDDING_SELECTOR = ", ".join(_EMBEDDING)
-#: Schemes whose "scheme:host/path" (no slashes) browsers still read as an address on `host`.
-_SPECIAL_SCHEMES = ("http", "https", "ws", "wss", "ftp")
-ALLOWED_HOSTS_SETTING = "output.allowed_embed_hosts"
 #: Files this phase writes itself: a generated file may not take their names (compared in lower case, as
 #: a case-insensitive file system would, and as SiteCode compares paths for uniqueness).
 MANIFEST_PATH = "manifest.json"
 RESERVED_PATHS = frozenset({MANIFEST_PATH})
+#: File types the model may write but that are never published, and why (the code phase re-asks on them).
+REFUSED_SUFFIXES = {
+    ".js": "script files are not published (a published page runs no script the model wrote); leave it out",
+    ".xml": "XML files are not published (an XML document can run script); leave it out",
+    ".svg": "SVG files are not published (an SVG document can run script); put the SVG inline in the page or use a PNG",
+}
 #: At most this many removal warnings are listed; the rest are counted in one last line.
 MAX_WARNINGS = 50
-_SHOWN_URL_CHARS = 200
 
 
 def _clean_url(raw: str) -> str:
@@ -224,6 +229,12 @@ def site_problems(plan: SitePlan, code: SiteCode, parsed: Parsed | None = None) 
         for path in files
         if path.lower() in RESERVED_PATHS
     ]
+    problems += [
+        f"{path}: {reason}"
+        for path in files
+        for suffix, reason in REFUSED_SUFFIXES.items()
+        if path.lower().endswith(suffix)
+    ]
     pages = [page_file(p.slug) for p in plan.pages]
     problems += [f"planned page {page} was not generated" for page in pages if page not in files]
 
@@ -321,118 +332,53 @@ def quality_warnings(report: dict[str, list[str]]) -> list[str]:
     return [*lines[:MAX_WARNINGS], f"... and {len(lines) - MAX_WARNINGS} more page(s) with quality warnings"]
 
 
-# --------------------------------------------------------------------------- embedded resources
+# --------------------------------------------------------------------------- publishing
 
 
-def host_allowed(host: str, allowed: frozenset[str]) -> bool:
-    """`host` is an allowed host or a subdomain of one (both already normalized)."""
-    return any(host == a or host.endswith("." + a) for a in allowed)
-
-
-def _blocked(raw_url: str, allowed: frozenset[str]) -> str | None:
-    """Why an embedded resource at `raw_url` may not load (None: it may: internal, or an allowed host)."""
-    url = _clean_url(raw_url).replace("\\", "/")  # browsers read a backslash as '/' in http(s) URLs
-    if not url or url.lower().startswith(_SCRIPT_SCHEMES):  # script URLs are site_problems' business
-        return None
-    try:
-        parts = urlsplit(url)
-        if url.startswith("//"):  # protocol-relative; browsers skip any number of slashes: "///evil.example"
-            parts = urlsplit(f"https://{url.lstrip('/')}")
-        elif parts.scheme in _SPECIAL_SCHEMES and not parts.netloc:  # "https:evil.example/x.js" (no slashes)
-            parts = urlsplit(f"{parts.scheme}://{url.partition(':')[2].lstrip('/')}")
-        if not parts.scheme and not parts.netloc:
-            return None  # a file of the site (site_problems checks that it exists)
-        if parts.scheme and parts.scheme not in _SPECIAL_SCHEMES:
-            return f"{parts.scheme}: addresses are not allowed for embedded resources"
-        host = unquote(parts.hostname or "").strip(".")
-    except ValueError:
-        return "its address cannot be parsed"
-    if not host:
-        return "its address has no host"
-    if host_allowed(host, allowed):
-        return None
-    return f"host {host} not in {ALLOWED_HOSTS_SETTING}"
-
-
-def _printable(text: str) -> str:
-    """`text` with control (and other unprintable) characters escaped: safe for logs and jsonb."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _SHOWN_URL_CHARS else text[: _SHOWN_URL_CHARS - 1] + "…"
-
-
-def _remove_blocked(root: LexborNode, page: str, allowed: frozenset[str]) -> list[str]:
-    """Remove the blocked embeds under `root` (template contents included); one warning each."""
-    warnings: list[str] = []
-    for node in root.css(_EMBEDDING_SELECTOR):
-        tag = node.tag or ""
-        for attribute in _EMBEDDING.get(tag, ()):
-            raw = node.attributes.get(attribute)
-            reason = None if raw is None else _blocked(raw, allowed)
-            if raw is None or reason is None:
-                continue
-            warnings.append(_printable(f"{page}: removed <{tag} {attribute}={_clip(raw.strip())}> ({reason})"))
-            if tag == "object":
-                node.unwrap(
-                    delete_empty=True
-                )  # what a browser shows when the object does not load: its fallback content
-            else:
-                node.decompose()
-            break
-    for fragment in root.template_fragments():  # inert until a script clones it, so checked too
-        warnings += _remove_blocked(fragment, page, allowed)
-    return warnings
-
-
-def _sanitized(
-    page: str, html: str, allowed: frozenset[str], tree: HTMLParser | None = None
-) -> tuple[HTMLParser, list[str]]:
-    """The page parsed (or `tree`, its parse, changed in place) with the embeds from hosts not allowed
-    removed, and a warning per removal."""
-    if tree is None:
-        tree = HTMLParser(html)
-    return tree, ([] if tree.root is None else _remove_blocked(tree.root, page, allowed))
-
-
-def sanitize_page(page: str, html: str, allowed: frozenset[str]) -> tuple[str, list[str]]:
-    """The page without embeds from hosts not allowed, and a warning per removal; unchanged if none."""
-    tree, warnings = _sanitized(page, html, allowed)
-    return (tree.html or "", warnings) if warnings else (html, [])
-
-
-def _publishable(
-    code: SiteCode, allowed_hosts: Iterable[str], parsed: Parsed | None = None
-) -> tuple[SiteCode, list[str], dict[str, list[str]]]:
-    """Every page sanitized (see `sanitize_page`), the removals' warnings in page order, and the quality
-    report (see `quality_report`) of the pages as written, read from the same parse of each page.
+def _publish(code: SiteCode, allowed: frozenset[str], parsed: Parsed) -> tuple[SiteCode, list[str]]:
+    """Every page as `clean_page` writes it, every stylesheet as `clean_css` does, and what they removed.
 
     A page's parse in `parsed` (from `site_problems`, for the same HTML) is used, and taken out of it.
     """
-    allowed = normalize_hosts(allowed_hosts)
-    parsed = parsed if parsed is not None else {}
     files: list[GeneratedFile] = []
     warnings: list[str] = []
-    quality: dict[str, list[str]] = {}
     for file in code.files:
-        if not file.path.endswith(".html"):
+        content = file.content
+        if file.path.endswith(".html"):
+            source, tree = parsed.pop(file.path, (None, None))
+            page = clean_page(file.path, content, allowed, tree if source is content else None)
+            content, removed = page.html, page.removed
+        elif file.path.endswith(".css"):
+            content, urls = clean_css(content, allowed)
+            removed = [f"{file.path}: removed {url}" for url in urls]
+        else:
             files.append(file)
             continue
-        html, tree = parsed.pop(file.path, (None, None))
-        tree, removed = _sanitized(file.path, file.content, allowed, tree if html is file.content else None)
-        if page_warnings := page_quality(tree):
-            quality[file.path] = page_warnings
         warnings += removed
         # Built without validation: a page re-serialized a few bytes longer must not fail the size limit here.
-        files.append(GeneratedFile.model_construct(path=file.path, content=tree.html or "") if removed else file)
-    return SiteCode.model_construct(files=files), warnings, quality
+        files.append(
+            file if content is file.content else GeneratedFile.model_construct(path=file.path, content=content)
+        )
+    return SiteCode.model_construct(files=files), warnings
+
+
+def _publishable(
+    plan: SitePlan, code: SiteCode, allowed: frozenset[str], parsed: Parsed | None = None
+) -> tuple[list[str], tuple[SiteCode, list[str], dict[str, list[str]]] | None]:
+    """The checks of the site as published, and when they pass: the published site, what the sanitizer
+    removed (in page order) and the quality report (see `quality_report`) of the published pages."""
+    published, warnings = _publish(code, allowed, parsed if parsed is not None else {})
+    pages: Parsed = {}
+    problems = site_problems(plan, published, pages)
+    if problems:
+        return [f"once sanitized, {problem}" for problem in problems], None
+    quality = {path: found for path, (_, tree) in pages.items() if (found := page_quality(tree))}
+    return [], (published, warnings, quality)
 
 
 def sanitize_site(code: SiteCode, allowed_hosts: Iterable[str] = ()) -> tuple[SiteCode, list[str]]:
-    """Every page sanitized (see `sanitize_page`), with the removals' warnings in page order."""
-    sanitized, warnings, _ = _publishable(code, allowed_hosts)
-    return sanitized, warnings
+    """Every page and stylesheet as published (see `clean_page`), with the removals' warnings in page order."""
+    return _publish(code, normalize_hosts(allowed_hosts), {})
 
 
 @dataclass(frozen=True)
@@ -450,7 +396,8 @@ class Publishable:
 def check_site(
     plan: SitePlan, code: SiteCode, allowed_hosts: Iterable[str] = ()
 ) -> tuple[list[str], Publishable | None]:
-    """`site_problems`, and when there are none, the publishable site, from one parse of each page.
+    """`site_problems` of the site as written, then of the site as published, and when there are none,
+    the publishable site. Each page as written is parsed once, for its check and its cleaning.
 
     The parses are used at once and dropped, not kept for the assemble phase: they take about
     750 KiB per site, and a site waits for its code phase's commit in between.
@@ -460,7 +407,10 @@ def check_site(
     if problems:
         return problems, None
     allowed = normalize_hosts(allowed_hosts)
-    return [], Publishable(code, allowed, *_publishable(code, allowed, parsed))
+    problems, published = _publishable(plan, code, allowed, parsed)
+    if published is None:
+        return problems, None
+    return [], Publishable(code, allowed, *published)
 
 
 def _capped(warnings: list[str]) -> list[str]:
@@ -472,10 +422,9 @@ def _capped(warnings: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- assemble
 
 
-def _raise_problems(problems: list[str], *, after_removal: bool = False) -> None:
+def _raise_problems(problems: list[str]) -> None:
     if problems:
-        when = " once the embeds not allowed were removed" if after_removal else ""
-        raise SiteCheckFailed(f"the generated site failed {len(problems)} check(s){when}: " + "; ".join(problems[:20]))
+        raise SiteCheckFailed(f"the generated site failed {len(problems)} check(s): " + "; ".join(problems[:20]))
 
 
 def assemble_site(
@@ -494,13 +443,11 @@ def assemble_site(
     manifest's `quality` holds in full. `publishable`: the code phase's check of this very code
     (`check_site`), used instead of checking and sanitizing the pages again.
     """
-    if publishable is not None and publishable.source is code and publishable.allowed == normalize_hosts(allowed_hosts):
-        sanitized, warnings, quality = publishable.code, publishable.warnings, publishable.quality
-    else:
-        _raise_problems(site_problems(plan, code))
-        sanitized, warnings, quality = _publishable(code, allowed_hosts)  # quality: of the pages as written
-    if warnings:  # removing elements cannot break a page the checks passed; checked anyway
-        _raise_problems(site_problems(plan, sanitized), after_removal=True)
+    if publishable is None or publishable.source is not code or publishable.allowed != normalize_hosts(allowed_hosts):
+        problems, publishable = check_site(plan, code, allowed_hosts)
+        _raise_problems(problems)
+        assert publishable is not None  # no problems: check_site made it
+    sanitized, warnings, quality = publishable.code, publishable.warnings, publishable.quality
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]
     manifest = Manifest(
         order_id=order_id,
