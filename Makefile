@@ -39,8 +39,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy worker
 
+## The suite on PYTEST_WORKERS pytest-xdist workers, each with its own throwaway PostgreSQL and Redis;
+## the longest tests start first and the fault suite runs one scenario at a time (tests/conftest.py).
+## PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 pytest: install quality-tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 ## The chaos soak alone for SOAK_S seconds of faults (default 120; `make soak SOAK_S=600`), its summary printed;
 ## SOAK_SEED=<seed printed by a run> replays that run's fault plan.

@@ -125,3 +125,64 @@ def log_lines() -> Iterator[list[str]]:
     sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG", format="{message}")
     yield lines
     logger.remove(sink)
+
+
+# --------------------------------------------------------------------------- parallel runs (pytest-xdist)
+
+#: The longest tests, started first so that none of them is the tail of a parallel run: the chaos soak
+#: (2 minutes of faults), the bench smoke test, then the fault suite.
+START_FIRST = ("tests/faults/test_chaos.py", "tests/integration/test_bench.py", "tests/faults/")
+#: Scopes whose fixtures a module's tests share: its tests stay on one worker (set up once, in order).
+SHARED_SCOPES = frozenset({"module", "class", "package"})
+
+
+def _shared_fixture_scope(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        defs and defs[-1].scope in SHARED_SCOPES and not name.startswith("_")
+        for name, defs in info.name2fixturedefs.items()
+    )
+
+
+def _group_of(item: pytest.Item) -> str | None:
+    """Which xdist group an item joins: one for the fault suite (real replicas killed and restarted, with
+    recovery bounds: one scenario at a time, never two beside each other), and one per module whose tests
+    share a module-scoped fixture (a browser, servers); None for every other test, which runs anywhere."""
+    path = item.nodeid.partition("::")[0]
+    if path.startswith("tests/faults/") and path != START_FIRST[0]:
+        return "faults"
+    if _shared_fixture_scope(item):
+        return path
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group and order the tests for `pytest -n N --dist loadgroup --no-loadscope-reorder` (`make test`):
+    the longest first, then the groups with the most tests, then the rest as collected. Tests that add
+    their own `xdist_group` mark keep it."""
+    sizes: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        group = _group_of(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None:
+            name = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+            sizes[name] = sizes.get(name, 0) + 1
+            first_seen.setdefault(name, index)
+
+    def key(indexed: tuple[int, pytest.Item]) -> tuple[int, int, int, int]:
+        index, item = indexed
+        path = item.nodeid.partition("::")[0]
+        rank = next((i for i, prefix in enumerate(START_FIRST) if path.startswith(prefix)), len(START_FIRST))
+        mark = item.get_closest_marker("xdist_group")
+        name = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) if mark else None
+        if name is None:
+            return rank, -1, index, index
+        return rank, -sizes[name], first_seen[name], index
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]

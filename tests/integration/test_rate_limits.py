@@ -212,7 +212,9 @@ async def test_cluster_concurrency_is_shared_and_a_killed_replicas_slots_come_ba
 ) -> None:
     fake.configure(latency_s=0.3)
     config = remote("openai", fake.url, cluster_max_concurrency=2)
-    async with replicas(services.redis_url, config, 3, lease_s=1.0) as three:
+    # The default lease: nothing renews these replicas' slots, so a 1 s lease would let a call that a loaded
+    # machine (parallel test workers) stretched past 1 s lose its slot to a third call, mid-call.
+    async with replicas(services.redis_url, config, 3) as three:
         in_flight = 0
         most = 0
 
@@ -236,14 +238,15 @@ async def test_cluster_concurrency_is_shared_and_a_killed_replicas_slots_come_ba
         assert most == 2 and len(fake.requests) == 12
         assert await redis.zcard(keys("remote")["slots"]) == 0, "every slot was given back"
 
-        # A replica SIGKILLed during its call: its slots are never released nor renewed.
-        dead = three[0].provider.limiter
+    # A replica SIGKILLed during its call: its slots are never released nor renewed.
+    async with replicas(services.redis_url, config, 2, lease_s=1.0) as two:
+        dead = two[0].provider.limiter
         assert dead is not None
         await dead.acquire(1, max_wait_s=1)
         await dead.acquire(1, max_wait_s=1)
-        three[0].limits.held.clear()  # no heartbeat renews them any more
+        two[0].limits.held.clear()  # no heartbeat renews them any more
         started = time.monotonic()
-        await three[1].complete(budget_wait_s=5)
+        await two[1].complete(budget_wait_s=5)
         waited = time.monotonic() - started
     assert 0.8 <= waited < 3, f"the dead replica's slots came back after {waited:.2f}s (lease 1 s)"
 
