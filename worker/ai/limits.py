@@ -28,9 +28,10 @@ in that one call); a call that waits for rate budget asks once more when its boo
 1 s). Slot leases are renewed in the heartbeat's existing pipeline. Every 30 s a replica counts
 the live replicas' health keys (SCAN), for the fallback below.
 
-If Redis does not answer (down, or slower than `REDIS_TIMEOUT_S`), each replica falls back to its
-share of every limit (limit / the number of live replicas it last saw), enforced in memory, says so
-once in its log, asks Redis again every `REDIS_RETRY_S`, and shares again as soon as Redis answers.
+If Redis does not answer (down, or slower than `REDIS_TIMEOUT_S`) or refuses (READONLY after a
+failover, OOM, LOADING...: `worker.errors.redis_refusal`), each replica falls back to its share of
+every limit (limit / the number of live replicas it last saw), enforced in memory, says so once in
+its log, asks Redis again every `REDIS_RETRY_S`, and shares again as soon as Redis answers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from worker.errors import REDIS_UNREACHABLE, BudgetWaitExceeded, message_of
+from worker.errors import (
+    REDIS_ERRORS,
+    BudgetWaitExceeded,
+    message_of,
+    redis_refusal,
+    redis_trouble,
+    redis_unavailable,
+)
 
 KEY_PREFIX = "sitegen:limits"
 #: Longest one limiter call to Redis may take before this replica uses its local share instead.
@@ -69,7 +77,13 @@ PAUSE_RECHECK_S = 0.2
 #: A pause without Retry-After or reset header lasts this long.
 DEFAULT_PAUSE_S = 1.0
 
-REDIS_DOWN = (*REDIS_UNREACHABLE, OSError)
+#: What Redis out of reach or refusing raises (`_unavailable` tells a refusal from our own mistake).
+REDIS_DOWN = (*REDIS_ERRORS, OSError)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or redis_unavailable(exc)
+
 
 # KEYS: requests TAT, tokens TAT, slots ZSET, pause.
 # ARGV: charge (1: charge the rates), ms per request (0: no limit), tokens, ms per token (0: no limit),
@@ -321,9 +335,13 @@ class SharedLimits:
             self.degraded = True
             shares = "; ".join(limiter.describe_share() for limiter in self.limiters.values() if limiter.limited)
             logger.warning(
-                "provider limits: Redis does not answer ({}): this replica keeps to its share of each limit, "
+                "provider limits: Redis {}: this replica keeps to its share of each limit, "
                 "1/{} for the {} live replica(s) it last saw{}",
-                message_of(exc) if not isinstance(exc, TimeoutError) else f"no answer within {REDIS_TIMEOUT_S:g}s",
+                redis_trouble(exc)
+                if redis_refusal(exc) is not None
+                else f"does not answer ({message_of(exc)})"
+                if not isinstance(exc, TimeoutError)
+                else f"does not answer (no answer within {REDIS_TIMEOUT_S:g}s)",
                 self.replicas,
                 self.replicas,
                 f" ({shares})" if shares else "",
@@ -346,7 +364,9 @@ class SharedLimits:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S * 5):
                 found = {key async for key in self.redis.scan_iter(match=self.health_pattern, count=1000)}
-        except REDIS_DOWN:
+        except REDIS_DOWN as exc:
+            if not _unavailable(exc):
+                raise
             return self.replicas  # the acquire that finds Redis away says so
         self.replicas = max(len(found), 1)
         return self.replicas
@@ -446,6 +466,8 @@ class ProviderLimiter:
                         ],
                     )
             except REDIS_DOWN as exc:
+                if not _unavailable(exc):
+                    raise
                 self.shared.went_away(exc)
             else:
                 self.shared.came_back()
@@ -563,10 +585,11 @@ class ProviderLimiter:
                     keys=[self.keys["slots"], self.keys["tokens"], self.keys["pause"]],
                     args=[holder or "", delta * tok_ms, pause * 1000],
                 )
-        except REDIS_DOWN as exc:
-            self.shared.went_away(exc)
-        except redis.exceptions.RedisError as exc:
-            logger.warning("provider limits: could not release {}'s budget: {}", self.name, message_of(exc))
+        except (*REDIS_DOWN, redis.exceptions.RedisError) as exc:
+            if _unavailable(exc):
+                self.shared.went_away(exc)
+            else:
+                logger.warning("provider limits: could not release {}'s budget: {}", self.name, message_of(exc))
 
     def paused_s(self) -> float:
         """The pause left as last seen (0: none)."""
