@@ -37,7 +37,7 @@ from loguru import logger
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
+from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, clamp_wait_s, observe_call, sleep_s
 from worker.ai.limits import DEFAULT_PAUSE_S, Budget, OnWait, ProviderLimiter
 from worker.errors import (
     AIAuthError,
@@ -102,55 +102,59 @@ def redact(text: str, *secrets: str) -> str:
     return _SECRET_PATTERNS.sub("***", text)
 
 
-def _duration_s(value: str) -> float | None:
-    """Seconds in `1.5`, `6m0s`, `20ms` or `1h2m3s` (OpenAI's x-ratelimit-reset-* format)."""
-    value = value.strip()
+def _number(value: str) -> float | None:
+    """`value` as a number (any Python reads, NaN and infinities included), None if it is none."""
     try:
-        return float(value)
+        return float(value.strip())
     except ValueError:
-        pass
-    match = _DURATION.match(value)
+        return None
+
+
+def _duration_s(value: str) -> float | None:
+    """Seconds in `1.5`, `6m0s`, `20ms` or `1h2m3s` (OpenAI's x-ratelimit-reset-* format), unclamped."""
+    number = _number(value)
+    if number is not None:
+        return number
+    match = _DURATION.match(value.strip())
     if not match or not any(match.groups()):
         return None
     hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
-def _wait_s(seconds: float) -> float:
-    """A wait a provider asked for, never negative; NaN is no instruction (ValueError). It may be huge or
-    infinite: the caller caps it (`max_retry_wait_s` in a call, `ai.max_retry_defer_s` for the job)."""
-    if math.isnan(seconds):
-        raise ValueError("not a number")
-    return max(seconds, 0.0)
+def _until_s(value: str) -> float | None:
+    """Seconds from now until the HTTP date `value` (Retry-After's other form), None if it is not one."""
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+#: The headers that say when a provider's rate limit resets (OpenAI's, and the gateways that copy them).
+RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*.
+    """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*;
+    None when it said nothing readable. Every value goes through the one clamp (`clamp_wait_s`): a NaN is no
+    instruction, the rest is a finite wait within [0, MAX_WAIT_S], which the caller caps further
+    (`max_retry_wait_s` in a call, `ai.max_retry_defer_s` for the job).
 
     `headers` must look names up case-insensitively, as an answer's headers do.
     """
     if "retry-after-ms" in headers:
-        try:
-            return _wait_s(float(headers["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
+        millis = _number(headers["retry-after-ms"])
+        if millis is not None and (wait := clamp_wait_s(millis / 1000)) is not None:
+            return wait
     if "retry-after" in headers:
         value = headers["retry-after"]
-        try:
-            return _wait_s(float(value))
-        except ValueError:
-            try:
-                parsed = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                parsed = None  # a value we cannot read is no instruction: back off as usual
-            if parsed is not None:
-                return max(parsed.timestamp() - time.time(), 0.0)
-    resets = [
-        _duration_s(headers[name])
-        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
-        if name in headers
-    ]
-    known = [r for r in resets if r is not None]
+        seconds = _number(value)
+        if seconds is None:
+            seconds = _until_s(value)  # a value we cannot read is no instruction: back off as usual
+        if seconds is not None and (wait := clamp_wait_s(seconds)) is not None:
+            return wait
+    resets = [_duration_s(headers[name]) for name in RESET_HEADERS if name in headers]
+    known = [wait for r in resets if r is not None and (wait := clamp_wait_s(r)) is not None]
     return max(known) if known else None
 
 
@@ -461,7 +465,7 @@ class HTTPProvider:
                         provider=self.name,
                         status=exc.status,
                     )
-                await asyncio.sleep(wait)
+                await sleep_s(wait, what=f"provider {self.name}: the wait before a retry")
         raise AssertionError("unreachable")
 
 

@@ -50,6 +50,7 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from worker.ai.base import clamp_wait_s, sleep_s
 from worker.errors import (
     REDIS_ERRORS,
     BudgetWaitExceeded,
@@ -476,7 +477,7 @@ class ProviderLimiter:
                 )
                 return Answer(
                     str(status),
-                    float(wait) / 1000,
+                    clamp_wait_s(float(wait) / 1000) or 0.0,
                     bool(int(charged)),
                     int(held),
                     float(req) / 1000,
@@ -546,7 +547,7 @@ class ProviderLimiter:
                 if not told and on_wait is not None and max(expected, waited) >= NOTICE_S:
                     told = True
                     await on_wait(budget, expected)
-                await asyncio.sleep(min(wait, max(left, 0)))
+                await sleep_s(min(wait, max(left, 0)), what=f"provider {self.name}: the wait for its budget")
         finally:
             self.waiting -= 1
 
@@ -566,7 +567,7 @@ class ProviderLimiter:
         delta = 0
         if budget is not None and used_tokens and self.limits.tokens_per_minute:
             delta = used_tokens - budget.tokens
-        pause = min(max(pause_s or 0.0, 0.0), self.shared.max_pause_s)
+        pause = min(clamp_wait_s(pause_s or 0.0) or 0.0, self.shared.max_pause_s)
         if pause > 0:
             self.pauses += 1
             self._unpaused_until = 0.0  # a 429 here: the next call asks (and waits for the pause)
