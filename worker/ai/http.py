@@ -130,6 +130,17 @@ def _until_s(value: str) -> float | None:
         return None
 
 
+def _token_count(value: Any) -> int:
+    """A token count of an answer's usage: a whole number >= 0 (JSON may write it 12.0), or null/absent (0)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"a token count in its usage is {value!r:.40}, not a whole number of 0 or more")
+
+
 #: The headers that say when a provider's rate limit resets (OpenAI's, and the gateways that copy them).
 RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
 
@@ -419,11 +430,18 @@ class HTTPProvider:
             raise self._error(
                 AIUnavailable, f"connection failed ({kind}): {type(exc).__name__}: {exc}", request, failure=kind
             ) from exc
+        return self.reply(response, request)
+
+    def reply(self, response: Answer, request: AIRequest) -> AIReply:
+        """The model's reply in a whole HTTP answer, or the AIError that says what is wrong with it."""
         if response.status_code >= 300:  # redirects are not followed: the key would go wherever they point
             raise self._classify(response, request)
         try:
             text, tokens_in, tokens_out, finish = self.read(orjson.loads(response.content))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            if not isinstance(text, str):
+                raise TypeError(f"the answer's text is a {type(text).__name__}, not a string")
+            tokens_in, tokens_out = _token_count(tokens_in), _token_count(tokens_out)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:  # any JSON in any place
             raise self._error(
                 AIUnavailable,
                 f"unreadable answer ({type(exc).__name__}: {exc}): {redact(response.text[:300], self._api_key)}",
@@ -452,8 +470,7 @@ class HTTPProvider:
                 exc.task = exc.details["task"] = request.task
                 raise
             except (AIRateLimited, AIUnavailable) as exc:
-                asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
-                wait = asked if asked is not None else min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0)
+                wait = retry_wait_s(exc, attempt)
                 if attempt == self.config.max_retries or wait > self.config.max_retry_wait_s:
                     raise
                 logger.warning("{}; retry {} of {} in {:.1f}s", exc, attempt + 1, self.config.max_retries, wait)
@@ -467,6 +484,13 @@ class HTTPProvider:
                     )
                 await sleep_s(wait, what=f"provider {self.name}: the wait before a retry")
         raise AssertionError("unreachable")
+
+
+def retry_wait_s(exc: AIError, attempt: int) -> float:
+    """The wait before retry `attempt + 1` of a call that failed with `exc`: what a 429 asked for (already
+    clamped by `retry_after_s`), else exponential backoff with jitter (1 s, 2 s, 4 s... up to 30 s)."""
+    asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
+    return asked if asked is not None else min(2.0 ** min(attempt, 30), 30.0) * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -581,8 +605,12 @@ class CloudflareProvider(HTTPProvider):
             data = response.json()
         except ValueError:
             return False
-        errors = (data.get("errors") if isinstance(data, dict) else None) or []
-        return any(isinstance(e, dict) and e.get("code") in CLOUDFLARE_QUOTA_CODES for e in errors)
+        errors = data.get("errors") if isinstance(data, dict) else None
+        if not isinstance(errors, list):
+            return False
+        return any(
+            isinstance(e, dict) and type(e.get("code")) is int and e["code"] in CLOUDFLARE_QUOTA_CODES for e in errors
+        )
 
 
 KINDS: dict[str, type[HTTPProvider]] = {
