@@ -8,6 +8,7 @@ failure. Nothing else in the project makes that decision.
 from __future__ import annotations
 
 import errno
+import re
 import traceback
 from typing import Any
 
@@ -226,12 +227,67 @@ def _infrastructure_cause(exc: BaseException) -> str | None:
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, SitegenError):
         return exc.retryable
+    if redis_refusal(exc) is not None:
+        return True
     return isinstance(exc, TRANSIENT) and _infrastructure_cause(exc) is None
 
 
 #: What redis-py raises while Redis is unreachable (BusyLoadingError, Redis still loading its AOF, is a
 #: ConnectionError): the replica waits for Redis (worker/redis_outage.py), the limits use their shares.
 REDIS_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError)
+
+#: The error codes with which a reachable Redis refuses a command for a state of the server that passes:
+#: a read-only replica (READONLY: the old primary after a failover), a replica cut off from its primary
+#: (MASTERDOWN), its data still loading (LOADING), memory full under `noeviction` (OOM), a snapshot that
+#: failed with `stop-writes-on-bgsave-error` (MISCONF), a script running too long (BUSY), too few replicas
+#: for `min-replicas-to-write` (NOREPLICAS). Each means "Redis unavailable", as a refused connection does.
+#: Replies that say our command is wrong (WRONGTYPE, ERR, an error raised in a script) are not among them.
+REDIS_REFUSALS = frozenset({"READONLY", "MASTERDOWN", "LOADING", "OOM", "MISCONF", "BUSY", "NOREPLICAS"})
+
+#: What redis-py raises for an error reply (a refusal among them: `redis_refusal` tells which), so that
+#: `except REDIS_ERRORS` followed by `redis_unavailable` catches every outage and nothing else.
+REDIS_ERRORS = (*REDIS_UNREACHABLE, redis.exceptions.ResponseError)
+
+# The code is the reply's first word, which redis-py keeps in the message except for the codes it has a
+# class for. Redis 6 wraps a command refused inside a script: "Error running script (call to f_...):
+# @user_script:9: @user_script: 9: -READONLY You can't write ..."; redis-py prefixes a pipeline's
+# error with its command: "Command # 1 (ZADD ...) of pipeline caused error: ('MASTERDOWN ...',)".
+_REFUSED_IN_SCRIPT = re.compile(r"^Error running script \(call to [^)]*\): .*?: -([A-Z]+) ")
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: \(['\"]", re.DOTALL)
+
+
+def redis_refusal(exc: BaseException) -> str | None:
+    """The code of the refusal (READONLY, OOM, ...; see REDIS_REFUSALS) if Redis refused a command for a
+    state that passes; None for any other exception, our own mistakes (WRONGTYPE, a script error) included."""
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return "LOADING"
+    if not isinstance(exc, redis.exceptions.ResponseError) or isinstance(exc, redis.exceptions.NoScriptError):
+        return None
+    text = _PIPELINE_PREFIX.sub("", str(exc), count=1)
+    wrapped = _REFUSED_IN_SCRIPT.match(text)
+    code = wrapped.group(1) if wrapped else text.split(" ", 1)[0]
+    return code if code in REDIS_REFUSALS else None
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says Redis is out of reach or refuses for now (an outage, never the job's fault)."""
+    return isinstance(exc, REDIS_UNREACHABLE) or redis_refusal(exc) is not None
+
+
+def redis_trouble(exc: BaseException) -> str:
+    """What a Redis error says, after "Redis": "refuses commands (READONLY: ...)", "is unreachable (...)"."""
+    message = message_of(exc)
+    code = redis_refusal(exc)
+    if code is not None:
+        return f"refuses commands ({message if message.startswith(code) else f'{code}: {message}'})"
+    if isinstance(exc, REDIS_UNREACHABLE):
+        return f"is unreachable ({message})"
+    return f"failed ({type(exc).__name__}: {message})"
+
 
 #: PostgreSQL or Redis out of reach (down, restarting, refusing connections): the job that meets one
 #: is kept and retried with capped backoff for as long as it lasts, never failed on its last try.
@@ -249,7 +305,9 @@ INFRASTRUCTURE = (
 
 
 def is_infrastructure(exc: BaseException) -> bool:
-    """Whether `exc` says PostgreSQL or Redis is out of reach (never the job's own fault)."""
+    """Whether `exc` says PostgreSQL or Redis is out of reach, or Redis refuses for now (never the job's own fault)."""
+    if redis_refusal(exc) is not None:
+        return True
     return isinstance(exc, INFRASTRUCTURE) and not isinstance(exc, SitegenError) and _infrastructure_cause(exc) is None
 
 

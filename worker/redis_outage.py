@@ -1,10 +1,13 @@
 """Keeps a replica running through a Redis outage of any length (a crash, a restart, a managed failover).
 
 arq lets a `redis.exceptions.ConnectionError` escape from its poll loop and from `finish_job`
-(arq issues #498, #435), so the process exits and every generation in flight is interrupted. Here:
-- the poll stops claiming while Redis is unreachable and retries it with capped exponential backoff
-  and jitter (`wait_for_redis`); the generations this replica runs carry on, and their PostgreSQL
-  leases are renewed by the heartbeat, which does not need Redis;
+(arq issues #498, #435), so the process exits and every generation in flight is interrupted. An
+outage is also a Redis that answers but refuses (`worker.errors.redis_refusal`: READONLY from a
+failover's old primary, LOADING, OOM, MISCONF, MASTERDOWN, BUSY). Here:
+- the poll stops claiming while Redis is unreachable or refuses, and tries it again with capped
+  exponential backoff and jitter (`wait_for_redis`) by writing the health key: a read-only replica
+  answers PING, so only a write says Redis is back. The generations this replica runs carry on, and
+  their PostgreSQL leases are renewed by the heartbeat, which does not need Redis;
 - a job whose own bookkeeping in Redis fails (its start, its result, its deferred retry) is logged
   and left as Redis has it. PostgreSQL is the record: a job still in the queue runs again once its
   in-progress key expires, and its claim then resumes the generation or, for a finished one, does
@@ -31,9 +34,10 @@ from arq.worker import Worker
 from loguru import logger
 
 from worker import polling
-from worker.errors import REDIS_UNREACHABLE, message_of
+from worker.errors import REDIS_ERRORS, redis_trouble, redis_unavailable
 
-REDIS_DOWN = REDIS_UNREACHABLE
+#: What an outage raises (with `redis_unavailable` to tell a refusal from our own mistake).
+REDIS_DOWN = REDIS_ERRORS
 
 #: First and longest wait between two attempts to reach Redis again (each with jitter: half to all of it).
 FIRST_RETRY_S = 0.25
@@ -47,16 +51,16 @@ async def poll_iteration(self: Worker) -> None:
     try:
         await polling.poll_iteration(self)
     except REDIS_DOWN as exc:
+        if not redis_unavailable(exc):
+            raise
         await wait_for_redis(self, exc)
 
 
 async def wait_for_redis(self: Worker, exc: BaseException) -> None:
-    """Take no job until Redis answers again; the running generations go on meanwhile."""
+    """Take no job until Redis takes writes again; the running generations go on meanwhile."""
     running = sum(not task.done() for task in self.tasks.values())
     logger.warning(
-        "Redis is unreachable ({}): taking no new jobs until it is back; {} job(s) running here carry on",
-        message_of(exc),
-        running,
+        "Redis {}: taking no new jobs until it is back; {} job(s) running here carry on", redis_trouble(exc), running
     )
     began = time.monotonic()
     delay = FIRST_RETRY_S
@@ -64,17 +68,30 @@ async def wait_for_redis(self: Worker, exc: BaseException) -> None:
     while True:
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         attempts += 1
+        _forget_finished(self)
         try:
-            await self.pool.ping()
-        except REDIS_DOWN:
+            # A write, arq's own health record (its key at once: `arq --check` passes again at once). PING
+            # would pass on a read-only replica, and during OOM or MISCONF, which refuse writes only.
+            self._last_health_check = 0
+            await self.record_health()
+        except REDIS_DOWN as again:
+            if not redis_unavailable(again):
+                raise
             delay = min(delay * 2, MAX_RETRY_S)
             continue
         break
-    # Record the health key at the next poll, not an interval later: `arq --check` passes again at once.
-    self._last_health_check = 0
     logger.warning(
         "Redis is back after {:.1f}s ({} attempt(s) to reach it): taking jobs again", time.monotonic() - began, attempts
     )
+
+
+def _forget_finished(self: Worker) -> None:
+    """Drop the finished jobs' tasks, as each poll does: a SIGTERM waits for `tasks` to empty, up to its grace
+    period, and without this would wait all of it whenever Redis is away."""
+    for job_id, task in list(self.tasks.items()):
+        if task.done():
+            del self.tasks[job_id]
+            task.result()  # as arq's poll: errors in run_job propagate
 
 
 async def run_job(self: Worker, job_id: str, score: int) -> None:
@@ -82,11 +99,13 @@ async def run_job(self: Worker, job_id: str, score: int) -> None:
     try:
         await _arq_run_job(self, job_id, score)
     except REDIS_DOWN as exc:
+        if not redis_unavailable(exc):
+            raise
         logger.warning(
-            "job {}: Redis unreachable while recording it ({}); left as Redis has it: it runs again once its "
+            "job {}: Redis {} while recording it; left as Redis has it: it runs again once its "
             "in-progress key expires, and PostgreSQL decides whether any work is left",
             job_id,
-            message_of(exc),
+            redis_trouble(exc),
         )
 
 
@@ -99,8 +118,10 @@ async def close(self: Worker) -> None:
     await asyncio.gather(*self.tasks.values(), return_exceptions=True)
     try:
         await self.pool.delete(self.health_check_key)
-    except REDIS_DOWN as exc:  # it expires on its own within the health check interval
-        logger.warning("could not delete the health key {} on shutdown: {}", self.health_check_key, message_of(exc))
+    except REDIS_DOWN as exc:  # it expires on its own within the health check interval; the shutdown goes on
+        logger.warning(
+            "could not delete the health key {} on shutdown: Redis {}", self.health_check_key, redis_trouble(exc)
+        )
     try:
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from loguru import logger
 
 from worker.errors import FALLBACK_ON, BudgetWaitExceeded
 
@@ -16,6 +19,42 @@ if TYPE_CHECKING:
     from worker.ai.limits import ProviderLimiter, SharedLimits
 
 Task = Literal["planning", "content", "coding"]
+
+#: The longest wait a provider (or Redis, for a provider's budget) can make a call take, as read: a longer
+#: one is this long. Far past the caps applied after it (`max_retry_wait_s` in a call, `ai.max_retry_defer_s`
+#: for the job), so no decision changes: it only keeps every wait computed from outside a finite number.
+MAX_WAIT_S = 86_400.0
+
+
+def clamp_wait_s(seconds: float) -> float | None:
+    """The one clamp of every duration that comes from outside (a provider's headers, Redis' answer):
+    None for NaN (no instruction), else within [0, MAX_WAIT_S]."""
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_WAIT_S)
+
+
+#: The places that were handed a wait `sleep_s` refused, each logged once.
+_REFUSED_WAITS: set[str] = set()
+
+
+async def sleep_s(seconds: float, *, what: str) -> None:
+    """`asyncio.sleep` for a computed wait (a model call's retry, a wait for a provider's budget).
+
+    `asyncio.sleep(nan)` corrupts the event loop's timer heap: every other timer of the process stalls
+    (heartbeats, polls, health writes), the leases lapse and the health key expires. A NaN, negative or
+    longer-than-MAX_WAIT_S wait is a bug before this point (`clamp_wait_s` should have caught it): it is
+    slept as 0 s (NaN, negative) or MAX_WAIT_S, and logged once for each `what`.
+    """
+    if not 0.0 <= seconds <= MAX_WAIT_S:  # NaN fails both comparisons
+        safe = MAX_WAIT_S if seconds > MAX_WAIT_S else 0.0
+        if what not in _REFUSED_WAITS:
+            _REFUSED_WAITS.add(what)
+            logger.error(
+                "{}: refused to sleep {!r} s (not a finite wait of 0 s or more); slept {:g} s", what, seconds, safe
+            )
+        seconds = safe
+    await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from loguru import logger
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, observe_call
+from worker.ai.base import AIReply, AIRequest, CallObserver, Notify, Usage, clamp_wait_s, observe_call, sleep_s
 from worker.ai.limits import DEFAULT_PAUSE_S, Budget, OnWait, ProviderLimiter
 from worker.errors import (
     AIAuthError,
@@ -102,55 +102,70 @@ def redact(text: str, *secrets: str) -> str:
     return _SECRET_PATTERNS.sub("***", text)
 
 
-def _duration_s(value: str) -> float | None:
-    """Seconds in `1.5`, `6m0s`, `20ms` or `1h2m3s` (OpenAI's x-ratelimit-reset-* format)."""
-    value = value.strip()
+def _number(value: str) -> float | None:
+    """`value` as a number (any Python reads, NaN and infinities included), None if it is none."""
     try:
-        return float(value)
+        return float(value.strip())
     except ValueError:
-        pass
-    match = _DURATION.match(value)
+        return None
+
+
+def _duration_s(value: str) -> float | None:
+    """Seconds in `1.5`, `6m0s`, `20ms` or `1h2m3s` (OpenAI's x-ratelimit-reset-* format), unclamped."""
+    number = _number(value)
+    if number is not None:
+        return number
+    match = _DURATION.match(value.strip())
     if not match or not any(match.groups()):
         return None
     hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
-def _wait_s(seconds: float) -> float:
-    """A wait a provider asked for, never negative; NaN is no instruction (ValueError). It may be huge or
-    infinite: the caller caps it (`max_retry_wait_s` in a call, `ai.max_retry_defer_s` for the job)."""
-    if math.isnan(seconds):
-        raise ValueError("not a number")
-    return max(seconds, 0.0)
+def _until_s(value: str) -> float | None:
+    """Seconds from now until the HTTP date `value` (Retry-After's other form), None if it is not one."""
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def _token_count(value: Any) -> int:
+    """A token count of an answer's usage: a whole number >= 0 (JSON may write it 12.0), or null/absent (0)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"a token count in its usage is {value!r:.40}, not a whole number of 0 or more")
+
+
+#: The headers that say when a provider's rate limit resets (OpenAI's, and the gateways that copy them).
+RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*.
+    """How long the provider asked us to wait: retry-after-ms, Retry-After (seconds or date), x-ratelimit-reset-*;
+    None when it said nothing readable. Every value goes through the one clamp (`clamp_wait_s`): a NaN is no
+    instruction, the rest is a finite wait within [0, MAX_WAIT_S], which the caller caps further
+    (`max_retry_wait_s` in a call, `ai.max_retry_defer_s` for the job).
 
     `headers` must look names up case-insensitively, as an answer's headers do.
     """
     if "retry-after-ms" in headers:
-        try:
-            return _wait_s(float(headers["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
+        millis = _number(headers["retry-after-ms"])
+        if millis is not None and (wait := clamp_wait_s(millis / 1000)) is not None:
+            return wait
     if "retry-after" in headers:
         value = headers["retry-after"]
-        try:
-            return _wait_s(float(value))
-        except ValueError:
-            try:
-                parsed = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                parsed = None  # a value we cannot read is no instruction: back off as usual
-            if parsed is not None:
-                return max(parsed.timestamp() - time.time(), 0.0)
-    resets = [
-        _duration_s(headers[name])
-        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
-        if name in headers
-    ]
-    known = [r for r in resets if r is not None]
+        seconds = _number(value)
+        if seconds is None:
+            seconds = _until_s(value)  # a value we cannot read is no instruction: back off as usual
+        if seconds is not None and (wait := clamp_wait_s(seconds)) is not None:
+            return wait
+    resets = [_duration_s(headers[name]) for name in RESET_HEADERS if name in headers]
+    known = [wait for r in resets if r is not None and (wait := clamp_wait_s(r)) is not None]
     return max(known) if known else None
 
 
@@ -417,11 +432,18 @@ class HTTPProvider:
             raise self._error(
                 AIUnavailable, f"connection failed ({kind}): {type(exc).__name__}: {exc}", request, failure=kind
             ) from exc
+        return self.reply(response, request)
+
+    def reply(self, response: Answer, request: AIRequest) -> AIReply:
+        """The model's reply in a whole HTTP answer, or the AIError that says what is wrong with it."""
         if response.status_code >= 300:  # redirects are not followed: the key would go wherever they point
             raise self._classify(response, request)
         try:
             text, tokens_in, tokens_out, finish = self.read(orjson.loads(response.content))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            if not isinstance(text, str):
+                raise TypeError(f"the answer's text is a {type(text).__name__}, not a string")
+            tokens_in, tokens_out = _token_count(tokens_in), _token_count(tokens_out)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:  # any JSON in any place
             raise self._error(
                 AIUnavailable,
                 f"unreadable answer ({type(exc).__name__}: {exc}): {redact(response.text[:300], self._api_key)}",
@@ -450,8 +472,7 @@ class HTTPProvider:
                 exc.task = exc.details["task"] = request.task
                 raise
             except (AIRateLimited, AIUnavailable) as exc:
-                asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
-                wait = asked if asked is not None else min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0)
+                wait = retry_wait_s(exc, attempt)
                 if attempt == self.config.max_retries or wait > self.config.max_retry_wait_s:
                     raise
                 logger.warning("{}; retry {} of {} in {:.1f}s", exc, attempt + 1, self.config.max_retries, wait)
@@ -463,8 +484,15 @@ class HTTPProvider:
                         provider=self.name,
                         status=exc.status,
                     )
-                await asyncio.sleep(wait)
+                await sleep_s(wait, what=f"provider {self.name}: the wait before a retry")
         raise AssertionError("unreachable")
+
+
+def retry_wait_s(exc: AIError, attempt: int) -> float:
+    """The wait before retry `attempt + 1` of a call that failed with `exc`: what a 429 asked for (already
+    clamped by `retry_after_s`), else exponential backoff with jitter (1 s, 2 s, 4 s... up to 30 s)."""
+    asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
+    return asked if asked is not None else min(2.0 ** min(attempt, 30), 30.0) * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -579,8 +607,12 @@ class CloudflareProvider(HTTPProvider):
             data = response.json()
         except ValueError:
             return False
-        errors = (data.get("errors") if isinstance(data, dict) else None) or []
-        return any(isinstance(e, dict) and e.get("code") in CLOUDFLARE_QUOTA_CODES for e in errors)
+        errors = data.get("errors") if isinstance(data, dict) else None
+        if not isinstance(errors, list):
+            return False
+        return any(
+            isinstance(e, dict) and type(e.get("code")) is int and e["code"] in CLOUDFLARE_QUOTA_CODES for e in errors
+        )
 
 
 KINDS: dict[str, type[HTTPProvider]] = {

@@ -33,9 +33,10 @@ in that one call); a call that waits for rate budget asks once more when its boo
 1 s). Slot leases are renewed in the heartbeat's existing pipeline. Every 30 s a replica counts
 the live replicas' health keys (SCAN), for the fallback below.
 
-If Redis does not answer (down, or slower than `REDIS_TIMEOUT_S`), each replica falls back to its
-share of every limit (limit / the number of live replicas it last saw), enforced in memory, says so
-once in its log, asks Redis again every `REDIS_RETRY_S`, and shares again as soon as Redis answers.
+If Redis does not answer (down, or slower than `REDIS_TIMEOUT_S`) or refuses (READONLY after a
+failover, OOM, LOADING...: `worker.errors.redis_refusal`), each replica falls back to its share of
+every limit (limit / the number of live replicas it last saw), enforced in memory, says so once in
+its log, asks Redis again every `REDIS_RETRY_S`, and shares again as soon as Redis answers.
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from worker.errors import REDIS_UNREACHABLE, BudgetWaitExceeded, message_of
+from worker.ai.base import clamp_wait_s, sleep_s
+from worker.errors import (
+    REDIS_ERRORS,
+    BudgetWaitExceeded,
+    message_of,
+    redis_refusal,
+    redis_trouble,
+    redis_unavailable,
+)
 
 KEY_PREFIX = "sitegen:limits"
 #: Longest one limiter call to Redis may take before this replica uses its local share instead.
@@ -74,7 +83,13 @@ PAUSE_RECHECK_S = 0.2
 #: A pause without Retry-After or reset header lasts this long.
 DEFAULT_PAUSE_S = 1.0
 
-REDIS_DOWN = (*REDIS_UNREACHABLE, OSError)
+#: What Redis out of reach or refusing raises (`_unavailable` tells a refusal from our own mistake).
+REDIS_DOWN = (*REDIS_ERRORS, OSError)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or redis_unavailable(exc)
+
 
 # KEYS: requests TAT, tokens TAT, slots ZSET, pause.
 # ARGV: charge (1: charge the rates), ms per request (0: no limit), tokens, ms per token (0: no limit),
@@ -349,9 +364,13 @@ class SharedLimits:
             self.degraded = True
             shares = "; ".join(limiter.describe_share() for limiter in self.limiters.values() if limiter.limited)
             logger.warning(
-                "provider limits: Redis does not answer ({}): this replica keeps to its share of each limit, "
+                "provider limits: Redis {}: this replica keeps to its share of each limit, "
                 "1/{} for the {} live replica(s) it last saw{}",
-                message_of(exc) if not isinstance(exc, TimeoutError) else f"no answer within {REDIS_TIMEOUT_S:g}s",
+                redis_trouble(exc)
+                if redis_refusal(exc) is not None
+                else f"does not answer ({message_of(exc)})"
+                if not isinstance(exc, TimeoutError)
+                else f"does not answer (no answer within {REDIS_TIMEOUT_S:g}s)",
                 self.replicas,
                 self.replicas,
                 f" ({shares})" if shares else "",
@@ -374,7 +393,9 @@ class SharedLimits:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S * 5):
                 found = {key async for key in self.redis.scan_iter(match=self.health_pattern, count=1000)}
-        except REDIS_DOWN:
+        except REDIS_DOWN as exc:
+            if not _unavailable(exc):
+                raise
             return self.replicas  # the acquire that finds Redis away says so
         self.replicas = max(len(found), 1)
         names = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in found)
@@ -487,6 +508,8 @@ class ProviderLimiter:
                         ],
                     )
             except REDIS_DOWN as exc:
+                if not _unavailable(exc):
+                    raise
                 self.shared.went_away(exc)
             else:
                 self.shared.came_back()
@@ -495,7 +518,7 @@ class ProviderLimiter:
                 )
                 return Answer(
                     str(status),
-                    float(wait) / 1000,
+                    clamp_wait_s(float(wait) / 1000) or 0.0,
                     bool(int(charged)),
                     int(held),
                     float(req) / 1000,
@@ -576,7 +599,7 @@ class ProviderLimiter:
                 if not told and on_wait is not None and max(expected, waited) >= NOTICE_S:
                     told = True
                     await on_wait(budget, expected)
-                await asyncio.sleep(min(wait, max(left, 0)))
+                await sleep_s(min(wait, max(left, 0)), what=f"provider {self.name}: the wait for its budget")
         finally:
             self.waiting -= 1
             if taken is not None:  # refused or cancelled while it held a slot: give the slot back
@@ -607,7 +630,7 @@ class ProviderLimiter:
                 delta = -budget.tokens
             elif used_tokens:
                 delta = used_tokens - budget.tokens
-        pause = min(max(pause_s or 0.0, 0.0), self.shared.max_pause_s)
+        pause = min(clamp_wait_s(pause_s or 0.0) or 0.0, self.shared.max_pause_s)
         if pause > 0:
             self.pauses += 1
             self._unpaused_until = 0.0  # a 429 here: the next call asks (and waits for the pause)
@@ -626,10 +649,11 @@ class ProviderLimiter:
                     keys=[self.keys["slots"], self.keys["tokens"], self.keys["pause"]],
                     args=[holder or "", delta * tok_ms, pause * 1000],
                 )
-        except REDIS_DOWN as exc:
-            self.shared.went_away(exc)
-        except redis.exceptions.RedisError as exc:
-            logger.warning("provider limits: could not release {}'s budget: {}", self.name, message_of(exc))
+        except (*REDIS_DOWN, redis.exceptions.RedisError) as exc:
+            if _unavailable(exc):
+                self.shared.went_away(exc)
+            else:
+                logger.warning("provider limits: could not release {}'s budget: {}", self.name, message_of(exc))
 
     def paused_s(self) -> float:
         """The pause left as last seen (0: none)."""

@@ -7,8 +7,10 @@ cf-quota, delay:<s>, status:<300-599> (a 3xx with a Location header), junk:<400-
 a body of junk: NUL bytes, invalid UTF-8, control characters, not JSON), body:<status>:<raw text> (that
 status with a plain-text body, verbatim: a NUL or any other character), 429:<value> (Retry-After: the
 value verbatim, hostile ones included: inf, NaN, -5, 1e12, a date, any text without line breaks),
-429ms:<ms> (retry-after-ms: any number Python reads, inf, nan and negative ones included), and
-text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size, any characters,
+429ms:<ms> (retry-after-ms: any number Python reads, inf, nan and negative ones included),
+headers:<status>:<JSON object> (that status, 200 with the usual answer, with these headers verbatim: a
+Content-Type or Content-Length among them replaces the server's own, and the connection is closed after
+it), and text:<payload> (a normal 200 answer whose text is the payload, verbatim: any size, any characters,
 colons and newlines included).
 
 `script(..., when=...)` aims faults at the requests a predicate of the JSON body accepts (one order's
@@ -116,6 +118,9 @@ def validate_fault(fault: str) -> str:
             return fault
         if sep and kind == "body" and 300 <= int(arg.partition(":")[0]) <= 599:
             return fault
+        if sep and kind == "headers":
+            _scripted_headers(arg)
+            return fault
         if sep and kind == "status" and 300 <= int(arg) <= 599:
             return fault
         if sep and kind == "junk" and 400 <= int(arg) <= 599:
@@ -125,8 +130,26 @@ def validate_fault(fault: str) -> str:
     raise ValueError(
         f"unknown fault {fault!r}; expected one of {', '.join(sorted(SIMPLE_FAULTS))}, "
         "delay:<s>, status:<300-599>, junk:<400-599>, 429:<value>, 429ms:<ms>, body:<status>:<raw text>, "
-        "text:<answer text>"
+        "headers:<status>:<JSON object of header values>, text:<answer text>"
     )
+
+
+def _scripted_headers(arg: str) -> tuple[int, dict[str, str]]:
+    """(status, headers) of a `headers:<status>:<JSON object>` fault; ValueError for what HTTP cannot carry."""
+    code, _, raw = arg.partition(":")
+    status = int(code)
+    if not (status == 200 or 400 <= status <= 599):
+        raise ValueError(f"headers:<status>: {status} is not 200 or a 4xx/5xx status")
+    headers = json.loads(raw)
+    if not isinstance(headers, dict):
+        raise ValueError("headers:<status>:<JSON object>: not an object")
+    for name, value in headers.items():
+        if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f"header {name!r}: a name must be an HTTP token and its value a string")
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError(f"header {name!r}: a value cannot hold CR, LF or NUL")
+        value.encode("latin-1")  # what http.server sends header values as (UnicodeEncodeError is a ValueError)
+    return status, headers
 
 
 def _api_of(path: str) -> str:
@@ -247,9 +270,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+        given = {name.lower() for name in headers or {}}  # a scripted Content-Type or -Length replaces ours
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        if "content-type" not in given:
+            self.send_header("Content-Type", "application/json")
+        if "content-length" not in given:
+            self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
@@ -339,6 +365,15 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.startswith("body:"):
             code, _, raw = fault[len("body:") :].partition(":")
             self._send_raw(int(code), raw.encode("utf-8", "surrogatepass"), id_headers)
+            return
+        if fault.startswith("headers:"):
+            asked, scripted = _scripted_headers(fault[len("headers:") :])
+            if asked == 200:
+                sent, answer, extra = self._build(api, path, body, "ok", n)
+            else:
+                sent, answer, extra = asked, _error_body(api, asked), {}
+            self.close_connection = True  # a hostile Content-Length must not spill into the next answer
+            self._send(sent, answer, {**id_headers, **extra, "Connection": "close", **scripted})
             return
         try:
             status, answer, extra = self._build(api, path, body, fault, n)

@@ -1,0 +1,131 @@
+"""Redis reachable but refusing: a failover's old primary (READONLY), memory full (OOM), its data loading (LOADING).
+
+Real `arq worker.main.WorkerSettings` replicas run generations on a provider with `requests_per_minute`, so
+every model call asks Redis' limiter too. Each fault holds until the replicas have met it and the running
+generations have gone on through it (each wait below is for an event, the fault itself is released by the
+test), then Redis recovers and every generation must end `succeeded`, with no replica exiting on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+
+from tests.faults.harness import Cluster, Replica, wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Every model call asks Redis' limiter first (one EVALSHA that writes), as production's limited providers do.
+LIMITED = {"SITEGEN_AI__PROVIDERS__FAKE__REQUESTS_PER_MINUTE": "6000", "SITEGEN_WORKER__LEASE_S": "4"}
+
+
+async def _arq_check(cluster: Cluster, replica: str) -> int:
+    """`arq --check` for one replica, as ops probe it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "arq",
+        "--check",
+        "worker.main.WorkerSettings",
+        cwd=ROOT,
+        env={**cluster.env(), "SITEGEN_WORKER__REPLICA_ID": replica},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return await process.wait()
+
+
+@asynccontextmanager
+async def _control(cluster: Cluster) -> AsyncIterator[redis.asyncio.Redis]:
+    """A connection of the test's own to the replicas' Redis, to make it refuse and recover."""
+    conn = redis.asyncio.Redis.from_url(cluster.redis_url)
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+async def _start(cluster: Cluster, *names: str) -> list[Replica]:
+    cluster.settings_env.update(LIMITED)
+    cluster.fake.configure(latency_s=0.5)
+    replicas = [cluster.add_replica(name) for name in names]
+    for replica in replicas:
+        await cluster.wait_healthy(replica)
+    return replicas
+
+
+async def _met(replicas: list[Replica], code: str, *, since: dict[str, int]) -> None:
+    """Wait until every replica logged that Redis refused with `code` (written after `since` of its log)."""
+
+    async def all_met() -> bool:
+        for replica in replicas:
+            if not replica.alive():
+                raise AssertionError(f"replica {replica.name} exited on {code}:\n{replica.log()[-6000:]}")
+        return all(f"Redis refuses commands ({code}" in r.log()[since[r.name] :] for r in replicas)
+
+    await wait_until(all_met, 30, interval=0.1, what=f"every replica to meet {code} and wait for Redis")
+
+
+async def _carried_on(cluster: Cluster, more: int) -> None:
+    """Wait until the provider got `more` further requests: the running generations go on meanwhile."""
+    seen = len(cluster.fake.requests)
+    await asyncio.to_thread(cluster.fake.wait_for_requests, seen + more, 60)
+
+
+def _marks(replicas: list[Replica]) -> dict[str, int]:
+    return {r.name: len(r.log()) for r in replicas}
+
+
+def _check_alive(replicas: list[Replica]) -> None:
+    for replica in replicas:
+        assert replica.alive(), f"replica {replica.name} exited:\n{replica.log()[-6000:]}"
+
+
+async def test_a_failover_to_read_only_and_back_fails_no_generation_and_stops_no_replica(cluster: Cluster) -> None:
+    """Regression: issue 21 defect 1: after `REPLICAOF` on the worker's Redis (a failover's old primary answers
+    READONLY), the poll's and the health key's ReadOnlyError escaped `redis_outage` and the replicas exited
+    within seconds; the limiter let it through and the runner failed the generation for good; `close()` raised
+    at the health key's DEL before `on_shutdown`; `wait_for_redis` probed with PING, which a replica answers."""
+    replicas = await _start(cluster, "ro-a", "ro-b")
+    orders = list(range(500, 506))
+    await cluster.enqueue(orders)
+    await asyncio.to_thread(cluster.fake.wait_for_requests, 3, 30)
+
+    # A replica of a primary that is not there: it answers reads and PING, and refuses every write.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: the port stays unused and refuses connections
+        async with _control(cluster) as control:
+            marks = _marks(replicas)
+            await control.execute_command("REPLICAOF", "127.0.0.1", str(unused.getsockname()[1]))
+            try:
+                await _met(replicas, "READONLY", since=marks)
+                await _carried_on(cluster, 2)  # the limiter uses its local share, the phases commit
+
+                # A replica stopped now still runs its shutdown: its progress rows are written, its pools closed.
+                leaving = replicas.pop()
+                leaving.terminate()
+                assert await leaving.wait_exit(timeout=60) == 0, leaving.log()[-6000:]
+                assert "replica ro-b stopped" in leaving.log(), leaving.log()[-6000:]
+                _check_alive(replicas)
+            finally:
+                await control.execute_command("REPLICAOF", "NO", "ONE")
+
+    async def healthy_again() -> bool:
+        return await _arq_check(cluster, "ro-a") == 0
+
+    back_after = await wait_until(healthy_again, 30, interval=0.5, what="arq --check to pass after the failover")
+    print(f"arq --check passed {back_after:.1f}s after Redis took writes again")
+    await cluster.wait_all_succeeded(orders, timeout=120)
+    _check_alive(replicas)
+    assert "Redis is back after" in replicas[0].log()
+    await cluster.check_invariants(orders)
