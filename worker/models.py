@@ -227,6 +227,8 @@ def check_relative_path(path: str) -> str:
         raise ValueError(f"file path {path!r} may only use letters, digits, '.', '_', '-' and up to 3 folders")
     if not path.lower().endswith(ALLOWED_SUFFIXES):
         raise ValueError(f"file path {path!r} has a type that is not allowed ({', '.join(ALLOWED_SUFFIXES)})")
+    if not path.endswith(ALLOWED_SUFFIXES):  # the checks and the sanitizer read pages and styles by their suffix
+        raise ValueError(f"file path {path!r} must end in a lower-case type ({', '.join(ALLOWED_SUFFIXES)})")
     return path
 
 

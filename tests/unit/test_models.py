@@ -12,6 +12,7 @@ from tests.helpers import SAMPLE_BRIEF
 from worker.models import (
     Brief,
     ContentItem,
+    GeneratedFile,
     PageContent,
     PagePlan,
     Palette,
@@ -239,3 +240,12 @@ def test_every_problem_is_reported_at_once() -> None:
             "page 'contact' has no content",
         ]
     )
+
+
+@pytest.mark.parametrize("path", ["PROMO.HTML", "pages/Offer.Html", "assets/STYLE.CSS", "x.hTmL"])
+def test_a_file_type_in_upper_case_is_refused_naming_the_rule(path: str) -> None:
+    """Regression: issue 20 finding 1, found by the hostile-page corpus (file-uppercase-html-file): a model-written
+    PROMO.HTML passed the path check (case-insensitive) but not the page checks and the sanitizer, which read
+    pages by their lower-case suffix, so it was published as the model wrote it and ran its script."""
+    with pytest.raises(ValidationError, match="lower-case type"):
+        GeneratedFile(path=path, content="<script>alert(1)</script>")
