@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -178,8 +179,11 @@ async def test_a_stream_closes_at_its_stream_tokens_expiry(capped: Running, db: 
 async def defaults(
     settings: Settings, tokens: Tokens, db: asyncpg.Connection, redis: ArqRedis
 ) -> AsyncIterator[Running]:
-    """The API with the default caps."""
-    async for running in _start(settings, tokens):
+    """The API with the default caps. Its pool waits longer for a connection than the default 5 s: the 100
+    streams the cap admits replay at once, and on a loaded 2-core CI machine a replay that timed out ended its
+    stream, gave its slot back and let one more open in (seen in CI: 168 opens not refused, not 100)."""
+    patient = settings.model_copy(update={"api": settings.api.model_copy(update={"pool_acquire_timeout_s": 120})})
+    async for running in _start(patient, tokens):
         yield running
 
 
@@ -228,7 +232,7 @@ async def test_a_flood_of_stream_opens_with_one_token_is_capped_while_health_and
         finally:
             for response in held:
                 response.close()
-    assert statuses.count(200) == cap and statuses.count(429) == opens - cap, sorted(set(statuses))
+    assert statuses.count(200) == cap and statuses.count(429) == opens - cap, Counter(statuses)
     assert health and set(health) == {200}
 
 
