@@ -132,8 +132,9 @@ class Cluster:
         env.update(self.settings_env)
         return env
 
-    def add_replica(self, name: str) -> Replica:
-        replica = Replica(name, self.env(), self.workdir / f"{name}.log")
+    def add_replica(self, name: str, **env: str) -> Replica:
+        """Start a replica; `env` adds to (or overrides) the cluster's environment for this one only."""
+        replica = Replica(name, {**self.env(), **env}, self.workdir / f"{name}.log")
         replica.start()
         self.replicas.append(replica)
         return replica
