@@ -11,8 +11,8 @@ import asyncio
 import gc
 import os
 import signal
-import time
 import sys
+import time
 from typing import Any
 
 import arq.utils

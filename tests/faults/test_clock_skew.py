@@ -63,7 +63,8 @@ async def test_a_killed_replicas_job_resumes_within_a_lease_whatever_the_replica
         assert resumed_at is not None, f"order {order_id} was resumed by {survives.name}"
         recoveries.append(resumed_at - killed_at)
     print(
-        f"\nclock skew +-{SKEW_S}s, lease {LEASE_S}s: resumed {recoveries[0]:.1f}s and {recoveries[1]:.1f}s after the kill"
+        f"\nclock skew +-{SKEW_S}s, lease {LEASE_S}s: resumed "
+        f"{recoveries[0]:.1f}s and {recoveries[1]:.1f}s after the kill"
     )
     for recovery in recoveries:
         assert recovery <= LEASE_S + SLACK_S, f"resumed {recovery:.1f}s after the kill: at most a lease and a poll"
