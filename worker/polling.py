@@ -16,16 +16,25 @@ Here a running job leases its place in the queue instead:
   ones, whatever the number of jobs running across the cluster. The same call reads arq's abort
   set (arq's `_cancel_aborted_jobs` took a MULTI of its own on every poll).
 - The claim also records the lease in `<queue>:leases` (job id -> the lease's end) and the job's
-  score before the claim in `<queue>:leased-scores`. The heartbeat (`renew`, every lease_s/4, one
-  script call for all of a replica's jobs) pushes the in-progress key, the score and the lease
-  forward while the job runs. A SIGKILLed replica's job becomes due again when its lease ends, the
-  moment its in-progress key expires; a poll within a second after that puts its original score back, so
-  it resumes in its old place in the queue, not behind every job enqueued before its lease's end.
-- `finish_job` (arq's, plus three commands in its MULTI: the lease's two records go) puts the job's
-  original score back before
-  arq's own bookkeeping: a job arq hands back (cancelled at shutdown, `Retry` without a delay) is
-  due at once in its old place, and a deferred `Retry` (arq's ZINCRBY adds `defer + now - score`
-  to the current score, with `score` the one `run_job` was given) becomes due at now + defer.
+  score before the claim in `<queue>:leased-scores`. The claimed job's in-progress key holds an owner
+  token (`<replica>:<random>`, new for each claim) instead of arq's `'1'`: only the run holding it
+  renews the lease or records the job's end. Every job a replica runs keeps its lease from its claim
+  to its end (`_keeper`, every lease_s/4, one script call for all of them: a generation's claim waiting
+  on a row lock, the cron sweep): the in-progress key, the score and the lease move forward together.
+  A SIGKILLed replica's job becomes due again when its lease ends, the moment its in-progress key
+  expires; a poll within a second after that puts its original score back, so it resumes in its old
+  place in the queue, not behind every job enqueued before its lease's end.
+- `finish_job` and `finish_failed_job` (arq's, in one script, `FINISH`) do nothing unless the job's
+  in-progress key still holds the run's token (issue 21 defect 4: a run taken over, or one that found
+  its order busy, deleted the new owner's key and job). The owner's end also drops the lease's two
+  records and puts the job's original score back before arq's own bookkeeping: a job arq hands back
+  (cancelled at shutdown, `Retry` without a delay) is due at once in its old place, and a deferred
+  `Retry` becomes due at Redis's now + its delay. A run that no longer owns its job leaves it as
+  Redis has it: the owner ends it, or, if the lease lapsed and nobody claimed it, it runs again and
+  PostgreSQL makes that run a no-op.
+- Every lease end and score the worker computes is Redis's clock (`TIME` inside the scripts), never
+  a replica's own (issue 21 defect 8: a dead replica whose clock ran fast hid its jobs that much
+  longer). Jobs' own scores (enqueue time, `_defer_by`) are the enqueuer's clock.
 
 While it runs, a job's score is the end of its lease: arq's `Job.status()` still says
 `in_progress` (it checks the in-progress key before the score), `Job.info().score` is the lease's
