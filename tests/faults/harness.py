@@ -70,6 +70,15 @@ class Replica:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process stays, silent, as a replica stalled by its host (swapping, a VM paused)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def terminate(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -265,8 +274,8 @@ class Cluster:
             assert hashlib.sha256((site / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
-#: Rows written by a replica that does not run the generation (it found the order busy).
-_BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start")
+#: Rows written by a replica that does not run the generation (it found the order busy, or lost it).
+_BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start", "stopped: generation")
 
 
 def _check_single_owner(logs: list[asyncpg.Record]) -> None:
