@@ -31,20 +31,27 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
     checks: list[dict[str, Any]] = []
 
     def add(target: str, ok: bool | None, measured: str, why: str = "", status: str | None = None) -> None:
-        checks.append({"target": target, "status": status or ("met" if ok else "missed"), "measured": measured,
-                       "why": why})
+        checks.append(
+            {"target": target, "status": status or ("met" if ok else "missed"), "measured": measured, "why": why}
+        )
 
     zero = runs.get("zero")
     if zero:
-        add(f"latency 0: >= {TARGET_ZERO:.0f} sites/s (20x the old {OLD_ZERO})", zero["throughput"] >= TARGET_ZERO,
+        add(
+            f"latency 0: >= {TARGET_ZERO:.0f} sites/s (20x the old {OLD_ZERO})",
+            zero["throughput"] >= TARGET_ZERO,
             f"{zero['throughput']} sites/s ({zero['throughput'] / OLD_ZERO:.1f}x)",
             f"one replica's event loop at {zero['worker_cpu_pct']}% of a core: CPU-bound; at {TARGET_ZERO:.0f} sites/s "
             f"the worker alone would need {TARGET_ZERO * zero['worker_cpu_ms_per_site'] / 1000:.1f} cores and, with "
             f"PostgreSQL, Redis and the fake provider on the same machine, "
             f"{TARGET_ZERO * (zero['worker_cpu_ms_per_site'] + sum(zero['cpu_ms_per_site'].values())) / 1000:.1f}"
-            " of its 2")
-        add(f"worker CPU per site < {TARGET_CPU_MS:g} ms", zero["worker_cpu_ms_per_site"] < TARGET_CPU_MS,
-            f"{zero['worker_cpu_ms_per_site']} ms")
+            " of its 2",
+        )
+        add(
+            f"worker CPU per site < {TARGET_CPU_MS:g} ms",
+            zero["worker_cpu_ms_per_site"] < TARGET_CPU_MS,
+            f"{zero['worker_cpu_ms_per_site']} ms",
+        )
     for name, r in runs.items():
         if not name.startswith("lat"):
             continue
@@ -52,28 +59,42 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
         need = r["ideal"] * r["worker_cpu_ms_per_site"] / 1000  # cores the ideal throughput would take
         cpu_bound = need >= CPU_BOUND_SHARE
         status = "met" if ok else ("cpu-bound" if cpu_bound else "missed")
-        why = (f"CPU-bound: the ideal x {r['worker_cpu_ms_per_site']} ms/site needs {need:.2f} of the one core an "
-               f"event loop has (at most ~{1000 * CPU_BOUND_SHARE / r['worker_cpu_ms_per_site']:.0f} sites/s "
-               f"before queueing for the loop stretches every site); the loop ran at {r['worker_cpu_pct']}%"
-               if cpu_bound and not ok else "")
-        add(f"latency {r['latency_ms']:g} ms, max_jobs {r['max_jobs']}: >= 90% of ideal {r['ideal']}", ok,
-            f"{r['throughput']} sites/s = {r['of_ideal']:.0%}", why, status)
+        why = (
+            f"CPU-bound: the ideal x {r['worker_cpu_ms_per_site']} ms/site needs {need:.2f} of the one core an "
+            f"event loop has (at most ~{1000 * CPU_BOUND_SHARE / r['worker_cpu_ms_per_site']:.0f} sites/s "
+            f"before queueing for the loop stretches every site); the loop ran at {r['worker_cpu_pct']}%"
+            if cpu_bound and not ok
+            else ""
+        )
+        add(
+            f"latency {r['latency_ms']:g} ms, max_jobs {r['max_jobs']}: >= 90% of ideal {r['ideal']}",
+            ok,
+            f"{r['throughput']} sites/s = {r['of_ideal']:.0%}",
+            why,
+            status,
+        )
     rl = report.get("ratelimit")
     if rl:
-        add(f"ratelimit: never above {rl['provider_rpm']} requests in any 60 s, no 429 after the first",
+        add(
+            f"ratelimit: never above {rl['provider_rpm']} requests in any 60 s, no 429 after the first",
             rl["max_requests_in_any_60s"] <= rl["provider_rpm"] and rl["429s_after_the_first"] == 0,
             f"at most {rl['max_requests_in_any_60s']} in 60 s, {rl['max_requests_per_10s']} in 10 s; "
-            f"{rl['429s_received']} 429s")
+            f"{rl['429s_received']} 429s",
+        )
     inflight = runs.get("inflight")
     if inflight and inflight.get("probes"):
         held = inflight["sites"] - inflight["probes"]
-        add(f"{held} in flight on one replica: peak RSS < {TARGET_INFLIGHT_RSS_MIB:g} MiB",
+        add(
+            f"{held} in flight on one replica: peak RSS < {TARGET_INFLIGHT_RSS_MIB:g} MiB",
             inflight["peak_rss_mib"] < TARGET_INFLIGHT_RSS_MIB and inflight["peak_running"] >= held,
-            f"{inflight['peak_rss_mib']} MiB, {inflight['peak_running']} running at the peak")
-        add(f"{held} in flight on one replica: enqueue-to-start p95 < {TARGET_TO_START_P95_MS:g} ms",
+            f"{inflight['peak_rss_mib']} MiB, {inflight['peak_running']} running at the peak",
+        )
+        add(
+            f"{held} in flight on one replica: enqueue-to-start p95 < {TARGET_TO_START_P95_MS:g} ms",
             inflight["to_start_ms"]["p95"] < TARGET_TO_START_P95_MS,
             f"p50 {inflight['to_start_ms']['p50']} ms, p95 {inflight['to_start_ms']['p95']} ms "
-            f"({inflight['probes']} jobs enqueued one by one while they ran)")
+            f"({inflight['probes']} jobs enqueued one by one while they ran)",
+        )
     cores = report.get("machine", {}).get("cpus") or 2
     for name, r in runs.items():
         if name.startswith("scaleout") and r["ideal"]:
@@ -83,36 +104,55 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
             need = r["ideal"] * (r["worker_cpu_ms_per_site"] + sum(r["cpu_ms_per_site"].values())) / 1000
             loop = r["ideal"] / r["replicas"] * r["worker_cpu_ms_per_site"] / 1000  # of each replica's core
             cpu_bound = need >= CPU_BOUND_SHARE * cores or loop >= CPU_BOUND_SHARE
-            why = (f"the machine: the ideal x {need / r['ideal'] * 1000:.1f} ms of CPU per site (all processes) "
-                   f"needs {need:.2f} of its {cores} cores (each replica's loop {loop:.0%} of one); slots busy "
-                   f"{_share(r.get('occupancy'))}, model time / site time {_share(r.get('speed'))}"
-                   if cpu_bound and not ok else "")
-            add(f"scale-out, {r['replicas']} replicas x max_jobs {r['max_jobs']}, latency "
-                f"{r['latency_ms'] / 1000:g} s: >= {TARGET_SCALEOUT_SHARE:.0%} of ideal {r['ideal']}", ok,
+            why = (
+                f"the machine: the ideal x {need / r['ideal'] * 1000:.1f} ms of CPU per site (all processes) "
+                f"needs {need:.2f} of its {cores} cores (each replica's loop {loop:.0%} of one); slots busy "
+                f"{_share(r.get('occupancy'))}, model time / site time {_share(r.get('speed'))}"
+                if cpu_bound and not ok
+                else ""
+            )
+            add(
+                f"scale-out, {r['replicas']} replicas x max_jobs {r['max_jobs']}, latency "
+                f"{r['latency_ms'] / 1000:g} s: >= {TARGET_SCALEOUT_SHARE:.0%} of ideal {r['ideal']}",
+                ok,
                 f"{r['throughput']} sites/s = {r['of_ideal']:.0%} (slots busy {_share(r.get('occupancy'))}, model "
                 f"time / site time {_share(r.get('speed'))}), {r['peak_running']} running at the peak; machine CPU "
-                f"{r['machine_cpu_pct']}%", why, "cpu-bound" if cpu_bound and not ok else None)
+                f"{r['machine_cpu_pct']}%",
+                why,
+                "cpu-bound" if cpu_bound and not ok else None,
+            )
     big = inflight or max(
         (r for n, r in runs.items() if n.startswith("lat")), key=lambda r: r["max_jobs"], default=None
     )
     if big and not big.get("probes"):
-        add(f"peak RSS at {big['max_jobs']} max_jobs (peak {big['peak_running']} running) < {TARGET_RSS_MIB:g} MiB",
-            big["peak_rss_mib"] < TARGET_RSS_MIB, f"{big['peak_rss_mib']} MiB")
+        add(
+            f"peak RSS at {big['max_jobs']} max_jobs (peak {big['peak_running']} running) < {TARGET_RSS_MIB:g} MiB",
+            big["peak_rss_mib"] < TARGET_RSS_MIB,
+            f"{big['peak_rss_mib']} MiB",
+        )
         if big["peak_running"] < big["max_jobs"]:
             checks[-1]["why"] = f"only {big['peak_running']} generations were running at once at the peak"
     for name, r in runs.items():
         if name.startswith("window"):  # issue 15 part 1: the queue's head does not cap the cluster
             slots = r["replicas"] * r["max_jobs"]
-            add(f"{r['replicas']} replicas x max_jobs {r['max_jobs']}: all {slots} slots busy at once",
-                r["peak_running"] >= slots, f"peak {r['peak_running']} running")
+            add(
+                f"{r['replicas']} replicas x max_jobs {r['max_jobs']}: all {slots} slots busy at once",
+                r["peak_running"] >= slots,
+                f"peak {r['peak_running']} running",
+            )
     over = [r for r in report["runs"] if r["peak_pg_conns"] > r["pg_conn_bound"]]
-    add("PostgreSQL connections never above the pools' maximum", not over,
-        ", ".join(f"{r['name']} {r['peak_pg_conns']}/{r['pg_conn_bound']}" for r in report["runs"]))
+    add(
+        "PostgreSQL connections never above the pools' maximum",
+        not over,
+        ", ".join(f"{r['name']} {r['peak_pg_conns']}/{r['pg_conn_bound']}" for r in report["runs"]),
+    )
     enq = runs.get("enqueue")
     if enq:
-        add(f"enqueue-to-start p95 < {TARGET_TO_START_P95_MS:g} ms (default settings)",
+        add(
+            f"enqueue-to-start p95 < {TARGET_TO_START_P95_MS:g} ms (default settings)",
             enq["to_start_ms"]["p95"] < TARGET_TO_START_P95_MS,
-            f"p50 {enq['to_start_ms']['p50']} ms, p95 {enq['to_start_ms']['p95']} ms")
+            f"p50 {enq['to_start_ms']['p50']} ms, p95 {enq['to_start_ms']['p95']} ms",
+        )
     slow = runs.get("slowlog")
     if slow:
         # The same run without the slow INSERT; results.json files older than `slowbase` paired it with
@@ -125,12 +165,15 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
             slow_rate = slow["throughput"] or slow["throughput_overall"]
             base_rate = base["throughput"] or base["throughput_overall"]
             ratio = slow_rate / base_rate
-            add(f"a slow progress log (+{slow['slow_log_ms']:g} ms per row) does not stall generations "
-                "(>= 90% of the same run without)", ratio >= 0.9,
+            add(
+                f"a slow progress log (+{slow['slow_log_ms']:g} ms per row) does not stall generations "
+                "(>= 90% of the same run without)",
+                ratio >= 0.9,
                 f"{slow_rate} vs {base_rate} sites/s ({ratio:.0%}); rows logged "
                 f"{slow['log_rows_per_s']}/s, written {slow.get('log_rows_written_per_s', '-')}/s while the "
                 f"generations ran, the log's last row {slow.get('log_lag_s', '-')} s after the last site; "
-                f"{slow['log_rows'] / slow['sites']:.1f} rows per site")
+                f"{slow['log_rows'] / slow['sites']:.1f} rows per site",
+            )
     return checks
 
 
@@ -162,14 +205,23 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
             ax.plot(x, [0.9 * r["ideal"] for r in lat], ":", color="grey", label="90% of ideal (target)")
             ax.plot(x, [r["throughput"] for r in lat], "o-", color="tab:blue", label="measured, 1 replica")
             for r in lat:
-                ax.annotate(f"{r['throughput']:.0f}/s\n{r['worker_cpu_pct']:.0f}% CPU",
-                            (r["max_jobs"], r["throughput"]), textcoords="offset points", xytext=(4, 6))
+                ax.annotate(
+                    f"{r['throughput']:.0f}/s\n{r['worker_cpu_pct']:.0f}% CPU",
+                    (r["max_jobs"], r["throughput"]),
+                    textcoords="offset points",
+                    xytext=(4, 6),
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_yticks([t for t in (10, 25, 50, 100, 200, 400, 800, 1600)
-                           if min(x) / 30 <= t <= 2 * max(r["ideal"] for r in lat)])
+            ax.set_yticks(
+                [
+                    t
+                    for t in (10, 25, 50, 100, 200, 400, 800, 1600)
+                    if min(x) / 30 <= t <= 2 * max(r["ideal"] for r in lat)
+                ]
+            )
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xticks(x, [str(v) for v in x])
             ax.set_xlabel("generations in flight (max_jobs)")
@@ -235,8 +287,12 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
             if pts:
                 step = max(1, len(pts) // 600)
                 pts = pts[::step]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name} ({runs[name]['label']})"
-                        if name in runs else name, lw=1)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    label=f"{name} ({runs[name]['label']})" if name in runs else name,
+                    lw=1,
+                )
         ax.axhline(TARGET_RSS_MIB, color="tab:red", ls=":", label="target 250 MiB")
         ax.set_xlabel("seconds since the run's first enqueue")
         ax.set_ylabel("worker RSS (MiB, largest replica)")
@@ -268,8 +324,13 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
         ax.plot(x, [TARGET_SCALEOUT_SHARE * r["ideal"] for r in scaleout], ":", color="grey", label="95% of ideal")
         ax.plot(x, [r["throughput"] for r in scaleout], "o-", color="tab:green", label="measured")
         for r in long_runs:  # same slots, a latency at which the machine's CPU is not the limit: share of its ideal
-            ax.plot([r["replicas"]], [r["throughput"]], "s", color="tab:purple",
-                    label=f"measured at {r['latency_ms'] / 1000:g} s ({r['of_ideal']:.0%} of its ideal {r['ideal']:g})")
+            ax.plot(
+                [r["replicas"]],
+                [r["throughput"]],
+                "s",
+                color="tab:purple",
+                label=f"measured at {r['latency_ms'] / 1000:g} s ({r['of_ideal']:.0%} of its ideal {r['ideal']:g})",
+            )
         ax2 = ax.twinx()
         ax2.bar(x, [r["machine_cpu_pct"] for r in scaleout], alpha=0.15, color="grey", width=0.8)
         ax2.set_ylabel("machine CPU %")
@@ -303,8 +364,10 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
         lines = ax.get_legend_handles_labels()
         more = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower center", fontsize=7)
-        ax.set_title(f"one replica holding {inflight['sites'] - inflight['probes']} generations (latency "
-                     f"{inflight['latency_ms'] / 1000:g} s); probes start p95 {inflight['to_start_ms']['p95']:.0f} ms")
+        ax.set_title(
+            f"one replica holding {inflight['sites'] - inflight['probes']} generations (latency "
+            f"{inflight['latency_ms'] / 1000:g} s); probes start p95 {inflight['to_start_ms']['p95']:.0f} ms"
+        )
         fig.tight_layout()
         fig.savefig(out / "inflight.png")
         plt.close(fig)
@@ -313,15 +376,27 @@ def charts(report: dict[str, Any], out: Path) -> list[str]:
     if rl and rl.get("requests_per_10s"):
         fig, ax = plt.subplots(figsize=(7, 3.2))
         counts = rl["requests_per_10s"]
-        ax.bar([10 * i for i in range(len(counts))], counts, width=8, align="edge", color="tab:blue",
-               label="requests the provider answered")
-        ax.axhline(rl["limit_per_10s"], color="tab:red", ls=":",
-                   label=f"its limit: {rl['provider_rpm']}/min = {rl['limit_per_10s']:g} per 10 s")
+        ax.bar(
+            [10 * i for i in range(len(counts))],
+            counts,
+            width=8,
+            align="edge",
+            color="tab:blue",
+            label="requests the provider answered",
+        )
+        ax.axhline(
+            rl["limit_per_10s"],
+            color="tab:red",
+            ls=":",
+            label=f"its limit: {rl['provider_rpm']}/min = {rl['limit_per_10s']:g} per 10 s",
+        )
         ax.set_xlabel("seconds from the first request (10 s windows)")
         ax.set_ylabel("requests")
         ax.set_ylim(0, rl["limit_per_10s"] * 1.4)
-        ax.set_title(f"{rl['replicas']} replicas sharing one provider: {rl['429s_received']} 429s received, "
-                     f"at most {rl['max_requests_in_any_60s']} requests in any 60 s")
+        ax.set_title(
+            f"{rl['replicas']} replicas sharing one provider: {rl['429s_received']} 429s received, "
+            f"at most {rl['max_requests_in_any_60s']} requests in any 60 s"
+        )
         ax.legend(loc="upper right", fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "ratelimit.png")
@@ -469,63 +544,101 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         lines += [f"| `{f}` | {ms} | {share}% |" for f, ms, share in prof["inclusive_worker"][:18]]
     progress = report.get("progress") or []
     if progress:
-        lines += ["", "## What the progress log can write", "",
-                  "`ProgressLog` alone (its own pool, one ordered writer, batches of up to 500 rows) fed as fast as "
-                  "one event loop can log rows: the most rows/s it gets into PostgreSQL.", "",
-                  "| INSERT slowed by | rows | logged rows/s | written rows/s | dropped |", "|---|---|---|---|---|"]
-        lines += [f"| {p['slow_log_ms']:g} ms per row | {p['rows']} | {p['logged_per_s']} | {p['rows_per_s']} | "
-                  f"{p['dropped']} |" for p in progress]
+        lines += [
+            "",
+            "## What the progress log can write",
+            "",
+            "`ProgressLog` alone (its own pool, one ordered writer, batches of up to 500 rows) fed as fast as "
+            "one event loop can log rows: the most rows/s it gets into PostgreSQL.",
+            "",
+            "| INSERT slowed by | rows | logged rows/s | written rows/s | dropped |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['slow_log_ms']:g} ms per row | {p['rows']} | {p['logged_per_s']} | {p['rows_per_s']} | "
+            f"{p['dropped']} |"
+            for p in progress
+        ]
     idle = report.get("idle") or []
     if idle:
-        lines += ["", "## What polling costs an idle replica", "",
-                  "Redis counts the commands a Lua script runs as commands: `evalsha` is the one round trip of a poll.",
-                  "", "| poll_delay_s | Redis commands/s | by command (/s) | worker CPU % |", "|---|---|---|---|"]
-        lines += [f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | "
-                  + ", ".join(f"{c} {r}" for c, r in (i.get("redis_cmds_by_command_per_s") or {}).items())
-                  + f" | {i['worker_cpu_pct']} |" for i in idle]
+        lines += [
+            "",
+            "## What polling costs an idle replica",
+            "",
+            "Redis counts the commands a Lua script runs as commands: `evalsha` is the one round trip of a poll.",
+            "",
+            "| poll_delay_s | Redis commands/s | by command (/s) | worker CPU % |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {i['poll_delay_s']} | {i['redis_cmds_per_s']} | "
+            + ", ".join(f"{c} {r}" for c, r in (i.get("redis_cmds_by_command_per_s") or {}).items())
+            + f" | {i['worker_cpu_pct']} |"
+            for i in idle
+        ]
     inflight = next((r for r in report["runs"] if r["name"] == "inflight" and r.get("held")), None)
     if inflight:
         h, n = inflight["held"], inflight["held"]["generations"]
         grown = h["worker_rss_mib"] - (inflight.get("rss_start_mib") or 0)
-        lines += ["", f"## What each generation in flight costs (one replica holding {n}, issue 15)", "",
-                  "Read while every generation waited on its model call. The worker's RSS, sockets and Redis "
-                  "keys grow with each one; PostgreSQL connections do not (the pools' maximum holds).", "",
-                  "| what | held in all | per generation |", "|---|---|---|",
-                  f"| worker RSS | {h['worker_rss_mib']} MiB ({grown:.1f} MiB over the idle replica) | "
-                  f"{grown * 1024 / n:.1f} KiB |",
-                  f"| open file descriptors (model-call sockets mostly) | {h['worker_open_fds']} | "
-                  f"{h['worker_open_fds'] / n:.2f} |",
-                  f"| Redis keys | {h['redis_keys']} | {h['redis_keys'] / n:.2f} |",
-                  f"| Redis memory | {h['redis_used_mib']} MiB | {h['redis_used_mib'] * 1024 / n:.1f} KiB |",
-                  f"| PostgreSQL connections | {h['pg_conns']} (bound {inflight['pg_conn_bound']}) | - |",
-                  "| leases renewed per heartbeat | one UPDATE and one Redis script call for all | "
-                  "one row; a PEXPIRE and two ZADDs |"]
+        lines += [
+            "",
+            f"## What each generation in flight costs (one replica holding {n}, issue 15)",
+            "",
+            "Read while every generation waited on its model call. The worker's RSS, sockets and Redis "
+            "keys grow with each one; PostgreSQL connections do not (the pools' maximum holds).",
+            "",
+            "| what | held in all | per generation |",
+            "|---|---|---|",
+            f"| worker RSS | {h['worker_rss_mib']} MiB ({grown:.1f} MiB over the idle replica) | "
+            f"{grown * 1024 / n:.1f} KiB |",
+            f"| open file descriptors (model-call sockets mostly) | {h['worker_open_fds']} | "
+            f"{h['worker_open_fds'] / n:.2f} |",
+            f"| Redis keys | {h['redis_keys']} | {h['redis_keys'] / n:.2f} |",
+            f"| Redis memory | {h['redis_used_mib']} MiB | {h['redis_used_mib'] * 1024 / n:.1f} KiB |",
+            f"| PostgreSQL connections | {h['pg_conns']} (bound {inflight['pg_conn_bound']}) | - |",
+            "| leases renewed per heartbeat | one UPDATE and one Redis script call for all | "
+            "one row; a PEXPIRE and two ZADDs |",
+        ]
     rl = report.get("ratelimit")
     if rl:
-        lines += ["", f"## {rl['replicas']} replicas sharing a provider limited to {rl['provider_rpm']} requests/min "
-                  "(issue 15)", "",
-                  f"The provider (the fake) answers 429 beyond {rl['provider_rpm']} requests in any 60 s; the "
-                  f"worker's shared limit is {rl['shared_rpm']}/min (2% under). {rl['sites']} sites enqueued at once.",
-                  "", "| what | measured |", "|---|---|",
-                  f"| requests answered, most in a 10 s window (limit {rl['limit_per_10s']:g}) | "
-                  f"{rl['max_requests_per_10s']} |",
-                  f"| most in any 60 s (limit {rl['provider_rpm']}) | {rl['max_requests_in_any_60s']} |",
-                  f"| 429s received (after the first) | {rl['429s_received']} ({rl['429s_after_the_first']}) |",
-                  f"| sites/s (ideal {rl['ideal_sites_per_s']}: the limit / 3 calls) | {rl['sites_per_s']} |",
-                  f"| budget waits in the progress log | {rl['budget_waits_logged']}; expected wait p50 "
-                  f"{rl['budget_wait_s']['p50']} s, p95 {rl['budget_wait_s']['p95']} s, max "
-                  f"{rl['budget_wait_s']['max']} s |",
-                  f"| requests answered per 10 s | {', '.join(map(str, rl['requests_per_10s']))} |"]
+        lines += [
+            "",
+            f"## {rl['replicas']} replicas sharing a provider limited to {rl['provider_rpm']} requests/min (issue 15)",
+            "",
+            f"The provider (the fake) answers 429 beyond {rl['provider_rpm']} requests in any 60 s; the "
+            f"worker's shared limit is {rl['shared_rpm']}/min (2% under). {rl['sites']} sites enqueued at once.",
+            "",
+            "| what | measured |",
+            "|---|---|",
+            f"| requests answered, most in a 10 s window (limit {rl['limit_per_10s']:g}) | "
+            f"{rl['max_requests_per_10s']} |",
+            f"| most in any 60 s (limit {rl['provider_rpm']}) | {rl['max_requests_in_any_60s']} |",
+            f"| 429s received (after the first) | {rl['429s_received']} ({rl['429s_after_the_first']}) |",
+            f"| sites/s (ideal {rl['ideal_sites_per_s']}: the limit / 3 calls) | {rl['sites_per_s']} |",
+            f"| budget waits in the progress log | {rl['budget_waits_logged']}; expected wait p50 "
+            f"{rl['budget_wait_s']['p50']} s, p95 {rl['budget_wait_s']['p95']} s, max "
+            f"{rl['budget_wait_s']['max']} s |",
+            f"| requests answered per 10 s | {', '.join(map(str, rl['requests_per_10s']))} |",
+        ]
     beats = report.get("heartbeat") or []
     if beats:
-        lines += ["", "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)", "",
-                  "One replica holding its generations in long model calls: PEXPIREs and the UPDATEs of "
-                  "site_generations come from the heartbeat alone (every lease_s/4, one pipeline and one "
-                  "statement per beat for all of them).", "",
-                  "| lease_s | generations | beats/s | Redis PEXPIRE/s | Redis commands/s (all) | "
-                  "PostgreSQL rows updated/s | PostgreSQL commits/s (all) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {b['lease_s']:g} | {b['generations']} | {b['beats_per_s']} | {b['redis_pexpire_per_s']} | "
-                  f"{b['redis_cmds_per_s']} | {b['pg_rows_updated_per_s']} | {b['pg_commits_per_s']} |" for b in beats]
+        lines += [
+            "",
+            "## What the heartbeat costs a replica (issue 14: a shorter lease for SIGKILL recovery)",
+            "",
+            "One replica holding its generations in long model calls: PEXPIREs and the UPDATEs of "
+            "site_generations come from the heartbeat alone (every lease_s/4, one pipeline and one "
+            "statement per beat for all of them).",
+            "",
+            "| lease_s | generations | beats/s | Redis PEXPIRE/s | Redis commands/s (all) | "
+            "PostgreSQL rows updated/s | PostgreSQL commits/s (all) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['lease_s']:g} | {b['generations']} | {b['beats_per_s']} | {b['redis_pexpire_per_s']} | "
+            f"{b['redis_cmds_per_s']} | {b['pg_rows_updated_per_s']} | {b['pg_commits_per_s']} |"
+            for b in beats
+        ]
     lines += [
         "",
         "## The old design, same machine (issue 6)",

@@ -71,9 +71,7 @@ def pct(values: list[float], q: float) -> float:
 class Fake:
     """One fake provider process (bench/fake.py)."""
 
-    def __init__(
-        self, latency_s: float, log_path: Path, jitter: float = 0.0, *, rate_limit_rpm: int = 0
-    ) -> None:
+    def __init__(self, latency_s: float, log_path: Path, jitter: float = 0.0, *, rate_limit_rpm: int = 0) -> None:
         self.log_path = log_path
         spread = ["--latency", str(latency_s * (1 - jitter)), "--latency-max", str(latency_s * (1 + jitter))]
         # With a rate limit, the test server itself: it records every request (when, and whether it
@@ -127,8 +125,21 @@ class Worker:
         if spy is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy)")
         self.spy = subprocess.Popen(
-            [spy, "record", "--pid", str(self.proc.pid), "--rate", str(rate), "--format", "raw",
-             "--output", str(self.profile_to), "--threads", "--nonblocking", "--gil"],
+            [
+                spy,
+                "record",
+                "--pid",
+                str(self.proc.pid),
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "--output",
+                str(self.profile_to),
+                "--threads",
+                "--nonblocking",
+                "--gil",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -311,13 +322,15 @@ class Bench:
             env["SITEGEN_WORKER__MAX_JOBS"] = str(sc.max_jobs)
         for i, fake in enumerate(fakes):
             p = f"SITEGEN_AI__PROVIDERS__FAKE{i}__"
-            env.update({
-                p + "KIND": "openai",
-                p + "MODEL": "fake-gpt",
-                p + "BASE_URL": f"{fake.url}/v1",
-                p + "API_KEY_ENV": "BENCH_FAKE_KEY",
-                p + "READ_TIMEOUT_S": "30",
-            })
+            env.update(
+                {
+                    p + "KIND": "openai",
+                    p + "MODEL": "fake-gpt",
+                    p + "BASE_URL": f"{fake.url}/v1",
+                    p + "API_KEY_ENV": "BENCH_FAKE_KEY",
+                    p + "READ_TIMEOUT_S": "30",
+                }
+            )
             if not sc.defaults:
                 # The default (8 requests in flight per provider) would cap 200 ms calls at 40/s.
                 # At latency 0 the default is kept: calls do not wait, so 8 at a time never limits.
@@ -378,8 +391,12 @@ class Bench:
         ]
         env = self.env(sc, fakes)
         workers = [
-            Worker(f"bench-{sc.name}-{i}", env, self.work / f"worker-{sc.name}-{i}.log",
-                   profile_to=self.out / "profile.raw" if sc.profile and i == 0 else None)
+            Worker(
+                f"bench-{sc.name}-{i}",
+                env,
+                self.work / f"worker-{sc.name}-{i}.log",
+                profile_to=self.out / "profile.raw" if sc.profile and i == 0 else None,
+            )
             for i in range(sc.replicas)
         ]
         try:
@@ -612,8 +629,11 @@ class Bench:
             "peak_pg_conns": max(poll["conns"], default=0),
             "pg_conn_bound": bound,
             "pg_sessions_per_site": round(sessions / n, 3),
-            "to_start_ms": {"p50": round(pct(to_start, 0.5), 1), "p95": round(pct(to_start, 0.95), 1),
-                            "max": round(max(to_start, default=float("nan")), 1)},
+            "to_start_ms": {
+                "p50": round(pct(to_start, 0.5), 1),
+                "p95": round(pct(to_start, 0.95), 1),
+                "max": round(max(to_start, default=float("nan")), 1),
+            },
             "duration_ms": {"p50": round(pct(durations, 0.5), 1), "p95": round(pct(durations, 0.95), 1)},
             "phase_p50_ms": phases,
             "log_rows": logs["n"],
@@ -635,16 +655,19 @@ class Bench:
             "held": held,
             # Generations running over time (seconds from the first enqueue), at most ~400 points.
             "running_series": [
-                (round(t - t_start, 2), r) for t, r in list(zip(poll["t"], poll["running"], strict=True))[
-                    :: max(1, len(poll["t"]) // 400)
-                ]
+                (round(t - t_start, 2), r)
+                for t, r in list(zip(poll["t"], poll["running"], strict=True))[:: max(1, len(poll["t"]) // 400)]
             ],
         }
         log(
             f"{sc.name}: {n} sites, "
             + (f"{result['throughput']}/s steady" if not one_wave else f"one wave, {result['throughput_overall']}/s")
-            + (f" ({result['of_ideal']:.0%} of {result['ideal']}: slots busy {result['occupancy']:.1%}, model time"
-               f" / site time {result['speed']:.1%})" if ideal and steady_ll else "")
+            + (
+                f" ({result['of_ideal']:.0%} of {result['ideal']}: slots busy {result['occupancy']:.1%}, model time"
+                f" / site time {result['speed']:.1%})"
+                if ideal and steady_ll
+                else ""
+            )
             + f", worker {result['worker_cpu_ms_per_site']} ms CPU/site"
             f" ({result['worker_sys_ms_per_site']} in the kernel, {result['worker_cpu_pct']}% of a core),"
             f" RSS {result['peak_rss_mib']} MiB, pg conns {result['peak_pg_conns']}/{bound},"
@@ -717,8 +740,15 @@ class Bench:
         try:
             t0 = time.perf_counter()
             for i in range(rows):
-                await progress.log(10_000 + i % 500, "phase plan done", generation_id=1 + i % 500, phase="plan",
-                                   duration_ms=200, tokens_in=900, tokens_out=1200)
+                await progress.log(
+                    10_000 + i % 500,
+                    "phase plan done",
+                    generation_id=1 + i % 500,
+                    phase="plan",
+                    duration_ms=200,
+                    tokens_in=900,
+                    tokens_out=1200,
+                )
                 if i % 50 == 49:
                     await asyncio.sleep(0)  # let the writer run, as a worker's other coroutines do
             logged_s = time.perf_counter() - t0
@@ -730,8 +760,13 @@ class Bench:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             await pool.close()
-        res = {"rows": rows, "slow_log_ms": slow_log_ms, "rows_per_s": round(rows / elapsed),
-               "logged_per_s": round(rows / logged_s), "dropped": progress.dropped}
+        res = {
+            "rows": rows,
+            "slow_log_ms": slow_log_ms,
+            "rows_per_s": round(rows / elapsed),
+            "logged_per_s": round(rows / logged_s),
+            "dropped": progress.dropped,
+        }
         log(f"progress capacity: {res}")
         return res
 
@@ -764,9 +799,12 @@ class Bench:
         k1["info"] = k1.get("info", 0) - 3
         rates = {c: round((n - k0.get(c, 0)) / (t1 - t0), 1) for c, n in sorted(k1.items())}
         by_command = {c: r for c, r in rates.items() if r > 0}
-        res = {"poll_delay_s": poll_delay_s, "redis_cmds_per_s": round((c1 - c0 - 2) / (t1 - t0), 1),
-               "redis_cmds_by_command_per_s": by_command,
-               "worker_cpu_pct": round((cpu1 - cpu0) / (t1 - t0) * 100, 2)}
+        res = {
+            "poll_delay_s": poll_delay_s,
+            "redis_cmds_per_s": round((c1 - c0 - 2) / (t1 - t0), 1),
+            "redis_cmds_by_command_per_s": by_command,
+            "worker_cpu_pct": round((cpu1 - cpu0) / (t1 - t0) * 100, 2),
+        }
         log(f"idle poll {poll_delay_s}s: {res}")
         return res
 
@@ -780,8 +818,9 @@ class Bench:
         log(f"heartbeat: one replica holding {jobs} generations, lease_s {lease_s}, for {seconds}s")
         await self.reset()
         fake = Fake(seconds + 120, self.work / "fake-heartbeat.log")
-        sc = Scenario("heartbeat", "heartbeat", seconds + 120, jobs, jobs,
-                      extra_env={"SITEGEN_WORKER__LEASE_S": str(lease_s)})
+        sc = Scenario(
+            "heartbeat", "heartbeat", seconds + 120, jobs, jobs, extra_env={"SITEGEN_WORKER__LEASE_S": str(lease_s)}
+        )
         w = Worker(f"bench-heartbeat-{lease_s:g}", self.env(sc, [fake]), self.work / "worker-heartbeat.log")
         redis = await client.connect(self.redis_url)
         conn = await self.connect()
@@ -829,7 +868,6 @@ class Bench:
         log(f"heartbeat lease {lease_s:g}s: {res}")
         return res
 
-
     async def ratelimit(self, replicas: int, rpm: int, sites: int, latency_s: float) -> dict[str, Any]:
         """`replicas` replicas sharing one provider that answers 429 beyond `rpm` requests a minute.
 
@@ -841,12 +879,22 @@ class Bench:
         await self.reset()
         fake = Fake(latency_s, self.work / "fake-ratelimit.log", rate_limit_rpm=rpm)
         shared = int(rpm * 0.98)
-        sc = Scenario("ratelimit", "ratelimit", latency_s, max(4, sites // replicas), sites, replicas=replicas,
-                      extra_env={"SITEGEN_AI__PROVIDERS__FAKE0__REQUESTS_PER_MINUTE": str(shared),
-                                 "SITEGEN_AI__MAX_BUDGET_WAIT_S": "600"})
+        sc = Scenario(
+            "ratelimit",
+            "ratelimit",
+            latency_s,
+            max(4, sites // replicas),
+            sites,
+            replicas=replicas,
+            extra_env={
+                "SITEGEN_AI__PROVIDERS__FAKE0__REQUESTS_PER_MINUTE": str(shared),
+                "SITEGEN_AI__MAX_BUDGET_WAIT_S": "600",
+            },
+        )
         env = self.env(sc, [fake])
-        workers = [Worker(f"bench-ratelimit-{i}", env, self.work / f"worker-ratelimit-{i}.log")
-                   for i in range(replicas)]
+        workers = [
+            Worker(f"bench-ratelimit-{i}", env, self.work / f"worker-ratelimit-{i}.log") for i in range(replicas)
+        ]
         conn = await self.connect()
         redis = await client.connect(self.redis_url)
         try:
@@ -898,11 +946,15 @@ class Bench:
             "429s_received": len(refused),
             "429s_after_the_first": max(len(refused) - 1, 0),
             "budget_waits_logged": len(wait_s),
-            "budget_wait_s": {"p50": round(pct(wait_s, 0.5), 1), "p95": round(pct(wait_s, 0.95), 1),
-                              "max": round(max(wait_s, default=0.0), 1)},
+            "budget_wait_s": {
+                "p50": round(pct(wait_s, 0.5), 1),
+                "p95": round(pct(wait_s, 0.95), 1),
+                "max": round(max(wait_s, default=0.0), 1),
+            },
         }
         log(f"ratelimit: {res}")
         return res
+
 
 # ---------------------------------------------------------------------------------------------- profile
 
@@ -936,7 +988,8 @@ def summarize_profile(raw: Path, rate: int, sites: int) -> dict[str, Any]:
         "cpu_ms_per_site": ms(total),
         "self": [(f, ms(c), round(c / total * 100, 1)) for f, c in self_c.most_common(25)],
         "inclusive_worker": [
-            (f, ms(c), round(c / total * 100, 1)) for f, c in incl.most_common(400)
+            (f, ms(c), round(c / total * 100, 1))
+            for f, c in incl.most_common(400)
             if "worker/" in f and "__main__" not in f
         ][:25],
         "buckets": [(b, ms(c), round(c / total * 100, 1)) for b, c in bucket.most_common()],
@@ -956,12 +1009,19 @@ def _short(frame: str) -> str:
 
 
 _BUCKETS = [
-    ("json_repair", "json-repair"), ("pydantic", "pydantic (validation, dump, schema)"),
-    ("selectolax", "selectolax (assemble's HTML checks)"), ("loguru", "loguru (logging)"),
-    ("asyncpg", "asyncpg (PostgreSQL protocol)"), ("aiohttp", "aiohttp (model calls)"),
-    ("yarl", "aiohttp (model calls)"), ("multidict", "aiohttp (model calls)"),
-    ("arq/", "arq (queue)"), ("redis/", "redis-py (queue)"), ("json/", "json (stdlib)"),
-    ("asyncio/", "asyncio event loop"), ("selectors", "asyncio event loop"),
+    ("json_repair", "json-repair"),
+    ("pydantic", "pydantic (validation, dump, schema)"),
+    ("selectolax", "selectolax (assemble's HTML checks)"),
+    ("loguru", "loguru (logging)"),
+    ("asyncpg", "asyncpg (PostgreSQL protocol)"),
+    ("aiohttp", "aiohttp (model calls)"),
+    ("yarl", "aiohttp (model calls)"),
+    ("multidict", "aiohttp (model calls)"),
+    ("arq/", "arq (queue)"),
+    ("redis/", "redis-py (queue)"),
+    ("json/", "json (stdlib)"),
+    ("asyncio/", "asyncio event loop"),
+    ("selectors", "asyncio event loop"),
     ("worker/", "worker code (own frames)"),
 ]
 
@@ -979,15 +1039,21 @@ def _bucket(frames: list[str]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--progress-rows", type=int, default=20_000,
-                   help="rows of the progress-log capacity run (a tenth of them with --slow-log-ms)")
-    p.add_argument("--scenarios",
-                   default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,"
-                   "heartbeat",
-                   help="which scenarios to run, comma-separated")
+    p.add_argument(
+        "--progress-rows",
+        type=int,
+        default=20_000,
+        help="rows of the progress-log capacity run (a tenth of them with --slow-log-ms)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,heartbeat",
+        help="which scenarios to run, comma-separated",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
     p.add_argument("--zero-sites", type=int, default=1500, help="sites in the latency-0 run")
@@ -995,37 +1061,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-sites", type=int, default=300, help="sites in the profiled latency-0 run")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--latency-ms", type=float, default=200, help="model latency of the latency scenarios")
-    p.add_argument("--latency-jitter", type=float, default=0.25,
-                   help="each call takes uniform(latency x (1 - j), latency x (1 + j)), same mean; 0: constant "
-                        "(then every generation runs in lockstep and all their commits land in the same ms)")
-    p.add_argument("--max-jobs", type=ints, default=[25, 50, 200, 500],
-                   help="max_jobs values of the latency scenario (25: where one replica's CPU is not the limit)")
+    p.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.25,
+        help="each call takes uniform(latency x (1 - j), latency x (1 + j)), same mean; 0: constant "
+        "(then every generation runs in lockstep and all their commits land in the same ms)",
+    )
+    p.add_argument(
+        "--max-jobs",
+        type=ints,
+        default=[25, 50, 200, 500],
+        help="max_jobs values of the latency scenario (25: where one replica's CPU is not the limit)",
+    )
     p.add_argument("--waves", type=float, default=2, help="latency scenario: sites = waves x max_jobs ...")
-    p.add_argument("--latency-min-sites", type=int, default=1500,
-                   help="... but at least this many: the max_jobs generations started at the same moment finish "
-                        "in waves for the first few rounds, which a short run's steady window cannot average out")
+    p.add_argument(
+        "--latency-min-sites",
+        type=int,
+        default=1500,
+        help="... but at least this many: the max_jobs generations started at the same moment finish "
+        "in waves for the first few rounds, which a short run's steady window cannot average out",
+    )
     p.add_argument("--inflight-jobs", type=int, default=2000, help="generations in flight at once in the RSS run")
-    p.add_argument("--inflight-latency-s", type=float, default=10,
-                   help="model latency of the in-flight run: long enough that every generation is started at once")
+    p.add_argument(
+        "--inflight-latency-s",
+        type=float,
+        default=10,
+        help="model latency of the in-flight run: long enough that every generation is started at once",
+    )
     p.add_argument("--enqueue-rate", type=float, default=10, help="jobs/s of the paced enqueue-to-start run")
     p.add_argument("--enqueue-sites", type=int, default=150, help="sites of the paced enqueue-to-start run")
     p.add_argument("--slow-log-ms", type=float, default=5, help="delay added to each progress-row INSERT")
     p.add_argument("--slowlog-max-jobs", type=int, default=50, help="max_jobs of the slow-progress-log run")
-    p.add_argument("--slowlog-sites", type=int, default=300,
-                   help="sites of the slow-progress-log run and of its baseline without the slow INSERT (few "
-                        "enough that the buffer, 10,000 rows, does not overflow while ~200 rows/s get written)")
+    p.add_argument(
+        "--slowlog-sites",
+        type=int,
+        default=300,
+        help="sites of the slow-progress-log run and of its baseline without the slow INSERT (few "
+        "enough that the buffer, 10,000 rows, does not overflow while ~200 rows/s get written)",
+    )
     p.add_argument("--replicas", type=ints, default=[1, 2, 4], help="replica counts of the scale run (latency 0)")
-    p.add_argument("--scaleout-replicas", type=ints, default=[1, 4, 10, 20],
-                   help="replica counts of the scaleout run (model latency, slots across replicas)")
+    p.add_argument(
+        "--scaleout-replicas",
+        type=ints,
+        default=[1, 4, 10, 20],
+        help="replica counts of the scaleout run (model latency, slots across replicas)",
+    )
     p.add_argument("--scaleout-max-jobs", type=int, default=100, help="max_jobs of each scaleout replica")
     p.add_argument("--scaleout-latency-s", type=float, default=3.0, help="model latency of the scaleout run")
     p.add_argument("--scaleout-waves", type=float, default=3, help="scaleout sites = waves x replicas x max_jobs")
-    p.add_argument("--scaleout-long-latency-s", type=float, default=20.0,
-                   help="model latency of the scaleout run repeated with the most replicas, where the machine's CPU "
-                        "is not the limit (0: not run)")
+    p.add_argument(
+        "--scaleout-long-latency-s",
+        type=float,
+        default=20.0,
+        help="model latency of the scaleout run repeated with the most replicas, where the machine's CPU "
+        "is not the limit (0: not run)",
+    )
     p.add_argument("--scaleout-long-waves", type=float, default=2, help="its sites = waves x replicas x max_jobs")
-    p.add_argument("--inflight-probes", type=int, default=50,
-                   help="jobs enqueued one by one while the inflight run holds its generations")
+    p.add_argument(
+        "--inflight-probes",
+        type=int,
+        default=50,
+        help="jobs enqueued one by one while the inflight run holds its generations",
+    )
     p.add_argument("--inflight-probe-rate", type=float, default=10, help="jobs/s of the inflight probes")
     p.add_argument("--scale-sites", type=int, default=1500, help="sites of each scale-out run (latency 0)")
     p.add_argument("--window-replicas", type=int, default=10, help="replicas of the `window` run (issue 15 part 1)")
@@ -1033,8 +1131,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window-latency-s", type=float, default=2, help="model latency of the `window` run")
     p.add_argument("--window-sites", type=int, default=400, help="sites of the `window` run (a backlog past the slots)")
     p.add_argument("--fakes", type=int, default=1, help="fake provider processes (tasks are spread over them)")
-    p.add_argument("--sites-dir", default=None,
-                   help="folder the generated sites are written under (default: /dev/shm if there, else TMPDIR)")
+    p.add_argument(
+        "--sites-dir",
+        default=None,
+        help="folder the generated sites are written under (default: /dev/shm if there, else TMPDIR)",
+    )
     p.add_argument("--idle-seconds", type=float, default=4, help="how long the idle polling cost is measured")
     p.add_argument("--ratelimit-replicas", type=int, default=4, help="replicas of the ratelimit run")
     p.add_argument("--ratelimit-rpm", type=int, default=120, help="the fake provider's requests/min limit")
@@ -1042,8 +1143,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratelimit-latency-s", type=float, default=0.5, help="model latency of the ratelimit run")
     p.add_argument("--heartbeat-jobs", type=int, default=100, help="generations held while the heartbeat is measured")
     p.add_argument("--heartbeat-seconds", type=float, default=20, help="how long the heartbeat cost is measured")
-    p.add_argument("--log-level", default="INFO",
-                   help="the workers' log level (INFO, the default, writes ~13 JSON lines per site to their log files)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the workers' log level (INFO, the default, writes ~13 JSON lines per site to their log files)",
+    )
     p.add_argument("--pool-max", type=int, default=10, help="SITEGEN_DATABASE__POOL_MAX_SIZE (worker default 10)")
     p.add_argument("--progress-pool-max", type=int, default=2, help="SITEGEN_DATABASE__PROGRESS_POOL_MAX_SIZE")
     p.add_argument("--order-base", type=int, default=100_001, help="first order id")
@@ -1069,23 +1173,51 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         lat = args.latency_ms / 1000
         zj = args.zero_max_jobs
         if "zero" in wanted or "scale" in wanted:
-            await bench.run(Scenario("zero", f"latency 0, max_jobs {zj}, 1 replica", 0, zj, args.zero_sites,
-                                     fakes=args.fakes))
+            await bench.run(
+                Scenario("zero", f"latency 0, max_jobs {zj}, 1 replica", 0, zj, args.zero_sites, fakes=args.fakes)
+            )
         if "profile" in wanted:
             (args.out / "profile.raw").unlink(missing_ok=True)
-            r = await bench.run(Scenario("profile", f"latency 0, max_jobs {zj}, under py-spy", 0, zj,
-                                         args.profile_sites, profile=True, fakes=args.fakes))
+            r = await bench.run(
+                Scenario(
+                    "profile",
+                    f"latency 0, max_jobs {zj}, under py-spy",
+                    0,
+                    zj,
+                    args.profile_sites,
+                    profile=True,
+                    fakes=args.fakes,
+                )
+            )
             report["profile"] = summarize_profile(args.out / "profile.raw", args.profile_rate, r["sites"])
         if "latency" in wanted:
             for mj in args.max_jobs:
-                await bench.run(Scenario(f"lat{mj}", f"latency {args.latency_ms:g} ms, max_jobs {mj}", lat, mj,
-                                         max(args.latency_min_sites, int(args.waves * mj)), fakes=args.fakes))
+                await bench.run(
+                    Scenario(
+                        f"lat{mj}",
+                        f"latency {args.latency_ms:g} ms, max_jobs {mj}",
+                        lat,
+                        mj,
+                        max(args.latency_min_sites, int(args.waves * mj)),
+                        fakes=args.fakes,
+                    )
+                )
         if "inflight" in wanted:
             n, slow, probes = args.inflight_jobs, args.inflight_latency_s, args.inflight_probes
             mj = n + probes
-            await bench.run(Scenario("inflight", f"{n} in flight: latency {slow:g} s, max_jobs {mj}, then {probes} "
-                                     f"jobs at {args.inflight_probe_rate:g}/s", slow, mj, n, fakes=args.fakes,
-                                     probes=probes, probe_rate=args.inflight_probe_rate))
+            await bench.run(
+                Scenario(
+                    "inflight",
+                    f"{n} in flight: latency {slow:g} s, max_jobs {mj}, then {probes} "
+                    f"jobs at {args.inflight_probe_rate:g}/s",
+                    slow,
+                    mj,
+                    n,
+                    fakes=args.fakes,
+                    probes=probes,
+                    probe_rate=args.inflight_probe_rate,
+                )
+            )
         if "scaleout" in wanted:
             mj = args.scaleout_max_jobs
             runs = [(f"scaleout{n}", n, args.scaleout_latency_s, args.scaleout_waves) for n in args.scaleout_replicas]
@@ -1097,39 +1229,89 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for name, n, lat_s, waves in runs:
                 # Waves of sites for a steady window; pools of 6 + 2 keep 20 replicas under the local
                 # PostgreSQL's 200 connections (a replica holds one per statement, never across a call).
-                await bench.run(Scenario(
-                    name, f"latency {lat_s:g} s, {n} replicas x max_jobs {mj}", lat_s, mj, int(waves * n * mj),
-                    replicas=n, fakes=max(args.fakes, -(-n * mj // 500)),
-                    extra_env={"SITEGEN_DATABASE__POOL_MAX_SIZE": "6"},
-                ))
+                await bench.run(
+                    Scenario(
+                        name,
+                        f"latency {lat_s:g} s, {n} replicas x max_jobs {mj}",
+                        lat_s,
+                        mj,
+                        int(waves * n * mj),
+                        replicas=n,
+                        fakes=max(args.fakes, -(-n * mj // 500)),
+                        extra_env={"SITEGEN_DATABASE__POOL_MAX_SIZE": "6"},
+                    )
+                )
         if "enqueue" in wanted:
             # The worker's and the provider's defaults, read from worker.settings (the poll is the default too).
             mj = WorkerSection.model_fields["max_jobs"].default
             mc = ProviderSettings.model_fields["max_concurrency"].default
-            await bench.run(Scenario("enqueue", f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
-                                     f" default settings (max_jobs {mj}, max_concurrency {mc}, poll 0.05 s)", lat, mj,
-                                     args.enqueue_sites, rate=args.enqueue_rate, fakes=args.fakes, defaults=True))
+            await bench.run(
+                Scenario(
+                    "enqueue",
+                    f"paced {args.enqueue_rate:g} jobs/s, latency {args.latency_ms:g} ms,"
+                    f" default settings (max_jobs {mj}, max_concurrency {mc}, poll 0.05 s)",
+                    lat,
+                    mj,
+                    args.enqueue_sites,
+                    rate=args.enqueue_rate,
+                    fakes=args.fakes,
+                    defaults=True,
+                )
+            )
         if "slowlog" in wanted:
             # Compared with the same run (same max_jobs, same number of sites) without the slow INSERT.
             mj, n = args.slowlog_max_jobs, args.slowlog_sites
-            await bench.run(Scenario("slowbase", f"latency {args.latency_ms:g} ms, max_jobs {mj}, the slowlog "
-                                     "run's baseline", lat, mj, n, fakes=args.fakes))
-            await bench.run(Scenario("slowlog", f"latency {args.latency_ms:g} ms, max_jobs {mj}, progress INSERT "
-                                     f"+{args.slow_log_ms:g} ms", lat, mj, n,
-                                     slow_log_ms=args.slow_log_ms, fakes=args.fakes))
+            await bench.run(
+                Scenario(
+                    "slowbase",
+                    f"latency {args.latency_ms:g} ms, max_jobs {mj}, the slowlog run's baseline",
+                    lat,
+                    mj,
+                    n,
+                    fakes=args.fakes,
+                )
+            )
+            await bench.run(
+                Scenario(
+                    "slowlog",
+                    f"latency {args.latency_ms:g} ms, max_jobs {mj}, progress INSERT +{args.slow_log_ms:g} ms",
+                    lat,
+                    mj,
+                    n,
+                    slow_log_ms=args.slow_log_ms,
+                    fakes=args.fakes,
+                )
+            )
         if "scale" in wanted:
             for n in args.replicas:
                 if n == 1:
                     continue  # the `zero` run
-                await bench.run(Scenario(f"scale{n}", f"latency 0, max_jobs {zj}, {n} replicas", 0, zj,
-                                         args.scale_sites, replicas=n, fakes=args.fakes))
+                await bench.run(
+                    Scenario(
+                        f"scale{n}",
+                        f"latency 0, max_jobs {zj}, {n} replicas",
+                        0,
+                        zj,
+                        args.scale_sites,
+                        replicas=n,
+                        fakes=args.fakes,
+                    )
+                )
         if "window" in wanted:
             # Issue 15 part 1: more running jobs across the cluster than one poll reads (queue_read_limit,
             # max(5 x max_jobs, 100)) must not leave slots empty: peak_running should reach replicas x max_jobs.
             n, mj, slow = args.window_replicas, args.window_max_jobs, args.window_latency_s
-            await bench.run(Scenario(f"window{n}x{mj}", f"{n} replicas x max_jobs {mj}, latency {slow:g} s: all "
-                                     f"{n * mj} slots busy?", slow, mj, args.window_sites, replicas=n,
-                                     fakes=args.fakes))
+            await bench.run(
+                Scenario(
+                    f"window{n}x{mj}",
+                    f"{n} replicas x max_jobs {mj}, latency {slow:g} s: all {n * mj} slots busy?",
+                    slow,
+                    mj,
+                    args.window_sites,
+                    replicas=n,
+                    fakes=args.fakes,
+                )
+            )
         if "progress" in wanted:
             report["progress"].append(await bench.progress_capacity(args.progress_rows, 0.0))
             # ~200 rows/s when each row costs 5 ms: a tenth of the rows keeps this run ~10 s.
@@ -1145,7 +1327,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             # The default lease (8 s, SIGKILL recovery within 15 s) against the former default (20 s).
             for lease in (WorkerSection.model_fields["lease_s"].default, 20.0):
                 report["heartbeat"].append(
-                    await bench.heartbeat_cost(lease, args.heartbeat_jobs, args.heartbeat_seconds))
+                    await bench.heartbeat_cost(lease, args.heartbeat_jobs, args.heartbeat_seconds)
+                )
         report["postgres"] = await bench.postgres_facts()
     finally:
         bench.close()
@@ -1153,8 +1336,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report["elapsed_s"] = round(time.time() - began, 1)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     report["machine"] = {
-        "cpus": psutil.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        "mem_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+        "cpus": psutil.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
         "sites_dir": sites_parent(args.sites_dir) or tempfile.gettempdir(),
     }
     return report

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import sys
+import time
 from typing import Any
 
+import arq.utils
 from arq import Retry
 from arq.connections import RedisSettings
 from arq.cron import cron
@@ -234,6 +237,19 @@ def _settings_or_exit() -> Settings:
     setup_logging(settings.log, replica=settings.worker.replica)
     return settings
 
+
+#: Test hook of the fault suite (tests/faults/test_clock_skew.py): this process's wall clock, as arq reads it
+#: (`arq.utils.timestamp_ms`: the enqueue times and scores arq computes), runs this many seconds off.
+CLOCK_SKEW_ENV = "FAULTS_CLOCK_SKEW_S"
+
+
+def skew_clock(offset_s: float) -> None:
+    """Make arq's clock in this process run `offset_s` seconds ahead (negative: behind) of the host's."""
+    arq.utils.time = lambda: time.time() + offset_s  # type: ignore[attr-defined]
+
+
+if os.environ.get(CLOCK_SKEW_ENV):
+    skew_clock(float(os.environ[CLOCK_SKEW_ENV]))
 
 # Every Worker of this process (arq's CLI builds its own) polls with worker.polling (one Lua script per
 # poll claims the due jobs; a running job leases its place in the queue, so polls never read it) and

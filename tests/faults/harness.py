@@ -70,6 +70,15 @@ class Replica:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process stays, silent, as a replica stalled by its host (swapping, a VM paused)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def terminate(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -132,8 +141,9 @@ class Cluster:
         env.update(self.settings_env)
         return env
 
-    def add_replica(self, name: str) -> Replica:
-        replica = Replica(name, self.env(), self.workdir / f"{name}.log")
+    def add_replica(self, name: str, **env: str) -> Replica:
+        """Start a replica; `env` adds to (or overrides) the cluster's environment for this one only."""
+        replica = Replica(name, {**self.env(), **env}, self.workdir / f"{name}.log")
         replica.start()
         self.replicas.append(replica)
         return replica
@@ -264,8 +274,8 @@ class Cluster:
             assert hashlib.sha256((site / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
-#: Rows written by a replica that does not run the generation (it found the order busy).
-_BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start")
+#: Rows written by a replica that does not run the generation (it found the order busy, or lost it).
+_BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start", "stopped: generation")
 
 
 def _check_single_owner(logs: list[asyncpg.Record]) -> None:

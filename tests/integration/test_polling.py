@@ -18,7 +18,6 @@ from arq.utils import timestamp_ms
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, close_worker, order_job, remote, wait_for_result, with_ai
 from worker import client, polling
 from worker.local.fake_server import FakeProviderServer
-from worker.pipeline.runner import Runtime
 from worker.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("provider_key")
@@ -212,15 +211,15 @@ async def test_a_running_job_leases_its_place_in_the_queue_and_the_heartbeat_ren
     lease_ms = settings.worker.lease_s * 1000
     claimed = await redis.zscore(client.QUEUE_NAME, job_id)
     assert enqueued is not None and claimed is not None and claimed > timestamp_ms()
-    assert before + lease_ms <= claimed <= timestamp_ms() + lease_ms, "scored at the end of its lease"
+    assert before + lease_ms - 5 <= claimed <= timestamp_ms() + lease_ms + 5, "scored at the end of its lease"
     assert await redis.zrangebyscore(client.QUEUE_NAME, "-inf", timestamp_ms()) == [], "no poll reads it"
     assert await order_job(redis, 180).status() == JobStatus.in_progress
 
-    rt: Runtime = worker.ctx["runtime"]
     beat_at = timestamp_ms()
-    await rt.heartbeat.renew_markers(rt)
+    await polling.renew_runs(worker)
     renewed = await redis.zscore(client.QUEUE_NAME, job_id)
-    assert renewed is not None and renewed >= beat_at + lease_ms, "the heartbeat moved the lease's end"
+    # Redis's clock (TIME, truncated to the millisecond) against this process's: a few ms apart on one host.
+    assert renewed is not None and renewed >= beat_at + lease_ms - 5, "the heartbeat moved the lease's end"
     assert await redis.zscore(polling.leases_key(client.QUEUE_NAME), job_id) == renewed, "and its lease record"
     assert await redis.hget(polling.original_scores_key(client.QUEUE_NAME), job_id) == str(int(enqueued)).encode()
     assert renewed - timestamp_ms() - 50 <= await redis.pttl(in_progress_key_prefix + job_id) <= lease_ms
@@ -326,7 +325,9 @@ async def test_a_job_whose_replica_died_comes_due_in_its_old_place_ahead_of_the_
     job_id = client.job_id(190)
     # A replica claims it for a short lease, as worker.polling's poll does, and dies.
     script = redis.register_script(polling.POLL)
-    claimed, _ = await polling.claim(script, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=500, abort_cutoff=None)
+    claimed, _ = await polling.claim(
+        script, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=500, token="dead-replica:1", read_aborts=False
+    )
     assert claimed[0].decode() == job_id
     backlog = list(range(191, 196))
     for order_id in backlog:  # enqueued after the claim, before the lease's end

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
 from arq import ArqRedis
+from arq.constants import in_progress_key_prefix
 
+from tests.helpers import WorkerFactory, wait_until
 from worker.ai import build_router
 from worker.client import QUEUE_NAME
 from worker.pipeline.runner import Runtime
@@ -41,3 +46,27 @@ async def test_the_sweeper_reenqueues_every_lost_generation_past_one_page(
         await pool.close()
     queued = {int(job_id.decode().rsplit(":", 1)[1]) for job_id in await redis.zrange(QUEUE_NAME, 0, -1)}
     assert queued == set(range(601, 1201))
+
+
+async def test_a_sweep_longer_than_a_lease_keeps_its_job(
+    settings: Settings, start_worker: WorkerFactory, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Regression: issue 21 defect 9: the cron sweep's lease in Redis was never renewed, so a sweep longer than
+    `lease_s` lost its in-progress key and another replica's poll claimed it and ran it a second time."""
+    lease_s = 2.0
+    async with db.transaction():
+        # The sweep's query waits on this lock: the sweep lasts as long as the test holds it.
+        await db.execute("LOCK TABLE site_generations IN ACCESS EXCLUSIVE MODE")
+        await start_worker(
+            settings.model_copy(update={"worker": settings.worker.model_copy(update={"lease_s": lease_s})})
+        )
+
+        async def sweep_claimed() -> bool:
+            return bool(await redis.keys(f"{in_progress_key_prefix}sweep:*"))
+
+        await wait_until(sweep_claimed, 10, 0.02, "the startup sweep to be claimed")
+        (key,) = await redis.keys(f"{in_progress_key_prefix}sweep:*")
+        deadline = time.monotonic() + 3 * lease_s
+        while time.monotonic() < deadline:
+            assert await redis.exists(key), "the running sweep's in-progress key lapsed"
+            await asyncio.sleep(0.05)

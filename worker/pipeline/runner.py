@@ -24,7 +24,6 @@ from arq import ArqRedis
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
-from worker import polling
 from worker.ai.base import AIRouter, Task, Usage
 from worker.ai.parsing import ask_model
 from worker.errors import (
@@ -371,12 +370,12 @@ class Heartbeat:
             )
 
     async def run(self, rt: Runtime) -> None:
-        """Renew the PostgreSQL leases and the Redis in-progress keys every lease_s/4, independently."""
+        """Renew the PostgreSQL leases and the cluster slots' leases in Redis every lease_s/4, independently."""
         every_s = rt.settings.worker.lease_s / 4
         async with asyncio.TaskGroup() as beats:
             beats.create_task(self._every(every_s, "PostgreSQL leases", self.renew_leases, rt))
             if rt.redis is not None:
-                beats.create_task(self._every(every_s, "Redis in-progress keys", self.renew_markers, rt))
+                beats.create_task(self._every(every_s, "Redis slot leases", self.renew_markers, rt))
 
     async def _every(self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime) -> None:
         while True:
@@ -404,12 +403,10 @@ class Heartbeat:
                 logger.warning("generation {}: claim taken over by another replica", running[token][0].generation_id)
 
     async def renew_markers(self, rt: Runtime) -> None:
-        """Extend the jobs' leases in Redis (their in-progress keys and their places in the queue: one script
-        call, `polling.renew`) and the leases of the cluster slots held for model calls (one pipeline)."""
+        """Extend the leases of the cluster slots held for model calls (one pipeline). The jobs' own leases in
+        Redis (in-progress keys, places in the queue) are renewed by `worker.polling`, from claim to end."""
         if rt.redis is None:
             return
-        job_ids = [job_id for token, (_, job_id) in self.running.items() if job_id and token not in self.lost]
-        await polling.renew(rt.redis, rt.settings.worker.queue_name, job_ids, rt.settings.worker.lease_s)
         limits = rt.ai.limits
         if limits is not None and limits.held:
             async with rt.redis.pipeline(transaction=False) as pipe:
