@@ -129,3 +129,66 @@ async def test_a_failover_to_read_only_and_back_fails_no_generation_and_stops_no
     _check_alive(replicas)
     assert "Redis is back after" in replicas[0].log()
     await cluster.check_invariants(orders)
+
+
+async def _fill_for_a_slow_load(control: redis.asyncio.Redis) -> None:
+    """Make the next load of the AOF take about 3 s, answering LOADING meanwhile: 300 keys of 64 KiB after an
+    AOF rewrite (its RDB preamble is where `key-load-delay` applies, 10 ms a key), so that Redis 6, which
+    serves clients once per 2 MB loaded, answers every 0.3 s."""
+    async with control.pipeline(transaction=False) as pipe:
+        for i in range(300):
+            pipe.set(f"faults:pad:{i}", b"x" * 65536)
+        await pipe.execute()
+    await control.bgrewriteaof()
+
+    async def rewritten() -> bool:
+        persistence = await control.info("persistence")
+        return not (persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"])
+
+    await wait_until(rewritten, 30, interval=0.1, what="the AOF rewrite")
+    await control.config_set("key-load-delay", 10_000)
+
+
+async def test_oom_loading_and_masterdown_fail_no_generation_and_stop_no_replica(cluster: Cluster) -> None:
+    """Redis memory full under noeviction (OOM on every write that needs memory), Redis loading its AOF
+    (LOADING on every command), and a replica cut off from its primary with `replica-serve-stale-data no`
+    (MASTERDOWN on reads, READONLY on writes): generations running through each end succeeded once Redis
+    recovers, and no replica exits."""
+    replicas = await _start(cluster, "refused-a", "refused-b")
+    async with _control(cluster) as control:
+        await _fill_for_a_slow_load(control)
+        every: list[int] = []
+        for stage, code in enumerate(("OOM", "LOADING", "MASTERDOWN")):
+            orders = list(range(600 + 10 * stage, 604 + 10 * stage))
+            every += orders
+            seen = len(cluster.fake.requests)
+            await cluster.enqueue(orders)
+            await asyncio.to_thread(cluster.fake.wait_for_requests, seen + 2, 30)
+            marks = _marks(replicas)
+            if code == "OOM":
+                await control.config_set("maxmemory-policy", "noeviction")
+                await control.config_set("maxmemory", 1)
+            elif code == "LOADING":
+                loading = asyncio.ensure_future(control.execute_command("DEBUG", "LOADAOF"))
+            else:
+                unused = socket.socket()
+                unused.bind(("127.0.0.1", 0))
+                await control.config_set("replica-serve-stale-data", "no")
+                await control.execute_command("REPLICAOF", "127.0.0.1", str(unused.getsockname()[1]))
+            try:
+                await _met(replicas, code, since=marks)
+                if code != "LOADING":  # a load is over in seconds, whatever the replicas do
+                    await _carried_on(cluster, 2)
+            finally:
+                if code == "OOM":
+                    await control.config_set("maxmemory", 0)
+                elif code == "LOADING":
+                    assert await loading in (b"OK", "OK")
+                else:
+                    await control.execute_command("REPLICAOF", "NO", "ONE")
+                    await control.config_set("replica-serve-stale-data", "yes")
+                    unused.close()
+            await cluster.wait_all_succeeded(orders, timeout=120)
+            _check_alive(replicas)
+        await control.config_set("key-load-delay", 0)
+    await cluster.check_invariants(every)
