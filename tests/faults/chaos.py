@@ -4,10 +4,12 @@ faults themselves, and the end-of-run checks that name the invariant, the order 
 Two kinds of faults:
 - infrastructure faults on a schedule (one every few seconds, one at a time): a replica SIGKILLed or
   SIGTERMed (and restarted under the same replica id), Redis SIGKILLed and started again on its port a
-  few seconds later (its AOF keeps the queue), PostgreSQL restarted or SIGKILLed and started again;
+  few seconds later (its AOF keeps the queue), PostgreSQL restarted or SIGKILLed and started again,
+  Redis read-only for 5 s (REPLICAOF an absent primary: the old primary after a failover), Redis answering
+  LOADING for seconds while it reloads its AOF;
 - provider faults aimed at chosen orders (each at one model call of the order): 429 with hostile
   Retry-After / retry-after-ms values, a 500 whose body is NUL bytes and invalid UTF-8, a truncated JSON
-  answer; and every coding answer of a few "doomed" orders names a file `manifest.json`, the file
+  answer, a 429 whose x-ratelimit-reset-* headers say NaN or -5s; and every coding answer of a few "doomed" orders names a file `manifest.json`, the file
   name the assemble phase reserves for itself.
 Every order must succeed except the doomed ones, which must fail with a stored error that is not
 retried. The plan depends only on the seed, so SOAK_SEED replays the same faults against the same
@@ -20,14 +22,16 @@ import asyncio
 import json
 import os
 import random
+import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis.asyncio
 import redis.exceptions
 
 from tests.faults.harness import (
@@ -37,15 +41,25 @@ from tests.faults.harness import (
     _check_single_owner,
     brief_for,
     order_of_request,
+    slow_next_aof_load,
     wait_until,
 )
 from worker import client
 from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief
 
-INFRA_FAULTS = ("replica-sigkill", "replica-sigterm", "redis-sigkill", "postgres-restart")
+INFRA_FAULTS = (
+    "replica-sigkill",
+    "replica-sigterm",
+    "redis-sigkill",
+    "postgres-restart",
+    "redis-readonly",
+    "redis-loading",
+)
 #: How often each infrastructure fault is drawn once every kind has had its turn.
-INFRA_WEIGHTS = (4, 2, 1, 1)
+INFRA_WEIGHTS = (4, 2, 1, 1, 1, 1)
+#: How long Redis answers READONLY in a `redis-readonly` fault (the old primary after a failover).
+READONLY_S = 5.0
 #: Faults a correct worker rides out: the order must still succeed.
 PROVIDER_FAULTS = (
     "429:inf",
@@ -58,9 +72,14 @@ PROVIDER_FAULTS = (
     "429ms:1e12",
     "junk:500",
     "truncated",
+    # A gateway's hostile reset headers on a 429 (issue 21 defect 2: a NaN reached asyncio.sleep).
+    'headers:429:{"x-ratelimit-reset-requests": "NaN"}',
+    'headers:429:{"x-ratelimit-reset-tokens": "-5s", "x-ratelimit-reset": "nan"}',
 )
 #: The deterministic fault: every coding answer of the order adds a file the assemble phase writes itself.
 RESERVED_NAME = "reserved-name:manifest.json"
+#: The error types a doomed order fails with (the model keeps writing a file the pipeline refuses).
+OWN_FAILURES = ("AIBadOutput", "SiteCheckFailed")
 TASKS = ("planning", "content", "coding")
 PHASE_OF_TASK = {"planning": "plan", "content": "content", "coding": "code"}
 PHASES = ("plan", "content", "code", "assemble")
@@ -181,6 +200,8 @@ class Chaos:
     unhealthy_since: dict[str, float] = field(default_factory=dict)
     #: Processes already reported as wedged.
     wedged: set[int] = field(default_factory=set)
+    #: Redis holds the keys that make a `redis-loading` fault's load slow (written at the first one).
+    padded: bool = False
     rng: random.Random = field(init=False)
 
     #: A replica refreshes its health key every second (SITEGEN_WORKER__HEALTH_CHECK_INTERVAL_S=1).
@@ -207,8 +228,10 @@ class Chaos:
                     finally:
                         await conn.aclose()
                     break
-                except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                    await asyncio.sleep(0.2)  # Redis went away under the call: the event says when it is back
+                except (OSError, redis.exceptions.RedisError):
+                    # Redis went away, or refused (READONLY, LOADING), under the call: the event says when it is
+                    # back; the enqueue is one transaction with the order's job id, so sending it again is safe.
+                    await asyncio.sleep(0.2)
 
     async def watch(self) -> None:
         """Every half second: replicas that exited though nobody stopped them, and replicas wedged."""
@@ -255,7 +278,7 @@ class Chaos:
                             _tail(replica),
                         )
                     )
-        except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        except (OSError, redis.exceptions.RedisError):
             self.unhealthy_since.clear()
             if conn is not None:
                 await conn.aclose()
@@ -301,7 +324,47 @@ class Chaos:
             await asyncio.to_thread(postgres.kill)
             await asyncio.to_thread(postgres.start)
             return "PostgreSQL SIGKILLed and started again"
+        if kind == "redis-readonly":
+            return await self._redis_refusing(self._read_only)
+        if kind == "redis-loading":
+            return await self._redis_refusing(self._loading)
         raise ValueError(f"unknown fault {kind!r}")
+
+    async def _redis_refusing(self, fault: Callable[[redis.asyncio.Redis], Awaitable[str]]) -> str:
+        """Redis up but refusing: the enqueuer, an upstream app, waits it out as for an outage."""
+        self.redis_up.clear()
+        control = redis.asyncio.Redis.from_url(self.cluster.redis_url)
+        try:
+            return await fault(control)
+        finally:
+            await control.aclose()
+            self.redis_up.set()
+
+    async def _read_only(self, control: redis.asyncio.Redis) -> str:
+        """A failover seen from the old primary: REPLICAOF a primary that is not there (writes answer READONLY,
+        reads are served), then back to a primary. Its data stays: a replica drops it only on a sync."""
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            await control.execute_command("REPLICAOF", "127.0.0.1", str(unused.getsockname()[1]))
+            try:
+                await asyncio.sleep(READONLY_S)  # the refusal is the fault: it lasts this long
+            finally:
+                await control.execute_command("REPLICAOF", "NO", "ONE")
+        return f"Redis read-only (REPLICAOF an absent primary) for {READONLY_S:.0f}s, then a primary again"
+
+    async def _loading(self, control: redis.asyncio.Redis) -> str:
+        """Redis loading its AOF again (`DEBUG LOADAOF`), slowed so that it answers LOADING for seconds."""
+        if not self.padded:
+            await slow_next_aof_load(control)
+            self.padded = True
+        else:
+            await control.config_set("key-load-delay", 10_000)
+        began = time.monotonic()
+        try:
+            await control.execute_command("DEBUG", "LOADAOF")
+        finally:
+            await control.config_set("key-load-delay", 0)
+        return f"Redis reloaded its AOF, answering LOADING, for {time.monotonic() - began:.1f}s"
 
     async def _sigkill(self, replica: Replica) -> None:
         self.stopping.add(replica.name)
@@ -530,6 +593,17 @@ async def check_everything(cluster: Cluster, chaos: Chaos, files_before: set[str
                 )
         elif status != "succeeded":
             expected.append(f"{what}: error {_error_text(error)}; {evidence(order_id)}")
+
+    # 2b. A failure is the order's own (a deterministic fault), never the infrastructure's: no store's error, no
+    #     attempts used up by faults that were not the job's, no provider outage the retries did not ride out.
+    infra = verdict.check("no generation failed for an infrastructure cause")
+    for g in generations:
+        error = g["error"] if isinstance(g["error"], dict) else {}
+        if g["status"] == "failed" and (error.get("type") not in OWN_FAILURES or g["order_id"] not in plan.doomed):
+            infra.append(
+                f"order {g['order_id']} (faults: {plan.faults_of(g['order_id'])}): generation {g['id']} failed: "
+                f"{_error_text(g['error'])}; {evidence(g['order_id'])}"
+            )
 
     # 3. One generation per order (each was enqueued once, never with regenerate), so never two succeeded.
     once = verdict.check("one generation per order, at most one succeeded (phases committed once)")

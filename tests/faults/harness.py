@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis.asyncio
 from arq.jobs import Job
 
 from tests.helpers import wait_until
@@ -294,3 +295,22 @@ def _check_single_owner(logs: list[asyncpg.Record]) -> None:
             f"order {row['order_id']}: {row['replica_id']} wrote {message!r} at {row['created_at']} while "
             f"{expected} owned the generation"
         )
+
+
+async def slow_next_aof_load(control: redis.asyncio.Redis, keys: int = 300) -> None:
+    """Make the next load of the AOF (`DEBUG LOADAOF`, a restart) take about 3 s, Redis answering LOADING
+    meanwhile: `keys` keys of 64 KiB after an AOF rewrite (its RDB preamble is where `key-load-delay`
+    applies, 10 ms a key), so that Redis 6, which serves clients once per 2 MB loaded, answers every 0.3 s.
+    The delay is a runtime setting: a restarted Redis loads at full speed again."""
+    async with control.pipeline(transaction=False) as pipe:
+        for i in range(keys):
+            pipe.set(f"faults:pad:{i}", b"x" * 65536)
+        await pipe.execute()
+    await control.bgrewriteaof()
+
+    async def rewritten() -> bool:
+        persistence = await control.info("persistence")
+        return not (persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"])
+
+    await wait_until(rewritten, 30, interval=0.1, what="the AOF rewrite")
+    await control.config_set("key-load-delay", 10_000)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from tests.faults.harness import Cluster, Replica, wait_until
+from tests.faults.harness import Cluster, Replica, slow_next_aof_load, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -131,24 +131,6 @@ async def test_a_failover_to_read_only_and_back_fails_no_generation_and_stops_no
     await cluster.check_invariants(orders)
 
 
-async def _fill_for_a_slow_load(control: redis.asyncio.Redis) -> None:
-    """Make the next load of the AOF take about 3 s, answering LOADING meanwhile: 300 keys of 64 KiB after an
-    AOF rewrite (its RDB preamble is where `key-load-delay` applies, 10 ms a key), so that Redis 6, which
-    serves clients once per 2 MB loaded, answers every 0.3 s."""
-    async with control.pipeline(transaction=False) as pipe:
-        for i in range(300):
-            pipe.set(f"faults:pad:{i}", b"x" * 65536)
-        await pipe.execute()
-    await control.bgrewriteaof()
-
-    async def rewritten() -> bool:
-        persistence = await control.info("persistence")
-        return not (persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"])
-
-    await wait_until(rewritten, 30, interval=0.1, what="the AOF rewrite")
-    await control.config_set("key-load-delay", 10_000)
-
-
 async def test_oom_loading_and_masterdown_fail_no_generation_and_stop_no_replica(cluster: Cluster) -> None:
     """Redis memory full under noeviction (OOM on every write that needs memory), Redis loading its AOF
     (LOADING on every command), and a replica cut off from its primary with `replica-serve-stale-data no`
@@ -156,7 +138,7 @@ async def test_oom_loading_and_masterdown_fail_no_generation_and_stop_no_replica
     recovers, and no replica exits."""
     replicas = await _start(cluster, "refused-a", "refused-b")
     async with _control(cluster) as control:
-        await _fill_for_a_slow_load(control)
+        await slow_next_aof_load(control)
         every: list[int] = []
         for stage, code in enumerate(("OOM", "LOADING", "MASTERDOWN")):
             orders = list(range(600 + 10 * stage, 604 + 10 * stage))

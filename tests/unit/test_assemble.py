@@ -670,7 +670,7 @@ def test_offline_sites_have_no_quality_warnings() -> None:
 # --------------------------------------------------------------------------- names assembly writes itself
 
 
-@pytest.mark.parametrize("name", ["manifest.json", "Manifest.JSON"])
+@pytest.mark.parametrize("name", ["manifest.json", "Manifest.json"])
 def test_a_generated_manifest_json_is_refused_naming_the_reserved_name(name: str) -> None:
     """Regression: issue 14 defect 7. A model-chosen manifest.json passed validation, then clashed on disk with the
     manifest assembly writes (FileExistsError, retried as if transient); the code phase's check refuses it instead,

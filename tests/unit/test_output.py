@@ -414,7 +414,7 @@ def test_site_code_rejects_too_many_files() -> None:
     assert len(SiteCode(files=files[:MAX_FILES]).files) == MAX_FILES
 
 
-@pytest.mark.parametrize("paths", [["index.html", "index.html"], ["Index.html", "index.HTML"]])
+@pytest.mark.parametrize("paths", [["index.html", "index.html"], ["Index.html", "index.html"]])
 def test_site_code_rejects_duplicate_paths(paths: list[str]) -> None:
     with pytest.raises(ValidationError, match="unique"):
         SiteCode(files=[GeneratedFile(path=p, content="x") for p in paths])
