@@ -9,8 +9,8 @@ Two kinds of faults:
   LOADING for seconds while it reloads its AOF;
 - provider faults aimed at chosen orders (each at one model call of the order): 429 with hostile
   Retry-After / retry-after-ms values, a 500 whose body is NUL bytes and invalid UTF-8, a truncated JSON
-  answer, a 429 whose x-ratelimit-reset-* headers say NaN or -5s; and every coding answer of a few "doomed" orders names a file `manifest.json`, the file
-  name the assemble phase reserves for itself.
+  answer, a 429 whose x-ratelimit-reset-* headers say NaN or -5s; and every coding answer of a few
+  "doomed" orders names a file `manifest.json`, the file name the assemble phase reserves for itself.
 Every order must succeed except the doomed ones, which must fail with a stored error that is not
 retried. The plan depends only on the seed, so SOAK_SEED replays the same faults against the same
 orders (their timing against the replicas' work still varies from run to run).

@@ -131,3 +131,36 @@ async def test_a_replica_learns_its_place_among_the_live_replicas(services: Loca
         assert lonely.rank is None and lonely.slot_share(2) == 0, "not seen yet: as the last of 3"
     finally:
         await conn.aclose()
+
+
+async def test_replicas_whose_limits_differ_are_warned_of_once_naming_each_replicas_values(
+    services: LocalServices, redis: ArqRedis, log_lines: list[str]
+) -> None:
+    """Issue 21 defect 9 (last point): replicas with different limit settings share one budget, and the most
+    permissive sets the cluster's limit; a replica now says so when it finds the others' limits differ."""
+    conns = [Redis.from_url(services.redis_url) for _ in range(3)]
+    strict, loose, same = (SharedLimits(conn, replica=name) for conn, name in zip(conns, "abc", strict=True))
+    strict.provider("remote", Limits(requests_per_minute=60))
+    loose.provider("remote", Limits(requests_per_minute=600))
+    same.provider("remote", Limits(requests_per_minute=60))
+    strict.provider("agreed", Limits(cluster_max_concurrency=2))
+    loose.provider("agreed", Limits(cluster_max_concurrency=2))
+    try:
+        assert await strict.compare_limits() == {}, "alone, it has no one to disagree with"
+        differing = await loose.compare_limits()
+        assert differing == {
+            "remote": {
+                "a": "requests_per_minute=60, tokens_per_minute=None, cluster_max_concurrency=None",
+                "b": "requests_per_minute=600, tokens_per_minute=None, cluster_max_concurrency=None",
+            }
+        }, "the provider both agree on is not named"
+        warned = [line for line in log_lines if "do not agree" in line]
+        assert len(warned) == 1 and "'remote'" in warned[0] and "ai.providers.remote.*" in warned[0], warned
+        assert await loose.compare_limits() == differing
+        assert len([line for line in log_lines if "do not agree" in line]) == 1, "warned once"
+        assert set(await same.compare_limits()) == {"remote"}, "a third replica sees the disagreement too"
+    finally:
+        for shared in (strict, loose, same):
+            await shared.aclose()
+        for conn in conns:
+            await conn.aclose()

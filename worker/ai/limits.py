@@ -198,6 +198,22 @@ def keys(provider: str) -> dict[str, str]:
     return {name: f"{base}:{name}" for name in ("requests", "tokens", "slots", "pause")}
 
 
+#: A replica's limits recorded in `settings_key` count for this long after it last wrote them (every 30 s).
+SETTINGS_MAX_AGE_S = 120.0
+
+
+def settings_key(provider: str) -> str:
+    """The hash of each live replica's limits for `provider`: replica id -> "<unix time> <limits>"."""
+    return f"{KEY_PREFIX}:{{{provider}}}:settings"
+
+
+def _describe(limits: Limits) -> str:
+    return (
+        f"requests_per_minute={limits.requests_per_minute}, tokens_per_minute={limits.tokens_per_minute}, "
+        f"cluster_max_concurrency={limits.cluster_max_concurrency}"
+    )
+
+
 class BudgetObserver(Protocol):
     """Hears how long each call waited for its budget (the worker's metrics)."""
 
@@ -343,6 +359,8 @@ class SharedLimits:
         self._retry_at = 0.0
         self._counted_at = -math.inf
         self._counting: asyncio.Task[int] | None = None
+        #: Disagreements on limits already logged (see `compare_limits`).
+        self._warned: set[str] = set()
         if redis is not None:
             self._acquire = redis.register_script(ACQUIRE)
             self._release = redis.register_script(RELEASE)
@@ -401,7 +419,53 @@ class SharedLimits:
         names = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in found)
         own = self.health_pattern[:-1] + self.replica
         self.rank = names.index(own) if own in names else None
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S * 5):
+                await self.compare_limits()
+        except REDIS_DOWN as exc:
+            if not _unavailable(exc):
+                raise
         return self.replicas
+
+    async def compare_limits(self) -> dict[str, dict[str, str]]:
+        """Record this replica's limits of each provider in Redis (`settings_key`) and read the other live
+        replicas'; a provider whose replicas disagree is logged once per disagreement, with each replica's
+        values. Replicas with different limits share one budget whose every call is charged by the
+        caller's own limits, so the most permissive replica sets the cluster's limit (docs/runbook.md).
+        Returns provider -> replica -> its limits, for the providers that disagree."""
+        if self.redis is None or not self.replica:
+            return {}
+        limited = [limiter for limiter in self.limiters.values() if limiter.limited]
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for limiter in limited:
+                key = settings_key(limiter.name)
+                pipe.hset(key, self.replica, f"{now:.0f} {_describe(limiter.limits)}")
+                pipe.expire(key, int(SETTINGS_MAX_AGE_S * 2))
+                pipe.hgetall(key)
+            answers = await pipe.execute()
+        differing: dict[str, dict[str, str]] = {}
+        for limiter, seen in zip(limited, answers[2::3], strict=True):
+            fresh = {}
+            for replica, value in seen.items():
+                stamp, _, described = (value.decode() if isinstance(value, bytes) else str(value)).partition(" ")
+                if stamp.isdigit() and now - int(stamp) <= SETTINGS_MAX_AGE_S:
+                    fresh[replica.decode() if isinstance(replica, bytes) else str(replica)] = described
+            if len(set(fresh.values())) > 1:
+                differing[limiter.name] = dict(sorted(fresh.items()))
+        for name, by_replica in differing.items():
+            signature = f"{name}:{sorted(by_replica.items())}"
+            if signature not in self._warned:
+                self._warned.add(signature)
+                logger.warning(
+                    "provider limits: the replicas do not agree on provider {!r}'s limits ({}); every call is "
+                    "charged by its own replica's limits, so the most permissive one sets the cluster's: give "
+                    "every replica the same ai.providers.{}.* settings",
+                    name,
+                    "; ".join(f"{replica}: {described}" for replica, described in by_replica.items()),
+                    name,
+                )
+        return differing
 
     def slot_share(self, cluster_max: int) -> int:
         """This replica's share of `cluster_max` calls at once while Redis is away: the slots dealt round the
