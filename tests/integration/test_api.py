@@ -330,6 +330,27 @@ async def test_openapi_document_matches_the_routes(api: Running) -> None:
     assert served == documented
 
 
+def test_openapi_document_names_the_statuses_and_credentials_the_boundary_enforces() -> None:
+    """Every authenticated operation can answer 429 (throttled failures, issue 20 finding 6) and accepts the
+    dashboard's session cookie; every operation with a body can answer 415 (a body that is not JSON, finding 7);
+    the events stream can answer 429 for its caps (finding 10)."""
+    document = openapi_document()
+    assert document["components"]["securitySchemes"]["session"] == {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "__Host-sitegen_session",
+        "description": "the dashboard's session (`sitegen_session` over http on loopback); docs/api.md",
+    }
+    for path, item in document["paths"].items():
+        for method, op in item.items():
+            where = f"{method.upper()} {path}"
+            if op["security"]:
+                assert "429" in op["responses"], where
+                assert {"session": []} in op["security"], where
+            if "requestBody" in op:
+                assert "415" in op["responses"], where
+
+
 # --------------------------------------------------------------------------- a real generation, followed live
 
 

@@ -236,9 +236,15 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     for path, item in paths.items():
-        if "{order_id}" in path:
-            for op in item.values():
+        for method, op in item.items():
+            if "{order_id}" in path:
                 op["parameters"] = [_ORDER_ID, *op.get("parameters", [])]
+            if op["security"]:
+                # Any credential may be refused: failed ones are throttled per client address (429).
+                op["security"] = [*op["security"], {"session": []}]
+                op["responses"].setdefault("429", _ERROR)
+            if method == "post":
+                op["responses"].setdefault("415", _ERROR)  # a body must be application/json
     return {
         "openapi": "3.1.0",
         "info": {
@@ -255,6 +261,12 @@ def openapi_document() -> dict[str, Any]:
                     "description": "SITEGEN_API_READ_TOKENS or SITEGEN_API_WRITE_TOKENS",
                 },
                 "streamToken": {"type": "apiKey", "in": "query", "name": "token"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "__Host-sitegen_session",
+                    "description": "the dashboard's session (`sitegen_session` over http on loopback); docs/api.md",
+                },
             },
             "responses": {
                 "Error": _json(
