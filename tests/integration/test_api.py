@@ -886,3 +886,15 @@ async def test_rows_committed_out_of_id_order_by_several_writers_arrive_in_order
             assert (await next_progress()).id == last
     finally:
         await slow.close()
+
+
+async def test_a_head_of_the_events_stream_answers_its_headers_and_ends(api: Running, db: asyncpg.Connection) -> None:
+    """A HEAD of the events endpoint (a monitor, a link checker) gets the stream's status and headers, no body,
+    and the connection is not held as an open stream (it counts against no stream cap, and ends at once)."""
+    await new_generation(db, 77)
+    async with api.http.head(f"{api.url}/v1/orders/77/events", headers=auth()) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert await response.read() == b""
+    fanout = api.app[API].fanout
+    assert fanout is not None and fanout.clients == 0

@@ -319,6 +319,13 @@ class _Stream:
                 last_write = time.monotonic()
 
 
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx: pass events on as they come
+}
+
+
 def _stream_token(request: web.Request, order_id: int) -> str | None:
     return request.query.get("token") or request.cookies.get(f"{SITE_COOKIE}_{order_id}")
 
@@ -344,6 +351,9 @@ async def events(request: web.Request) -> web.StreamResponse:
         if grant is None:  # expired since `require` read it
             raise ApiError(401, "unauthorized", "invalid or expired stream token")
         expires_at = grant.expires_at
+    if request.method == "HEAD":  # a monitor's probe: the stream's status and headers, and no stream held open
+        await _known_order(api, order_id)
+        return web.Response(headers={**STREAM_HEADERS, **cors_headers(request)})
     # The caps are checked before any query: refused streams cost PostgreSQL nothing.
     caps, token, client = request.app[STREAMS], _credential(request, granted, order_id), request.remote or "unknown"
     over = caps.over(api.settings.api, token, client)
@@ -373,14 +383,7 @@ async def _follow(
         if cursor is None:
             start = (await fetch_row(api, "api_stream_start", order_id) or {}).get("start_after")
             cursor = upto if start is None else int(start)
-        response.headers.update(
-            {
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache, no-transform",
-                "X-Accel-Buffering": "no",  # nginx: pass events on as they come
-                **cors_headers(request),
-            }
-        )
+        response.headers.update({**STREAM_HEADERS, **cors_headers(request)})
         transport = request.transport
         if transport is not None:
             # A client that cannot keep up is cut off, so its unread rows never hold memory or others up.
