@@ -4,7 +4,8 @@ faults themselves, and the end-of-run checks that name the invariant, the order 
 Two kinds of faults:
 - infrastructure faults on a schedule (one every few seconds, one at a time): a replica SIGKILLed or
   SIGTERMed (and restarted under the same replica id), Redis SIGKILLed and started again on its port a
-  few seconds later (its AOF keeps the queue), PostgreSQL restarted or SIGKILLed and started again;
+  few seconds later (its AOF keeps the queue), PostgreSQL restarted or SIGKILLed and started again, one
+  replica cut off from Redis or from PostgreSQL for a few seconds (its own fault proxy blackholed, then healed);
 - provider faults aimed at chosen orders (each at one model call of the order): 429 with hostile
   Retry-After / retry-after-ms values, a 500 whose body is NUL bytes and invalid UTF-8, a truncated JSON
   answer; and every coding answer of a few "doomed" orders names a file `manifest.json`, the file
@@ -43,9 +44,16 @@ from worker import client
 from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief
 
-INFRA_FAULTS = ("replica-sigkill", "replica-sigterm", "redis-sigkill", "postgres-restart")
+INFRA_FAULTS = (
+    "replica-sigkill",
+    "replica-sigterm",
+    "redis-sigkill",
+    "postgres-restart",
+    "partition-redis",
+    "partition-postgres",
+)
 #: How often each infrastructure fault is drawn once every kind has had its turn.
-INFRA_WEIGHTS = (4, 2, 1, 1)
+INFRA_WEIGHTS = (4, 2, 1, 1, 1, 1)
 #: Faults a correct worker rides out: the order must still succeed.
 PROVIDER_FAULTS = (
     "429:inf",
@@ -301,7 +309,38 @@ class Chaos:
             await asyncio.to_thread(postgres.kill)
             await asyncio.to_thread(postgres.start)
             return "PostgreSQL SIGKILLed and started again"
+        if kind in ("partition-redis", "partition-postgres"):
+            return await self._partition(self.rng.choice(self.cluster.replicas), kind.removeprefix("partition-"))
         raise ValueError(f"unknown fault {kind!r}")
+
+    #: How long a replica may take to be healthy again once its partition healed (its Redis socket timeout,
+    #: then its backoff between two tries to reach Redis, both 5 s at most, and a poll).
+    PARTITION_RECOVERY_S = 30.0
+
+    async def _partition(self, replica: Replica, server: str) -> str:
+        """Blackhole one replica's path to `server` (redis or postgres) for 3-6 s while the others stay connected,
+        then heal it: the replica must ride it out by itself, alive, and be healthy again without a restart."""
+        proxy = replica.redis_proxy if server == "redis" else replica.pg_proxy
+        assert proxy is not None, f"replica {replica.name} was not added with add_replica(..., proxied=True)"
+        cut_s = self.rng.uniform(3, 6)
+        # Its health key lapses while it cannot reach Redis: the watcher leaves it to this check meanwhile.
+        self.stopping.add(replica.name)
+        try:
+            proxy.set("blackhole")
+            await asyncio.sleep(cut_s)  # the partition is the fault: it lasts this long
+            proxy.heal()
+            what = f"{replica.name} cut off from {server} for {cut_s:.1f}s"
+            try:
+                back_s = await self.cluster.wait_healthy(replica, timeout=self.PARTITION_RECOVERY_S)
+            except AssertionError as exc:  # it exited, or stayed unhealthy
+                self.exits.append(Exit(replica.name, self.now(), f"after {what}: {exc}"[:300], _tail(replica)))
+                if not replica.alive():
+                    replica.start()
+                return f"{what}; NOT healthy again"
+            return f"{what}, healthy {back_s:.1f}s after the heal"
+        finally:
+            self.unhealthy_since.pop(replica.name, None)
+            self.stopping.discard(replica.name)
 
     async def _sigkill(self, replica: Replica) -> None:
         self.stopping.add(replica.name)

@@ -172,7 +172,7 @@ class Cluster:
         self.replicas.append(replica)
         return replica
 
-    async def wait_healthy(self, replica: Replica, timeout: float = 30) -> None:
+    async def wait_healthy(self, replica: Replica, timeout: float = 30) -> float:
         redis = await client.connect(self.redis_url)
         key = f"site_generation:health-check:{replica.name}"
         try:
@@ -182,7 +182,7 @@ class Cluster:
                     raise AssertionError(f"replica {replica.name} exited:\n{replica.log()[-3000:]}")
                 return bool(await redis.exists(key))
 
-            await wait_until(up, timeout, what=f"replica {replica.name} to be healthy")
+            return await wait_until(up, timeout, what=f"replica {replica.name} to be healthy")
         finally:
             await redis.aclose()
 
