@@ -9,8 +9,10 @@ event), then the proxy heals and the replica must come back by itself.
 Regression: issue 21 defect 3. Before the fix the worker's Redis connections had no socket timeout: the poll
 waited on its socket for ever (about 15 minutes of TCP retransmission on a real network, for ever behind a
 blackhole), so the outage handling never started and `arq --check` could not tell, and a SIGTERM hung at the
-shutdown `DEL` of the health key until SIGKILL. PostgreSQL connections opened during a partition waited 60 s
-(asyncpg's connect timeout, no setting).
+shutdown `DEL` of the health key until SIGKILL. On PostgreSQL, a connection opened during a partition waited
+60 s (asyncpg's connect timeout, no setting), so a SIGTERM took minutes; and the heartbeat's `asyncio.timeout`
+waited out asyncpg's cancel request, as long as the statement itself (command_timeout_s, then 30 s), before it
+could report a silent renewal.
 """
 
 from __future__ import annotations
