@@ -11,9 +11,11 @@ to Redis, so the worker refuses them.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Mapping
 from typing import Any
 
+import redis.asyncio.connection as redis_connection
 from arq import ArqRedis, create_pool
 from arq.connections import RedisSettings
 from arq.constants import result_key_prefix
@@ -23,6 +25,18 @@ from worker.models import Brief
 
 QUEUE_NAME = "site_generation"
 JOB_FUNCTION = "generate_site"
+
+#: The defaults of `connect` and of the settings `redis.socket_timeout_s` and `redis.connect_timeout_s`.
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 2.0
+
+#: TCP keepalive of every connection to Redis: an idle connection to a host that vanished is found dead after
+#: about 10 + 3 * 3 s instead of hours. (A connection that waits for an answer is bounded by the socket timeout.)
+KEEPALIVE = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
 
 
 class NotJSON(ValueError):
@@ -61,14 +75,40 @@ def job_id(order_id: int) -> str:
     return f"{JOB_FUNCTION}:{order_id}"
 
 
-async def connect(redis_url: str) -> ArqRedis:
-    """An arq Redis pool that speaks the worker's JSON serializer."""
-    return await create_pool(
-        RedisSettings.from_dsn(redis_url),
+async def connect(
+    redis_url: str, *, socket_timeout_s: float = SOCKET_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> ArqRedis:
+    """An arq Redis pool that speaks the worker's JSON serializer, every command bounded (see `bound`)."""
+    settings = RedisSettings.from_dsn(redis_url)
+    settings.conn_timeout = connect_timeout_s  # type: ignore[assignment]  # arq passes it on as is
+    redis = await create_pool(
+        settings,
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=QUEUE_NAME,
     )
+    return bound(redis, socket_timeout_s=socket_timeout_s, connect_timeout_s=connect_timeout_s)
+
+
+def bound(redis: ArqRedis, *, socket_timeout_s: float, connect_timeout_s: float) -> ArqRedis:
+    """Give every connection of `redis`'s pool, open or to come, a socket timeout and TCP keepalive.
+
+    arq's pool sets only a connect timeout (arq 0.28 passes no other socket option on), so a command whose
+    answer never comes (a partition, a host gone without a reset) would wait on its socket for ever: here it
+    raises `redis.exceptions.TimeoutError` after `socket_timeout_s` and its connection is dropped, which every
+    caller of the worker treats as Redis out of reach (worker/redis_outage.py). No command of the worker
+    blocks in Redis (no BLPOP, no XREAD BLOCK), so no answer legitimately takes that long.
+    """
+    pool = redis.connection_pool
+    options: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s}
+    if issubclass(pool.connection_class, redis_connection.Connection):  # TCP (and TLS); not a unix socket
+        options.update(socket_keepalive=True, socket_keepalive_options=KEEPALIVE)
+    pool.connection_kwargs.update(options)
+    # The connections arq opened already (its startup PING) were made with its kwargs: they take these too.
+    for conn in (*getattr(pool, "_available_connections", ()), *getattr(pool, "_in_use_connections", ())):
+        for name, value in options.items():
+            setattr(conn, name, value)
+    return redis
 
 
 async def enqueue_generation(

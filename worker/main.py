@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import arq.utils
+import asyncpg
 from arq import Retry
 from arq.connections import RedisSettings
 from arq.cron import cron
@@ -25,7 +26,7 @@ from loguru import logger
 from worker import polling, redis_outage
 from worker.ai import build_router, check_environment
 from worker.ai.limits import SharedLimits
-from worker.client import JOB_FUNCTION, deserialize, serialize
+from worker.client import JOB_FUNCTION, bound, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
 from worker.metrics import Metrics
@@ -95,6 +96,12 @@ async def _generate_site(
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     replica = settings.worker.replica
+    # arq made its pool without a socket timeout: from here on no Redis command waits longer than this.
+    bound(
+        ctx["redis"],
+        socket_timeout_s=settings.redis.socket_timeout_s,
+        connect_timeout_s=settings.redis.connect_timeout_s,
+    )
     logger.info(
         "starting replica {} (database {}, redis {})",
         replica,
@@ -177,13 +184,32 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     # The writer may be in the middle of a batch: its cancelled flush puts the batch back, in order,
     # before the last flush below takes the buffer.
     await asyncio.gather(*stopping, return_exceptions=True)
-    await rt.progress.flush()
+    # PostgreSQL may be out of reach, or silent (a partition): the shutdown waits for it one bounded try at most.
+    db = rt.settings.database
+    bound_s = db.connect_timeout_s + db.command_timeout_s
+    try:
+        async with asyncio.timeout(bound_s):
+            await rt.progress.flush()
+    except TimeoutError:
+        logger.warning("PostgreSQL did not answer within {:.0f}s: the last progress rows are not written", bound_s)
     rt.progress.abandon("the replica is shutting down")
     await rt.metrics.close()
     await rt.ai.aclose()
-    await rt.store.pool.close()
-    await rt.progress.pool.close()
+    await asyncio.gather(*(_close_pool(pool) for pool in (rt.store.pool, rt.progress.pool)))
     logger.info("replica {} stopped", rt.settings.worker.replica)
+
+
+#: How long a pool's goodbye (asyncpg's Terminate, answered by PostgreSQL closing the socket) may take on shutdown.
+POOL_CLOSE_S = 2.0
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_S)  # on timeout close() terminates the pool
+    except TimeoutError:
+        logger.warning(
+            "PostgreSQL did not answer a pool's goodbye within {:.0f}s: its connections dropped", POOL_CLOSE_S
+        )
 
 
 #: arq fails a job for good once its try count passes this: never, for `generate_site`.
@@ -204,7 +230,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=UNLIMITED_TRIES, keep_result=w.keep_result_s)],
         "cron_jobs": [cron(sweep, name="sweep", second=set(range(0, 60, w.sweep_every_s)), run_at_startup=True)],
         "queue_name": w.queue_name,
-        "redis_settings": RedisSettings.from_dsn(settings.redis.url),
+        "redis_settings": _redis_settings(settings),
         "job_serializer": serialize,
         "job_deserializer": deserialize,
         "on_startup": startup,
@@ -220,6 +246,13 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "job_completion_wait": w.shutdown_grace_s,
         "ctx": {"settings": settings},
     }
+
+
+def _redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings; it takes no socket timeout: `startup` gives its pool one (`worker.client.bound`)."""
+    redis_settings = RedisSettings.from_dsn(settings.redis.url)
+    redis_settings.conn_timeout = settings.redis.connect_timeout_s  # type: ignore[assignment]  # passed on as is
+    return redis_settings
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:

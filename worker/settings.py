@@ -117,7 +117,19 @@ class DatabaseSection(_Section):
         description="How long a finishing job waits for its progress rows to be written before its result is "
         "stored; jobs stop waiting while the log is behind, so a slow database never holds generations up",
     )
-    command_timeout_s: float = Field(default=30, gt=0, description="Longest a single SQL statement may take")
+    command_timeout_s: float = Field(
+        default=10,
+        gt=0,
+        le=3600,
+        description="Longest a single SQL statement may take; also how long a call waits on a silent connection "
+        "(a network partition, a vanished host) before it gives up and PostgreSQL counts as out of reach",
+    )
+    connect_timeout_s: float = Field(
+        default=5,
+        gt=0,
+        le=300,
+        description="Longest the opening of one PostgreSQL connection may take (TCP, TLS, authentication)",
+    )
     migrations_dir: Path = Field(default=PROJECT_DIR / "migrations", description="Folder of the *.sql migrations")
 
     @field_validator("url")
@@ -130,6 +142,17 @@ class DatabaseSection(_Section):
 
 class RedisSection(_Section):
     url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL of the queue")
+    socket_timeout_s: float = Field(
+        default=5,
+        ge=0.5,
+        le=300,
+        description="Longest the worker waits for Redis to answer one command (its commands take milliseconds); "
+        "then the connection counts as lost and Redis as out of reach: a partition or a vanished host is noticed "
+        "this fast, and a shutdown never waits longer on Redis",
+    )
+    connect_timeout_s: float = Field(
+        default=2, gt=0, le=300, description="Longest the opening of one Redis connection may take"
+    )
 
     @field_validator("url")
     @classmethod

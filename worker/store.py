@@ -8,6 +8,7 @@ a model call.
 from __future__ import annotations
 
 import re
+import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection
@@ -83,6 +84,27 @@ def _json_text(value: Any) -> str:
     return data.decode()
 
 
+#: TCP keepalive of every connection to PostgreSQL (asyncpg sets none): an idle connection to a host that
+#: vanished is found dead after about 10 + 3 * 3 s instead of hours. A call waiting for its answer is bounded by
+#: `database.command_timeout_s`, and the opening of a connection by `database.connect_timeout_s`.
+KEEPALIVE = tuple(
+    (option, value)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+)
+
+
+def _keep_alive(conn: asyncpg.Connection) -> None:
+    """Turn TCP keepalive on for `conn` (a TCP connection; a unix socket has none)."""
+    transport = getattr(conn, "_transport", None)  # asyncpg's own; it offers no public way to the socket
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     """The one boundary where text enters PostgreSQL: every text, varchar, json and jsonb parameter.
 
@@ -90,6 +112,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     to `text[]`, which has a built-in array codec: free text goes in as `jsonb[]` (see `insert_logs`),
     and `text[]` parameters carry only values the worker made (file paths, hashes, media types).
     """
+    _keep_alive(conn)
     for pg_type in ("json", "jsonb"):
         await conn.set_type_codec(pg_type, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
     for pg_type in ("text", "varchar"):
@@ -113,6 +136,7 @@ async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, 
         min_size=min(min_size, max_size),
         max_size=max_size,
         command_timeout=db.command_timeout_s,
+        timeout=db.connect_timeout_s,
         init=_init_connection,
         reset=_keep_session,
         server_settings={"application_name": f"sitegen-worker:{name}"},

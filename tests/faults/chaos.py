@@ -6,7 +6,8 @@ Two kinds of faults:
   SIGTERMed (and restarted under the same replica id), Redis SIGKILLed and started again on its port a
   few seconds later (its AOF keeps the queue), PostgreSQL restarted or SIGKILLed and started again,
   Redis read-only for 5 s (REPLICAOF an absent primary: the old primary after a failover), Redis answering
-  LOADING for seconds while it reloads its AOF;
+  LOADING for seconds while it reloads its AOF, one replica cut off from Redis or from PostgreSQL for a few
+  seconds (its own fault proxy blackholed, then healed);
 - provider faults aimed at chosen orders (each at one model call of the order): 429 with hostile
   Retry-After / retry-after-ms values, a 500 whose body is NUL bytes and invalid UTF-8, a truncated JSON
   answer, a 429 whose x-ratelimit-reset-* headers say NaN or -5s; and every coding answer of a few
@@ -55,9 +56,11 @@ INFRA_FAULTS = (
     "postgres-restart",
     "redis-readonly",
     "redis-loading",
+    "partition-redis",
+    "partition-postgres",
 )
 #: How often each infrastructure fault is drawn once every kind has had its turn.
-INFRA_WEIGHTS = (4, 2, 1, 1, 1, 1)
+INFRA_WEIGHTS = (4, 2, 1, 1, 1, 1, 1, 1)
 #: How long Redis answers READONLY in a `redis-readonly` fault (the old primary after a failover).
 READONLY_S = 5.0
 #: Faults a correct worker rides out: the order must still succeed.
@@ -328,6 +331,8 @@ class Chaos:
             return await self._redis_refusing(self._read_only)
         if kind == "redis-loading":
             return await self._redis_refusing(self._loading)
+        if kind in ("partition-redis", "partition-postgres"):
+            return await self._partition(self.rng.choice(self.cluster.replicas), kind.removeprefix("partition-"))
         raise ValueError(f"unknown fault {kind!r}")
 
     async def _redis_refusing(self, fault: Callable[[redis.asyncio.Redis], Awaitable[str]]) -> str:
@@ -365,6 +370,35 @@ class Chaos:
         finally:
             await control.config_set("key-load-delay", 0)
         return f"Redis reloaded its AOF, answering LOADING, for {time.monotonic() - began:.1f}s"
+
+    #: How long a replica may take to be healthy again once its partition healed (its Redis socket timeout,
+    #: then its backoff between two tries to reach Redis, both 5 s at most, and a poll).
+    PARTITION_RECOVERY_S = 30.0
+
+    async def _partition(self, replica: Replica, server: str) -> str:
+        """Blackhole one replica's path to `server` (redis or postgres) for 3-6 s while the others stay connected,
+        then heal it: the replica must ride it out by itself, alive, and be healthy again without a restart."""
+        proxy = replica.redis_proxy if server == "redis" else replica.pg_proxy
+        assert proxy is not None, f"replica {replica.name} was not added with add_replica(..., proxied=True)"
+        cut_s = self.rng.uniform(3, 6)
+        # Its health key lapses while it cannot reach Redis: the watcher leaves it to this check meanwhile.
+        self.stopping.add(replica.name)
+        try:
+            proxy.set("blackhole")
+            await asyncio.sleep(cut_s)  # the partition is the fault: it lasts this long
+            proxy.heal()
+            what = f"{replica.name} cut off from {server} for {cut_s:.1f}s"
+            try:
+                back_s = await self.cluster.wait_healthy(replica, timeout=self.PARTITION_RECOVERY_S)
+            except AssertionError as exc:  # it exited, or stayed unhealthy
+                self.exits.append(Exit(replica.name, self.now(), f"after {what}: {exc}"[:300], _tail(replica)))
+                if not replica.alive():
+                    replica.start()
+                return f"{what}; NOT healthy again"
+            return f"{what}, healthy {back_s:.1f}s after the heal"
+        finally:
+            self.unhealthy_since.pop(replica.name, None)
+            self.stopping.discard(replica.name)
 
     async def _sigkill(self, replica: Replica) -> None:
         self.stopping.add(replica.name)

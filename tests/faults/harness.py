@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio
 from arq.jobs import Job
 
+from tests.faults.proxy import FaultProxy
 from tests.helpers import wait_until
 from worker import client
 from worker.local.fake_server import FakeProviderServer
@@ -51,6 +53,10 @@ class Replica:
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    #: With `Cluster.add_replica(..., proxied=True)`: this replica's own path to Redis and to PostgreSQL, to
+    #: partition it alone (`blackhole`), slow it, reset or half-close its connections while the others stay connected.
+    redis_proxy: FaultProxy | None = None
+    pg_proxy: FaultProxy | None = None
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -92,6 +98,13 @@ class Replica:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _proxy_for(url: str, name: str) -> FaultProxy:
+    """A started FaultProxy to the host and port `url` names."""
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port, f"{name}: {url!r} names no host and port to proxy"
+    return FaultProxy(parts.hostname, parts.port, name=name).start()
 
 
 async def _exited(process: subprocess.Popen[bytes]) -> bool:
@@ -142,14 +155,25 @@ class Cluster:
         env.update(self.settings_env)
         return env
 
-    def add_replica(self, name: str, **env: str) -> Replica:
-        """Start a replica; `env` adds to (or overrides) the cluster's environment for this one only."""
-        replica = Replica(name, {**self.env(), **env}, self.workdir / f"{name}.log")
+    def add_replica(self, name: str, *, proxied: bool = False, **env: str) -> Replica:
+        """Start a replica; `env` adds to (or overrides) the cluster's environment for this one only.
+
+        `proxied`: its REDIS_URL and DATABASE_URL go through FaultProxies of its own (`replica.redis_proxy`,
+        `replica.pg_proxy`), so a test can cut this replica off while the others stay connected."""
+        settings = {**self.env(), **env}
+        redis_proxy = pg_proxy = None
+        if proxied:
+            redis_proxy = _proxy_for(settings["REDIS_URL"], f"{name}-redis")
+            pg_proxy = _proxy_for(settings["DATABASE_URL"], f"{name}-pg")
+            settings.update(
+                REDIS_URL=redis_proxy.url(settings["REDIS_URL"]), DATABASE_URL=pg_proxy.url(settings["DATABASE_URL"])
+            )
+        replica = Replica(name, settings, self.workdir / f"{name}.log", redis_proxy=redis_proxy, pg_proxy=pg_proxy)
         replica.start()
         self.replicas.append(replica)
         return replica
 
-    async def wait_healthy(self, replica: Replica, timeout: float = 30) -> None:
+    async def wait_healthy(self, replica: Replica, timeout: float = 30) -> float:
         redis = await client.connect(self.redis_url)
         key = f"site_generation:health-check:{replica.name}"
         try:
@@ -159,7 +183,7 @@ class Cluster:
                     raise AssertionError(f"replica {replica.name} exited:\n{replica.log()[-3000:]}")
                 return bool(await redis.exists(key))
 
-            await wait_until(up, timeout, what=f"replica {replica.name} to be healthy")
+            return await wait_until(up, timeout, what=f"replica {replica.name} to be healthy")
         finally:
             await redis.aclose()
 
@@ -167,6 +191,9 @@ class Cluster:
         for replica in self.replicas:
             if replica.alive():
                 replica.kill()
+            for proxy in (replica.redis_proxy, replica.pg_proxy):
+                if proxy is not None:
+                    proxy.stop()
 
     async def enqueue(self, order_ids: list[int]) -> None:
         redis = await client.connect(self.redis_url)

@@ -62,7 +62,8 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     aim_provider_faults(cluster, plan)
     files_before = repository_files()
     for name in ("chaos-1", "chaos-2", "chaos-3"):
-        await cluster.wait_healthy(cluster.add_replica(name))
+        # Each through its own fault proxies, for the partition faults (one replica cut off, the others connected).
+        await cluster.wait_healthy(cluster.add_replica(name, proxied=True))
 
     chaos = Chaos(cluster, plan, SHUTDOWN_GRACE_S)
     watcher = asyncio.create_task(chaos.watch())

@@ -352,3 +352,38 @@ def test_routing_accepts_a_fallback_list_from_the_environment(monkeypatch: pytes
     monkeypatch.setenv("SITEGEN_AI__PROVIDERS__BACKUP__KIND", "offline")
     settings = load_settings()
     assert settings.ai.routing["coding"] == ["offline", "backup"]
+
+
+# --------------------------------------------------------------------------- timeouts (issue 21 defect 3)
+
+
+def test_every_redis_and_postgresql_call_is_bounded_by_default_within_seconds(write_toml: WriteToml) -> None:
+    """Regression: issue 21 defect 3: a partition must be noticed within seconds, not the minutes of TCP."""
+    write_toml("")
+    settings = load_settings()
+    assert settings.redis.socket_timeout_s == 5
+    assert settings.redis.connect_timeout_s == 2
+    assert settings.database.command_timeout_s == 10
+    assert settings.database.connect_timeout_s == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field"),
+    [
+        ("SITEGEN_REDIS__SOCKET_TIMEOUT_S", "0.1", "redis.socket_timeout_s"),  # shorter than a loaded Redis answers
+        ("SITEGEN_REDIS__SOCKET_TIMEOUT_S", "0", "redis.socket_timeout_s"),  # 0 would mean "for ever" to redis-py
+        ("SITEGEN_REDIS__CONNECT_TIMEOUT_S", "0", "redis.connect_timeout_s"),
+        ("SITEGEN_DATABASE__CONNECT_TIMEOUT_S", "-1", "database.connect_timeout_s"),
+        ("SITEGEN_DATABASE__COMMAND_TIMEOUT_S", "0", "database.command_timeout_s"),
+        ("SITEGEN_REDIS__SOCKET_TIMEOUT_S", "86400", "redis.socket_timeout_s"),  # a day: no bound at all
+    ],
+)
+def test_a_timeout_out_of_bounds_is_refused_naming_its_setting(
+    write_toml: WriteToml, monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str
+) -> None:
+    write_toml("")
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert field in str(caught.value)
+    assert env in str(caught.value)

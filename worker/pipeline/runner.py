@@ -13,7 +13,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property, partial
@@ -377,18 +377,35 @@ class Heartbeat:
             if rt.redis is not None:
                 beats.create_task(self._every(every_s, "Redis slot leases", self.renew_markers, rt))
 
-    async def _every(self, every_s: float, what: str, renew: Callable[[Runtime], Awaitable[None]], rt: Runtime) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            if not self.running:
-                continue
-            try:
-                # Shorter than the lease: a renewal that hangs is given up in time for the next one.
-                async with asyncio.timeout(every_s):
-                    await renew(rt)
-            except Exception as exc:  # each commit is fenced by its claim anyway; the next beat tries again
-                why = f"no answer within {every_s:.1f}s" if isinstance(exc, TimeoutError) else message_of(exc)
+    async def _every(
+        self, every_s: float, what: str, renew: Callable[[Runtime], Coroutine[Any, Any, None]], rt: Runtime
+    ) -> None:
+        # A renewal runs in a task of its own, awaited for `every_s` at most: one that hangs is reported in time
+        # and no second one starts until it ends. Cancelling it would not end it sooner: asyncpg then waits for
+        # its cancel request to reach PostgreSQL (up to `database.command_timeout_s`, as the query itself), and
+        # an `asyncio.timeout` around it would wait that long too (issue 21 defect 3: a partition).
+        pending: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(every_s)
+                if not self.running:
+                    continue
+                if pending is not None and pending.done():
+                    pending.exception()  # a renewal given up on, ended since: reported already
+                    pending = None
+                pending = pending or asyncio.create_task(renew(rt), name=f"heartbeat: {what}")
+                done, _ = await asyncio.wait({pending}, timeout=every_s)
+                if not done:
+                    why = f"no answer within {every_s:.1f}s"
+                else:
+                    exc, pending = pending.exception(), None
+                    if exc is None:
+                        continue
+                    why = message_of(exc)  # each commit is fenced by its claim anyway; the next beat tries again
                 logger.warning("heartbeat: could not renew the {} of {} generations: {}", what, len(self.running), why)
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
 
     async def beat(self, rt: Runtime) -> None:
         """Both renewals once, independently (tests call this; the heartbeat task runs each on its own)."""
