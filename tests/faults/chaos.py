@@ -290,9 +290,14 @@ class Chaos:
 
     async def run_schedule(self) -> None:
         ended = -self.MIN_GAP_S
-        for at, kind in self.plan.schedule:
-            # The fault schedule: a fault that took long (a SIGTERM that hung) pushes the next ones back.
-            await asyncio.sleep(max(0.0, at - self.now(), ended + self.MIN_GAP_S - self.now()))
+        for index, (at, kind) in enumerate(self.plan.schedule):
+            # The fault schedule: a fault that took long (a SIGTERM that hung) pushes the next ones back, but
+            # none starts after the soak's time: those left are counted, not injected (the drain must start).
+            start = max(at, ended + self.MIN_GAP_S)
+            if start >= self.plan.soak_s:
+                self.injected["skipped: the soak's time was up"] += len(self.plan.schedule) - index
+                return
+            await asyncio.sleep(max(0.0, start - self.now()))
             began = self.now()
             detail = await self.inject(kind)
             ended = self.now()

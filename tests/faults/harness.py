@@ -3,6 +3,7 @@ PostgreSQL and Redis, and the fake provider, with ways to kill, restart and wait
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -207,6 +208,22 @@ class Cluster:
         conn = await asyncpg.connect(self.database_url)
         await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
         return conn
+
+    async def arq_check(self, replica: str) -> int:
+        """`arq --check` for one replica, as ops probe it (with the cluster's own Redis URL: from outside any
+        partition of that replica's); its exit code."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "arq",
+            "--check",
+            "worker.main.WorkerSettings",
+            cwd=ROOT,
+            env={**self.env(), "SITEGEN_WORKER__REPLICA_ID": replica},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return await process.wait()
 
     async def statuses(self, order_ids: list[int]) -> dict[int, str]:
         conn = await self.connect()

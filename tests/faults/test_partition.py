@@ -18,10 +18,7 @@ could report a silent renewal.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +26,6 @@ from tests.faults.harness import Cluster, Replica, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
 #: Short leases, so that a claim that must lapse does so within the test, and a short grace on SIGTERM.
 FAST = {"SITEGEN_WORKER__LEASE_S": "4", "SITEGEN_WORKER__SHUTDOWN_GRACE_S": "3"}
@@ -38,22 +34,6 @@ FAST = {"SITEGEN_WORKER__LEASE_S": "4", "SITEGEN_WORKER__SHUTDOWN_GRACE_S": "3"}
 #: database.connect_timeout_s 5); without the fix they never come (Redis) or come after a minute (PostgreSQL).
 NOTICE_S = 25
 EXIT_S = 25
-
-
-async def _arq_check(cluster: Cluster, replica: str) -> int:
-    """`arq --check` for one replica, as ops probe it (from outside the partition: the cluster's own Redis)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "arq",
-        "--check",
-        "worker.main.WorkerSettings",
-        cwd=ROOT,
-        env={**cluster.env(), "SITEGEN_WORKER__REPLICA_ID": replica},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return await process.wait()
 
 
 async def _logged(replica: Replica, text: str, *, since: int, timeout: float) -> float:
@@ -100,7 +80,7 @@ async def test_a_replica_cut_off_from_redis_notices_stops_claiming_and_recovers_
     print(f"the cut-off replica logged the Redis outage {noticed:.1f}s into the partition")
 
     async def check_fails() -> bool:
-        return await _arq_check(cluster, cut.name) != 0
+        return await cluster.arq_check(cut.name) != 0
 
     await wait_until(check_fails, 20, interval=0.5, what="arq --check to fail for the cut-off replica")
     # A new order while the partition lasts: the connected replica takes it, the cut-off one claims nothing.
@@ -114,7 +94,7 @@ async def test_a_replica_cut_off_from_redis_notices_stops_claiming_and_recovers_
     await _logged(cut, "Redis is back", since=healed_at, timeout=30)
 
     async def check_passes() -> bool:
-        return await _arq_check(cluster, cut.name) == 0
+        return await cluster.arq_check(cut.name) == 0
 
     await wait_until(check_passes, 20, interval=0.5, what="arq --check to pass again after the heal")
     await cluster.wait_all_succeeded([700, 701], timeout=90)

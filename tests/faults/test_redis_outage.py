@@ -8,33 +8,12 @@ interrupted at once and waited for its lease.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Cluster, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _arq_check(cluster: Cluster, replica: str) -> int:
-    """`arq --check` for one replica, as ops probe it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "arq",
-        "--check",
-        "worker.main.WorkerSettings",
-        cwd=ROOT,
-        env={**cluster.env(), "SITEGEN_WORKER__REPLICA_ID": replica},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return await process.wait()
 
 
 async def test_replicas_survive_a_redis_outage_longer_than_the_lease_and_finish_every_order(cluster: Cluster) -> None:
@@ -54,11 +33,11 @@ async def test_replicas_survive_a_redis_outage_longer_than_the_lease_and_finish_
     await asyncio.sleep(6)
     for replica in replicas:
         assert replica.alive(), f"replica {replica.name} exited during the outage:\n{replica.log()[-4000:]}"
-    assert await _arq_check(cluster, "outage-a") != 0, "arq --check must fail while Redis is unreachable"
+    assert await cluster.arq_check("outage-a") != 0, "arq --check must fail while Redis is unreachable"
     await asyncio.to_thread(cluster.services.redis.start)
 
     async def healthy_again() -> bool:
-        return await _arq_check(cluster, "outage-a") == 0
+        return await cluster.arq_check("outage-a") == 0
 
     back_after = await wait_until(healthy_again, 20, interval=0.5, what="arq --check to pass after Redis returned")
     print(f"arq --check passed {back_after:.1f}s after Redis returned")

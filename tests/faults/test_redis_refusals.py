@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import redis.asyncio
@@ -23,26 +20,9 @@ from tests.faults.harness import Cluster, Replica, slow_next_aof_load, wait_unti
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
 #: Every model call asks Redis' limiter first (one EVALSHA that writes), as production's limited providers do.
 LIMITED = {"SITEGEN_AI__PROVIDERS__FAKE__REQUESTS_PER_MINUTE": "6000", "SITEGEN_WORKER__LEASE_S": "4"}
-
-
-async def _arq_check(cluster: Cluster, replica: str) -> int:
-    """`arq --check` for one replica, as ops probe it."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "arq",
-        "--check",
-        "worker.main.WorkerSettings",
-        cwd=ROOT,
-        env={**cluster.env(), "SITEGEN_WORKER__REPLICA_ID": replica},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return await process.wait()
 
 
 @asynccontextmanager
@@ -121,7 +101,7 @@ async def test_a_failover_to_read_only_and_back_fails_no_generation_and_stops_no
                 await control.execute_command("REPLICAOF", "NO", "ONE")
 
     async def healthy_again() -> bool:
-        return await _arq_check(cluster, "ro-a") == 0
+        return await cluster.arq_check("ro-a") == 0
 
     back_after = await wait_until(healthy_again, 30, interval=0.5, what="arq --check to pass after the failover")
     print(f"arq --check passed {back_after:.1f}s after Redis took writes again")
