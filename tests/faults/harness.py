@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -321,6 +322,9 @@ class Cluster:
 
 #: Rows written by a replica that does not run the generation (it found the order busy, or lost it).
 _BYSTANDER = ("waiting:", "sweeper:", "already generated", "could not start", "stopped: generation")
+#: A job that outlived its generation in Redis (its end could not be recorded) runs again and does nothing:
+#: "generation N already ended <status>: this job has nothing left to do" (worker/pipeline/runner.py).
+_LEFTOVER = re.compile(r"^generation \d+ already ended \w+: this job has nothing left to do$")
 
 
 def _check_single_owner(logs: list[asyncpg.Record]) -> None:
@@ -329,7 +333,7 @@ def _check_single_owner(logs: list[asyncpg.Record]) -> None:
     owner: dict[int, str] = {}
     for row in logs:
         message: str = row["message"]
-        if message.startswith(_BYSTANDER):
+        if message.startswith(_BYSTANDER) or _LEFTOVER.match(message):
             continue
         if message.startswith(("generation started", "generation resumed")):
             owner[row["order_id"]] = row["replica_id"]
