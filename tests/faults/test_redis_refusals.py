@@ -45,13 +45,16 @@ async def _start(cluster: Cluster, *names: str) -> list[Replica]:
 
 
 async def _met(replicas: list[Replica], code: str, *, since: dict[str, int]) -> None:
-    """Wait until every replica logged that Redis refused with `code` (written after `since` of its log)."""
+    """Wait until every replica logged that Redis refused with `code` (written after `since` of its log). A
+    LOADING lasts only seconds whatever the replicas do: one replica meeting it is enough (on a loaded
+    machine another may not ask Redis anything before the load is over: seen in a fresh-clone run)."""
+    enough = any if code == "LOADING" else all
 
     async def all_met() -> bool:
         for replica in replicas:
             if not replica.alive():
                 raise AssertionError(f"replica {replica.name} exited on {code}:\n{replica.log()[-6000:]}")
-        return all(f"Redis refuses commands ({code}" in r.log()[since[r.name] :] for r in replicas)
+        return enough(f"Redis refuses commands ({code}" in r.log()[since[r.name] :] for r in replicas)
 
     await wait_until(all_met, 30, interval=0.1, what=f"every replica to meet {code} and wait for Redis")
 
