@@ -343,11 +343,10 @@ class Chaos:
     async def _redis_refusing(self, fault: Callable[[redis.asyncio.Redis], Awaitable[str]]) -> str:
         """Redis up but refusing: the enqueuer, an upstream app, waits it out as for an outage."""
         self.redis_up.clear()
-        control = redis.asyncio.Redis.from_url(self.cluster.redis_url)
         try:
-            return await fault(control)
+            async with self.cluster.redis_control() as control:
+                return await fault(control)
         finally:
-            await control.aclose()
             self.redis_up.set()
 
     async def _read_only(self, control: redis.asyncio.Redis) -> str:

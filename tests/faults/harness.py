@@ -4,6 +4,7 @@ PostgreSQL and Redis, and the fake provider, with ways to kill, restart and wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,16 @@ class Cluster:
         conn = await asyncpg.connect(self.database_url)
         await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
         return conn
+
+    @contextlib.asynccontextmanager
+    async def redis_control(self) -> AsyncIterator[redis.asyncio.Redis]:
+        """A connection of the test's own to the replicas' Redis (never through a replica's proxy), to make it
+        refuse and recover."""
+        conn = redis.asyncio.Redis.from_url(self.redis_url)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
 
     async def arq_check(self, replica: str) -> int:
         """`arq --check` for one replica, as ops probe it (with the cluster's own Redis URL: from outside any

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
-import redis.asyncio
 
 from tests.faults.harness import Cluster, Replica, slow_next_aof_load, wait_until
 
@@ -23,16 +20,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 #: Every model call asks Redis' limiter first (one EVALSHA that writes), as production's limited providers do.
 LIMITED = {"SITEGEN_AI__PROVIDERS__FAKE__REQUESTS_PER_MINUTE": "6000", "SITEGEN_WORKER__LEASE_S": "4"}
-
-
-@asynccontextmanager
-async def _control(cluster: Cluster) -> AsyncIterator[redis.asyncio.Redis]:
-    """A connection of the test's own to the replicas' Redis, to make it refuse and recover."""
-    conn = redis.asyncio.Redis.from_url(cluster.redis_url)
-    try:
-        yield conn
-    finally:
-        await conn.aclose()
 
 
 async def _start(cluster: Cluster, *names: str) -> list[Replica]:
@@ -87,7 +74,7 @@ async def test_a_failover_to_read_only_and_back_fails_no_generation_and_stops_no
     # A replica of a primary that is not there: it answers reads and PING, and refuses every write.
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # bound, never listening: the port stays unused and refuses connections
-        async with _control(cluster) as control:
+        async with cluster.redis_control() as control:
             marks = _marks(replicas)
             await control.execute_command("REPLICAOF", "127.0.0.1", str(unused.getsockname()[1]))
             try:
@@ -120,7 +107,7 @@ async def test_oom_loading_and_masterdown_fail_no_generation_and_stop_no_replica
     (MASTERDOWN on reads, READONLY on writes): generations running through each end succeeded once Redis
     recovers, and no replica exits."""
     replicas = await _start(cluster, "refused-a", "refused-b")
-    async with _control(cluster) as control:
+    async with cluster.redis_control() as control:
         await slow_next_aof_load(control)
         every: list[int] = []
         for stage, code in enumerate(("OOM", "LOADING", "MASTERDOWN")):
