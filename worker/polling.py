@@ -321,8 +321,24 @@ def _lease_s(self: Worker) -> float:
     return float(self.ctx["settings"].worker.lease_s)
 
 
+def stop_if_cancelled() -> None:
+    """End the poll loop if its stop was asked for but swallowed on the way.
+
+    arq stops a replica by cancelling its poll loop once. Python 3.11's `asyncio.wait_for` returns the inner
+    result instead of raising when the outer task is cancelled as the inner one finishes (CPython gh-86296,
+    fixed in 3.12), and redis-py 5 sends every command under `wait_for` once a socket timeout is set: the
+    loop then polled on, its health key fresh, until SIGKILL (issue 21 soak, seed 621816). The cancel
+    still counts in `Task.cancelling()`, which nothing here resets (`asyncio.timeout` resets only its own).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        logger.warning("the poll loop's stop was swallowed on its way (Python 3.11's asyncio.wait_for): stopping now")
+        raise asyncio.CancelledError
+
+
 async def poll_iteration(self: Worker) -> None:
     """arq's `_poll_iteration`: claim and start jobs, cancel aborted ones (one script call), then clean up."""
+    stop_if_cancelled()
     count = self.queue_read_limit
     if self.burst and self.max_burst_jobs >= 0:
         burst_jobs_remaining = self.max_burst_jobs - self._jobs_started()

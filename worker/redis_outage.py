@@ -66,6 +66,7 @@ async def wait_for_redis(self: Worker, exc: BaseException) -> None:
     delay = FIRST_RETRY_S
     attempts = 0
     while True:
+        polling.stop_if_cancelled()
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         attempts += 1
         _forget_finished(self)

@@ -13,12 +13,12 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from arq import ArqRedis
 from loguru import logger
@@ -53,6 +53,8 @@ from worker.pipeline.plan import make_plan
 from worker.progress import ProgressLog
 from worker.settings import Settings
 from worker.store import PHASES, Claim, Store
+
+T = TypeVar("T")
 
 
 class RetryLater(Exception):
@@ -197,6 +199,8 @@ class GenerationRun:
         #: Whether `sitegen cancel` asked this generation to stop: read by the claim and by every
         #: phase commit, in the same statement, so checking it before a phase costs no query.
         self.cancel_requested = claim.cancel_requested
+        #: Whether the last phase's commit held: a cancel that lands after it has nothing to hand back.
+        self.finished = False
 
     async def log(self, message: str, **kwargs: Any) -> None:
         kwargs.setdefault("phase", self.phase)
@@ -245,16 +249,14 @@ class GenerationRun:
             ):
                 output, usage = await self._run_phase(phase, brief, started)
             self.outputs[phase] = output
-            await self.log(
-                f"phase {phase} done",
-                event="phase.done",
-                duration_ms=round((time.monotonic() - started) * 1000),
-                **usage.as_dict(),
-            )
+            await self._log_done(phase, started, usage)
         self.phase = None
+        await self._log_succeeded()
+        return self.result("succeeded")
+
+    async def _log_succeeded(self) -> None:
         output_dir = self.result("succeeded")["output_dir"]
         await self.log("generation succeeded", event="generation.succeeded", output_dir=output_dir)
-        return self.result("succeeded")
 
     async def _run_phase(self, phase: str, brief: Brief, started: float) -> tuple[Any, Usage]:
         output: BaseModel
@@ -276,16 +278,59 @@ class GenerationRun:
         self.made[phase] = output
         self.usage[phase] = usage
         dumped = output.model_dump(mode="json")
-        self.cancel_requested = await self.rt.store.commit_phase(
-            self.claim,
-            phase,
-            dumped,
-            usage=usage.as_dict(),
-            total_usage=_usage_summary(self.usage),
-            duration_ms=round((time.monotonic() - started) * 1000),
-        )
+        self.cancel_requested = await self._commit(phase, dumped, usage, started)
         self._check_budget()
         return dumped, usage
+
+    async def _commit(self, phase: str, dumped: dict[str, Any], usage: Usage, started: float) -> bool:
+        """Commit the phase's checkpoint; whether a cancel was asked for (see `Store.commit_phase`)."""
+        return await self._durably(
+            self.rt.store.commit_phase(
+                self.claim,
+                phase,
+                dumped,
+                usage=usage.as_dict(),
+                total_usage=_usage_summary(self.usage),
+                duration_ms=round((time.monotonic() - started) * 1000),
+            ),
+            phase,
+            dumped,
+            usage,
+            started,
+        )
+
+    async def _durably(
+        self, write: Awaitable[T], phase: str, dumped: dict[str, Any], usage: Usage, started: float
+    ) -> T:
+        """Await the phase's commit; one that a cancel lands on while PostgreSQL's answer is on its way is waited for.
+
+        The commit may be durable already when the job is cancelled (the end of a shutdown's grace period, an
+        abort). If it held, the phase's "done" row (and for the last phase, the generation's success) is
+        written before the cancel goes on: the log never says that a committed phase did not end (issue 21
+        soak, seed 621816: order 1084 resumed after a code phase whose end was never logged), and a finished
+        generation is not handed back. The wait is bounded by the commit's own timeouts.
+        """
+        pending = asyncio.ensure_future(write)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            await asyncio.wait([pending])
+            if not pending.cancelled() and pending.exception() is None:
+                self.outputs[phase] = dumped
+                await self._log_done(phase, started, usage)
+                if phase == PHASES[-1]:
+                    self.finished = True
+                    self.phase = None
+                    await self._log_succeeded()
+            raise
+
+    async def _log_done(self, phase: str, started: float, usage: Usage) -> None:
+        await self.log(
+            f"phase {phase} done",
+            event="phase.done",
+            duration_ms=round((time.monotonic() - started) * 1000),
+            **usage.as_dict(),
+        )
 
     def _check_budget(self) -> None:
         """Stop after a phase that took the generation over its token budget (its output is kept)."""
@@ -317,14 +362,20 @@ class GenerationRun:
         target = await self.rt.writer.write(self.rt.output_root, self.order_id, files)
         self.usage["assemble"] = Usage()
         dumped = manifest.model_dump(mode="json")
-        await self.rt.store.finish_generation(
-            self.claim,
+        await self._durably(
+            self.rt.store.finish_generation(
+                self.claim,
+                dumped,
+                files,
+                usage=Usage().as_dict(),
+                total_usage=_usage_summary(self.usage),
+                duration_ms=round((time.monotonic() - started) * 1000),
+                output_dir=str(target),
+            ),
+            "assemble",
             dumped,
-            files,
-            usage=Usage().as_dict(),
-            total_usage=_usage_summary(self.usage),
-            duration_ms=round((time.monotonic() - started) * 1000),
-            output_dir=str(target),
+            Usage(),
+            started,
         )
         return dumped
 
@@ -624,6 +675,8 @@ async def _cancel(run: GenerationRun) -> None:
 
 
 async def _interrupted(run: GenerationRun) -> None:
+    if run.finished:  # its success is committed and logged; the job's next run finds it done
+        return
     try:
         cancel = await run.rt.store.cancel_requested(run.claim)
     except Exception:
