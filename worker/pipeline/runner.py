@@ -199,8 +199,11 @@ class GenerationRun:
         #: Whether `sitegen cancel` asked this generation to stop: read by the claim and by every
         #: phase commit, in the same statement, so checking it before a phase costs no query.
         self.cancel_requested = claim.cancel_requested
-        #: Whether the last phase's commit held: a cancel that lands after it has nothing to hand back.
-        self.finished = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether the last phase's commit held: a cancel that lands after it has nothing to hand back."""
+        return PHASES[-1] in self.outputs
 
     async def log(self, message: str, **kwargs: Any) -> None:
         kwargs.setdefault("phase", self.phase)
@@ -278,13 +281,7 @@ class GenerationRun:
         self.made[phase] = output
         self.usage[phase] = usage
         dumped = output.model_dump(mode="json")
-        self.cancel_requested = await self._commit(phase, dumped, usage, started)
-        self._check_budget()
-        return dumped, usage
-
-    async def _commit(self, phase: str, dumped: dict[str, Any], usage: Usage, started: float) -> bool:
-        """Commit the phase's checkpoint; whether a cancel was asked for (see `Store.commit_phase`)."""
-        return await self._durably(
+        self.cancel_requested = await self._durably(
             self.rt.store.commit_phase(
                 self.claim,
                 phase,
@@ -298,6 +295,8 @@ class GenerationRun:
             usage,
             started,
         )
+        self._check_budget()
+        return dumped, usage
 
     async def _durably(
         self, write: Awaitable[T], phase: str, dumped: dict[str, Any], usage: Usage, started: float
@@ -318,8 +317,7 @@ class GenerationRun:
             if not pending.cancelled() and pending.exception() is None:
                 self.outputs[phase] = dumped
                 await self._log_done(phase, started, usage)
-                if phase == PHASES[-1]:
-                    self.finished = True
+                if self.finished:
                     self.phase = None
                     await self._log_succeeded()
             raise
