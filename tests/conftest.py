@@ -51,7 +51,8 @@ async def db(services: LocalServices, migrated: None) -> AsyncIterator[asyncpg.C
     conn = await asyncpg.connect(services.database_url)
     await conn.set_type_codec("jsonb", encoder=str, decoder=json.loads, schema="pg_catalog")
     await conn.execute(
-        "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders"
+        "TRUNCATE site_version_files, site_versions, site_blobs, site_files, site_generation_phases,"
+        " site_generation_logs, site_generations, site_orders"
         " RESTART IDENTITY"
     )
     yield conn

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,4 +135,54 @@ async def enqueue_generation(
     await redis.delete(result_key_prefix + job_id(order_id))
     return await redis.enqueue_job(
         JOB_FUNCTION, order_id, brief=payload, regenerate=regenerate, _job_id=job_id(order_id), _queue_name=queue_name
+    )
+
+
+EDIT_FUNCTION = "edit_site"
+ROLLBACK_FUNCTION = "rollback_site"
+#: Every job function of the worker, and the positional argument that names the order (the first).
+JOB_FUNCTIONS = (JOB_FUNCTION, EDIT_FUNCTION, ROLLBACK_FUNCTION)
+
+
+def _check_order_id(order_id: Any) -> None:
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
+        raise ValueError(f"order_id must be a positive integer, got {order_id!r}")
+
+
+async def enqueue_edit(
+    redis: ArqRedis,
+    order_id: int,
+    instruction: str,
+    *,
+    base_version: int | None = None,
+    pages: list[str] | None = None,
+    queue_name: str = QUEUE_NAME,
+) -> Job | None:
+    """Enqueue an edit of an order's live site. Each edit is a job of its own (its id is new); an order's
+    edits run one at a time, in the order they were enqueued."""
+    _check_order_id(order_id)
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("instruction must be a non-empty string")
+    return await redis.enqueue_job(
+        EDIT_FUNCTION,
+        order_id,
+        instruction,
+        base_version=base_version,
+        pages=pages,
+        _job_id=f"{EDIT_FUNCTION}:{order_id}:{uuid.uuid4().hex}",
+        _queue_name=queue_name,
+    )
+
+
+async def enqueue_rollback(redis: ArqRedis, order_id: int, version: int, *, queue_name: str = QUEUE_NAME) -> Job | None:
+    """Enqueue a rollback: version `version` of the order's site becomes live again, as a new version."""
+    _check_order_id(order_id)
+    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+        raise ValueError(f"version must be a positive integer, got {version!r}")
+    return await redis.enqueue_job(
+        ROLLBACK_FUNCTION,
+        order_id,
+        version,
+        _job_id=f"{ROLLBACK_FUNCTION}:{order_id}:{uuid.uuid4().hex}",
+        _queue_name=queue_name,
     )

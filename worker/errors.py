@@ -45,6 +45,18 @@ class BriefInvalid(InputError):
     pass
 
 
+class EditInvalid(InputError):
+    """An edit or rollback that cannot run as sent: the order has no site yet, or no such version."""
+
+    retryable = False
+
+
+class EditFailed(SitegenError):
+    """The model could not carry out an edit (it said so, or its changes do not apply): the live version stays."""
+
+    retryable = False
+
+
 class OrderNotFound(InputError):
     pass
 
@@ -58,12 +70,20 @@ class OrderBusy(SitegenError):
     retryable = True
 
     def __init__(
-        self, message: str, *, retry_after_s: float, generation_id: int | None = None, replica_id: str | None = None
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        generation_id: int | None = None,
+        replica_id: str | None = None,
+        waiting: bool = False,
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         self.retry_after_s = retry_after_s
         self.generation_id = generation_id
         self.replica_id = replica_id
+        #: An edit or rollback waiting for its turn (another run of the order, or one sent before it).
+        self.waiting = waiting
 
 
 class AttemptsExhausted(SitegenError):

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from typing import Any
 
 import arq.utils
@@ -26,13 +27,13 @@ from loguru import logger
 from worker import polling, redis_outage
 from worker.ai import build_router, check_environment
 from worker.ai.limits import SharedLimits
-from worker.client import JOB_FUNCTION, bound, deserialize, serialize
+from worker.client import EDIT_FUNCTION, JOB_FUNCTION, ROLLBACK_FUNCTION, bound, deserialize, serialize
 from worker.errors import SitegenError
 from worker.logs import setup_logging
 from worker.metrics import Metrics
 from worker.migrate import migrate
 from worker.output import clean_leftovers
-from worker.pipeline.runner import RetryLater, Runtime, run_generation, validate_job_args
+from worker.pipeline.runner import RetryLater, Runtime, run_edit, run_generation, validate_edit_args, validate_job_args
 from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
 from worker.store import Store, create_pool
@@ -93,6 +94,72 @@ async def _generate_site(
         return result
 
 
+async def edit_site(
+    ctx: dict[str, Any],
+    order_id: Any = None,
+    instruction: Any = None,
+    base_version: Any = None,
+    pages: Any = None,
+    *args: Any,
+    **unknown: Any,
+) -> dict[str, Any]:
+    """The job: change an order's live site as `instruction` says, making a new version. See README,
+    "Versions and edits"."""
+    request = {"instruction": instruction, "base_version": base_version, "pages": pages}
+    return await _edit_job(ctx, "edit", order_id, request, args, unknown)
+
+
+async def rollback_site(
+    ctx: dict[str, Any], order_id: Any = None, version: Any = None, *args: Any, **unknown: Any
+) -> dict[str, Any]:
+    """The job: make version `version` of an order's site live again, as a new version (no model call)."""
+    return await _edit_job(ctx, "rollback", order_id, {"version": version}, args, unknown)
+
+
+async def _edit_job(
+    ctx: dict[str, Any],
+    kind: str,
+    order_id: Any,
+    request: dict[str, Any],
+    args: tuple[Any, ...],
+    unknown: dict[str, Any],
+) -> dict[str, Any]:
+    rt: Runtime = ctx["runtime"]
+    job_try = int(ctx.get("job_try", 1))
+    try:
+        with logger.contextualize(order_id=order_id, job_try=job_try), rt.metrics.job() as job:
+            try:
+                checked_id, checked = validate_edit_args(kind, order_id, request, unknown, args)
+            except SitegenError as exc:
+                if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
+                    await rt.progress.log(
+                        order_id,
+                        f"{kind} rejected: {exc}",
+                        level="error",
+                        event="job.rejected",
+                        error={"type": type(exc).__name__, "message": str(exc), **exc.details},
+                    )
+                else:
+                    logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
+                raise
+            try:
+                result = await run_edit(
+                    rt,
+                    kind,
+                    checked_id,
+                    checked,
+                    job_id=str(ctx.get("job_id") or f"{kind}:{checked_id}:{uuid.uuid4().hex}"),
+                    job_try=job_try,
+                    enqueued_at=ctx.get("enqueue_time"),
+                )
+            except RetryLater as exc:
+                raise Retry(defer=exc.defer_s) from exc.cause
+            job.outcome = str(result["status"])
+            return result
+    finally:
+        await rt.progress.settle(rt.settings.database.progress_wait_s)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     replica = settings.worker.replica
@@ -116,7 +183,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     metrics = Metrics(replica)
     rt = Runtime(
         settings=settings,
-        store=Store(pool, replica_id=replica, lease_s=settings.worker.lease_s),
+        store=Store(
+            pool, replica_id=replica, lease_s=settings.worker.lease_s, keep_versions=settings.output.keep_versions
+        ),
         progress=ProgressLog(progress_pool, replica_id=replica, buffer_size=db.progress_buffer_rows),
         ai=build_router(
             settings.ai,
@@ -227,7 +296,14 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     return {
         # arq's own count would drop a job after max_tries whatever failed; the runner decides instead
         # (worker.max_tries for failures of the models, never for PostgreSQL or Redis out of reach).
-        "functions": [func(generate_site, name=JOB_FUNCTION, max_tries=UNLIMITED_TRIES, keep_result=w.keep_result_s)],
+        "functions": [
+            func(job, name=name, max_tries=UNLIMITED_TRIES, keep_result=w.keep_result_s)
+            for job, name in (
+                (generate_site, JOB_FUNCTION),
+                (edit_site, EDIT_FUNCTION),
+                (rollback_site, ROLLBACK_FUNCTION),
+            )
+        ],
         "cron_jobs": [cron(sweep, name="sweep", second=set(range(0, 60, w.sweep_every_s)), run_at_startup=True)],
         "queue_name": w.queue_name,
         "redis_settings": _redis_settings(settings),

@@ -267,6 +267,60 @@ class SiteCode(_Strict):
         return files
 
 
+# --------------------------------------------------------------------------- edits
+
+#: The longest edit instruction a job may carry (characters).
+MAX_INSTRUCTION_CHARS = 2000
+
+
+class NewPage(_Strict):
+    """A page an edit adds: its file is `<slug>.html`, and every page's navigation gains a link to it."""
+
+    slug: Slug
+    title: ShortText
+    nav_label: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)]
+    purpose: str = Field(default="", max_length=500)
+
+
+class EditPlan(_Strict):
+    """Phase `edit_plan`: which files of the base version an edit changes, and which pages it adds."""
+
+    summary: str = Field(default="", max_length=500)
+    change: list[str] = Field(default_factory=list, max_length=MAX_FILES, description="paths of existing files")
+    add_pages: list[NewPage] = Field(default_factory=list, max_length=6)
+    #: Files the instruction makes much smaller on purpose (a section removed): not taken for a lazy answer.
+    shrinks: list[str] = Field(default_factory=list, max_length=MAX_FILES)
+    #: Not empty: the edit cannot be carried out on this site, and why (the edit fails with this message).
+    refuse: str = Field(default="", max_length=500)
+
+
+class SearchReplace(_Strict):
+    search: str = Field(min_length=1, max_length=MAX_FILE_BYTES)
+    replace: str = Field(default="", max_length=MAX_FILE_BYTES)
+
+
+class FileEdit(_Strict):
+    """The answer of task `editing`: a file's changes as exact search/replace blocks."""
+
+    path: str
+    #: No block: the file needs no change for this instruction (it stays as it is).
+    blocks: list[SearchReplace] = Field(default_factory=list, max_length=50)
+
+
+class FileRewrite(_Strict):
+    """The answer of task `rewriting`: a file written whole (a new page, or the fallback of a failed edit)."""
+
+    path: str
+    content: str = Field(min_length=1, max_length=MAX_FILE_BYTES)
+
+
+class EditedFiles(_Strict):
+    """Phase `edit_files`: the changed and added files in full, and those rewritten whole after their blocks failed."""
+
+    files: list[GeneratedFile] = Field(default_factory=list, max_length=MAX_FILES)
+    fallbacks: list[str] = Field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- assemble
 
 

@@ -31,7 +31,19 @@ Level = Literal["debug", "info", "warning", "error"]
 #: claim.warning, site.warning, site.restored, model.retry, model.fallback, model.answer_rejected,
 #: model.budget_wait; the sweeper writes job.requeued.
 #: A row of one of these kinds announces that its generation ended (its status is then terminal).
-END_EVENTS = frozenset({"generation.succeeded", "generation.failed", "generation.cancelled", "job.rejected"})
+#: Edits and rollbacks write the same lifecycle kinds under their own prefix: edit.started, edit.resumed,
+#: edit.phase.started, edit.phase.done, edit.succeeded, edit.failed, edit.cancelled (rollback.* likewise),
+#: and edit.fallback when a file is rewritten whole.
+END_EVENTS = frozenset(
+    {
+        "job.rejected",
+        *(
+            f"{kind}.{end}"
+            for kind in ("generation", "edit", "rollback")
+            for end in ("succeeded", "failed", "cancelled")
+        ),
+    }
+)
 
 
 def event_of(row: dict[str, Any]) -> str | None:

@@ -114,15 +114,22 @@ ORDER BY id
 LIMIT $2;
 
 -- name: request_cancel
--- Queued generations (no replica working on them) are cancelled at once; running ones are asked to stop.
-UPDATE site_generations
-SET cancel_requested_at = now(),
-    status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-    finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-    error = CASE WHEN status = 'queued'
-                 THEN jsonb_build_object('type', 'Cancelled', 'message', $2::text) ELSE error END
-WHERE order_id = $1 AND status IN ('queued', 'running')
-RETURNING id, status;
+-- Waiting and queued runs (no replica working on them) are cancelled at once; running ones are asked
+-- to stop. The order remembers when: an edit or rollback job sent before it, still in the queue, ends
+-- cancelled when it comes (sitegen_claim_edit). The running run first, then the others by id.
+WITH marked AS (
+    UPDATE site_orders SET cancel_requested_at = now() WHERE id = $1
+), asked AS (
+    UPDATE site_generations
+    SET cancel_requested_at = now(),
+        status = CASE WHEN status IN ('queued', 'waiting') THEN 'cancelled' ELSE status END,
+        finished_at = CASE WHEN status IN ('queued', 'waiting') THEN now() ELSE finished_at END,
+        error = CASE WHEN status IN ('queued', 'waiting')
+                     THEN jsonb_build_object('type', 'Cancelled', 'message', $2::text) ELSE error END
+    WHERE order_id = $1 AND status IN ('waiting', 'queued', 'running')
+    RETURNING id, status, kind
+)
+SELECT id, status, kind FROM asked ORDER BY status = 'running' DESC, id;
 
 -- name: cancel_requested
 -- Only where no commit just said so: a generation interrupted in the middle of a phase.
@@ -238,23 +245,39 @@ SELECT g.id, g.status, EXTRACT(EPOCH FROM now() - g.finished_at)::float8 AS fini
 FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT 1;
 
 -- name: api_site_file
--- A file of the order's latest succeeded generation.
+-- A file of the order's live version; before the order has versions (a generation that a replica of
+-- the previous release finished), of its latest succeeded generation.
+SELECT b.content, f.media_type, f.sha256
+FROM site_orders o
+JOIN site_version_files f ON f.order_id = o.id AND f.number = o.live_version AND f.path = $2
+JOIN site_blobs b ON b.sha256 = f.sha256
+WHERE o.id = $1
+UNION ALL
 SELECT f.content, f.media_type, f.sha256 FROM site_files f
-WHERE f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND status = 'succeeded'
-                         ORDER BY id DESC LIMIT 1)
+WHERE NOT EXISTS (SELECT 1 FROM site_orders o WHERE o.id = $1 AND o.live_version IS NOT NULL)
+  AND f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND kind = 'generation'
+                         AND status = 'succeeded' ORDER BY id DESC LIMIT 1)
   AND f.path = $2;
 
 -- name: api_site_files
-SELECT f.generation_id, f.path, f.content FROM site_files f
-WHERE f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND status = 'succeeded'
-                         ORDER BY id DESC LIMIT 1)
-ORDER BY f.path;
+SELECT f.path, b.content
+FROM site_orders o
+JOIN site_version_files f ON f.order_id = o.id AND f.number = o.live_version
+JOIN site_blobs b ON b.sha256 = f.sha256
+WHERE o.id = $1
+UNION ALL
+SELECT f.path, f.content FROM site_files f
+WHERE NOT EXISTS (SELECT 1 FROM site_orders o WHERE o.id = $1 AND o.live_version IS NOT NULL)
+  AND f.generation_id = (SELECT id FROM site_generations WHERE order_id = $1 AND kind = 'generation'
+                         AND status = 'succeeded' ORDER BY id DESC LIMIT 1)
+ORDER BY path;
 
 -- name: announce_cancelled
--- A queued generation cancelled at once has no replica to say so: its progress row announcing the end.
+-- A queued or waiting run cancelled at once has no replica to say so: its progress row announcing the end
+-- ($5: its event, generation.cancelled, edit.cancelled or rollback.cancelled).
 WITH row AS (
     INSERT INTO site_generation_logs (order_id, generation_id, phase, level, message, details, replica_id)
-    VALUES ($1, $2, NULL, 'warning', $3::text, jsonb_build_object('event', 'generation.cancelled'), $4::text)
+    VALUES ($1, $2, NULL, 'warning', $3::text, jsonb_build_object('event', $5::text), $4::text)
     RETURNING id, order_id, generation_id, phase, level, message, created_at
 )
 SELECT pg_notify('site_generation_progress', json_build_object(
@@ -301,3 +324,77 @@ SELECT key FROM api_signing_keys ORDER BY created_at DESC, kid;
 
 -- name: api_signing_key_add
 INSERT INTO api_signing_keys (kid, key) VALUES ($1, $2) ON CONFLICT (kid) DO NOTHING;
+
+-- name: claim_edit
+-- Register, start, resume or skip an edit or rollback: see migrations/0009_site_versions.sql.
+SELECT sitegen_claim_edit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
+-- name: finish_run
+-- The last phase of an edit or rollback: its success (fenced by the claim) and its checkpoint. The
+-- version is added by `add_version` in the same transaction.
+WITH finished AS (
+    UPDATE site_generations
+    SET status = 'succeeded', current_phase = NULL, usage = $3, output_dir = $4, finished_at = now(),
+        claim_token = NULL, lease_expires_at = NULL, heartbeat_at = now()
+    WHERE id = $1 AND claim_token = $2 AND status = 'running'
+    RETURNING id
+), phase AS (
+    INSERT INTO site_generation_phases (generation_id, phase, output, usage, duration_ms)
+    SELECT id, $5, $6, $7, $8 FROM finished
+)
+SELECT id FROM finished;
+
+-- name: store_blobs
+-- File contents by sha256; one already stored (another version uses it) is not sent or stored again.
+INSERT INTO site_blobs (sha256, content, bytes)
+SELECT b.sha256, b.content, b.bytes FROM unnest($1::text[], $2::bytea[], $3::int[]) AS b (sha256, content, bytes)
+ON CONFLICT (sha256) DO NOTHING;
+
+-- name: add_version
+SELECT sitegen_add_version($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13);
+
+-- name: known_blobs
+SELECT sha256 FROM site_blobs WHERE sha256 = ANY($1::text[]);
+
+-- name: live_version
+SELECT o.live_version AS number, v.plan, v.kind, v.parent
+FROM site_orders o LEFT JOIN site_versions v ON v.order_id = o.id AND v.number = o.live_version
+WHERE o.id = $1;
+
+-- name: version_files
+-- The files of one version with their content, by path.
+SELECT f.path, b.content, f.sha256, f.bytes, f.media_type
+FROM site_version_files f JOIN site_blobs b ON b.sha256 = f.sha256
+WHERE f.order_id = $1 AND f.number = $2
+ORDER BY f.path;
+
+-- name: version_file
+SELECT b.content, f.media_type, f.sha256
+FROM site_version_files f JOIN site_blobs b ON b.sha256 = f.sha256
+WHERE f.order_id = $1 AND f.number = $2 AND f.path = $3;
+
+-- name: versions_for_order
+-- Every version of an order, newest first, with its size and whether it is live.
+SELECT v.number, v.parent, v.kind, v.generation_id, v.instruction, v.rolled_back_to, v.usage, v.created_at,
+       v.number = o.live_version AS live,
+       (SELECT count(*) FROM site_version_files f WHERE f.order_id = v.order_id AND f.number = v.number) AS files,
+       (SELECT coalesce(sum(f.bytes), 0) FROM site_version_files f
+        WHERE f.order_id = v.order_id AND f.number = v.number) AS bytes
+FROM site_versions v JOIN site_orders o ON o.id = v.order_id
+WHERE v.order_id = $1
+ORDER BY v.number DESC
+LIMIT $2;
+
+-- name: version_detail
+SELECT v.number, v.parent, v.kind, v.generation_id, v.instruction, v.rolled_back_to, v.usage, v.quality,
+       v.created_at, v.number = o.live_version AS live
+FROM site_versions v JOIN site_orders o ON o.id = v.order_id
+WHERE v.order_id = $1 AND v.number = $2;
+
+-- name: version_manifest
+-- Path, sha256, size and type of every file of a version (no content).
+SELECT f.path, f.sha256, f.bytes, f.media_type FROM site_version_files f
+WHERE f.order_id = $1 AND f.number = $2 ORDER BY f.path;
+
+-- name: version_plan
+SELECT plan FROM site_versions WHERE order_id = $1 AND number = $2;

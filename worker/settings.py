@@ -26,7 +26,9 @@ from pydantic_settings import (
 )
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-TASKS = ("planning", "content", "coding")
+TASKS = ("planning", "content", "coding", "edit_planning", "editing", "rewriting")
+#: The edit tasks, each routed as `coding` is unless `ai.routing` names it (settings made before edits existed).
+EDIT_TASKS = ("edit_planning", "editing", "rewriting")
 
 
 class SettingsError(RuntimeError):
@@ -164,6 +166,12 @@ class RedisSection(_Section):
 
 class OutputSection(_Section):
     dir: Path = Field(default=Path("generated_sites"), description="Sites are written to <dir>/<order_id>/")
+    keep_versions: int = Field(
+        default=0,
+        ge=0,
+        description="Versions of each order's site to keep, newest first (0: all); pruning never removes the "
+        "live version or a file a kept version uses",
+    )
     allowed_embed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts (and their subdomains) published pages may load scripts, frames, images, styles, "
@@ -276,7 +284,8 @@ class AISection(_Section):
     )
     routing: dict[str, list[str]] = Field(
         default_factory=lambda: {task: ["offline"] for task in TASKS},
-        description="For each task (planning, content, coding): a provider name, or a list tried in order",
+        description="For each task (planning, content, coding, and for edits edit_planning, editing, rewriting, "
+        "which follow coding unless named): a provider name, or a list tried in order",
     )
     max_output_retries: int = Field(
         default=2, ge=0, le=5, description="Re-asks of a model whose answer fails validation"
@@ -307,7 +316,11 @@ class AISection(_Section):
     @classmethod
     def _routes_as_lists(cls, routing: Any) -> Any:
         if isinstance(routing, dict):
-            return {task: _route_list(route) for task, route in routing.items()}
+            routes = {task: _route_list(route) for task, route in routing.items()}
+            for task in EDIT_TASKS:
+                if task not in routes and "coding" in routes:
+                    routes[task] = list(routes["coding"])
+            return routes
         return routing
 
     @model_validator(mode="after")

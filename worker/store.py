@@ -21,7 +21,15 @@ import asyncpg
 import orjson
 from loguru import logger
 
-from worker.errors import AttemptsExhausted, BriefInvalid, ClaimLost, OrderBusy, OrderNotFound, message_of
+from worker.errors import (
+    AttemptsExhausted,
+    BriefInvalid,
+    ClaimLost,
+    EditInvalid,
+    OrderBusy,
+    OrderNotFound,
+    message_of,
+)
 from worker.models import OutputFile
 from worker.settings import DatabaseSection
 
@@ -29,6 +37,12 @@ from worker.settings import DatabaseSection
 ISSUED_TOKENS = 10_000
 
 PHASES = ("plan", "content", "code", "assemble")
+#: An edit's phases: plan the edit, change the files, assemble (the same checks as a generation's).
+EDIT_PHASES = ("edit_plan", "edit_files", "assemble")
+#: A rollback's one phase: publish the old version's files as a new version.
+ROLLBACK_PHASES = ("publish",)
+#: The phases of each kind of job, in order.
+PHASES_OF: dict[str, tuple[str, ...]] = {"generation": PHASES, "edit": EDIT_PHASES, "rollback": ROLLBACK_PHASES}
 ACTIVE = ("queued", "running")
 
 
@@ -168,6 +182,38 @@ class Claim:
     #: Attempts that count towards `worker.max_tries` and `worker.max_attempts`: `attempt` less the
     #: hand-backs that were not the generation's fault (a wait for budget, a drain).
     counted_attempts: int = 1
+    #: What kind of run this is: "generation", "edit" or "rollback" (its phases: PHASES_OF).
+    job: str = "generation"
+    order_id: int = 0
+    #: An edit's or rollback's request as the claim stored it (`live_version`: the version live when it started).
+    request: dict[str, Any] = field(default_factory=dict)
+    #: The version an `ended` edit or rollback made.
+    version: int | None = None
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return PHASES_OF[self.job]
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A version of an order's site to add and make live, with the run that made it."""
+
+    kind: str
+    files: list[OutputFile]
+    plan: dict[str, Any] | None
+    quality: dict[str, Any]
+    instruction: str | None = None
+    rolled_back_to: int | None = None
+
+
+@dataclass(frozen=True)
+class LiveSite:
+    """The live version of an order's site: its number, the plan it was built from and its files."""
+
+    number: int
+    plan: dict[str, Any] | None
+    files: list[OutputFile]
 
 
 def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, Any]:
@@ -189,10 +235,12 @@ def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, An
 class Store:
     """The generation pool's transactions, one method per domain verb."""
 
-    def __init__(self, pool: asyncpg.Pool, *, replica_id: str, lease_s: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, replica_id: str, lease_s: float, keep_versions: int = 0) -> None:
         self.pool = pool
         self.replica_id = replica_id
         self.lease_s = lease_s
+        #: How many versions of each order's site to keep (0: all); see `output.keep_versions`.
+        self.keep_versions = keep_versions
         #: The claim tokens this process issued lately (oldest first), to tell its own dead claims apart
         #: from those of another process with the same replica id (`lapse_own_claim`).
         self.issued: OrderedDict[uuid.UUID, None] = OrderedDict()
@@ -214,10 +262,7 @@ class Store:
         already claimed `max_attempts` times is failed instead (AttemptsExhausted). One round trip:
         the steps run in the `sitegen_claim` function (migrations/0005_claim_rechecks.sql).
         """
-        token = uuid.uuid4()
-        self.issued[token] = None
-        if len(self.issued) > ISSUED_TOKENS:
-            self.issued.popitem(last=False)
+        token = self._issue_token()
         async with self.pool.acquire() as conn:
             claimed: dict[str, Any] = await conn.fetchval(
                 QUERIES["claim"],
@@ -273,7 +318,90 @@ class Store:
             cancel_requested=bool(claimed.get("cancel_requested")),
             status=claimed.get("status"),
             counted_attempts=claimed.get("counted_attempts", claimed["attempt"]),
+            order_id=order_id,
         )
+
+    async def claim_edit(
+        self,
+        order_id: int,
+        kind: Literal["edit", "rollback"],
+        request: dict[str, Any],
+        *,
+        job_id: str,
+        enqueued_at: datetime | None,
+        max_attempts: int | None,
+        ahead: list[str],
+    ) -> Claim:
+        """Register, start, resume or skip an edit or rollback job of the order (`sitegen_claim_edit`).
+
+        `ahead`: the ids of the jobs of this order sent before this one that Redis still holds; the edit
+        waits (OrderBusy) while one of them is not registered yet, so edits run in the order they were sent.
+        """
+        token = self._issue_token()
+        async with self.pool.acquire() as conn:
+            claimed: dict[str, Any] = await conn.fetchval(
+                QUERIES["claim_edit"],
+                order_id,
+                kind,
+                request,
+                token,
+                self.replica_id,
+                job_id,
+                self.lease_s,
+                enqueued_at,
+                max_attempts,
+                ahead,
+            )
+        outcome = claimed["outcome"]
+        if outcome == "not_found":
+            raise OrderNotFound(f"order {order_id} does not exist: there is no site to {kind}")
+        if outcome in ("no_site", "no_version"):
+            error = claimed["error"]
+            raise EditInvalid(error["message"], generation_id=claimed["generation_id"], field=error.get("field"))
+        if outcome == "busy":
+            what = {
+                "held": f"this {kind} is being run by replica {claimed['replica_id']!r}",
+                "waiting": f"waiting for {claimed.get('kind')} {claimed['generation_id']} of the order to end",
+                "ahead": f"waiting for job {claimed.get('job_id')!r} of the order, sent earlier, to be picked up",
+            }[claimed.get("reason", "held")]
+            raise OrderBusy(
+                f"order {order_id}: {what}",
+                retry_after_s=float(claimed["lease_left_s"]),
+                generation_id=claimed.get("own_id", claimed["generation_id"]),
+                replica_id=claimed["replica_id"],
+                waiting=claimed.get("reason") != "held",
+            )
+        if outcome == "exhausted":
+            error = claimed["error"]
+            raise AttemptsExhausted(
+                f"{kind} {claimed['generation_id']} of order {order_id} {error['message']}",
+                generation_id=claimed["generation_id"],
+                attempts=claimed["attempt"],
+                last_error=error["details"]["last_error"],
+            )
+        return Claim(
+            kind=outcome,
+            generation_id=claimed["generation_id"],
+            attempt=claimed["attempt"],
+            brief=None,
+            token=token if outcome in ("started", "resumed") else None,
+            checkpoints=claimed.get("checkpoints") or {},
+            usage=claimed.get("usage") or {},
+            cancel_requested=bool(claimed.get("cancel_requested")),
+            status=claimed.get("status"),
+            counted_attempts=claimed.get("counted_attempts", claimed["attempt"]),
+            job=kind,
+            order_id=order_id,
+            request=claimed.get("request") or request,
+            version=claimed.get("version"),
+        )
+
+    def _issue_token(self) -> uuid.UUID:
+        token = uuid.uuid4()
+        self.issued[token] = None
+        if len(self.issued) > ISSUED_TOKENS:
+            self.issued.popitem(last=False)
+        return token
 
     async def commit_phase(
         self,
@@ -289,7 +417,7 @@ class Store:
 
         Returns whether `sitegen cancel` asked the generation to stop, read in the same step.
         """
-        next_phase = PHASES[PHASES.index(phase) + 1]
+        next_phase = claim.phases[claim.phases.index(phase) + 1]
         row = await self._as_owner(
             "commit_phase",
             claim,
@@ -314,23 +442,113 @@ class Store:
         total_usage: dict[str, Any],
         duration_ms: int,
         output_dir: str,
-    ) -> None:
-        """Commit the last phase: the manifest, every file and the generation's success, in one statement."""
-        await self._as_owner(
-            "finish_generation",
-            claim,
-            "was taken over before it could be finished",
-            total_usage,
-            output_dir,
-            manifest,
+        version: NewVersion | None = None,
+    ) -> int | None:
+        """Commit the last phase: the manifest, every file, the generation's success and its version, made
+        live, in one transaction. The number of the version (None: no `version` given)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                QUERIES["finish_generation"],
+                claim.generation_id,
+                claim.token,
+                total_usage,
+                output_dir,
+                manifest,
+                usage,
+                duration_ms,
+                [f.path for f in files],
+                [f.content for f in files],
+                [f.sha256 for f in files],
+                [len(f.content) for f in files],
+                [f.media_type for f in files],
+            )
+            if row is None:
+                raise ClaimLost(f"generation {claim.generation_id} was taken over before it could be finished")
+            if version is None:
+                return None
+            return await self._add_version(conn, claim, version, total_usage)
+
+    async def finish_run(
+        self,
+        claim: Claim,
+        phase: str,
+        checkpoint: Any,
+        version: NewVersion,
+        *,
+        usage: dict[str, Any],
+        total_usage: dict[str, Any],
+        duration_ms: int,
+        output_dir: str,
+    ) -> int:
+        """Commit the last phase of an edit or rollback: its success and its version, made live, in one
+        transaction; the version's number."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                QUERIES["finish_run"],
+                claim.generation_id,
+                claim.token,
+                total_usage,
+                output_dir,
+                phase,
+                checkpoint,
+                usage,
+                duration_ms,
+            )
+            if row is None:
+                raise ClaimLost(f"{claim.job} {claim.generation_id} was taken over before it could be finished")
+            return await self._add_version(conn, claim, version, total_usage)
+
+    async def _add_version(
+        self, conn: asyncpg.Connection, claim: Claim, version: NewVersion, usage: dict[str, Any]
+    ) -> int:
+        files = version.files
+        known = {r["sha256"] for r in await conn.fetch(QUERIES["known_blobs"], [f.sha256 for f in files])}
+        new = {f.sha256: f for f in files if f.sha256 not in known}  # an edit sends only what it changed
+        if new:
+            await conn.execute(
+                QUERIES["store_blobs"],
+                list(new),
+                [f.content for f in new.values()],
+                [len(f.content) for f in new.values()],
+            )
+        number: int = await conn.fetchval(
+            QUERIES["add_version"],
+            claim.order_id,
+            claim.generation_id,
+            version.kind,
+            version.instruction,
+            version.rolled_back_to,
+            version.plan,
             usage,
-            duration_ms,
+            version.quality,
             [f.path for f in files],
-            [f.content for f in files],
             [f.sha256 for f in files],
             [len(f.content) for f in files],
             [f.media_type for f in files],
+            self.keep_versions,
         )
+        return number
+
+    async def live_site(self, order_id: int) -> LiveSite | None:
+        """The order's live version with its files; None: the order has no version yet."""
+        async with self.pool.acquire() as conn:
+            live = await conn.fetchrow(QUERIES["live_version"], order_id)
+            if live is None or live["number"] is None:
+                return None
+            rows = await conn.fetch(QUERIES["version_files"], order_id, live["number"])
+        return LiveSite(live["number"], live["plan"], [OutputFile(r["path"], r["content"]) for r in rows])
+
+    async def version_plan(self, order_id: int, number: int) -> dict[str, Any] | None:
+        """The site plan a version was built from (None: none stored, or no such version)."""
+        async with self.pool.acquire() as conn:
+            plan: dict[str, Any] | None = await conn.fetchval(QUERIES["version_plan"], order_id, number)
+        return plan
+
+    async def version_files(self, order_id: int, number: int) -> list[OutputFile]:
+        """The files of one version of the order's site, by path (empty: no such version)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["version_files"], order_id, number)
+        return [OutputFile(r["path"], r["content"]) for r in rows]
 
     async def _as_owner(self, query: str, claim: Claim, lost: str, *args: Any) -> asyncpg.Record:
         """Run a statement that only acts while `claim` still holds its generation; ClaimLost when it does not."""
@@ -378,14 +596,24 @@ class Store:
         return status == "UPDATE 1"
 
     async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
-        """Ask the order's active generation to stop; a queued one is cancelled at once. None: nothing active."""
+        """Ask the order's active run to stop; waiting and queued ones are cancelled at once, and edits and
+        rollbacks sent before now and still in the queue end cancelled when they come. The running run (else
+        the first cancelled one) as {id, status, kind}; None: nothing was active."""
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(QUERIES["request_cancel"], order_id, reason)
-            if row is not None and row["status"] == "cancelled":
-                # No replica holds a queued generation to log its end: its progress row says it here.
-                message = f"generation cancelled: {reason}"
-                await conn.execute(QUERIES["announce_cancelled"], order_id, row["id"], message, self.replica_id)
-        return dict(row) if row else None
+            rows = await conn.fetch(QUERIES["request_cancel"], order_id, reason)
+            for row in rows:
+                if row["status"] == "cancelled":
+                    # No replica holds a waiting or queued run to log its end: its progress row says it here.
+                    what = "generation" if row["kind"] == "generation" else row["kind"]
+                    await conn.execute(
+                        QUERIES["announce_cancelled"],
+                        order_id,
+                        row["id"],
+                        f"{what} cancelled: {reason}",
+                        self.replica_id,
+                        f"{what}.cancelled",
+                    )
+        return dict(rows[0]) if rows else None
 
     async def lapse_own_claim(self, generation_id: int, live: Collection[uuid.UUID]) -> bool:
         """End the lease of the generation's claim if this process issued it and no run of it holds it

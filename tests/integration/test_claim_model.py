@@ -84,7 +84,8 @@ class GenerationModel(RuleBasedStateMachine):
     async def _reset(self) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(
-                "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders"
+                "TRUNCATE site_version_files, site_versions, site_blobs, site_files, site_generation_phases,"
+                " site_generation_logs, site_generations, site_orders"
                 " RESTART IDENTITY"
             )
             now = await conn.fetchval("SELECT clock_timestamp()")

@@ -35,7 +35,8 @@ async def _reset(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.database.url)
     try:
         await conn.execute(
-            "TRUNCATE site_files, site_generation_phases, site_generation_logs, site_generations, site_orders"
+            "TRUNCATE site_version_files, site_versions, site_blobs, site_files, site_generation_phases,"
+            " site_generation_logs, site_generations, site_orders"
         )
     finally:
         await conn.close()

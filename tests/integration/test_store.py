@@ -56,7 +56,11 @@ async def test_a_phase_commit_stores_the_checkpoint_and_advances_in_one_step(
 
 async def test_a_phase_commit_reports_a_cancel_request(store: Store, db: asyncpg.Connection) -> None:
     claim = await _started(store, 502)
-    assert await store.request_cancel(502, "test") == {"id": claim.generation_id, "status": "running"}
+    assert await store.request_cancel(502, "test") == {
+        "id": claim.generation_id,
+        "status": "running",
+        "kind": "generation",
+    }
     assert await store.commit_phase(claim, "plan", {}, usage={}, total_usage={}, duration_ms=1) is True
     assert await db.fetchval("SELECT count(*) FROM site_generation_phases") == 1, "the finished phase is kept"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from worker import settings as settings_module
-from worker.settings import PROJECT_DIR, SettingsError, load_settings, redact_url
+from worker.settings import PROJECT_DIR, TASKS, SettingsError, load_settings, redact_url
 
 WriteToml = Callable[[str], Path]
 
@@ -51,7 +51,7 @@ def test_defaults_with_an_empty_settings_file(write_toml: WriteToml) -> None:
     assert settings.output.dir == Path("generated_sites")
     assert settings.limits.max_brief_bytes == 64 * 1024
     assert settings.ai.max_output_retries == 2
-    assert settings.ai.routing == {"planning": ["offline"], "content": ["offline"], "coding": ["offline"]}
+    assert settings.ai.routing == {task: ["offline"] for task in TASKS}
     assert settings.ai.providers["offline"].kind == "offline"
 
 
@@ -123,6 +123,8 @@ coding = "local"
     assert settings.ai.max_output_retries == 4
     assert settings.ai.providers["local"].model == "templates-2"
     assert settings.ai.routing["coding"] == ["local"]
+    # Issue 22: the edit tasks, not named in these settings, follow coding.
+    assert [settings.ai.routing[t] for t in ("edit_planning", "editing", "rewriting")] == [["local"]] * 3
 
 
 def test_env_overrides_toml(write_toml: WriteToml, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from worker.ai.http import Slots
     from worker.ai.limits import ProviderLimiter, SharedLimits
 
-Task = Literal["planning", "content", "coding"]
+Task = Literal["planning", "content", "coding", "edit_planning", "editing", "rewriting"]
 
 #: The longest wait a provider (or Redis, for a provider's budget) can make a call take, as read: a longer
 #: one is this long. Far past the caps applied after it (`max_retry_wait_s` in a call, `ai.max_retry_defer_s`

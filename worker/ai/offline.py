@@ -12,6 +12,7 @@ from typing import Any
 
 from worker.ai.base import AIReply, AIRequest, Notify, Usage
 from worker.ai.parsing import extract_input
+from worker.local import offline_edits
 from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief, SiteContent, SitePlan
 
@@ -32,11 +33,16 @@ class OfflineProvider:
             # Lets the demo and benchmarks behave like a model that takes its time.
             await asyncio.sleep(self.latency_s)
         inputs: dict[str, Any] = extract_input(request.prompt)
-        brief = Brief.model_validate(inputs["brief"])
-        if request.task == "planning":
+        edited = offline_edits.answer(inputs)
+        if edited is not None:
+            answer = edited
+        elif request.task == "planning":
+            brief = Brief.model_validate(inputs["brief"])
             answer = offline_plan(brief).model_dump_json()
         elif request.task == "content":
-            answer = offline_content(brief, SitePlan.model_validate(inputs["plan"])).model_dump_json()
+            answer = offline_content(
+                Brief.model_validate(inputs["brief"]), SitePlan.model_validate(inputs["plan"])
+            ).model_dump_json()
         else:
             plan = SitePlan.model_validate(inputs["plan"])
             answer = offline_code(plan, SiteContent.model_validate(inputs["content"])).model_dump_json()

@@ -46,6 +46,7 @@ from typing import Any, Self, cast
 from urllib.parse import urlsplit
 
 from worker.ai.parsing import extract_input
+from worker.local import offline_edits
 from worker.local.offline_site import offline_code, offline_content, offline_plan
 from worker.models import Brief, SiteContent, SitePlan
 
@@ -182,6 +183,9 @@ def answer_for(prompt: str) -> str:
     if "<input>" not in prompt or "</input>" not in prompt:
         return '{"ok": true}'
     inputs = extract_input(prompt)
+    edited = offline_edits.answer(inputs)
+    if edited is not None:
+        return edited
     if "content" in inputs:
         plan = SitePlan.model_validate(inputs["plan"])
         return offline_code(plan, SiteContent.model_validate(inputs["content"])).model_dump_json()

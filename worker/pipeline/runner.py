@@ -32,6 +32,8 @@ from worker.errors import (
     BriefInvalid,
     BudgetWaitExceeded,
     ClaimLost,
+    EditFailed,
+    EditInvalid,
     InputError,
     JobArgumentsInvalid,
     OrderBusy,
@@ -43,16 +45,29 @@ from worker.errors import (
     message_of,
 )
 from worker.metrics import Metrics
-from worker.models import Brief, Manifest, SiteCode, SiteContent, SitePlan
+from worker.models import (
+    MAX_INSTRUCTION_CHARS,
+    Brief,
+    EditedFiles,
+    EditPlan,
+    Manifest,
+    SiteCode,
+    SiteContent,
+    SitePlan,
+)
+from worker.ordering import jobs_ahead
 from worker.output import SiteWriter, site_is_complete
 from worker.pipeline import M
 from worker.pipeline.assemble import Publishable, assemble_site
 from worker.pipeline.code import make_code
 from worker.pipeline.content import make_content
+from worker.pipeline.edit_assemble import assemble_edit
+from worker.pipeline.edit_files import make_edited_files
+from worker.pipeline.edit_plan import make_edit_plan
 from worker.pipeline.plan import make_plan
 from worker.progress import ProgressLog
 from worker.settings import Settings
-from worker.store import PHASES, Claim, Store
+from worker.store import PHASES, Claim, LiveSite, NewVersion, Store
 
 T = TypeVar("T")
 
@@ -199,11 +214,28 @@ class GenerationRun:
         #: Whether `sitegen cancel` asked this generation to stop: read by the claim and by every
         #: phase commit, in the same statement, so checking it before a phase costs no query.
         self.cancel_requested = claim.cancel_requested
+        #: The job's phases: a generation's, an edit's or a rollback's (store.PHASES_OF).
+        self.phases = claim.phases
+        #: What the progress log calls this run: "generation", "edit" or "rollback".
+        self.what = claim.job
+        #: An edit's or rollback's base: the version live when it started, with its files (read once).
+        self._base: LiveSite | None = None
+        #: Whether this run wrote its site to disk (the files of a version not committed yet).
+        self.wrote_disk = False
+        #: The version this run made, once committed.
+        self.version: int | None = claim.version
 
     @property
     def finished(self) -> bool:
         """Whether the last phase's commit held: a cancel that lands after it has nothing to hand back."""
-        return PHASES[-1] in self.outputs
+        return self.phases[-1] in self.outputs
+
+    def event(self, name: str) -> str:
+        """A lifecycle event's kind for this run: `phase.done` is `edit.phase.done` for an edit, and
+        `generation.succeeded` is `edit.succeeded`."""
+        if self.what == "generation":
+            return name
+        return f"{self.what}.{name.removeprefix('generation.')}"
 
     async def log(self, message: str, **kwargs: Any) -> None:
         kwargs.setdefault("phase", self.phase)
@@ -224,8 +256,8 @@ class GenerationRun:
         )
 
     def result(self, status: str) -> dict[str, Any]:
-        manifest = self.outputs.get("assemble") or {}
-        return {
+        manifest = self.outputs.get("assemble") or self.outputs.get("publish") or {}
+        result = {
             "order_id": self.order_id,
             "generation_id": self.claim.generation_id,
             "status": status,
@@ -233,10 +265,13 @@ class GenerationRun:
             "pages": manifest.get("pages", []),
             "usage": _usage_summary(self.usage),
         }
+        if self.what != "generation":
+            result.update(kind=self.what, version=self.version)
+        return result
 
     async def run(self) -> dict[str, Any]:
-        brief = Brief.model_validate(self.claim.brief)
-        for phase in PHASES:
+        brief = Brief.model_validate(self.claim.brief) if self.what == "generation" else None
+        for phase in self.phases:
             if phase in self.outputs:
                 continue
             self.phase = phase
@@ -245,7 +280,7 @@ class GenerationRun:
             if self.rt.draining.is_set():
                 raise ShuttingDown(f"stopping before phase {phase}")
             started = time.monotonic()
-            await self.log(f"phase {phase} started", event="phase.started")
+            await self.log(f"phase {phase} started", event=self.event("phase.started"))
             with (
                 self.rt.metrics.phase(phase),
                 logger.contextualize(generation_id=self.claim.generation_id, phase=phase),
@@ -259,11 +294,48 @@ class GenerationRun:
 
     async def _log_succeeded(self) -> None:
         output_dir = self.result("succeeded")["output_dir"]
-        await self.log("generation succeeded", event="generation.succeeded", output_dir=output_dir)
+        extra = {"version": self.version} if self.version is not None else {}
+        what = f"{self.what} succeeded"
+        if self.what != "generation" and self.version is not None:
+            what += f": version {self.version} is live"
+        await self.log(what, event=self.event("generation.succeeded"), output_dir=output_dir, **extra)
 
-    async def _run_phase(self, phase: str, brief: Brief, started: float) -> tuple[Any, Usage]:
+    async def _run_phase(self, phase: str, brief: Brief | None, started: float) -> tuple[Any, Usage]:
         output: BaseModel
-        if phase == "plan":
+        if phase == "assemble" and self.what == "edit":
+            return await self._assemble_edit(started), Usage()
+        if phase == "publish":
+            return await self._publish(started), Usage()
+        if phase == "edit_plan":
+            base = await self._base_site()
+            output, usage = await make_edit_plan(
+                self.request["instruction"],
+                self._base_plan(base),
+                {f.path: len(f.content) for f in base.files},
+                self.request.get("pages"),
+                self.ask,
+            )
+            if output.refuse:
+                raise EditFailed(f"the model cannot carry out this edit: {output.refuse}", phase=phase)
+        elif phase == "edit_files":
+            base = await self._base_site()
+            output, usage = await make_edited_files(
+                self.request["instruction"],
+                self._output("edit_plan", EditPlan),
+                {f.path: f.content.decode() for f in base.files if f.path.endswith((".html", ".css", ".txt"))},
+                self.ask,
+                self.log,
+            )
+            if output.fallbacks:
+                await self.log(
+                    f"rewritten whole after their search/replace blocks failed: {', '.join(output.fallbacks)}",
+                    level="warning",
+                    event="edit.fallback",
+                    paths=output.fallbacks,
+                )
+        elif brief is None:
+            raise AssertionError(f"phase {phase} of a {self.what} has no brief")
+        elif phase == "plan":
             output, usage = await make_plan(brief, self.ask)
         elif phase == "content":
             output, usage = await make_content(brief, self._plan(), self.ask)
@@ -325,7 +397,7 @@ class GenerationRun:
     async def _log_done(self, phase: str, started: float, usage: Usage) -> None:
         await self.log(
             f"phase {phase} done",
-            event="phase.done",
+            event=self.event("phase.done"),
             duration_ms=round((time.monotonic() - started) * 1000),
             **usage.as_dict(),
         )
@@ -358,9 +430,11 @@ class GenerationRun:
         # Disk first, then the commit: a crash in between leaves a site that the retry rewrites,
         # never a generation marked done without its files.
         target = await self.rt.writer.write(self.rt.output_root, self.order_id, files)
+        self.wrote_disk = True
         self.usage["assemble"] = Usage()
         dumped = manifest.model_dump(mode="json")
-        await self._durably(
+        version = NewVersion("generation", files, plan=self.outputs["plan"], quality=manifest.quality)
+        self.version = await self._durably(
             self.rt.store.finish_generation(
                 self.claim,
                 dumped,
@@ -369,6 +443,7 @@ class GenerationRun:
                 total_usage=_usage_summary(self.usage),
                 duration_ms=round((time.monotonic() - started) * 1000),
                 output_dir=str(target),
+                version=version,
             ),
             "assemble",
             dumped,
@@ -376,6 +451,121 @@ class GenerationRun:
             started,
         )
         return dumped
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return self.claim.request
+
+    async def _base_site(self) -> LiveSite:
+        """The version the edit or rollback started from: live when it started, and still live (an order's
+        edits and rollbacks run one at a time)."""
+        if self._base is None:
+            base = await self.rt.store.live_site(self.order_id)
+            expected = self.request.get("live_version")
+            if base is None or (expected is not None and base.number != expected):
+                raise EditFailed(
+                    f"version {expected} of order {self.order_id} is no longer live "
+                    f"(live: {base.number if base else 'none'}); the {self.what} was not applied",
+                    phase=self.phase,
+                )
+            self._base = base
+        return self._base
+
+    def _base_plan(self, base: LiveSite) -> SitePlan:
+        if base.plan is None:
+            raise EditFailed(
+                f"version {base.number} of order {self.order_id} has no stored site plan to edit against "
+                "(regenerate the site to edit it)",
+                phase=self.phase,
+            )
+        return SitePlan.model_validate(base.plan)
+
+    async def _assemble_edit(self, started: float) -> dict[str, Any]:
+        base = await self._base_site()
+        edit = self._output("edit_plan", EditPlan)
+        manifest, files, plan, changed = assemble_edit(
+            self.order_id,
+            self.claim.generation_id,
+            {f.path: f.content for f in base.files},
+            self._base_plan(base),
+            edit,
+            self._output("edit_files", EditedFiles),
+            allowed_hosts=self.rt.settings.output.allowed_embed_hosts,
+        )
+        for warning in manifest.warnings:
+            await self.log(warning, level="warning", event="site.warning")
+        await self.log(
+            f"changed {len(changed)} file(s) of version {base.number}: {', '.join(changed) or 'none'}",
+            event="edit.changed",
+            paths=changed,
+        )
+        version = NewVersion(
+            "edit",
+            files,
+            plan=plan.model_dump(mode="json"),
+            quality=manifest.quality,
+            instruction=self.request["instruction"],
+        )
+        return await self._finish_version("assemble", manifest.model_dump(mode="json"), version, started)
+
+    async def _publish(self, started: float) -> dict[str, Any]:
+        """A rollback: the files of version `request.version`, published again as a new version."""
+        number = int(self.request["version"])
+        files = await self.rt.store.version_files(self.order_id, number)
+        if not files:
+            raise EditInvalid(f"order {self.order_id} has no version {number} (version)", field="version")
+        old = next((f for f in files if f.path == "manifest.json"), None)
+        pages = Manifest.model_validate_json(old.content).pages if old is not None else []
+        checkpoint = {"rolled_back_to": number, "files": len(files), "pages": pages}
+        version = NewVersion("rollback", files, plan=await self._plan_of(number), quality={}, rolled_back_to=number)
+        return await self._finish_version("publish", checkpoint, version, started)
+
+    async def _plan_of(self, number: int) -> dict[str, Any] | None:
+        return await self.rt.store.version_plan(self.order_id, number)
+
+    async def _finish_version(
+        self, phase: str, checkpoint: dict[str, Any], version: NewVersion, started: float
+    ) -> dict[str, Any]:
+        """Disk first, then the commit (as a generation's assemble): the site on disk is swapped whole, and a
+        run that does not commit puts the live version back (see `restore_live`)."""
+        target = await self.rt.writer.write(self.rt.output_root, self.order_id, version.files)
+        self.wrote_disk = True
+        self.usage[phase] = Usage()
+        self.version = await self._durably(
+            self.rt.store.finish_run(
+                self.claim,
+                phase,
+                checkpoint,
+                version,
+                usage=Usage().as_dict(),
+                total_usage=_usage_summary(self.usage),
+                duration_ms=round((time.monotonic() - started) * 1000),
+                output_dir=str(target),
+            ),
+            phase,
+            checkpoint,
+            Usage(),
+            started,
+        )
+        return checkpoint
+
+    async def restore_live(self) -> None:
+        """Put the live version back on disk after this run wrote a version it did not commit."""
+        if not self.wrote_disk or self.finished:
+            return
+        try:
+            live = await self.rt.store.live_site(self.order_id)
+            if live is not None:
+                await self.rt.writer.write(self.rt.output_root, self.order_id, live.files)
+                await self.log(
+                    f"version {live.number} put back on disk: the {self.what} was not committed",
+                    level="warning",
+                    event="site.restored",
+                )
+        except Exception as exc:
+            logger.opt(exception=exc).error(
+                "order {}: could not put its live version back on disk: {}", self.order_id, message_of(exc)
+            )
 
     def _plan(self) -> SitePlan:
         return self._output("plan", SitePlan)
@@ -541,18 +731,8 @@ async def run_generation(
         raise
 
     run = GenerationRun(rt, order_id, claim, job_try=job_try)
-    if claim.kind == "cancelled":
-        await run.log(
-            "generation was cancelled before this job could run: nothing to do", level="warning", event="job.skipped"
-        )
-        return run.result("cancelled")
-    if claim.kind == "ended":  # this job outlived its generation in Redis (its end could not be recorded)
-        await run.log(
-            f"generation {claim.generation_id} already ended {claim.status}: this job has nothing left to do",
-            level="warning",
-            event="job.skipped",
-        )
-        return run.result(str(claim.status))
+    if claim.kind in ("cancelled", "ended"):
+        return await _skipped(run)
     remaining = [p for p in PHASES if p not in claim.checkpoints]
     if claim.kind == "resumed" and not remaining:
         # Every phase committed means finished (the last commit stored the files): never run again.
@@ -562,15 +742,41 @@ async def run_generation(
         return await _already_done(rt, run)
     for warning in claim.warnings:
         await run.log(warning, level="warning", event="claim.warning")
+    return await _carry(run, job_id, job_try)
+
+
+async def _skipped(run: GenerationRun) -> dict[str, Any]:
+    claim = run.claim
+    if claim.kind == "cancelled":
+        await run.log(
+            f"{run.what} was cancelled before this job could run: nothing to do", level="warning", event="job.skipped"
+        )
+        return run.result("cancelled")
+    # This job outlived its run in Redis (its end could not be recorded), or was sent again.
+    await run.log(
+        f"{run.what} {claim.generation_id} already ended {claim.status}: this job has nothing left to do",
+        level="warning" if claim.status != "succeeded" else "info",
+        event="job.skipped",
+    )
+    return run.result(str(claim.status))
+
+
+async def _carry(run: GenerationRun, job_id: str | None, job_try: int) -> dict[str, Any]:
+    """Run a claimed generation, edit or rollback through its remaining phases, and decide what its end means."""
+    rt, claim, order_id, settings = run.rt, run.claim, run.order_id, run.rt.settings
+    remaining = [p for p in run.phases if p not in claim.checkpoints]
     if claim.kind == "resumed":
         await run.log(
-            f"generation resumed at phase {remaining[0]} (attempt {claim.attempt})",
-            event="generation.resumed",
+            f"{run.what} resumed at phase {remaining[0]} (attempt {claim.attempt})",
+            event=run.event("generation.resumed"),
             attempt=claim.attempt,
         )
     else:
         await run.log(
-            f"generation started (attempt {claim.attempt})", event="generation.started", attempt=claim.attempt
+            f"{run.what} started (attempt {claim.attempt})"
+            + (f": {_request_summary(run)}" if run.what != "generation" else ""),
+            event=run.event("generation.started"),
+            attempt=claim.attempt,
         )
 
     # The generation's own attempts decide its last try, not arq's count of this job's runs: a job that
@@ -590,7 +796,7 @@ async def run_generation(
         await asyncio.shield(_interrupted(run))
         raise
     except ClaimLost as exc:
-        await run.log(f"stopped: {exc}", level="warning", event="generation.superseded")
+        await run.log(f"stopped: {exc}", level="warning", event=run.event("generation.superseded"))
         return run.result("superseded")
     except BudgetWaitExceeded as exc:  # waiting for a provider's budget is not a failure: on any try
         logger.bind(generation_id=claim.generation_id, phase=run.phase).info("order {}: {}", order_id, exc)
@@ -631,14 +837,17 @@ async def run_generation(
             raise RetryLater(defer, exc) from exc
         await _store_quietly(rt.store.fail_generation(claim, error))
         await run.log(
-            f"generation failed: {error['type']}: {error['message']}",
+            f"{run.what} failed: {error['type']}: {error['message']}"
+            + (" (the live version is unchanged)" if run.what != "generation" else ""),
             level="error",
-            event="generation.failed",
+            event=run.event("generation.failed"),
             error=_short(error),
         )
         raise
     finally:
         rt.heartbeat.forget(claim)
+        if run.what != "generation":
+            await asyncio.shield(run.restore_live())
 
 
 async def _counted_attempts(rt: Runtime, order_id: int, job_try: int) -> int:
@@ -663,12 +872,12 @@ async def _store_quietly(write: Any) -> None:
 
 
 async def _cancel(run: GenerationRun) -> None:
-    committed = [p for p in PHASES if p in run.outputs]
+    committed = [p for p in run.phases if p in run.outputs]
     await _store_quietly(run.rt.store.cancel_generation(run.claim, "cancelled on request", run.phase))
     await run.log(
-        f"generation cancelled at phase {run.phase}; committed phases kept: {', '.join(committed) or 'none'}",
+        f"{run.what} cancelled at phase {run.phase}; committed phases kept: {', '.join(committed) or 'none'}",
         level="warning",
-        event="generation.cancelled",
+        event=run.event("generation.cancelled"),
     )
 
 
@@ -730,3 +939,124 @@ async def _already_done(rt: Runtime, run: GenerationRun) -> dict[str, Any]:
         event="generation.already_done",
     )
     return run.result("succeeded")
+
+
+def _request_summary(run: GenerationRun) -> str:
+    request = run.request
+    if run.what == "rollback":
+        return f"back to version {request.get('version')} (live: {request.get('live_version')})"
+    return f"{request.get('instruction', '')[:200]!r} on version {request.get('live_version')}"
+
+
+def validate_edit_args(
+    kind: str, order_id: Any, args: dict[str, Any], unknown: dict[str, Any], extra_args: tuple[Any, ...]
+) -> tuple[int, dict[str, Any]]:
+    """Check an edit_site or rollback_site job's arguments as JSON gives them; the message names the argument."""
+    signature = (
+        "edit_site takes (order_id, instruction, base_version=None, pages=None)"
+        if kind == "edit"
+        else "rollback_site takes (order_id, version)"
+    )
+    if extra_args:
+        raise JobArgumentsInvalid(f"{signature}; got {len(extra_args)} extra positional argument(s)")
+    if unknown:
+        raise JobArgumentsInvalid(f"unknown job argument(s): {', '.join(sorted(map(str, unknown)))} ({signature})")
+    if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
+        raise JobArgumentsInvalid(f"order_id must be a positive integer, got {order_id!r:.100}", field="order_id")
+    if kind == "rollback":
+        version = args.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+            raise JobArgumentsInvalid(f"version must be a positive integer, got {version!r:.100}", field="version")
+        return order_id, {"version": version}
+    instruction, base, pages = args.get("instruction"), args.get("base_version"), args.get("pages")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise JobArgumentsInvalid(
+            f"instruction must be a non-empty string, got {instruction!r:.100}", field="instruction"
+        )
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise JobArgumentsInvalid(
+            f"instruction is {len(instruction):,} characters, over the limit of {MAX_INSTRUCTION_CHARS:,}",
+            field="instruction",
+        )
+    if "\x00" in instruction:
+        raise JobArgumentsInvalid("instruction: a NUL character (\\u0000) is not allowed", field="instruction")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base <= 0):
+        raise JobArgumentsInvalid(
+            f"base_version must be a positive integer or null, got {base!r:.100}", field="base_version"
+        )
+    if pages is not None and (
+        not isinstance(pages, list) or not pages or not all(isinstance(p, str) and p for p in pages) or len(pages) > 12
+    ):
+        raise JobArgumentsInvalid(
+            f"pages must be a list of 1 to 12 page slugs or null, got {pages!r:.100}", field="pages"
+        )
+    return order_id, {"instruction": instruction.strip(), "base_version": base, "pages": pages}
+
+
+async def run_edit(
+    rt: Runtime,
+    kind: str,
+    order_id: int,
+    request: dict[str, Any],
+    *,
+    job_id: str,
+    job_try: int,
+    enqueued_at: datetime | None = None,
+) -> dict[str, Any]:
+    """Run (or resume, or skip) an edit or rollback job of an order: it waits for the order's other runs and
+    for the edits sent before it, then runs its phases like a generation (see README, "Versions and edits")."""
+    settings = rt.settings
+    log = partial(rt.progress.log, order_id)
+    try:
+        ahead = (
+            await jobs_ahead(rt.redis, settings.worker.queue_name, order_id, job_id, enqueued_at)
+            if rt.redis is not None
+            else []
+        )
+        claim = await rt.store.claim_edit(
+            order_id,
+            kind,  # type: ignore[arg-type]
+            request,
+            job_id=job_id,
+            enqueued_at=enqueued_at,
+            max_attempts=settings.worker.max_attempts,
+            ahead=ahead,
+        )
+    except (InputError, EditInvalid) as exc:
+        error = describe(exc)
+        logger.error("order {}: {} job rejected: {}", order_id, kind, exc)
+        await log(
+            f"{kind} rejected: {error['message']}",
+            level="error",
+            event=f"{kind}.failed",
+            generation_id=exc.details.get("generation_id"),
+            error=_short(error),
+        )
+        raise
+    except OrderBusy as exc:
+        await log(f"{kind} waiting: {exc}", level="info", event="job.waiting", generation_id=exc.generation_id)
+        raise RetryLater(exc.retry_after_s, exc) from exc
+    except AttemptsExhausted as exc:
+        logger.error("order {}: {}", order_id, exc)
+        await log(
+            f"{kind} failed: {exc}", level="error", event=f"{kind}.failed", generation_id=exc.details["generation_id"]
+        )
+        raise
+    except Exception as exc:
+        logger.opt(exception=exc).warning("order {}: could not claim the {}", order_id, kind)
+        await log(f"could not start: {type(exc).__name__}: {message_of(exc)}", level="warning", event="job.not_started")
+        if is_infrastructure(exc) or is_retryable(exc):
+            raise RetryLater(backoff_s(settings, job_try), exc) from exc
+        raise
+    run = GenerationRun(rt, order_id, claim, job_try=job_try)
+    if claim.kind in ("cancelled", "ended"):
+        return await _skipped(run)
+    asked = request.get("base_version")
+    live = claim.request.get("live_version")
+    if claim.kind == "started" and asked is not None and asked != live:
+        await run.log(
+            f"base_version {asked} is no longer live: the edit is applied to the live version {live}",
+            level="warning",
+            event="edit.rebased",
+        )
+    return await _carry(run, job_id, job_try)

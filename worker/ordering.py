@@ -1,0 +1,56 @@
+"""The jobs of an order sent before an edit or rollback that Redis still holds: the edit waits for them.
+
+An order's edits run in the order they were sent. PostgreSQL orders those it has seen (each is
+registered by its first claim); this finds those it cannot have seen yet: a job still in the queue,
+or taken by a replica that died before registering it. Both are in arq's queue with a score no later
+than their enqueue time, so the jobs scored up to this edit's enqueue time are the candidates.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from arq import ArqRedis
+from arq.constants import job_key_prefix
+from loguru import logger
+
+from worker.client import JOB_FUNCTIONS, deserialize
+
+#: How many queued jobs ahead of an edit are looked at (a backlog longer than this is not read whole).
+MAX_AHEAD = 1000
+
+
+def _order_of(job: dict[str, Any]) -> Any:
+    args, kwargs = job.get("a") or [], job.get("k") or {}
+    return args[0] if args else kwargs.get("order_id")
+
+
+async def jobs_ahead(
+    redis: ArqRedis, queue: str, order_id: int, job_id: str, enqueued_at: datetime | None
+) -> list[str]:
+    """The ids of the order's jobs (any kind) sent before job `job_id`, which was enqueued at `enqueued_at`."""
+    if enqueued_at is None:
+        return []
+    mine = round(enqueued_at.timestamp() * 1000)
+    ids = [
+        i.decode() if isinstance(i, bytes) else i for i in await redis.zrangebyscore(queue, "-inf", mine, 0, MAX_AHEAD)
+    ]
+    ids = [i for i in ids if i != job_id]
+    if not ids:
+        return []
+    ahead: list[str] = []
+    for other, data in zip(ids, await redis.mget([job_key_prefix + i for i in ids]), strict=True):
+        if data is None:
+            continue
+        try:
+            job = deserialize(data)
+        except ValueError:
+            logger.warning("job {} in the queue is not JSON: not taken for one of order {}", other, order_id)
+            continue
+        if not isinstance(job, dict) or job.get("f") not in JOB_FUNCTIONS or _order_of(job) != order_id:
+            continue
+        sent = job.get("et")
+        if isinstance(sent, int | float) and (sent, other) < (mine, job_id):
+            ahead.append(other)
+    return ahead
