@@ -14,8 +14,9 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import Job, JobResult, SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
 from worker import client
+from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
 
 
@@ -24,8 +25,10 @@ def site_files(settings: Settings, order_id: int) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-async def generated(start_worker: WorkerFactory, redis: ArqRedis, order_id: int, **overrides: Any) -> None:
-    await start_worker(**overrides)
+async def generated(
+    start_worker: WorkerFactory, redis: ArqRedis, order_id: int, custom: Settings | None = None, **overrides: Any
+) -> None:
+    await start_worker(custom, **overrides)
     await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
     assert (await wait_for_result(redis, order_id))["status"] == "succeeded"
 
@@ -272,3 +275,58 @@ async def test_rollback_under_concurrent_reads_never_shows_a_mix(
     assert result["status"] == "succeeded"
     assert "mix" not in seen and "ok" in seen
     assert not (root / "pricing.html").exists() and versions["with"] != site_files(settings, 42)
+
+
+def _editing(body: Any) -> bool:
+    """The fake provider's filter for the requests of task `editing` (its prompt asks for search/replace blocks)."""
+    return "with search/replace blocks" in json.dumps(body)
+
+
+@pytest.mark.usefixtures("provider_key")
+async def test_a_block_that_does_not_match_is_re_asked_then_the_file_is_rewritten_whole(
+    fake: FakeProviderServer, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Acceptance 1: a search block that does not match is re-asked (ai.max_output_retries), then the file is
+    rewritten whole, and the fallback is logged."""
+    custom = with_ai(settings, {"remote": remote("openai", fake.url)})
+    await generated(start_worker, redis, 51, custom)
+    bad = json.dumps({"path": "assets/style.css", "blocks": [{"search": "--primary: #000001", "replace": "x"}]})
+    fake.script(*[f"text:{bad}"] * 3, when=_editing)
+    result = await edit(redis, 51, "Make the header blue")
+    assert result["status"] == "succeeded", result
+    assert b"--primary: #1d4ed8" in site_files(settings, 51)["assets/style.css"]
+    kinds = await events(db, 51)
+    assert kinds.count("model.answer_rejected") == 3
+    assert "edit.fallback" in kinds
+    problem = await db.fetchval(
+        "SELECT details ->> 'problem' FROM site_generation_logs WHERE order_id = 51"
+        " AND details ->> 'event' = 'model.answer_rejected' ORDER BY id LIMIT 1"
+    )
+    assert "block 1" in problem and "matches nothing" in problem
+
+
+LAZY_BLOCK = json.dumps(
+    {"path": "assets/style.css", "blocks": [{"search": ":root {", "replace": ":root {\n/* ... */"}]}
+)
+
+
+@pytest.mark.parametrize("fault", ["truncated", f"text:{LAZY_BLOCK}"], ids=["truncated", "lazy"])
+@pytest.mark.usefixtures("provider_key")
+async def test_a_truncated_or_lazy_answer_is_re_asked(
+    fault: str,
+    fake: FakeProviderServer,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    settings: Settings,
+) -> None:
+    """Acceptance 1: a truncated answer (cut JSON) or a lazy one ("/* ... */" in place of code) is re-asked."""
+    custom = with_ai(settings, {"remote": remote("openai", fake.url)})
+    await generated(start_worker, redis, 52, custom)
+    fake.script(fault, when=_editing)
+    result = await edit(redis, 52, "Make the header blue")
+    assert result["status"] == "succeeded", result
+    css = site_files(settings, 52)["assets/style.css"]
+    assert b"--primary: #1d4ed8" in css and b"/* ... */" not in css
+    kinds = await events(db, 52)
+    assert kinds.count("model.answer_rejected") == 1 and "edit.fallback" not in kinds
