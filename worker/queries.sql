@@ -105,9 +105,9 @@ RETURNING claim_token;
 -- Active generations nobody has touched for a lease: their owner died, or their job left Redis. A
 -- handed-back generation waits for its deferred retry: it is stale only a lease after that is due.
 -- One page of them, by id after $3.
-SELECT id, order_id, status, current_phase, replica_id
+SELECT id, order_id, status, current_phase, replica_id, kind, job_id, request
 FROM site_generations
-WHERE status IN ('queued', 'running') AND id > $3
+WHERE status IN ('queued', 'running', 'waiting') AND id > $3
   AND coalesce(lease_expires_at, retry_at + make_interval(secs => $1), heartbeat_at + make_interval(secs => $1),
                created_at + make_interval(secs => $1)) < now()
 ORDER BY id

@@ -15,7 +15,7 @@ from typing import Any
 from arq.constants import result_key_prefix
 from loguru import logger
 
-from worker.client import JOB_FUNCTION, job_id
+from worker.client import EDIT_FUNCTION, JOB_FUNCTION, ROLLBACK_FUNCTION, job_id
 from worker.pipeline.runner import Runtime
 
 
@@ -26,14 +26,17 @@ async def sweep(ctx: dict[str, Any]) -> int:
     requeued = 0
     async for generation in rt.store.stale_generations():
         order_id = generation["order_id"]
+        function, args, kwargs, job = _job_of(generation)
         # A kept result would make arq drop the enqueue; the generation, not the result, is the truth.
-        await redis.delete(result_key_prefix + job_id(order_id))
+        await redis.delete(result_key_prefix + job)
         # Due at Redis's now, the clock every poll compares scores with, not this replica's.
         seconds, micros = await redis.time()
         job = await redis.enqueue_job(
-            JOB_FUNCTION,
+            function,
             order_id,
-            _job_id=job_id(order_id),
+            *args,
+            **kwargs,
+            _job_id=job,
             _queue_name=rt.settings.worker.queue_name,
             _defer_until=datetime.fromtimestamp(seconds + micros / 1e6, tz=UTC),
         )
@@ -42,7 +45,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
         requeued += 1
         await rt.progress.log(
             order_id,
-            f"sweeper: generation {generation['id']} was {generation['status']} at phase "
+            f"sweeper: {generation['kind']} {generation['id']} was {generation['status']} at phase "
             f"{generation['current_phase']} with no job in the queue; re-enqueued",
             generation_id=generation["id"],
             level="warning",
@@ -51,3 +54,16 @@ async def sweep(ctx: dict[str, Any]) -> int:
     if requeued:
         logger.info("sweeper re-enqueued {} generation(s)", requeued)
     return requeued
+
+
+def _job_of(run: dict[str, Any]) -> tuple[str, tuple[Any, ...], dict[str, Any], str]:
+    """The job that runs a stale run again: (function, positional arguments after the order, keyword
+    arguments, job id). An edit or rollback is found again by its own job id (its first enqueue time, which
+    orders it, is stored with it), so re-sending it never applies it twice."""
+    request = run.get("request") or {}
+    if run.get("kind") == "edit" and run.get("job_id"):
+        kwargs = {"base_version": request.get("base_version"), "pages": request.get("pages")}
+        return EDIT_FUNCTION, (request.get("instruction"),), kwargs, run["job_id"]
+    if run.get("kind") == "rollback" and run.get("job_id"):
+        return ROLLBACK_FUNCTION, (request.get("version"),), {}, run["job_id"]
+    return JOB_FUNCTION, (), {}, job_id(run["order_id"])

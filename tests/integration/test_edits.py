@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 from arq import ArqRedis
-from arq.jobs import Job, JobResult, SerializationError
+from arq.jobs import Job, JobResult, JobStatus, SerializationError
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, wait_until, with_ai
 from worker import client
 from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
@@ -330,3 +330,28 @@ async def test_a_truncated_or_lazy_answer_is_re_asked(
     assert b"--primary: #1d4ed8" in css and b"/* ... */" not in css
     kinds = await events(db, 52)
     assert kinds.count("model.answer_rejected") == 1 and "edit.fallback" not in kinds
+
+
+async def test_the_sweeper_sends_a_lost_edit_again_under_its_own_job_id(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """An edit whose job left Redis (a flushed Redis, a job expired) is re-sent by the sweeper as an edit, with its
+    own job id and instruction, and applied once (before issue 22's sweeper, it was re-sent as generate_site)."""
+    await generated(start_worker, redis, 43)
+    await db.execute(
+        "INSERT INTO site_generations (order_id, kind, status, attempt, request, job_id, job_enqueued_at,"
+        " heartbeat_at, created_at) VALUES (43, 'edit', 'queued', 1, $1, 'edit_site:43:lost', now(),"
+        " now() - interval '1 hour', now() - interval '1 hour')",
+        json.dumps({"instruction": "Make the header blue", "base_version": None, "pages": None, "live_version": 1}),
+    )
+    await start_worker()  # its sweep at startup finds the stale edit
+    job = Job("edit_site:43:lost", redis, _queue_name=settings.worker.queue_name)
+
+    async def sent() -> bool:
+        return await job.status() != JobStatus.not_found
+
+    await wait_until(sent, timeout=30, interval=0.05, what="the sweeper to re-send the edit")
+    result = await job.result(timeout=60, poll_delay=0.05)
+    assert result["status"] == "succeeded" and result["version"] == 2
+    assert b"--primary: #1d4ed8" in site_files(settings, 43)["assets/style.css"]
+    assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 43 AND kind = 'edit'") == 1
