@@ -345,7 +345,7 @@ async def test_the_sweeper_sends_a_lost_edit_again_under_its_own_job_id(
         json.dumps({"instruction": "Make the header blue", "base_version": None, "pages": None, "live_version": 1}),
     )
     await start_worker()  # its sweep at startup finds the stale edit
-    job = Job("edit_site:43:lost", redis, _queue_name=settings.worker.queue_name)
+    job = Job("edit_site:43:lost", redis, _queue_name=settings.worker.queue_name, _deserializer=client.deserialize)
 
     async def sent() -> bool:
         return await job.status() != JobStatus.not_found
