@@ -355,3 +355,39 @@ async def test_the_sweeper_sends_a_lost_edit_again_under_its_own_job_id(
     assert result["status"] == "succeeded" and result["version"] == 2
     assert b"--primary: #1d4ed8" in site_files(settings, 43)["assets/style.css"]
     assert await db.fetchval("SELECT count(*) FROM site_generations WHERE order_id = 43 AND kind = 'edit'") == 1
+
+
+async def test_keep_versions_prunes_old_versions_but_never_the_live_one_or_a_used_blob(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    custom = settings.model_copy(update={"output": settings.output.model_copy(update={"keep_versions": 2})})
+    await generated(start_worker, redis, 44, custom)
+    await edit(redis, 44, "Make the header blue")
+    await edit(redis, 44, "Make the header green")
+    rollback = await client.enqueue_rollback(redis, 44, 3)
+    assert rollback is not None and (await rollback.result(timeout=60, poll_delay=0.05))["version"] == 4
+    assert [r["number"] for r in await db.fetch("SELECT number FROM site_versions WHERE order_id = 44 ORDER BY 1")] == [
+        3,
+        4,
+    ]
+    assert await db.fetchval("SELECT live_version FROM site_orders WHERE id = 44") == 4
+    orphans = await db.fetchval(
+        "SELECT count(*) FROM site_blobs b"
+        " WHERE NOT EXISTS (SELECT 1 FROM site_version_files f WHERE f.sha256 = b.sha256)"
+    )
+    assert orphans == 0
+    missing = await db.fetchval(
+        "SELECT count(*) FROM site_version_files f"
+        " WHERE NOT EXISTS (SELECT 1 FROM site_blobs b WHERE b.sha256 = f.sha256)"
+    )
+    assert missing == 0
+    assert b"--primary: #15803d" in site_files(settings, 44)["assets/style.css"]
+
+
+async def test_versions_cannot_be_changed(start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection) -> None:
+    """Versions are immutable: PostgreSQL refuses an UPDATE of a version or of its files."""
+    await generated(start_worker, redis, 45)
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+        await db.execute("UPDATE site_versions SET instruction = 'x' WHERE order_id = 45")
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
+        await db.execute("UPDATE site_version_files SET bytes = 0 WHERE order_id = 45")
