@@ -391,3 +391,19 @@ async def test_versions_cannot_be_changed(start_worker: WorkerFactory, redis: Ar
         await db.execute("UPDATE site_versions SET instruction = 'x' WHERE order_id = 45")
     with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="immutable"):
         await db.execute("UPDATE site_version_files SET bytes = 0 WHERE order_id = 45")
+
+
+async def test_an_order_generated_by_a_previous_release_gets_version_1_when_first_edited(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Rolling upgrade (docs/upgrading.md): a generation an older replica finished wrote site_files and no
+    version; the API still serves it, and the first edit makes its version 1 from those files, then version 2."""
+    await generated(start_worker, redis, 46)
+    before = site_files(settings, 46)
+    await db.execute("DELETE FROM site_versions WHERE order_id = 46")
+    await db.execute("UPDATE site_orders SET live_version = NULL WHERE id = 46")
+    await db.execute("UPDATE site_generations SET version = NULL WHERE order_id = 46")
+    result = await edit(redis, 46, "Make the header blue")
+    assert result["status"] == "succeeded" and result["version"] == 2
+    v1 = await db.fetch("SELECT path, sha256 FROM site_version_files WHERE order_id = 46 AND number = 1")
+    assert {r["path"]: r["sha256"] for r in v1} == {p: hashlib.sha256(c).hexdigest() for p, c in before.items()}
