@@ -67,15 +67,7 @@ async def _generate_site(
         try:
             checked_id = validate_job_args(order_id, brief, regenerate, unknown, args)
         except SitegenError as exc:
-            if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
-                await rt.progress.log(
-                    order_id,
-                    f"job rejected: {exc}",
-                    level="error",
-                    error={"type": type(exc).__name__, "message": str(exc)},
-                )
-            else:
-                logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
+            await _rejected(rt, ctx, order_id, "job", exc)
             raise
         try:
             result = await run_generation(
@@ -92,6 +84,22 @@ async def _generate_site(
             raise Retry(defer=exc.defer_s) from exc.cause
         job.outcome = str(result["status"])
         return result
+
+
+async def _rejected(
+    rt: Runtime, ctx: dict[str, Any], order_id: Any, what: str, exc: SitegenError, **details: Any
+) -> None:
+    """A job whose arguments are wrong: its error in the order's progress log, if the order id is one."""
+    if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
+        await rt.progress.log(
+            order_id,
+            f"{what} rejected: {exc}",
+            level="error",
+            error={"type": type(exc).__name__, "message": str(exc), **exc.details},
+            **details,
+        )
+    else:
+        logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
 
 
 async def edit_site(
@@ -131,16 +139,7 @@ async def _edit_job(
             try:
                 checked_id, checked = validate_edit_args(kind, order_id, request, unknown, args)
             except SitegenError as exc:
-                if isinstance(order_id, int) and not isinstance(order_id, bool) and order_id > 0:
-                    await rt.progress.log(
-                        order_id,
-                        f"{kind} rejected: {exc}",
-                        level="error",
-                        event="job.rejected",
-                        error={"type": type(exc).__name__, "message": str(exc), **exc.details},
-                    )
-                else:
-                    logger.error("job {} rejected: {}", ctx.get("job_id"), exc)
+                await _rejected(rt, ctx, order_id, kind, exc, event="job.rejected")
                 raise
             try:
                 result = await run_edit(

@@ -449,9 +449,21 @@ def assemble_site(
         assert publishable is not None  # no problems: check_site made it
     sanitized, warnings, quality = publishable.code, publishable.warnings, publishable.quality
     files = [OutputFile(f.path, f.content.encode()) for f in sorted(sanitized.files, key=lambda f: f.path)]
+    return with_manifest(order_id, generation_id, plan, files, warnings, quality)
+
+
+def with_manifest(
+    order_id: int,
+    run_id: int,
+    plan: SitePlan,
+    files: list[OutputFile],
+    warnings: list[str],
+    quality: dict[str, list[str]],
+) -> tuple[Manifest, list[OutputFile]]:
+    """The manifest of a site's files, and the files with `manifest.json` last (a generation's or an edit's)."""
     manifest = Manifest(
         order_id=order_id,
-        generation_id=generation_id,
+        generation_id=run_id,
         site_name=plan.site_name,
         pages=[page_file(p.slug) for p in plan.pages],
         files=[ManifestFile(path=f.path, sha256=f.sha256, bytes=len(f.content)) for f in files],

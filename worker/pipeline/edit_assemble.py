@@ -16,7 +16,6 @@ from worker.models import (
     EditPlan,
     GeneratedFile,
     Manifest,
-    ManifestFile,
     OutputFile,
     PagePlan,
     SectionPlan,
@@ -24,7 +23,7 @@ from worker.models import (
     SitePlan,
     page_file,
 )
-from worker.pipeline.assemble import MANIFEST_PATH, _capped, _raise_problems, check_site, quality_warnings
+from worker.pipeline.assemble import MANIFEST_PATH, _raise_problems, check_site, with_manifest
 
 _NAV = re.compile(r"<nav\b[^>]*>(?P<inner>.*?)</nav\s*>", re.S | re.I)
 _LIST_END = re.compile(r"</(?:ul|ol)\s*>", re.I)
@@ -95,16 +94,6 @@ def assemble_edit(
     assert publishable is not None
     published = {f.path: f.content for f in publishable.code.files}
     files = [OutputFile(path, published[path].encode() if path in changed else base[path]) for path in sorted(texts)]
-    quality = publishable.quality
     removed = [w for w in publishable.warnings if any(w.startswith(p) or f" {p}" in w for p in changed)]
-    manifest = Manifest(
-        order_id=order_id,
-        generation_id=run_id,
-        site_name=new_plan.site_name,
-        pages=[page_file(p.slug) for p in new_plan.pages],
-        files=[ManifestFile(path=f.path, sha256=f.sha256, bytes=len(f.content)) for f in files],
-        warnings=[*_capped(removed), *quality_warnings(quality)],
-        quality=quality,
-    )
-    manifest_json = manifest.model_dump_json(indent=2) + "\n"
-    return manifest, [*files, OutputFile(MANIFEST_PATH, manifest_json.encode())], new_plan, sorted(changed)
+    manifest, published_files = with_manifest(order_id, run_id, new_plan, files, removed, publishable.quality)
+    return manifest, published_files, new_plan, sorted(changed)
