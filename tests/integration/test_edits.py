@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 from arq import ArqRedis
 from arq.jobs import Job, JobResult, JobStatus, SerializationError
+from arq.worker import Worker
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, wait_until, with_ai
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, close_worker, remote, wait_for_result, wait_until, with_ai
 from worker import client
 from worker.local.fake_server import FakeProviderServer
 from worker.settings import Settings
@@ -27,10 +28,11 @@ def site_files(settings: Settings, order_id: int) -> dict[str, bytes]:
 
 async def generated(
     start_worker: WorkerFactory, redis: ArqRedis, order_id: int, custom: Settings | None = None, **overrides: Any
-) -> None:
-    await start_worker(custom, **overrides)
+) -> Worker:
+    worker = await start_worker(custom, **overrides)
     await client.enqueue_generation(redis, order_id, SAMPLE_BRIEF)
     assert (await wait_for_result(redis, order_id))["status"] == "succeeded"
+    return worker
 
 
 async def edit(redis: ArqRedis, order_id: int, instruction: str, **kwargs: Any) -> dict[str, Any]:
@@ -224,7 +226,7 @@ async def test_a_cancel_ends_a_waiting_edit_and_one_still_in_the_queue(
     start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
 ) -> None:
     """Acceptance 1: cancel works on a queued edit (in the queue, or waiting for its turn)."""
-    await generated(start_worker, redis, 41)
+    await close_worker(await generated(start_worker, redis, 41))  # no replica runs: the edit stays queued
     from worker.store import Store, create_pool
 
     queued = await client.enqueue_edit(redis, 41, "Make the header blue")
@@ -234,6 +236,7 @@ async def test_a_cancel_ends_a_waiting_edit_and_one_still_in_the_queue(
         await Store(pool, replica_id="t", lease_s=5).request_cancel(41, "test cancel")
     finally:
         await pool.close()
+    await start_worker()
     result = await queued.result(timeout=60, poll_delay=0.05)
     assert result["status"] == "cancelled"
     assert await db.fetchval("SELECT live_version FROM site_orders WHERE id = 41") == 1
