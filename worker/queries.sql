@@ -398,3 +398,20 @@ WHERE f.order_id = $1 AND f.number = $2 ORDER BY f.path;
 
 -- name: version_plan
 SELECT plan FROM site_versions WHERE order_id = $1 AND number = $2;
+
+-- ---------------------------------------------------------------------------------------------------
+-- API: versions (issue 22)
+
+-- name: api_version_state
+-- Whether an order has a site to edit: its live version, its newest version, and (before its first
+-- version is made) whether a generation of it succeeded with files.
+SELECT o.live_version,
+       (SELECT max(v.number) FROM site_versions v WHERE v.order_id = o.id) AS latest_version,
+       EXISTS (SELECT 1 FROM site_generations g WHERE g.order_id = o.id AND g.kind = 'generation'
+               AND g.status = 'succeeded' AND EXISTS (SELECT 1 FROM site_files f WHERE f.generation_id = g.id))
+           AS has_generated_site
+FROM site_orders o WHERE o.id = $1;
+
+-- name: cli_edit_run
+-- `sitegen edit --follow`: the run of an edit or rollback job, found by its job id, once registered.
+SELECT id, kind, status, version, error FROM site_generations WHERE order_id = $1 AND job_id = $2;

@@ -68,6 +68,49 @@ _GENERATION: dict[str, Any] = {
         },
     },
 }
+_N = {
+    "name": "n",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "A version number of the order's site (1, 2, 3...)",
+}
+_VERSION: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "number": {"type": "integer"},
+        "parent": {"type": ["integer", "null"], "description": "The version live when this one was made"},
+        "kind": {"enum": ["generation", "edit", "rollback"]},
+        "generation_id": {"type": ["integer", "null"], "description": "The run that made it"},
+        "instruction": {"type": ["string", "null"], "description": "An edit's instruction"},
+        "rolled_back_to": {"type": ["integer", "null"], "description": "A rollback's source version"},
+        "usage": {"type": "object", "description": "input_tokens, output_tokens, calls, cost_usd"},
+        "cost_usd": {"type": "number"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "live": {"type": "boolean"},
+        "files": {"type": "integer"},
+        "bytes": {"type": "integer"},
+    },
+}
+_VERSION_FILE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "path": {"type": "string"},
+        "sha256": {"type": "string"},
+        "bytes": {"type": "integer"},
+        "media_type": {"type": "string"},
+    },
+}
+_EDIT_QUEUED = {
+    "type": "object",
+    "properties": {
+        "job_id": {"type": ["string", "null"]},
+        "queued": {"type": "boolean"},
+        "order_id": {"type": "integer"},
+        "live_version": {"type": ["integer", "null"], "description": "Live when the job was sent"},
+    },
+    "required": ["job_id", "queued"],
+}
 _QUEUED = {
     "type": "object",
     "properties": {"job_id": {"type": "string"}, "queued": {"type": "boolean"}},
@@ -221,6 +264,152 @@ def openapi_document() -> dict[str, Any]:
                     {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
                     _STREAM_TOKEN,
                 ],
+            )
+        },
+        f"{order}/versions": {
+            "get": _op(
+                "The order's site versions, newest first (issue 22)",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "order_id": {"type": "integer"},
+                                "live_version": {"type": ["integer", "null"]},
+                                "versions": {"type": "array", "items": _VERSION},
+                            },
+                        },
+                        "the versions",
+                    ),
+                    **_errors(400, 401, 404),
+                },
+                parameters=[
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+                ],
+            )
+        },
+        f"{order}/versions/{{n}}": {
+            "get": _op(
+                "One version: its instruction, parent, usage, quality report and files",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                **_VERSION["properties"],
+                                "quality": {"type": "object", "description": "The site checks' report"},
+                                "files": {"type": "array", "items": _VERSION_FILE},
+                            },
+                        },
+                        "the version",
+                    ),
+                    **_errors(400, 401, 404),
+                },
+                parameters=[_N],
+            )
+        },
+        f"{order}/versions/{{n}}/diff": {
+            "get": _op(
+                "What changed from version `against` (default: n's parent) to version n",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "version": {"type": "integer"},
+                                "against": {"type": ["integer", "null"], "description": "null: no parent"},
+                                "changed": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "path": {"type": "string"},
+                                            "media_type": {"type": "string"},
+                                            "from_sha256": {"type": "string"},
+                                            "to_sha256": {"type": "string"},
+                                            "from_bytes": {"type": "integer"},
+                                            "to_bytes": {"type": "integer"},
+                                            "binary": {"type": "boolean"},
+                                            "diff": {
+                                                "type": ["string", "null"],
+                                                "description": "unified diff (null for a binary file)",
+                                            },
+                                        },
+                                    },
+                                },
+                                "added": {"type": "array", "items": _VERSION_FILE},
+                                "removed": {"type": "array", "items": _VERSION_FILE},
+                                "unchanged": {"type": "integer"},
+                            },
+                        },
+                        "the differences",
+                    ),
+                    **_errors(400, 401, 404),
+                },
+                parameters=[
+                    _N,
+                    {"name": "against", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+                ],
+            )
+        },
+        f"{order}/versions/{{n}}/site/{{path}}": {
+            "get": _op(
+                "A file of version n of the order's site, with the live site's headers (site/ serves index.html)",
+                {"200": {"description": "the file, with its stored media type"}, **_errors(400, 401, 403, 404)},
+                security=_READ_OR_STREAM,
+                parameters=[
+                    _N,
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
+                    _STREAM_TOKEN,
+                ],
+            )
+        },
+        f"{order}/edits": {
+            "post": _op(
+                "Enqueue an edit of the order's live site (worker.client.enqueue_edit); needs a write token",
+                {"202": _json(_EDIT_QUEUED, "enqueued"), **_errors(400, 401, 403, 404, 409)},
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "instruction": {"type": "string", "minLength": 1, "maxLength": 2000},
+                                    "base_version": {"type": ["integer", "null"], "minimum": 1},
+                                    "pages": {
+                                        "type": ["array", "null"],
+                                        "items": {"type": "string"},
+                                        "minItems": 1,
+                                        "maxItems": 12,
+                                        "description": "page slugs the edit is limited to",
+                                    },
+                                },
+                                "required": ["instruction"],
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+            )
+        },
+        f"{order}/rollback": {
+            "post": _op(
+                "Make an earlier version live again, as a new version (worker.client.enqueue_rollback); write token",
+                {"202": _json(_EDIT_QUEUED, "enqueued"), **_errors(400, 401, 403, 404, 409)},
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"version": {"type": "integer", "minimum": 1}},
+                                "required": ["version"],
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
             )
         },
         f"{order}/site.zip": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hashlib
 import io
 import re
@@ -39,7 +40,7 @@ from worker.api.context import (
 )
 from worker.api.fanout import Subscriber
 from worker.api.openapi import openapi_document
-from worker.models import Brief
+from worker.models import MAX_INSTRUCTION_CHARS, Brief
 from worker.progress import END_EVENTS, event_of
 from worker.settings import ApiSection
 from worker.site_headers import site_headers
@@ -106,6 +107,12 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/orders/{order_id}/stream-token", stream_token)
     app.router.add_get("/v1/orders/{order_id}/site.zip", site_zip)
     app.router.add_get("/v1/orders/{order_id}/site/{path:.*}", site_file)
+    app.router.add_get("/v1/orders/{order_id}/versions", versions)
+    app.router.add_get("/v1/orders/{order_id}/versions/{n}", version)
+    app.router.add_get("/v1/orders/{order_id}/versions/{n}/diff", version_diff)
+    app.router.add_get("/v1/orders/{order_id}/versions/{n}/site/{path:.*}", version_site_file)
+    app.router.add_post("/v1/orders/{order_id}/edits", edit)
+    app.router.add_post("/v1/orders/{order_id}/rollback", rollback)
 
 
 def _api(request: web.Request) -> Api:
@@ -556,6 +563,13 @@ async def site_file(request: web.Request) -> web.Response:
     found = await fetch_row(api, "api_site_file", order_id, path)
     if found is None:
         not_found("no such file")
+    return _site_response(request, api, order_id, granted, found, f"/v1/orders/{order_id}/site/")
+
+
+def _site_response(
+    request: web.Request, api: Api, order_id: int, granted: str, found: dict[str, Any], cookie_path: str
+) -> web.Response:
+    """A file of a site with the site headers; with a stream token, its cookie for the site's relative links."""
     response = web.Response(
         body=found["content"],
         headers={
@@ -570,7 +584,7 @@ async def site_file(request: web.Request) -> web.Response:
         response.set_cookie(
             f"{SITE_COOKIE}_{order_id}",
             token,
-            path=f"/v1/orders/{order_id}/site/",
+            path=cookie_path,
             httponly=True,
             samesite="Strict",
             secure=request.secure,
@@ -597,4 +611,256 @@ async def site_zip(request: web.Request) -> web.Response:
             "Content-Disposition": f'attachment; filename="order-{order_id}-site.zip"',
             "X-Content-Type-Options": "nosniff",
         },
+    )
+
+
+# --------------------------------------------------------------------------- versions and edits (issue 22)
+
+#: Media types whose files a diff shows line by line (others are compared by their sha256 alone).
+_TEXT_TYPES = frozenset({"application/json", "application/javascript", "application/xml", "image/svg+xml"})
+_PAGE_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
+#: The most pages an edit may be limited to (the worker's check, `validate_edit_args`).
+MAX_EDIT_PAGES = 12
+VERSION_FIELDS = ("number", "parent", "kind", "generation_id", "instruction", "rolled_back_to", "created_at", "live")
+
+
+def _version_number(raw: str | None, name: str) -> int:
+    """A version number given as path or query parameter `name`, or 400 naming it."""
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 9 or int(raw) <= 0:
+        bad_request(f"{name} must be a version number (a positive integer), got {(raw or '')[:40]!r}")
+    return int(raw)
+
+
+def _usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (usage or {}).items() if k != "by_phase"}
+
+
+def version_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A version as the API shows it (the list's and the detail's common fields)."""
+    usage = _usage(row.get("usage"))
+    return {**{k: row[k] for k in VERSION_FIELDS}, "usage": usage, "cost_usd": usage.get("cost_usd", 0)}
+
+
+async def _known_version(api: Api, order_id: int, number: int, name: str) -> dict[str, Any]:
+    found = await fetch_row(api, "version_detail", order_id, number)
+    if found is None:
+        not_found(f"{name}: order {order_id} has no version {number}")
+    return found
+
+
+async def versions(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    await _known_order(api, order_id)
+    raw = request.query.get("limit", "100")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        bad_request(f"limit must be an integer between 1 and 1000, got {raw[:40]!r}")
+    rows = await fetch_rows(api, "versions_for_order", order_id, int(raw))
+    state = await fetch_row(api, "api_version_state", order_id) or {}
+    return json_response(
+        {
+            "order_id": order_id,
+            "live_version": state.get("live_version"),
+            "versions": [{**version_json(r), "files": r["files"], "bytes": r["bytes"]} for r in rows],
+        }
+    )
+
+
+async def version(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    number = _version_number(request.match_info["n"], "n")
+    await _known_order(api, order_id)
+    found = await _known_version(api, order_id, number, "n")
+    files = await fetch_rows(api, "version_manifest", order_id, number)
+    return json_response(
+        {
+            "order_id": order_id,
+            **version_json(found),
+            "quality": found["quality"],
+            "files": files,
+            "bytes": sum(f["bytes"] for f in files),
+        }
+    )
+
+
+def is_text(media_type: str) -> bool:
+    kind = media_type.split(";", 1)[0].strip().lower()
+    return kind.startswith("text/") or kind in _TEXT_TYPES or kind.endswith(("+json", "+xml"))
+
+
+def unified_diff(old: bytes, new: bytes, from_name: str, to_name: str) -> str | None:
+    """The unified diff of two texts (3 lines of context), as `diff -u` writes it; None if either is not UTF-8."""
+    try:
+        a, b = old.decode(), new.decode()
+    except UnicodeDecodeError:
+        return None
+    lines = difflib.unified_diff(
+        a.splitlines(keepends=True), b.splitlines(keepends=True), fromfile=from_name, tofile=to_name
+    )
+    return "".join(line if line.endswith("\n") else f"{line}\n\\ No newline at end of file\n" for line in lines)
+
+
+def _manifest_entry(f: dict[str, Any]) -> dict[str, Any]:
+    return {"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"], "media_type": f["media_type"]}
+
+
+def diff_versions(
+    old: list[dict[str, Any]], new: list[dict[str, Any]], *, old_label: str, new_label: str
+) -> dict[str, Any]:
+    """What changed from the files `old` to the files `new` (rows with path, content, sha256, bytes,
+    media_type): a unified diff per changed text file, and the files added and removed."""
+    before, after = {f["path"]: f for f in old}, {f["path"]: f for f in new}
+    changed = []
+    for path in sorted(before.keys() & after.keys()):
+        a, b = before[path], after[path]
+        if a["sha256"] == b["sha256"]:
+            continue
+        text = is_text(a["media_type"]) and is_text(b["media_type"])
+        diff = unified_diff(bytes(a["content"]), bytes(b["content"]), f"{old_label}/{path}", f"{new_label}/{path}")
+        changed.append(
+            {
+                "path": path,
+                "media_type": b["media_type"],
+                "from_sha256": a["sha256"],
+                "to_sha256": b["sha256"],
+                "from_bytes": a["bytes"],
+                "to_bytes": b["bytes"],
+                "binary": not text or diff is None,
+                "diff": diff if text else None,
+            }
+        )
+    return {
+        "changed": changed,
+        "added": [_manifest_entry(after[p]) for p in sorted(after.keys() - before.keys())],
+        "removed": [_manifest_entry(before[p]) for p in sorted(before.keys() - after.keys())],
+        "unchanged": sum(1 for p in before.keys() & after.keys() if before[p]["sha256"] == after[p]["sha256"]),
+    }
+
+
+async def version_diff(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "read")
+    number = _version_number(request.match_info["n"], "n")
+    raw_against = request.query.get("against")
+    against = None if raw_against is None else _version_number(raw_against, "against")
+    await _known_order(api, order_id)
+    found = await _known_version(api, order_id, number, "n")
+    if against is not None:
+        await _known_version(api, order_id, against, "against")
+    elif found["parent"] is not None and await fetch_row(api, "version_detail", order_id, found["parent"]):
+        against = found["parent"]
+    # Else version 1, or a version whose parent was pruned (output.keep_versions): compared with no site at all.
+    new = await fetch_rows(api, "version_files", order_id, number)
+    old = [] if against is None else await fetch_rows(api, "version_files", order_id, against)
+    body = diff_versions(old, new, old_label=f"v{against}" if against else "empty", new_label=f"v{number}")
+    return json_response({"order_id": order_id, "version": number, "against": against, **body})
+
+
+async def version_site_file(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    granted = api.require(request, "read", order_id=order_id)
+    number = _version_number(request.match_info["n"], "n")
+    path = _site_path(request)
+    found = await fetch_row(api, "version_file", order_id, number, path)
+    if found is None:
+        not_found("no such file")
+    return _site_response(request, api, order_id, granted, found, f"/v1/orders/{order_id}/versions/{number}/site/")
+
+
+def _edit_request(body: dict[str, Any]) -> tuple[str, int | None, list[str] | None]:
+    """The instruction, base_version and pages of an edit's body, or 400 naming the field."""
+    unknown = sorted(set(body) - {"instruction", "base_version", "pages"})
+    if unknown:
+        bad_request(f"unknown field(s): {', '.join(unknown)} (expected instruction, base_version, pages)")
+    instruction = body.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        bad_request("instruction: required, a non-empty string saying what to change")
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        bad_request(f"instruction: {len(instruction):,} characters, over the limit of {MAX_INSTRUCTION_CHARS:,}")
+    if "\x00" in instruction:
+        bad_request("instruction: a NUL character (\\u0000) is not allowed")
+    base = body.get("base_version")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or not 0 < base < 2**31):
+        bad_request("base_version: must be a version number (a positive integer) or null")
+    pages = body.get("pages")
+    if pages is not None:
+        if not isinstance(pages, list) or not 1 <= len(pages) <= MAX_EDIT_PAGES:
+            bad_request(f"pages: must be a list of 1 to {MAX_EDIT_PAGES} page slugs, or null")
+        bad = [p for p in pages if not isinstance(p, str) or not _PAGE_SLUG.match(p)]
+        if bad:
+            bad_request(f"pages: {str(bad[0])[:60]!r} is not a page slug (lowercase letters, digits and hyphens)")
+        if len(set(pages)) != len(pages):
+            bad_request("pages: a page is named twice")
+    return instruction.strip(), base, pages
+
+
+async def _site_state(api: Api, order_id: int, what: str) -> dict[str, Any]:
+    """The order's version state; 404 for an unknown order, 409 when it has no site to `what` yet."""
+    state = await fetch_row(api, "api_version_state", order_id)
+    if state is None:
+        not_found(f"order {order_id} not found")
+    if state["live_version"] is None and not state["has_generated_site"]:
+        conflict(f"order {order_id} has no site to {what} yet: generate it first")
+    return state
+
+
+async def edit(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "write")
+    instruction, base, pages = _edit_request(await _body(request))
+    state = await _site_state(api, order_id, "edit")
+    if base is not None and await fetch_row(api, "version_detail", order_id, base) is None:
+        not_found(f"base_version: order {order_id} has no version {base}")
+    assert api.redis is not None
+    job = await client.enqueue_edit(
+        api.redis,
+        order_id,
+        instruction,
+        base_version=base,
+        pages=pages,
+        queue_name=api.settings.worker.queue_name,
+    )
+    return json_response(
+        {
+            "job_id": None if job is None else job.job_id,
+            "queued": job is not None,
+            "order_id": order_id,
+            "base_version": base,
+            "live_version": state["live_version"],
+        },
+        status=202,
+    )
+
+
+async def rollback(request: web.Request) -> web.Response:
+    api = _api(request)
+    order_id = order_id_of(request)
+    api.require(request, "write")
+    body = await _body(request)
+    unknown = sorted(set(body) - {"version"})
+    if unknown:
+        bad_request(f"unknown field(s): {', '.join(unknown)} (expected version)")
+    number = body.get("version")
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 < number < 2**31:
+        bad_request("version: required, a version number (a positive integer)")
+    state = await _site_state(api, order_id, "roll back")
+    if await fetch_row(api, "version_detail", order_id, number) is None:
+        not_found(f"version: order {order_id} has no version {number}")
+    assert api.redis is not None
+    job = await client.enqueue_rollback(api.redis, order_id, number, queue_name=api.settings.worker.queue_name)
+    return json_response(
+        {
+            "job_id": None if job is None else job.job_id,
+            "queued": job is not None,
+            "order_id": order_id,
+            "version": number,
+            "live_version": state["live_version"],
+        },
+        status=202,
     )
