@@ -874,5 +874,290 @@ async def _demo_run(
         await redis.aclose()
 
 
+# --------------------------------------------------------------------------- versions and edits (issue 22)
+
+KIND_STYLE = {"generation": "blue", "edit": "magenta", "rollback": "yellow"}
+DIFF_STYLE = {"+": "green", "-": "red", "@": "cyan", "\\": "dim"}
+#: How long `--follow` waits, after the row announcing its run's end, for the run's status to say so.
+END_STATUS_WAIT_S = 5.0
+
+
+async def _cli_pool(settings: Settings) -> asyncpg.Pool:
+    return await create_pool(settings.database, max_size=1, name="cli")
+
+
+async def _site_to_change(pool: asyncpg.Pool, order_id: int, what: str, version: int | None, name: str) -> None:
+    """Exit 1, saying why, unless the order has a site to `what` and (if given) version `version` exists."""
+    state = await pool.fetchrow(QUERIES["api_version_state"], order_id)
+    if state is None:
+        console.print(f"[bold red]order {order_id} not found[/]")
+        raise typer.Exit(1)
+    if state["live_version"] is None and not state["has_generated_site"]:
+        console.print(f"[bold red]order {order_id} has no site to {what} yet[/]: generate it first")
+        raise typer.Exit(1)
+    if version is not None and await pool.fetchrow(QUERIES["version_detail"], order_id, version) is None:
+        console.print(
+            f"[bold red]{name}: order {order_id} has no version {version}[/] (see: sitegen versions {order_id})"
+        )
+        raise typer.Exit(1)
+
+
+async def _run_of_job(dsn: str, order_id: int, job_id: str) -> dict[str, Any] | None:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        row = await conn.fetchrow(QUERIES["cli_edit_run"], order_id, job_id)
+    finally:
+        await conn.close()
+    if row is None:
+        return None
+    run = dict(row)
+    run["error"] = json.loads(run["error"]) if isinstance(run["error"], str) else run["error"]
+    return run
+
+
+async def _follow_job(settings: Settings, order_id: int, job_id: str, after_id: int) -> dict[str, Any] | None:
+    """Print the order's progress rows after `after_id` until the run of job `job_id` ends (Ctrl-C stops):
+    the run as it ended, or None when stopped."""
+    dsn = settings.database.url
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+    ended: dict[str, Any] | None = None
+    async for row in follow_logs(dsn, order_id, after_id=after_id, stop=stop, poll_s=0.5):
+        _print_row(row)
+        if stop.is_set() or event_of(row) not in END_EVENTS:
+            continue
+        run = await _run_of_job(dsn, order_id, job_id)
+        if run is None or run["id"] != row["generation_id"]:
+            continue  # another run of the order ended (the one this job waited for)
+        deadline = time.monotonic() + END_STATUS_WAIT_S
+        while run is not None and run["status"] not in ("succeeded", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+            run = await _run_of_job(dsn, order_id, job_id)
+        ended = run
+        stop.set()
+    return ended
+
+
+def _report_run(order_id: int, run: dict[str, Any] | None) -> None:
+    if run is None:
+        return
+    if run["status"] == "succeeded":
+        console.print(f"[green]{run['kind']} succeeded[/]: version {run['version']} of order {order_id} is live")
+        return
+    console.print(
+        Text.assemble((f"{run['kind']} {run['status']}", "bold red"), ": ", _text(_error_summary(run["error"])))
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
+def edit(
+    order_id: int,
+    instruction: Annotated[str, typer.Argument(help="What to change, in words (up to 2,000 characters)")],
+    base: Annotated[int | None, typer.Option("--base", help="Version to edit (default: the live one)")] = None,
+    page: Annotated[
+        list[str] | None, typer.Option("--page", help="Limit the edit to this page's slug (repeatable)")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Print its progress until it ends")] = False,
+) -> None:
+    """Enqueue an edit of an order's live site: a new version, made from one instruction.
+
+    Edits of one order run one at a time, in the order they were sent, after any generation.
+
+    Example: sitegen edit 42 "Change the phone number to +351 222 999 888" --follow
+    """
+    from worker.api.context import ApiError
+    from worker.api.routes import edit_request
+
+    settings = _settings()
+    try:
+        text, base_version, pages = edit_request(
+            {"instruction": instruction, "base_version": base, "pages": page or None}
+        )
+    except ApiError as exc:
+        console.print(f"[bold red]invalid edit:[/] {shown(exc.message)}")
+        raise typer.Exit(2) from None
+
+    async def go() -> None:
+        pool = await _cli_pool(settings)
+        try:
+            await _site_to_change(pool, order_id, "edit", base_version, "--base")
+        finally:
+            await pool.close()
+        after_id = (await follow_position(settings.database.url, order_id))[0] if follow else 0
+        redis_ = await client.connect(settings.redis.url)
+        try:
+            job = await client.enqueue_edit(
+                redis_, order_id, text, base_version=base_version, pages=pages, queue_name=settings.worker.queue_name
+            )
+        finally:
+            await redis_.aclose()
+        if job is None:
+            console.print(f"[bold red]the edit of order {order_id} was not enqueued[/] (a job with its id exists)")
+            raise typer.Exit(1)
+        console.print(f"enqueued job {job.job_id}")
+        if follow:
+            _report_run(order_id, await _follow_job(settings, order_id, job.job_id, after_id))
+        else:
+            console.print(f"follow it: sitegen logs {order_id} --follow; then: sitegen diff {order_id} <new version>")
+
+    _run(go())
+
+
+@app.command()
+def rollback(
+    order_id: int,
+    version: Annotated[int, typer.Argument(help="The version to make live again")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Print its progress until it ends")] = False,
+) -> None:
+    """Make an earlier version of an order's site live again, as a new version (no model call).
+
+    Example: sitegen rollback 42 3
+    """
+    settings = _settings()
+    if version <= 0:
+        console.print(f"[bold red]version must be a positive integer[/], got {version}")
+        raise typer.Exit(2)
+
+    async def go() -> None:
+        pool = await _cli_pool(settings)
+        try:
+            await _site_to_change(pool, order_id, "roll back", version, "version")
+        finally:
+            await pool.close()
+        after_id = (await follow_position(settings.database.url, order_id))[0] if follow else 0
+        redis_ = await client.connect(settings.redis.url)
+        try:
+            job = await client.enqueue_rollback(redis_, order_id, version, queue_name=settings.worker.queue_name)
+        finally:
+            await redis_.aclose()
+        if job is None:
+            console.print(f"[bold red]the rollback of order {order_id} was not enqueued[/] (a job with its id exists)")
+            raise typer.Exit(1)
+        console.print(f"enqueued job {job.job_id}: version {version} of order {order_id} becomes live again")
+        if follow:
+            _report_run(order_id, await _follow_job(settings, order_id, job.job_id, after_id))
+
+    _run(go())
+
+
+@app.command()
+def versions(
+    order_id: int,
+    limit: Annotated[int, typer.Option(help="How many versions, newest first")] = 50,
+) -> None:
+    """List the versions of an order's site: what made each one, its instruction, size, tokens and cost.
+
+    Example: sitegen versions 42
+    """
+    settings = _settings()
+
+    async def go() -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+        pool = await _cli_pool(settings)
+        try:
+            order = await pool.fetchrow(QUERIES["api_order"], order_id)
+            return order, await pool.fetch(QUERIES["versions_for_order"], order_id, limit)
+        finally:
+            await pool.close()
+
+    order, rows = _run(go())
+    if order is None:
+        console.print(f"[bold red]order {order_id} not found[/]")
+        raise typer.Exit(1)
+    if not rows:
+        console.print(f"order {order_id} has no versions yet")
+        return
+    table = Table("version", "kind", "parent", "instruction", "files", "size", "tokens", "cost", "created")
+    for r in rows:
+        usage = r["usage"] or {}
+        kind = r["kind"] + (f" to {r['rolled_back_to']}" if r["rolled_back_to"] else "")
+        instruction = r["instruction"] or ""
+        cost = usage.get("cost_usd")
+        table.add_row(
+            Text.assemble(str(r["number"]), (" live", "bold green") if r["live"] else ""),
+            _text(kind, KIND_STYLE.get(r["kind"], "")),
+            "" if r["parent"] is None else str(r["parent"]),
+            _text(instruction if len(instruction) <= 60 else instruction[:59] + "…"),
+            str(r["files"]),
+            f"{r['bytes']:,} B",
+            str(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)),
+            f"${cost:.4f}" if isinstance(cost, int | float) else "",
+            r["created_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    console.print(table)
+
+
+@app.command()
+def diff(
+    order_id: int,
+    version: Annotated[int, typer.Argument(help="The version to show")],
+    against: Annotated[int | None, typer.Argument(help="The version to compare with (default: its parent)")] = None,
+) -> None:
+    """Show what changed in a version of an order's site, as a coloured unified diff per changed file.
+
+    Example: sitegen diff 42 3        (version 3 against its parent)
+             sitegen diff 42 3 1      (version 3 against version 1)
+    """
+    from worker.api.routes import diff_versions
+
+    settings = _settings()
+
+    async def go() -> tuple[int | None, dict[str, Any]]:
+        pool = await _cli_pool(settings)
+        try:
+            found = await pool.fetchrow(QUERIES["version_detail"], order_id, version)
+            if found is None:
+                console.print(
+                    f"[bold red]order {order_id} has no version {version}[/] (see: sitegen versions {order_id})"
+                )
+                raise typer.Exit(1)
+            old_number = against
+            if old_number is not None:
+                if await pool.fetchrow(QUERIES["version_detail"], order_id, old_number) is None:
+                    console.print(f"[bold red]order {order_id} has no version {old_number}[/] to compare with")
+                    raise typer.Exit(1)
+            elif found["parent"] is not None and await pool.fetchrow(
+                QUERIES["version_detail"], order_id, found["parent"]
+            ):
+                old_number = found["parent"]
+            new = [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, version)]
+            old = (
+                []
+                if old_number is None
+                else [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, old_number)]
+            )
+        finally:
+            await pool.close()
+        label = f"v{old_number}" if old_number is not None else "empty"
+        return old_number, diff_versions(old, new, old_label=label, new_label=f"v{version}")
+
+    old_number, changes = _run(go())
+    base = "no earlier version" if old_number is None else f"version {old_number}"
+    console.print(f"[bold]order {order_id}: version {version} against {base}[/]")
+    for changed in changes["changed"]:
+        if changed["diff"] is None:
+            console.print(
+                _text(
+                    f"binary file changed: {changed['path']} ({changed['from_bytes']:,} B -> "
+                    f"{changed['to_bytes']:,} B)",
+                    "yellow",
+                )
+            )
+            continue
+        for line in changed["diff"].splitlines():
+            style = "bold" if line.startswith(("--- ", "+++ ")) else DIFF_STYLE.get(line[:1], "")
+            console.print(_text(line, style), soft_wrap=True)
+    for added in changes["added"]:
+        console.print(_text(f"added: {added['path']} ({added['bytes']:,} B)", "green"))
+    for removed in changes["removed"]:
+        console.print(_text(f"removed: {removed['path']} ({removed['bytes']:,} B)", "red"))
+    console.print(
+        f"[dim]{len(changes['changed'])} changed, {len(changes['added'])} added, {len(changes['removed'])} removed, "
+        f"{changes['unchanged']} unchanged[/]"
+    )
+
+
 if __name__ == "__main__":
     app()

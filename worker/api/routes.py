@@ -772,7 +772,7 @@ async def version_site_file(request: web.Request) -> web.Response:
     return _site_response(request, api, order_id, granted, found, f"/v1/orders/{order_id}/versions/{number}/site/")
 
 
-def _edit_request(body: dict[str, Any]) -> tuple[str, int | None, list[str] | None]:
+def edit_request(body: dict[str, Any]) -> tuple[str, int | None, list[str] | None]:
     """The instruction, base_version and pages of an edit's body, or 400 naming the field."""
     unknown = sorted(set(body) - {"instruction", "base_version", "pages"})
     if unknown:
@@ -813,7 +813,7 @@ async def edit(request: web.Request) -> web.Response:
     api = _api(request)
     order_id = order_id_of(request)
     api.require(request, "write")
-    instruction, base, pages = _edit_request(await _body(request))
+    instruction, base, pages = edit_request(await _body(request))
     state = await _site_state(api, order_id, "edit")
     if base is not None and await fetch_row(api, "version_detail", order_id, base) is None:
         not_found(f"base_version: order {order_id} has no version {base}")
