@@ -17,6 +17,7 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import Job
 
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
 from tests.integration.test_api import FAST, READ, WRITE, Running, _start, auth, raw_get
 from worker import client
 from worker.api.auth import Tokens
@@ -454,3 +455,50 @@ async def test_read_tokens_cannot_post_edits_or_rollbacks(api: Running, seeded: 
         async with api.http.post(f"{api.url}/v1/orders/{ORDER}/{path}", json=body) as response:
             assert response.status == 401, path
     assert await redis.keys("arq:job:*") == []
+
+
+# --------------------------------------------------------------------------- through a real worker
+
+
+async def result_of(redis: ArqRedis, job_id: str) -> Any:
+    job = Job(job_id, redis, _queue_name=client.QUEUE_NAME, _deserializer=client.deserialize)
+    return await job.result(timeout=60, poll_delay=0.05)
+
+
+@pytest.mark.timeout(120)
+async def test_an_edit_and_a_rollback_posted_to_the_api_run_on_a_worker_and_show_in_it(
+    api: Running, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """End to end with the offline provider: POST an edit, see version 2 and its diff; POST a rollback to 1."""
+    await start_worker()
+    await client.enqueue_generation(redis, 20, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 20))["status"] == "succeeded"
+
+    status, body = await post(api, "/v1/orders/20/edits", {"instruction": "Make the header blue"})
+    assert status == 202, body
+    result = await result_of(redis, body["job_id"])
+    assert result["status"] == "succeeded" and result["version"] == 2
+
+    status, listed = await get(api, "/v1/orders/20/versions")
+    assert [(v["number"], v["kind"], v["live"]) for v in listed["versions"]] == [
+        (2, "edit", True),
+        (1, "generation", False),
+    ]
+    assert listed["versions"][0]["instruction"] == "Make the header blue"
+    status, diff = await get(api, "/v1/orders/20/versions/2/diff")
+    assert status == 200 and diff["against"] == 1 and diff["added"] == [] and diff["removed"] == []
+    style = next(c for c in diff["changed"] if c["path"] == "assets/style.css")
+    assert "\n-  --primary: #9b315f;\n+  --primary: #1d4ed8;\n" in style["diff"]
+    assert sorted(c["path"] for c in diff["changed"]) == ["assets/style.css", "manifest.json"]
+
+    status, body = await post(api, "/v1/orders/20/rollback", {"version": 1})
+    assert status == 202, body
+    result = await result_of(redis, body["job_id"])
+    assert result["status"] == "succeeded" and result["version"] == 3
+    status, three = await get(api, "/v1/orders/20/versions/3")
+    assert three["kind"] == "rollback" and three["rolled_back_to"] == 1 and three["live"] is True
+    status, back = await get(api, "/v1/orders/20/versions/3/diff?against=1")
+    assert back["changed"] == [] and back["unchanged"] == 6, "a rollback is the old version's files"
+    async with api.http.get(f"{api.url}/v1/orders/20/site/assets/style.css", headers=auth()) as live:
+        async with api.http.get(f"{api.url}/v1/orders/20/versions/1/site/assets/style.css", headers=auth()) as one:
+            assert await live.read() == await one.read()
