@@ -11,7 +11,7 @@ import mimetypes
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -271,6 +271,35 @@ class SiteCode(_Strict):
 
 #: The longest edit instruction a job may carry (characters).
 MAX_INSTRUCTION_CHARS = 2000
+#: The most pages an edit's `pages` may name.
+MAX_EDIT_PAGES = 12
+_PAGE_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
+
+
+def edit_request_problem(instruction: Any, base_version: Any, pages: Any) -> tuple[str, str] | None:
+    """What is wrong with an edit's arguments as JSON gives them, as (field, message); None: nothing.
+
+    The one check of an edit request: the API answers 400 with it, the `edit_site` job fails with it.
+    """
+    if not isinstance(instruction, str) or not instruction.strip():
+        return "instruction", "required, a non-empty string saying what to change"
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        return "instruction", f"{len(instruction):,} characters, over the limit of {MAX_INSTRUCTION_CHARS:,}"
+    if "\x00" in instruction:
+        return "instruction", "a NUL character (\\u0000) is not allowed"
+    if base_version is not None and (
+        isinstance(base_version, bool) or not isinstance(base_version, int) or not 0 < base_version < 2**31
+    ):
+        return "base_version", "must be a version number (a positive integer) or null"
+    if pages is not None:
+        if not isinstance(pages, list) or not 1 <= len(pages) <= MAX_EDIT_PAGES:
+            return "pages", f"must be a list of 1 to {MAX_EDIT_PAGES} page slugs, or null"
+        bad = [p for p in pages if not isinstance(p, str) or not _PAGE_SLUG.match(p)]
+        if bad:
+            return "pages", f"{str(bad[0])[:60]!r} is not a page slug (lowercase letters, digits and hyphens)"
+        if len(set(pages)) != len(pages):
+            return "pages", "a page is named twice"
+    return None
 
 
 class NewPage(_Strict):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import SAMPLE_BRIEF
 from worker.errors import BriefInvalid, JobArgumentsInvalid, describe, is_retryable
-from worker.pipeline.runner import backoff_s, validate_brief, validate_job_args
+from worker.pipeline.runner import backoff_s, validate_brief, validate_edit_args, validate_job_args
 from worker.settings import Settings, load_settings
 
 # --------------------------------------------------------------------------- validate_job_args
@@ -143,3 +143,39 @@ def test_a_connection_broken_by_a_server_restart_is_retried() -> None:
     tests/faults (PostgreSQL restarted while a claim was sent); a permanent failure would lose the job."""
     broken = asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
     assert is_retryable(broken) and describe(broken)["retryable"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"instruction": None}, "instruction"),
+        ({"instruction": "   "}, "instruction"),
+        ({"instruction": 42}, "instruction"),
+        ({"instruction": "x" * 2001}, "instruction"),
+        ({"instruction": "make it\x00blue"}, "instruction"),
+        ({"instruction": "ok", "base_version": 0}, "base_version"),
+        ({"instruction": "ok", "base_version": True}, "base_version"),
+        ({"instruction": "ok", "base_version": "2"}, "base_version"),
+        ({"instruction": "ok", "base_version": 2**31}, "base_version"),
+        ({"instruction": "ok", "pages": []}, "pages"),
+        ({"instruction": "ok", "pages": "index"}, "pages"),
+        ({"instruction": "ok", "pages": ["Index"]}, "pages"),
+        ({"instruction": "ok", "pages": ["../etc"]}, "pages"),
+        ({"instruction": "ok", "pages": ["index", "index"]}, "pages"),
+        ({"instruction": "ok", "pages": [f"p{i}" for i in range(13)]}, "pages"),
+    ],
+)
+def test_an_edit_jobs_bad_argument_is_named(args: dict[str, object], field: str) -> None:
+    """Issue 22: the edit_site job checks its arguments as the API does (one check, `edit_request_problem`)."""
+    request = {"instruction": None, "base_version": None, "pages": None, **args}
+    with pytest.raises(JobArgumentsInvalid) as raised:
+        validate_edit_args("edit", 5, request, {}, ())
+    assert raised.value.details["field"] == field and str(raised.value).startswith(f"{field}: ")
+
+
+def test_a_valid_edit_request_is_kept_with_its_instruction_stripped() -> None:
+    request = {"instruction": "  Make the header blue ", "base_version": 2, "pages": ["index", "about-us"]}
+    assert validate_edit_args("edit", 5, request, {}, ()) == (
+        5,
+        {"instruction": "Make the header blue", "base_version": 2, "pages": ["index", "about-us"]},
+    )

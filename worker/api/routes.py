@@ -40,7 +40,7 @@ from worker.api.context import (
 )
 from worker.api.fanout import Subscriber
 from worker.api.openapi import openapi_document
-from worker.models import MAX_INSTRUCTION_CHARS, Brief
+from worker.models import Brief, edit_request_problem
 from worker.progress import END_EVENTS, event_of
 from worker.settings import ApiSection
 from worker.site_headers import site_headers
@@ -618,9 +618,6 @@ async def site_zip(request: web.Request) -> web.Response:
 
 #: Media types whose files a diff shows line by line (others are compared by their sha256 alone).
 _TEXT_TYPES = frozenset({"application/json", "application/javascript", "application/xml", "image/svg+xml"})
-_PAGE_SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
-#: The most pages an edit may be limited to (the worker's check, `validate_edit_args`).
-MAX_EDIT_PAGES = 12
 VERSION_FIELDS = ("number", "parent", "kind", "generation_id", "instruction", "rolled_back_to", "created_at", "live")
 
 
@@ -777,25 +774,11 @@ def edit_request(body: dict[str, Any]) -> tuple[str, int | None, list[str] | Non
     unknown = sorted(set(body) - {"instruction", "base_version", "pages"})
     if unknown:
         bad_request(f"unknown field(s): {', '.join(unknown)} (expected instruction, base_version, pages)")
-    instruction = body.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        bad_request("instruction: required, a non-empty string saying what to change")
-    if len(instruction) > MAX_INSTRUCTION_CHARS:
-        bad_request(f"instruction: {len(instruction):,} characters, over the limit of {MAX_INSTRUCTION_CHARS:,}")
-    if "\x00" in instruction:
-        bad_request("instruction: a NUL character (\\u0000) is not allowed")
-    base = body.get("base_version")
-    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or not 0 < base < 2**31):
-        bad_request("base_version: must be a version number (a positive integer) or null")
-    pages = body.get("pages")
-    if pages is not None:
-        if not isinstance(pages, list) or not 1 <= len(pages) <= MAX_EDIT_PAGES:
-            bad_request(f"pages: must be a list of 1 to {MAX_EDIT_PAGES} page slugs, or null")
-        bad = [p for p in pages if not isinstance(p, str) or not _PAGE_SLUG.match(p)]
-        if bad:
-            bad_request(f"pages: {str(bad[0])[:60]!r} is not a page slug (lowercase letters, digits and hyphens)")
-        if len(set(pages)) != len(pages):
-            bad_request("pages: a page is named twice")
+    instruction, base, pages = body.get("instruction"), body.get("base_version"), body.get("pages")
+    problem = edit_request_problem(instruction, base, pages)
+    if problem is not None:
+        bad_request(": ".join(problem))
+    assert isinstance(instruction, str)
     return instruction.strip(), base, pages
 
 

@@ -46,7 +46,6 @@ from worker.errors import (
 )
 from worker.metrics import Metrics
 from worker.models import (
-    MAX_INSTRUCTION_CHARS,
     Brief,
     EditedFiles,
     EditPlan,
@@ -54,6 +53,7 @@ from worker.models import (
     SiteCode,
     SiteContent,
     SitePlan,
+    edit_request_problem,
 )
 from worker.ordering import jobs_ahead
 from worker.output import SiteWriter, site_is_complete
@@ -969,27 +969,10 @@ def validate_edit_args(
             raise JobArgumentsInvalid(f"version must be a positive integer, got {version!r:.100}", field="version")
         return order_id, {"version": version}
     instruction, base, pages = args.get("instruction"), args.get("base_version"), args.get("pages")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise JobArgumentsInvalid(
-            f"instruction must be a non-empty string, got {instruction!r:.100}", field="instruction"
-        )
-    if len(instruction) > MAX_INSTRUCTION_CHARS:
-        raise JobArgumentsInvalid(
-            f"instruction is {len(instruction):,} characters, over the limit of {MAX_INSTRUCTION_CHARS:,}",
-            field="instruction",
-        )
-    if "\x00" in instruction:
-        raise JobArgumentsInvalid("instruction: a NUL character (\\u0000) is not allowed", field="instruction")
-    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base <= 0):
-        raise JobArgumentsInvalid(
-            f"base_version must be a positive integer or null, got {base!r:.100}", field="base_version"
-        )
-    if pages is not None and (
-        not isinstance(pages, list) or not pages or not all(isinstance(p, str) and p for p in pages) or len(pages) > 12
-    ):
-        raise JobArgumentsInvalid(
-            f"pages must be a list of 1 to 12 page slugs or null, got {pages!r:.100}", field="pages"
-        )
+    problem = edit_request_problem(instruction, base, pages)
+    if problem is not None:
+        raise JobArgumentsInvalid(": ".join(problem), field=problem[0])
+    assert isinstance(instruction, str)
     return order_id, {"instruction": instruction.strip(), "base_version": base, "pages": pages}
 
 
