@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +24,9 @@ import asyncpg
 import redis.asyncio
 import redis.exceptions
 import typer
+from arq import ArqRedis
 from arq.constants import abort_jobs_ss
+from arq.jobs import Job
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -980,30 +982,22 @@ def edit(
         console.print(f"[bold red]invalid edit:[/] {shown(exc.message)}")
         raise typer.Exit(2) from None
 
-    async def go() -> None:
-        pool = await _cli_pool(settings)
-        try:
-            await _site_to_change(pool, order_id, "edit", base_version, "--base")
-        finally:
-            await pool.close()
-        after_id = (await follow_position(settings.database.url, order_id))[0] if follow else 0
-        redis_ = await client.connect(settings.redis.url)
-        try:
-            job = await client.enqueue_edit(
-                redis_, order_id, text, base_version=base_version, pages=pages, queue_name=settings.worker.queue_name
-            )
-        finally:
-            await redis_.aclose()
-        if job is None:
-            console.print(f"[bold red]the edit of order {order_id} was not enqueued[/] (a job with its id exists)")
-            raise typer.Exit(1)
-        console.print(f"enqueued job {job.job_id}")
-        if follow:
-            _report_run(order_id, await _follow_job(settings, order_id, job.job_id, after_id))
-        else:
-            console.print(f"follow it: sitegen logs {order_id} --follow; then: sitegen diff {order_id} <new version>")
+    def send(redis_: ArqRedis) -> Awaitable[Job | None]:
+        return client.enqueue_edit(
+            redis_, order_id, text, base_version=base_version, pages=pages, queue_name=settings.worker.queue_name
+        )
 
-    _run(go())
+    _run(
+        _send_change(
+            settings,
+            order_id,
+            ("edit", "edit", base_version, "--base"),
+            send,
+            follow=follow,
+            sent="",
+            hint=f"follow it: sitegen logs {order_id} --follow; then: sitegen diff {order_id} <new version>",
+        )
+    )
 
 
 @app.command()
@@ -1021,26 +1015,55 @@ def rollback(
         console.print(f"[bold red]version must be a positive integer[/], got {version}")
         raise typer.Exit(2)
 
-    async def go() -> None:
-        pool = await _cli_pool(settings)
-        try:
-            await _site_to_change(pool, order_id, "roll back", version, "version")
-        finally:
-            await pool.close()
-        after_id = (await follow_position(settings.database.url, order_id))[0] if follow else 0
-        redis_ = await client.connect(settings.redis.url)
-        try:
-            job = await client.enqueue_rollback(redis_, order_id, version, queue_name=settings.worker.queue_name)
-        finally:
-            await redis_.aclose()
-        if job is None:
-            console.print(f"[bold red]the rollback of order {order_id} was not enqueued[/] (a job with its id exists)")
-            raise typer.Exit(1)
-        console.print(f"enqueued job {job.job_id}: version {version} of order {order_id} becomes live again")
-        if follow:
-            _report_run(order_id, await _follow_job(settings, order_id, job.job_id, after_id))
+    def send(redis_: ArqRedis) -> Awaitable[Job | None]:
+        return client.enqueue_rollback(redis_, order_id, version, queue_name=settings.worker.queue_name)
 
-    _run(go())
+    _run(
+        _send_change(
+            settings,
+            order_id,
+            ("rollback", "roll back", version, "version"),
+            send,
+            follow=follow,
+            sent=f": version {version} of order {order_id} becomes live again",
+            hint=None,
+        )
+    )
+
+
+async def _send_change(
+    settings: Settings,
+    order_id: int,
+    change: tuple[str, str, int | None, str],
+    send: Callable[[ArqRedis], Awaitable[Job | None]],
+    *,
+    follow: bool,
+    sent: str,
+    hint: str | None,
+) -> None:
+    """Enqueue an edit or rollback (`send`) once the order has a site and the version it names exists, then
+    follow the job's run to its end or print `hint`. `change`: (its name, its verb, the version it names,
+    the option or argument naming it)."""
+    name, verb, version, field = change
+    pool = await _cli_pool(settings)
+    try:
+        await _site_to_change(pool, order_id, verb, version, field)
+    finally:
+        await pool.close()
+    after_id = (await follow_position(settings.database.url, order_id))[0] if follow else 0
+    redis_ = await client.connect(settings.redis.url)
+    try:
+        job = await send(redis_)
+    finally:
+        await redis_.aclose()
+    if job is None:
+        console.print(f"[bold red]the {name} of order {order_id} was not enqueued[/] (a job with its id exists)")
+        raise typer.Exit(1)
+    console.print(f"enqueued job {job.job_id}{sent}")
+    if follow:
+        _report_run(order_id, await _follow_job(settings, order_id, job.job_id, after_id))
+    elif hint:
+        console.print(hint)
 
 
 @app.command()

@@ -232,6 +232,17 @@ def minimal_error(error: dict[str, Any], refused: BaseException) -> dict[str, An
     }
 
 
+def _exhausted(claimed: dict[str, Any], what: str) -> AttemptsExhausted:
+    """The failure a claim stored when a run's attempts ran out (outcome `exhausted`), as an exception."""
+    error = claimed["error"]
+    return AttemptsExhausted(
+        f"{what} {error['message']}",
+        generation_id=claimed["generation_id"],
+        attempts=claimed["attempt"],
+        last_error=error["details"]["last_error"],
+    )
+
+
 class Store:
     """The generation pool's transactions, one method per domain verb."""
 
@@ -292,13 +303,7 @@ class Store:
                 replica_id=claimed["replica_id"],
             )
         if outcome == "exhausted":
-            error = claimed["error"]
-            raise AttemptsExhausted(
-                f"generation {claimed['generation_id']} of order {order_id} {error['message']}",
-                generation_id=claimed["generation_id"],
-                attempts=claimed["attempt"],
-                last_error=error["details"]["last_error"],
-            )
+            raise _exhausted(claimed, f"generation {claimed['generation_id']} of order {order_id}")
         warnings: tuple[str, ...] = ()
         if claimed.get("brief_differs"):
             warnings = (
@@ -372,13 +377,7 @@ class Store:
                 waiting=claimed.get("reason") != "held",
             )
         if outcome == "exhausted":
-            error = claimed["error"]
-            raise AttemptsExhausted(
-                f"{kind} {claimed['generation_id']} of order {order_id} {error['message']}",
-                generation_id=claimed["generation_id"],
-                attempts=claimed["attempt"],
-                last_error=error["details"]["last_error"],
-            )
+            raise _exhausted(claimed, f"{kind} {claimed['generation_id']} of order {order_id}")
         return Claim(
             kind=outcome,
             generation_id=claimed["generation_id"],

@@ -26,9 +26,9 @@ async def sweep(ctx: dict[str, Any]) -> int:
     requeued = 0
     async for generation in rt.store.stale_generations():
         order_id = generation["order_id"]
-        function, args, kwargs, job = _job_of(generation)
+        function, args, kwargs, its_job_id = _job_of(generation)
         # A kept result would make arq drop the enqueue; the generation, not the result, is the truth.
-        await redis.delete(result_key_prefix + job)
+        await redis.delete(result_key_prefix + its_job_id)
         # Due at Redis's now, the clock every poll compares scores with, not this replica's.
         seconds, micros = await redis.time()
         job = await redis.enqueue_job(
@@ -36,7 +36,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
             order_id,
             *args,
             **kwargs,
-            _job_id=job,
+            _job_id=its_job_id,
             _queue_name=rt.settings.worker.queue_name,
             _defer_until=datetime.fromtimestamp(seconds + micros / 1e6, tz=UTC),
         )

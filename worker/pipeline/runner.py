@@ -517,11 +517,14 @@ class GenerationRun:
         old = next((f for f in files if f.path == "manifest.json"), None)
         pages = Manifest.model_validate_json(old.content).pages if old is not None else []
         checkpoint = {"rolled_back_to": number, "files": len(files), "pages": pages}
-        version = NewVersion("rollback", files, plan=await self._plan_of(number), quality={}, rolled_back_to=number)
+        version = NewVersion(
+            "rollback",
+            files,
+            plan=await self.rt.store.version_plan(self.order_id, number),
+            quality={},
+            rolled_back_to=number,
+        )
         return await self._finish_version("publish", checkpoint, version, started)
-
-    async def _plan_of(self, number: int) -> dict[str, Any] | None:
-        return await self.rt.store.version_plan(self.order_id, number)
 
     async def _finish_version(
         self, phase: str, checkpoint: dict[str, Any], version: NewVersion, started: float
