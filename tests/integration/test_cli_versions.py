@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from arq import ArqRedis
 
-from tests.helpers import cli_env, run_sitegen
+from tests.helpers import cli_env, run_sitegen, wait_until
 from tests.integration.test_versions_api import ORDER, V1, V2, add_version, job_of
 from worker.local.services import LocalServices
 from worker.store import QUERIES
@@ -34,12 +34,14 @@ async def edit_jobs(redis: ArqRedis) -> list[str]:
 
 async def enqueued_job(redis: ArqRedis, timeout_s: float = 30) -> str:
     """The id of the one job the `sitegen` process under test enqueued, once it did."""
-    for _ in range(int(timeout_s / 0.05)):
-        jobs = await edit_jobs(redis)
-        if jobs:
-            return jobs[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("no job was enqueued")
+    jobs: list[str] = []
+
+    async def enqueued() -> bool:
+        jobs[:] = await edit_jobs(redis)
+        return bool(jobs)
+
+    await wait_until(enqueued, timeout=timeout_s, interval=0.05, what="the job sitegen enqueues")
+    return jobs[0]
 
 
 async def test_versions_prints_a_table_newest_first(services: LocalServices, seeded: None) -> None:
@@ -176,13 +178,17 @@ async def test_edit_follow_prints_the_edits_rows_and_ends_with_it(
             job_id,
         )
         await _log(db, run, "edit started", "edit.started")
-        await asyncio.sleep(0.5)
+        assert process.stdout is not None
+        seen = ""
+        while "edit started" not in seen:  # printed after the generation's end: the follow went past it
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, f"sitegen ended before printing the edit's start:\n{seen}"
+            seen += line.decode()
         assert process.returncode is None, "still following: the generation's end is not the edit's"
         await add_version(db, ORDER, 3, V2, parent=2, kind="edit", instruction="Make the header blue")
         await db.execute("UPDATE site_generations SET status = 'succeeded', version = 3 WHERE id = $1", run)
         await _log(db, run, "edit succeeded", "edit.succeeded")
-        assert process.stdout is not None
-        out = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+        out = seen + (await asyncio.wait_for(process.stdout.read(), 30)).decode()
         await asyncio.wait_for(process.wait(), 10)
     finally:
         if process.returncode is None:
