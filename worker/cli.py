@@ -789,7 +789,8 @@ def demo(
             console.print(f"[bold green]screenshot:[/] {shown(shot)}")
         else:
             console.print("[yellow]no screenshot: Chromium is not installed (make quality-tools installs it)[/]")
-        console.print(f"[dim]browse it: sitegen preview {order_id}[/]")
+        _run(_demo_edit(settings, order_id, log_path))
+        console.print(f"[dim]browse it: sitegen preview {order_id}; its history: sitegen versions {order_id}[/]")
         if serve:
             _demo_serve(settings, order_id, port)
     finally:
@@ -819,7 +820,7 @@ def _demo_serve(settings: Settings, order_id: int, port: int) -> None:
         console.print(
             f"\n[bold green]dashboard:[/] {url}   (sign in with the demo token below; Ctrl-C stops everything)\n"
             f"demo token (write): [bold]{token}[/]\n"
-            f"order page: {url}orders/{order_id}   events: curl -N -H 'Authorization: Bearer <token>' "
+            f"order page (progress, version history, diffs): {url}orders/{order_id}   events: curl -N -H 'Authorization: Bearer <token>' "
             f"{url}v1/orders/{order_id}/events"
         )
 
@@ -838,6 +839,38 @@ def _fake_provider_env(url: str) -> dict[str, str]:
     }
     env.update({f"SITEGEN_AI__ROUTING__{task.upper()}": "fake" for task in ("planning", "content", "coding")})
     return env
+
+
+#: The edit `make demo` ends with: one the offline provider (and the fake one) carries out on any site.
+DEMO_EDIT = "Make the header blue"
+#: How long the demo waits for its edit (a few model calls at the demo's latency).
+DEMO_EDIT_WAIT_S = 120.0
+
+
+async def _demo_edit(settings: Settings, order_id: int, log_path: Path) -> None:
+    """Apply DEMO_EDIT to the demo's site, with its progress, then print what it changed (exit 1 if it fails)."""
+    console.print(f"\n[bold]editing the site:[/] {DEMO_EDIT!r}")
+    after_id = (await follow_position(settings.database.url, order_id))[0]
+    redis_ = await client.connect(settings.redis.url)
+    try:
+        job = await client.enqueue_edit(redis_, order_id, DEMO_EDIT, queue_name=settings.worker.queue_name)
+    finally:
+        await redis_.aclose()
+    if job is None:
+        console.print("[bold red]the demo's edit was not enqueued[/] (a job with its id exists)")
+        raise typer.Exit(1)
+    try:
+        async with asyncio.timeout(DEMO_EDIT_WAIT_S):
+            run = await _follow_job(settings, order_id, job.job_id, after_id)
+    except TimeoutError:
+        run = None
+    if run is None or run["status"] != "succeeded":
+        why = f"no end within {DEMO_EDIT_WAIT_S:.0f} s" if run is None else _error_summary(run["error"])
+        console.print(Text.assemble(("the demo's edit did not succeed", "bold red"), ": ", _text(why)))
+        console.print(f"worker log: {shown(log_path)}")
+        raise typer.Exit(1)
+    console.print(f"[bold green]edit applied:[/] version {run['version']} of order {order_id} is live\n")
+    _print_diff(order_id, run["version"], *await _version_diff(settings, order_id, run["version"], None))
 
 
 async def _demo_run(
@@ -1123,40 +1156,43 @@ def diff(
     Example: sitegen diff 42 3        (version 3 against its parent)
              sitegen diff 42 3 1      (version 3 against version 1)
     """
-    from worker.api.routes import diff_versions
-
     settings = _settings()
+    _print_diff(order_id, version, *_run(_version_diff(settings, order_id, version, against)))
 
-    async def go() -> tuple[int | None, dict[str, Any]]:
-        pool = await _cli_pool(settings)
-        try:
-            found = await pool.fetchrow(QUERIES["version_detail"], order_id, version)
-            if found is None:
-                console.print(
-                    f"[bold red]order {order_id} has no version {version}[/] (see: sitegen versions {order_id})"
-                )
+
+async def _version_diff(
+    settings: Settings, order_id: int, version: int, against: int | None
+) -> tuple[int | None, dict[str, Any]]:
+    """(the version compared with: `against`, else the parent if it is kept, else None; what changed).
+    Exit 1, saying why, if either version does not exist."""
+    from worker.versions import diff_versions
+
+    pool = await _cli_pool(settings)
+    try:
+        found = await pool.fetchrow(QUERIES["version_detail"], order_id, version)
+        if found is None:
+            console.print(f"[bold red]order {order_id} has no version {version}[/] (see: sitegen versions {order_id})")
+            raise typer.Exit(1)
+        old_number = against
+        if old_number is not None:
+            if await pool.fetchrow(QUERIES["version_detail"], order_id, old_number) is None:
+                console.print(f"[bold red]order {order_id} has no version {old_number}[/] to compare with")
                 raise typer.Exit(1)
-            old_number = against
-            if old_number is not None:
-                if await pool.fetchrow(QUERIES["version_detail"], order_id, old_number) is None:
-                    console.print(f"[bold red]order {order_id} has no version {old_number}[/] to compare with")
-                    raise typer.Exit(1)
-            elif found["parent"] is not None and await pool.fetchrow(
-                QUERIES["version_detail"], order_id, found["parent"]
-            ):
-                old_number = found["parent"]
-            new = [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, version)]
-            old = (
-                []
-                if old_number is None
-                else [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, old_number)]
-            )
-        finally:
-            await pool.close()
-        label = f"v{old_number}" if old_number is not None else "empty"
-        return old_number, diff_versions(old, new, old_label=label, new_label=f"v{version}")
+        elif found["parent"] is not None and await pool.fetchrow(QUERIES["version_detail"], order_id, found["parent"]):
+            old_number = found["parent"]
+        new = [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, version)]
+        old = (
+            []
+            if old_number is None
+            else [dict(r) for r in await pool.fetch(QUERIES["version_files"], order_id, old_number)]
+        )
+    finally:
+        await pool.close()
+    label = f"v{old_number}" if old_number is not None else "empty"
+    return old_number, diff_versions(old, new, old_label=label, new_label=f"v{version}")
 
-    old_number, changes = _run(go())
+
+def _print_diff(order_id: int, version: int, old_number: int | None, changes: dict[str, Any]) -> None:
     base = "no earlier version" if old_number is None else f"version {old_number}"
     console.print(f"[bold]order {order_id}: version {version} against {base}[/]")
     for changed in changes["changed"]:

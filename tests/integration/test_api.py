@@ -819,6 +819,11 @@ async def test_demo_serve_keeps_the_dashboard_running_until_ctrl_c(services: Loc
             async with http.get(f"http://127.0.0.1:{port}/v1/orders/1090", headers=auth(token)) as response:
                 assert response.status == 200
                 assert (await response.json())["generation"]["status"] == "succeeded"
+            # The version history it serves: the generation, then the demo's edit (issue 22).
+            async with http.get(f"http://127.0.0.1:{port}/v1/orders/1090/versions", headers=auth(token)) as response:
+                history = await response.json()
+            assert history["live_version"] == 2
+            assert [(v["number"], v["kind"]) for v in history["versions"]] == [(2, "edit"), (1, "generation")]
             async with http.get(f"http://127.0.0.1:{port}/") as response:
                 assert response.status == 200 and "Sign in" in await response.text()
         process.send_signal(signal.SIGINT)

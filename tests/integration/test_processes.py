@@ -193,6 +193,12 @@ async def test_demo_generates_the_sample_site_with_live_progress(
     ):
         assert line in out, f"{line!r} missing from the demo output:\n{out}"
     assert out.index("phase plan started") < out.index("phase assemble done") < out.index("site ready")
+    # It ends with one edit, its progress and its diff (issue 22): the stylesheet's primary colour changes.
+    for line in ("editing the site", "phase edit_plan done", "edit succeeded", "version 2 against version 1"):
+        assert line in out, f"{line!r} missing from the demo output:\n{out}"
+    assert out.index("site ready") < out.index("edit succeeded") < out.index("version 2 against version 1")
+    assert "+++ v2/assets/style.css" in out and "+  --primary: #1d4ed8;" in out
+    assert "--primary: #1d4ed8;" in (sites / "4242" / "assets" / "style.css").read_text()
 
 
 async def test_demo_with_the_fake_provider_shows_retries_and_succeeds(
@@ -217,6 +223,7 @@ async def test_demo_with_the_fake_provider_shows_retries_and_succeeds(
     assert "HTTP 429: rate limited; retry after 1s" in out and "HTTP 500" in out
     assert out.index("HTTP 429") < out.index("phase plan done") < out.index("generation succeeded")
     assert (sites / "4244" / "index.html").is_file()
+    assert "edit succeeded" in out and "+++ v2/assets/style.css" in out  # the fake provider edits too
 
 
 async def test_sitegen_status_and_logs_show_the_generation(
