@@ -647,7 +647,7 @@ async def _cancel(settings: Settings, order_id: int) -> dict[str, Any] | None:
     redis = await client.connect(settings.redis.url)
     try:
         # Interrupts a model call in flight; the generation sees the request and ends `cancelled`.
-        await redis.zadd(abort_jobs_ss, {client.job_id(order_id): int(time.time() * 1000)})
+        await redis.zadd(abort_jobs_ss, {found["job_id"] or client.job_id(order_id): int(time.time() * 1000)})
     finally:
         await redis.aclose()
     return found
@@ -820,8 +820,8 @@ def _demo_serve(settings: Settings, order_id: int, port: int) -> None:
         console.print(
             f"\n[bold green]dashboard:[/] {url}   (sign in with the demo token below; Ctrl-C stops everything)\n"
             f"demo token (write): [bold]{token}[/]\n"
-            f"order page (progress, version history, diffs): {url}orders/{order_id}   events: curl -N -H 'Authorization: Bearer <token>' "
-            f"{url}v1/orders/{order_id}/events"
+            f"order page (progress, version history, diffs): {url}orders/{order_id}\n"
+            f"events: curl -N -H 'Authorization: Bearer <token>' {url}v1/orders/{order_id}/events"
         )
 
     run_api(settings, Tokens(write=(token,)), print_url=show)

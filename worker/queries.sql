@@ -127,9 +127,9 @@ WITH marked AS (
         error = CASE WHEN status IN ('queued', 'waiting')
                      THEN jsonb_build_object('type', 'Cancelled', 'message', $2::text) ELSE error END
     WHERE order_id = $1 AND status IN ('waiting', 'queued', 'running')
-    RETURNING id, status, kind
+    RETURNING id, status, kind, job_id
 )
-SELECT id, status, kind FROM asked ORDER BY status = 'running' DESC, id;
+SELECT id, status, kind, job_id FROM asked ORDER BY status = 'running' DESC, id;
 
 -- name: cancel_requested
 -- Only where no commit just said so: a generation interrupted in the middle of a phase.

@@ -597,7 +597,8 @@ class Store:
     async def request_cancel(self, order_id: int, reason: str) -> dict[str, Any] | None:
         """Ask the order's active run to stop; waiting and queued ones are cancelled at once, and edits and
         rollbacks sent before now and still in the queue end cancelled when they come. The running run (else
-        the first cancelled one) as {id, status, kind}; None: nothing was active."""
+        the first cancelled one) as {id, status, kind, job_id}; None: nothing was active. A running run's
+        job_id is the arq job to abort, to interrupt its model call in flight (an edit's is its own)."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["request_cancel"], order_id, reason)
             for row in rows:

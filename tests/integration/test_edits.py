@@ -15,9 +15,20 @@ from arq import ArqRedis
 from arq.jobs import Job, JobResult, JobStatus, SerializationError
 from arq.worker import Worker
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, close_worker, remote, wait_for_result, wait_until, with_ai
+from tests.helpers import (
+    SAMPLE_BRIEF,
+    WorkerFactory,
+    cli_env,
+    close_worker,
+    remote,
+    run_sitegen,
+    wait_for_result,
+    wait_until,
+    with_ai,
+)
 from worker import client
 from worker.local.fake_server import FakeProviderServer
+from worker.local.services import LocalServices
 from worker.settings import Settings
 
 
@@ -242,6 +253,52 @@ async def test_a_cancel_ends_a_waiting_edit_and_one_still_in_the_queue(
     assert await db.fetchval("SELECT live_version FROM site_orders WHERE id = 41") == 1
     # A later edit is a new request and runs.
     assert (await edit(redis, 41, "Make the header red"))["version"] == 2
+
+
+@pytest.mark.usefixtures("provider_key")
+async def test_a_cancel_ends_a_running_edit_at_its_phase_and_leaves_the_live_version(
+    fake: FakeProviderServer,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    settings: Settings,
+    services: LocalServices,
+) -> None:
+    """Acceptance 1: cancel works on a running edit. `sitegen cancel` ends it at its next safe point (here, its
+    change-the-files call, which hangs until then): cancelled, its committed plan kept, no new version, the live
+    site on disk and in the store as it was, and the edit not retried.
+
+    Regression (found writing this test): `sitegen cancel` and POST /cancel aborted the order's generation job id,
+    never the running edit's own, so the edit's model call in flight was not interrupted: it ran on until its
+    read timeout."""
+    custom = with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=30)})
+    await generated(start_worker, redis, 43, custom)
+    before = site_files(settings, 43)
+    fake.script("hang", when=_editing)
+    calls = len(fake.requests)
+    job = await client.enqueue_edit(redis, 43, "Make the header blue")
+    assert job is not None
+    await asyncio.to_thread(fake.wait_for_requests, calls + 2)  # the edit's plan, then its hanging edit call
+
+    code, out = await run_sitegen(cli_env(services), "cancel", "43")
+    assert code == 0 and "cancel requested" in out, out
+
+    with pytest.raises(SerializationError):  # the job ends aborted, as a cancelled generation's does
+        await job.result(timeout=30, poll_delay=0.05)
+    run = await db.fetchrow(
+        "SELECT id, kind, status, error, version FROM site_generations WHERE order_id = 43 ORDER BY id DESC LIMIT 1"
+    )
+    assert (run["kind"], run["status"], run["version"]) == ("edit", "cancelled", None)
+    assert run["error"]["type"] == "Cancelled" and run["error"]["phase"] == "edit_files"
+    phases = await db.fetch("SELECT phase FROM site_generation_phases WHERE generation_id = $1", run["id"])
+    assert [p["phase"] for p in phases] == ["edit_plan"], "the committed phase is kept"
+    assert await db.fetchval("SELECT live_version FROM site_orders WHERE id = 43") == 1
+    assert await db.fetchval("SELECT count(*) FROM site_versions WHERE order_id = 43") == 1
+    assert site_files(settings, 43) == before
+    assert "edit cancelled at phase edit_files; committed phases kept: edit_plan" in [
+        r["message"] for r in await db.fetch("SELECT message FROM site_generation_logs WHERE order_id = 43")
+    ]
+    assert len(fake.requests) == calls + 2, "a cancelled edit is not retried"
 
 
 async def test_rollback_under_concurrent_reads_never_shows_a_mix(

@@ -492,7 +492,7 @@ async def cancel(request: web.Request) -> web.Response:
     if found["status"] != "cancelled":
         assert api.redis is not None
         # Interrupts a model call in flight; the generation sees the request and ends `cancelled`.
-        await api.redis.zadd(abort_jobs_ss, {client.job_id(order_id): int(time.time() * 1000)})
+        await api.redis.zadd(abort_jobs_ss, {found["job_id"] or client.job_id(order_id): int(time.time() * 1000)})
     status = "cancelled" if found["status"] == "cancelled" else "cancel_requested"
     return json_response({"order_id": order_id, "generation_id": found["id"], "status": status}, status=202)
 
