@@ -140,6 +140,9 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
                 r["peak_running"] >= slots,
                 f"peak {r['peak_running']} running",
             )
+    edits = report.get("edits")
+    if edits:
+        checks += edit_checks(edits)
     over = [r for r in report["runs"] if r["peak_pg_conns"] > r["pg_conn_bound"]]
     add(
         "PostgreSQL connections never above the pools' maximum",
@@ -177,7 +180,68 @@ def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict
     return checks
 
 
+def edit_checks(edits: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 22's goals for the `edits` scenario (bench/edits.py): one check per goal, every edit in it."""
+    goals = edits["goals"]
+    every = [(site, e) for site in edits["sites"] for e in site["edits"]]
+
+    def over_edits(target: str, flag: str, show: Any) -> dict[str, Any]:
+        missed = [f"{s['pages']}p {e['name']}" for s, e in every if not e[flag]]
+        return {
+            "target": target,
+            "status": "missed" if missed else "met",
+            "measured": ", ".join(f"{s['pages']}p {e['name']} {show(e)}" for s, e in every),
+            "why": f"missed by {', '.join(missed)}" if missed else "",
+        }
+
+    checks = [
+        over_edits(
+            f"edits: tokens <= {goals['tokens']:.0%} of the site's generation", "tokens_ok", _pct("tokens_share")
+        ),
+        over_edits(
+            f"edits: wall time <= {goals['wall']:.0%} of the site's generation (model latency "
+            f"{edits['latency_s']:g} s per call)",
+            "wall_ok",
+            _pct("wall_share"),
+        ),
+        over_edits(
+            "edits: only the changed files added to site_blobs",
+            "storage_ok",
+            lambda e: f"{e['blob_bytes_added']} B for {e['changed_files']}/{e['site_files']} files",
+        ),
+    ]
+    rb, rd = edits["rollback"], edits["reads"]
+    checks.append(
+        {
+            "target": f"rollback: enqueue to new live version p95 < {goals['rollback_p95_ms']:g} ms "
+            f"({rb['site_files']} files)",
+            "status": "met" if rb["ok"] else "missed",
+            "measured": f"p50 {rb['to_live_ms']['p50']:.1f} ms, p95 {rb['to_live_ms']['p95']:.1f} ms, max "
+            f"{rb['to_live_ms']['max']:.1f} ms over {rb['rollbacks']}",
+            "why": "",
+        }
+    )
+    checks.append(
+        {
+            "target": f"live-file read no slower with {rd['versions']} versions (p95 within "
+            f"{goals['read_tolerance']:g}x of 1 version)",
+            "status": "met" if rd["ok"] else "missed",
+            "measured": f"p50/p95 {rd['many_versions_ms']['p50']:.3f}/{rd['many_versions_ms']['p95']:.3f} ms vs "
+            f"{rd['one_version_ms']['p50']:.3f}/{rd['one_version_ms']['p95']:.3f} ms",
+            "why": "",
+        }
+    )
+    return checks
+
+
+def _pct(key: str) -> Any:
+    return lambda e: f"{e[key]:.0%}"
+
+
 # ---------------------------------------------------------------------------------------------- charts
+
+#: Every chart `charts` can draw, in its order.
+CHARTS = ("throughput.png", "latency.png", "rss.png", "scaleout.png", "inflight.png", "ratelimit.png")
 
 
 def charts(report: dict[str, Any], out: Path) -> list[str]:
@@ -434,12 +498,124 @@ def _postgres(report: dict[str, Any]) -> str:
     return f"PostgreSQL {pg['version']} with {pg['compression']} for the large columns"
 
 
+def _yes(ok: bool) -> str:
+    return "PASS" if ok else "**MISS**"
+
+
+def _cpus(ed: dict[str, Any]) -> str:
+    return f"{ed['cpus']} CPUs" if ed.get("cpus") else "CPUs not recorded"
+
+
+def edits_section(ed: dict[str, Any]) -> list[str]:
+    """The `edits` scenario (bench/edits.py): edits against their site's generation, rollbacks, reads, storage."""
+    goals, rb, rd = ed["goals"], ed["rollback"], ed["reads"]
+    lines = [
+        "",
+        f"## Edits and versions (issue 22; run of {ed['finished']}, {ed['elapsed_s']} s)",
+        "",
+        f"One replica (defaults, poll {rb['poll_delay_s']:g} s) on a machine whose 1-minute load average was "
+        f"{' then '.join(map(str, ed.get('load_avg') or ['not recorded']))} ({_cpus(ed)}), "
+        f"the fake provider at a constant "
+        f"{ed['latency_s']:g} s per model call. Each site is generated, then edited in the order shown, each edit on "
+        "the version the previous one made. Calls: requests the fake received / calls in the stored usage. "
+        "Tokens: the usage stored on the run (`site_generations.usage`; the fake counts 4 characters a token). Wall: "
+        "enqueue to the run's terminal status. Blob bytes: what `site_blobs` grew by, against the files of the new "
+        "version that differ from its parent and the whole version. Goals: tokens <= "
+        f"{goals['tokens']:.0%} and wall <= {goals['wall']:.0%} of the generation; only changed files stored. "
+        "The estimate is not measured: the fake answers every call after the same latency, however much it writes, "
+        "where a real model's answer takes longer the more tokens it outputs (the rate is an assumption).",
+        "",
+        "| site | run | calls | tokens in / out (by phase) | tokens, of generation | wall s, of generation | "
+        f"estimate: wall + output at {ed.get('est_output_tokens_per_s', 100):g} tokens/s, of generation | "
+        "files changed / in the version | blob bytes added / changed files' / version's | tokens | wall | storage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for site in ed["sites"]:
+        gen = site["generation"]
+        for run in [gen, *site["edits"]]:
+            edit = run is not gen
+            name = (
+                f"{run['name']}: {run['instruction']}"
+                + (f" (pages {', '.join(run['pages'])})" if run.get("pages") else "")
+                if edit
+                else "generation"
+            )
+            phases = ", ".join(f"{p} {v['tokens']}" for p, v in run["phases"].items() if v["tokens"])
+            fallbacks = f"; rewritten whole: {', '.join(run['fallbacks'])}" if run.get("fallbacks") else ""
+            lines.append(
+                f"| {site['pages']} pages | {name} | {run['calls']} / {run['usage_calls']} | "
+                f"{run['input_tokens']} / {run['output_tokens']} ({phases}{fallbacks}) | {run['tokens']}"
+                + (f", {run['tokens_share']:.0%}" if edit else "")
+                + f" | {run['wall_s']:.2f}"
+                + (f", {run['wall_share']:.0%}" if edit else "")
+                + f" | {run['wall_est_s']:.1f}"
+                + (f", {run['wall_est_share']:.0%}" if edit else "")
+                + f" | {run['changed_files']} / {run['site_files']} | {run['blob_bytes_added']} / "
+                f"{run['changed_bytes']} / {run['site_bytes']} | "
+                + (
+                    f"{_yes(run['tokens_ok'])} | {_yes(run['wall_ok'])} | {_yes(run['storage_ok'])} |"
+                    if edit
+                    else "- | - | - |"
+                )
+            )
+    lines += [
+        "",
+        f"Rollbacks: {rb['rollbacks']}, alternating between two versions of a {rb['site_files']}-file site "
+        f"({rb['site_bytes']} bytes: the {rb.get('generated_files', '?')} files of a generated site and more pages, "
+        "the two versions added through the store), each rollback sent at a random moment of the replica's poll "
+        "cycle, at latency 0 (a rollback calls no model). They added "
+        f"{rb['blob_bytes_added']} bytes to `site_blobs`. Goal: p95 < {goals['rollback_p95_ms']:g} ms "
+        f"({_yes(rb['ok'])}).",
+        "",
+        "| rollback | p50 ms | p95 ms | max ms |",
+        "|---|---|---|---|",
+    ]
+    for label, key in (
+        ("enqueue to the new live version (`site_orders.live_version`)", "to_live_ms"),
+        ("of which enqueue to start (`started_at`: the poll, the claim)", "to_start_ms"),
+        ("its publish phase (read the old version, write the site to disk; the commit not included)", "publish_ms"),
+        ("the store step alone: read a version's files, add them as a new version (one transaction)", None),
+    ):
+        v = rb[key] if key else rd["store_step_ms"]
+        lines.append(f"| {label} | {v['p50']:.1f} | {v['p95']:.1f} | {v['max']:.1f} |")
+    lines += [
+        "",
+        f"The live-file read (`api_site_file`, the API's query for a file of the live version, prepared, one "
+        f"connection), {rd['reads']} reads of `index.html` per case, an order with 1 version and one with "
+        f"{rd['versions']} (made by the store step above, {rd['store_step_ms']['n']} times) read in turns. Goal: "
+        f"no slower with {rd['versions']} versions, p95 within {goals['read_tolerance']:g}x ({_yes(rd['ok'])}).",
+        "",
+        "| read | p50 ms | p95 ms | max ms |",
+        "|---|---|---|---|",
+        f"| the second order at 1 version, before its versions were added | {rd['many_before_ms']['p50']:.3f} | "
+        f"{rd['many_before_ms']['p95']:.3f} | {rd['many_before_ms']['max']:.3f} |",
+        f"| 1 version | {rd['one_version_ms']['p50']:.3f} | {rd['one_version_ms']['p95']:.3f} | "
+        f"{rd['one_version_ms']['max']:.3f} |",
+        f"| {rd['versions']} versions | {rd['many_versions_ms']['p50']:.3f} | {rd['many_versions_ms']['p95']:.3f} | "
+        f"{rd['many_versions_ms']['max']:.3f} |",
+        f"| 1 version, after ANALYZE | {rd['one_after_analyze_ms']['p50']:.3f} | "
+        f"{rd['one_after_analyze_ms']['p95']:.3f} | {rd['one_after_analyze_ms']['max']:.3f} |",
+        f"| {rd['versions']} versions, after ANALYZE | {rd['many_after_analyze_ms']['p50']:.3f} | "
+        f"{rd['many_after_analyze_ms']['p95']:.3f} | {rd['many_after_analyze_ms']['max']:.3f} |",
+        "",
+        "Its plan with the versions (EXPLAIN ANALYZE, after ANALYZE): "
+        + "; ".join(line.strip() for line in rd["plan"] if "Scan" in line and "never executed" not in line)
+        + ".",
+    ]
+    return lines
+
+
 def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     out: Path = args.out
     try:
         made = charts(report, out)
     except ModuleNotFoundError as exc:  # matplotlib: `make bench` installs it, the test suite does not
-        made, no_charts = [], f"Not drawn: {exc.name} is not installed (`make bench` installs it)."
+        # The charts an earlier rendering drew stay linked (a `--scenarios edits` run merged into the results keeps
+        # the other scenarios' figures, and their charts with them).
+        made = [name for name in CHARTS if (out / name).exists()]
+        no_charts = f"Not drawn: {exc.name} is not installed (`make bench` installs it)."
+        if made:
+            no_charts = f"Not redrawn by this rendering ({exc.name} is not installed): the charts already here."
     else:
         no_charts = ""
     runs = report["runs"]
@@ -454,7 +630,12 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         "PostgreSQL, Redis, the fake provider(s), "
         f"the worker(s) and this driver all on the same machine; the sites written under {_sites_dir(m)}. "
         f"Whole run: {report['elapsed_s']} s. "
-        "Raw numbers: `results.json`; bench/README.md says what each column means.",
+        "Raw numbers: `results.json`; bench/README.md says what each column means."
+        + "".join(
+            f" Merged in since: `--scenarios {m['scenarios']}` of {m['finished']} ({m['elapsed_s']} s), its"
+            " sections replacing those of the same name."
+            for m in report.get("merged_runs", [])
+        ),
         "",
         "Worker settings are the defaults (pools 10 + 2 connections, poll 0.05 s, log level "
         f"{report.get('args', {}).get('log_level', 'INFO')}) except `max_jobs` and, where calls take time, the "
@@ -639,6 +820,8 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"{b['redis_cmds_per_s']} | {b['pg_rows_updated_per_s']} | {b['pg_commits_per_s']} |"
             for b in beats
         ]
+    if report.get("edits"):
+        lines += edits_section(report["edits"])
     lines += [
         "",
         "## The old design, same machine (issue 6)",
@@ -653,7 +836,7 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         "## Charts",
         "",
     ]
-    lines += [f"![{name}]({name})" for name in made] or [no_charts]
+    lines += ([no_charts, ""] if made and no_charts else []) + [f"![{name}]({name})" for name in made] or [no_charts]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 

@@ -355,8 +355,10 @@ class Bench:
             conn = await self.connect()
             try:
                 await conn.execute(
-                    "TRUNCATE site_generation_logs, site_files, site_generation_phases, site_generations, "
-                    "site_orders RESTART IDENTITY CASCADE"
+                    # The blobs too: nothing references them from the orders' side, and a scenario's blob
+                    # bytes (`edits`) must not be deduplicated against an earlier scenario's sites.
+                    "TRUNCATE site_generation_logs, site_files, site_generation_phases, site_version_files, "
+                    "site_versions, site_blobs, site_generations, site_orders RESTART IDENTITY CASCADE"
                 )
                 await conn.execute("DROP TRIGGER IF EXISTS bench_slow_log ON site_generation_logs")
                 await conn.execute("VACUUM ANALYZE")
@@ -1051,8 +1053,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scenarios",
-        default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,heartbeat",
+        default="zero,profile,latency,inflight,enqueue,slowlog,scale,scaleout,ratelimit,progress,idle,heartbeat,edits",
         help="which scenarios to run, comma-separated",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="write results.json from this run alone; without it, the sections of an earlier results.json in "
+        "--out that this run did not measure are kept (so `--scenarios edits` leaves the other figures)",
     )
     p.add_argument("--check", action="store_true", help="exit 1 when a target of issue 6 is missed")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results go")
@@ -1143,6 +1151,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ratelimit-latency-s", type=float, default=0.5, help="model latency of the ratelimit run")
     p.add_argument("--heartbeat-jobs", type=int, default=100, help="generations held while the heartbeat is measured")
     p.add_argument("--heartbeat-seconds", type=float, default=20, help="how long the heartbeat cost is measured")
+    p.add_argument("--edits-pages", type=ints, default=[4, 12], help="edits: page counts of the sites edited")
+    p.add_argument("--edits-latency-s", type=float, default=1.0, help="edits: model latency of generations and edits")
+    p.add_argument(
+        "--edits-kinds",
+        type=lambda s: [k for k in s.split(",") if k],
+        default=["colour", "phone", "phone-all", "page"],
+        help="edits: the edits timed on each site, in order (bench/edits.py EDITS)",
+    )
+    p.add_argument("--edits-rollbacks", type=int, default=200, help="edits: rollbacks timed (latency 0)")
+    p.add_argument("--edits-rollback-files", type=int, default=20, help="edits: files of the site rolled back")
+    p.add_argument(
+        "--edits-read-versions", type=int, default=1000, help="edits: versions of the order whose live read is timed"
+    )
+    p.add_argument("--edits-reads", type=int, default=2000, help="edits: live-file reads timed per case")
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -1329,6 +1351,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 report["heartbeat"].append(
                     await bench.heartbeat_cost(lease, args.heartbeat_jobs, args.heartbeat_seconds)
                 )
+        if "edits" in wanted:
+            from bench.edits import run_edits
+
+            report["edits"] = await run_edits(bench, args)
         report["postgres"] = await bench.postgres_facts()
     finally:
         bench.close()
@@ -1345,15 +1371,45 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+#: Sections of results.json that one scenario (or a few) writes whole.
+SECTIONS = ("idle", "heartbeat", "ratelimit", "progress", "profile", "edits")
+
+
+def merged(earlier: dict[str, Any], report: dict[str, Any], scenarios: str) -> dict[str, Any]:
+    """`earlier` (a previous results.json) with what this run measured in place of its own: runs by name,
+    sections whole. The header (date, machine, arguments) stays the earlier run's unless this one made runs
+    of the runs table; each merged run is listed in `merged_runs`, and a section carries its own date."""
+    out = dict(earlier)
+    names = {r["name"] for r in report["runs"]}
+    out["runs"] = [r for r in earlier.get("runs", []) if r["name"] not in names] + report["runs"]
+    out["rss_series"] = {**earlier.get("rss_series", {}), **report.get("rss_series", {})}
+    for key in SECTIONS:
+        if report.get(key):
+            out[key] = report[key]
+    if report["runs"]:
+        for key in ("args", "elapsed_s", "finished", "machine", "postgres"):
+            out[key] = report[key]
+    out["merged_runs"] = [
+        *earlier.get("merged_runs", []),
+        {"scenarios": scenarios, "finished": report["finished"], "elapsed_s": report["elapsed_s"]},
+    ]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(amain(args))
     from bench.report import check_targets, write_report
 
-    checks = check_targets(report, args)
+    checks = check_targets(report, args)  # this run's: what --check and the log below judge
     report["checks"] = checks
-    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    write_report(report, args)
+    earlier = args.out / "results.json"
+    written = report
+    if earlier.exists() and not args.fresh:
+        written = merged(json.loads(earlier.read_text()), report, args.scenarios)
+        written["checks"] = check_targets(written, args)
+    (args.out / "results.json").write_text(json.dumps(written, indent=1, default=str))
+    write_report(written, args)
     log(f"done in {report['elapsed_s']} s; results in {args.out}/RESULTS.md")
     missed = [c for c in checks if c["status"] == "missed"]
     for c in checks:

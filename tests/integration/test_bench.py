@@ -101,3 +101,40 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     assert len(runs["inflight"]["to_start_samples"]) == 2, "the probes' enqueue-to-start, sent once all 6 are held"
     scaleout = {c["target"]: c for c in report["checks"] if c["target"].startswith("scale-out")}
     assert len(scaleout) == 3 and all(c["status"] in ("met", "missed", "cpu-bound") for c in scaleout.values())
+
+
+@pytest.mark.timeout(120)
+def test_the_edits_scenario_runs_and_is_reported(tmp_path: Path) -> None:
+    """Issue 22's `edits` scenario at its smallest: one edit of a 2-page site, a few rollbacks and reads."""
+    out = tmp_path / "results"
+    args = [
+        "--scenarios", "edits",
+        "--edits-pages", "2",
+        "--edits-kinds", "colour",
+        "--edits-latency-s", "0",
+        "--edits-rollbacks", "3",
+        "--edits-rollback-files", "6",
+        "--edits-read-versions", "3",
+        "--edits-reads", "5",
+        "--order-base", "600001",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    edits = json.loads((out / "results.json").read_text())["edits"]
+    (site,) = edits["sites"]
+    (colour,) = site["edits"]
+    assert site["pages"] == 2 and colour["name"] == "colour" and colour["version"] == 2
+    assert colour["calls"] == colour["usage_calls"] == 2, "the plan and the stylesheet: two model calls"
+    assert 0 < colour["tokens"] < site["generation"]["tokens"] and colour["changed_files"] == 2  # css, manifest
+    assert colour["blob_bytes_added"] == colour["changed_bytes"] > 0
+    assert edits["rollback"]["rollbacks"] == edits["rollback"]["to_live_ms"]["n"] == 3
+    assert edits["rollback"]["site_files"] == 6 and edits["rollback"]["blob_bytes_added"] == 0
+    assert edits["reads"]["versions"] == 3 and edits["reads"]["one_version_ms"]["n"] == 5
+    results = (out / "RESULTS.md").read_text()
+    assert "## Edits and versions (issue 22" in results and "| 2 pages | colour: Make the header blue" in results
+    assert "PASS" in done.stdout or "MISS" in done.stdout
