@@ -10,6 +10,7 @@ from `static/`: no CDN, no build step.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from worker.api.context import (
     signed_out_key,
 )
 from worker.polling import REPLICAS_MAX_AGE_S, leases_key, replicas_key
-from worker.store import PHASES
+from worker.store import PHASES, PHASES_OF
 
 STATIC = Path(__file__).parent / "static"
 PAGE_CSP = (
@@ -45,6 +46,8 @@ PAGE_CSP = (
 TASK_OF_PHASE = {"plan": "planning", "content": "content", "code": "coding"}
 #: Replicas the overview lists at most (the most recently healthy first).
 MAX_REPLICAS_SHOWN = 500
+#: Versions an order page lists at most (the newest first).
+MAX_VERSIONS_SHOWN = 100
 
 
 @dataclass
@@ -232,10 +235,10 @@ def _cost(value: Any) -> str:
     return f"${float(value or 0):.4f}"
 
 
-def _progress(done: int) -> str:
+def _progress(done: int, total: int = len(PHASES)) -> str:
     return (
-        f'<progress max="{len(PHASES)}" value="{done}" aria-label="phases done">{done} of {len(PHASES)}</progress>'
-        f' <span class="muted">{done}/{len(PHASES)}</span>'
+        f'<progress max="{total}" value="{done}" aria-label="phases done">{done} of {total}</progress>'
+        f' <span class="muted">{done}/{total}</span>'
     )
 
 
@@ -437,6 +440,64 @@ async def overview_fragment(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- order page
 
 
+def _run_kind(g: dict[str, Any], phases: list[dict[str, Any]], versions: list[dict[str, Any]]) -> str:
+    """What the latest run of an order is: a generation, an edit or a rollback. The run's row as the API
+    reads it does not say: the version it made does, else the phases only an edit or a rollback has."""
+    made = next((v["kind"] for v in versions if v["generation_id"] == g["generation_id"]), None)
+    if made in PHASES_OF:
+        return str(made)
+    seen = {p["phase"] for p in phases} | {g["current_phase"]}
+    for kind in ("edit", "rollback"):
+        if seen & (set(PHASES_OF[kind]) - set(PHASES)):
+            return kind
+    return "generation"
+
+
+def _made_by(v: dict[str, Any]) -> str:
+    if v["kind"] == "rollback" and v["rolled_back_to"] is not None:
+        return f"rollback to v{v['rolled_back_to']}"
+    if v["kind"] == "edit" and v["parent"] is not None:
+        return f"edit of v{v['parent']}"
+    return escape(str(v["kind"]))
+
+
+def _versions(order_id: int, versions: list[dict[str, Any]], role: str) -> str:
+    """The order's versions, newest first, the live one marked; per version a link to its site and, for
+    write sessions, a rollback button. The list rides along as JSON for the page's compare and preview forms."""
+    rows = []
+    for v in versions:
+        n = int(v["number"])
+        actions = f'<a href="/v1/orders/{order_id}/versions/{n}/site/index.html">Open v{n}</a>'
+        if role == "write" and not v["live"]:
+            actions += f' <button type="button" class="small" data-rollback="{n}">Roll back to v{n}</button>'
+        instruction = v["instruction"]
+        rows.append(
+            [
+                f"v{n}",
+                _made_by(v),
+                f'<span class="instruction">{escape(instruction)}</span>' if instruction else "—",
+                _tokens(v["usage"]),
+                _cost((v["usage"] or {}).get("cost_usd")),
+                _when(v["created_at"]),
+                '<span class="status status-live">live</span>' if v["live"] else "—",
+                actions,
+            ]
+        )
+    listed = [{k: v[k] for k in ("number", "parent", "kind", "rolled_back_to", "live")} for v in versions]
+    capped = len(versions) >= MAX_VERSIONS_SHOWN
+    shown = f'<p class="muted">The newest {MAX_VERSIONS_SHOWN} are shown.</p>' if capped else ""
+    table = _table(
+        f"Versions of order {order_id}",
+        ["version", "made by", "instruction", "tokens", "cost", "created", "live", "site"],
+        rows,
+        "No version yet: a generation that succeeds makes version 1.",
+    )
+    return (
+        f'<section class="card" id="versions" aria-labelledby="h-versions" '
+        f'data-versions="{escape(json.dumps(listed))}"><h2 id="h-versions">Versions</h2>{table}{shown}</section>'
+    )
+
+
 async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any] | None]:
     found = await fetch_row(api, "api_order", order_id)
     if found is None:
@@ -445,10 +506,12 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
     if latest is None:
         return '<p class="muted">No generation yet: it appears here once a replica starts the job.</p>', None
     phases = await fetch_rows(api, "api_phases", latest["id"])
+    versions = await fetch_rows(api, "versions_for_order", order_id, MAX_VERSIONS_SHOWN)
     g = generation_json(latest, phases, whole_error=role == "write")
+    kind = _run_kind(g, phases, versions)
     by_phase = {p["phase"]: p for p in phases}
     phase_rows = []
-    for phase in PHASES:
+    for phase in PHASES_OF[kind]:
         p = by_phase.get(phase)
         phase_rows.append(
             [
@@ -474,14 +537,15 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
         buttons = ""
         if g["status"] in ("queued", "running"):
             buttons += '<button type="button" data-action="cancel">Cancel</button>'
-        if g["status"] in ("failed", "cancelled"):
+        if g["status"] in ("failed", "cancelled") and kind == "generation":
             buttons += '<button type="button" data-action="retry">Retry</button>'
         actions = (
             f'<div class="actions">{buttons}<span id="action-result" role="status" aria-live="polite"></span></div>'
         )
 
     preview = ""
-    if g["status"] == "succeeded":
+    if g["status"] == "succeeded" or any(v["live"] for v in versions):
+        # A failed edit leaves the live version as it was: still worth showing.
         preview = (
             f'<section class="card" aria-labelledby="h-preview"><h2 id="h-preview">Preview</h2>'
             f'<p><a href="/v1/orders/{order_id}/site/">Open the site</a> · '
@@ -489,11 +553,11 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
             f'<iframe title="Preview of the site of order {order_id}" src="/v1/orders/{order_id}/site/" '
             f'sandbox="allow-same-origin" loading="lazy"></iframe></section>'
         )
-    summary = f"""<dl class="facts">
+    summary = f"""<dl class="facts" data-run="{kind}">
 <div><dt>Status</dt><dd>{_status(g["status"], live_id="live-status")}</dd></div>
 <div><dt>Phase</dt><dd id="live-phase">{escape(g["current_phase"] or "—")}</dd></div>
-<div><dt>Progress</dt><dd id="live-progress">{_progress(len(phases))}</dd></div>
-<div><dt>Generation</dt><dd>{g["generation_id"]} (attempt {g["attempt"]})</dd></div>
+<div><dt>Progress</dt><dd id="live-progress">{_progress(len(phases), len(PHASES_OF[kind]))}</dd></div>
+<div><dt>{kind.capitalize()}</dt><dd>{g["generation_id"]} (attempt {g["attempt"]})</dd></div>
 <div><dt>Tokens</dt><dd>{_tokens(g["usage"])}</dd></div>
 <div><dt>Cost</dt><dd>{_cost(g["cost_usd"])}</dd></div>
 <div><dt>Started</dt><dd>{_when(g["started_at"])}</dd></div>
@@ -504,8 +568,57 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
 {_table("Phases", ["phase", "state", "duration", "tokens", "cost"], phase_rows, "")}
 </section>
 {error}
-{preview}"""
+{preview}
+{_versions(order_id, versions, role)}"""
     return summary, g
+
+
+def _version_tools(order_id: int, role: str) -> str:
+    """The forms beside the versions table, outside the refreshed summary so that what is typed or shown in
+    them survives its refreshes: the edit box (write sessions), the diff of two versions, a version's preview.
+    The page's script fills their version lists from the table and hides them while there is no version."""
+    edit = ""
+    if role == "write":
+        edit = """<section class="card" id="edit" aria-labelledby="h-edit" hidden><h2 id="h-edit">Edit the site</h2>
+<form id="edit-form" class="stack">
+<label for="edit-instruction">Instruction</label>
+<textarea id="edit-instruction" name="instruction" rows="3" maxlength="2000" required
+ aria-describedby="edit-instruction-hint"></textarea>
+<p id="edit-instruction-hint" class="hint">What to change, in plain words (“Make the header blue”). The edit
+applies to the live version when it starts and makes a new version.</p>
+<label for="edit-pages">Pages (optional)</label>
+<input id="edit-pages" name="pages" type="text" autocomplete="off" spellcheck="false"
+ aria-describedby="edit-pages-hint">
+<p id="edit-pages-hint" class="hint">The page slugs the edit is limited to, separated by commas
+(the home page is <code>index</code>); empty: every page.</p>
+<button type="submit">Send the edit</button>
+</form>
+</section>"""
+    return f"""<p id="versions-result" class="notice" role="status" aria-live="polite"></p>
+{edit}
+<section class="card" id="compare" aria-labelledby="h-compare" hidden><h2 id="h-compare">Compare versions</h2>
+<form id="diff-form" class="controls">
+<div class="field"><label for="diff-version">Version</label><select id="diff-version" name="version"></select></div>
+<div class="field"><label for="diff-against">Against</label><select id="diff-against" name="against"></select></div>
+<fieldset class="field"><legend>Show</legend>
+<label class="check"><input type="radio" name="mode" value="unified" checked> Unified</label>
+<label class="check"><input type="radio" name="mode" value="split"> Side by side</label>
+</fieldset>
+<button type="submit">Show the changes</button>
+</form>
+<p id="diff-state" class="muted" role="status" aria-live="polite"></p>
+<div id="diff-output" class="diff-output"></div>
+</section>
+<section class="card" id="version-preview" aria-labelledby="h-version-preview" hidden>
+<h2 id="h-version-preview">Preview a version</h2>
+<form id="preview-form" class="controls">
+<div class="field"><label for="preview-version">Version to preview</label>
+<select id="preview-version" name="version"></select></div>
+<button type="submit">Preview</button>
+</form>
+<p id="preview-link" hidden><a href="/v1/orders/{order_id}/site/">Open this version</a></p>
+<iframe id="preview-frame" title="Preview of a version of order {order_id}" sandbox="allow-same-origin" hidden></iframe>
+</section>"""
 
 
 async def order_page(request: web.Request) -> web.Response:
@@ -518,11 +631,13 @@ async def order_page(request: web.Request) -> web.Response:
     terminal = "true" if g is not None and g["status"] in TERMINAL else "false"
     main = f"""<h1>Order {order_id}</h1>
 <div id="summary">{summary}</div>
+{_version_tools(order_id, role)}
 <section class="card" aria-labelledby="h-timeline"><h2 id="h-timeline">Progress</h2>
 <p id="stream-state" class="muted" role="status" aria-live="polite">Connecting…</p>
 <ol id="timeline" class="timeline" tabindex="0" aria-label="Progress log"></ol>
 </section>"""
-    data = f'data-order="{order_id}" data-terminal="{terminal}"'
+    generation = g["generation_id"] if g is not None else ""
+    data = f'data-order="{order_id}" data-terminal="{terminal}" data-generation="{generation}"'
     return _html(_page(f"Order {order_id}", main, role=role, page="order", data=data))
 
 
