@@ -19,7 +19,16 @@ from typing import Any
 
 from worker.ai.base import Usage
 from worker.errors import AIBadOutput
-from worker.models import EditedFiles, EditPlan, FileEdit, FileRewrite, GeneratedFile, NewPage, page_file
+from worker.models import (
+    MAX_FILE_BYTES,
+    EditedFiles,
+    EditPlan,
+    FileEdit,
+    FileRewrite,
+    GeneratedFile,
+    NewPage,
+    page_file,
+)
 from worker.pipeline import Ask
 
 #: What a model writes instead of the code it left out.
@@ -84,7 +93,15 @@ def apply_blocks(text: str, edit: FileEdit) -> str:
 
 
 def check_complete(path: str, before: str, after: str, *, may_shrink: bool) -> None:
-    """Refuse an answer that leaves code out (a marker, or a file cut by more than half without reason)."""
+    """Refuse an answer that leaves code out (a marker, or a file cut by more than half without reason), or
+    makes the file larger than a generated file may be (checked here, where the model is asked again, not when
+    the phase builds its output)."""
+    size = len(after.encode())
+    if size > MAX_FILE_BYTES:
+        raise ValueError(
+            f"{path}: the file would be {size:,} bytes in UTF-8, larger than the limit of {MAX_FILE_BYTES:,} bytes; "
+            "keep the file smaller"
+        )
     marker = LAZY.search(after)
     if marker and not LAZY.search(before):
         raise ValueError(
