@@ -221,16 +221,20 @@ def edit_checks(edits: dict[str, Any]) -> list[dict[str, Any]]:
             "why": "",
         }
     )
-    checks.append(
-        {
-            "target": f"live-file read no slower with {rd['versions']} versions (p95 within "
-            f"{goals['read_tolerance']:g}x of 1 version)",
-            "status": "met" if rd["ok"] else "missed",
-            "measured": f"p50/p95 {rd['many_versions_ms']['p50']:.3f}/{rd['many_versions_ms']['p95']:.3f} ms vs "
-            f"{rd['one_version_ms']['p50']:.3f}/{rd['one_version_ms']['p95']:.3f} ms",
-            "why": "",
-        }
-    )
+    for ok, key, one, when in (
+        (rd["ok"], "many_versions_ms", "one_version_ms", "just after they were made"),
+        (rd.get("ok_after_analyze"), "many_after_analyze_ms", "one_after_analyze_ms", "after ANALYZE"),
+    ):
+        checks.append(
+            {
+                "target": f"live-file read no slower with {rd['versions']} versions, {when} (p50 and p95 within "
+                f"{goals['read_tolerance']:g}x of an order with 1 version, read in turns)",
+                "status": "met" if ok else "missed",
+                "measured": f"p50/p95 {rd[key]['p50']:.3f}/{rd[key]['p95']:.3f} ms vs "
+                f"{rd[one]['p50']:.3f}/{rd[one]['p95']:.3f} ms",
+                "why": "",
+            }
+        )
     return checks
 
 
@@ -502,6 +506,10 @@ def _yes(ok: bool) -> str:
     return "PASS" if ok else "**MISS**"
 
 
+def _ms3(v: dict[str, float]) -> str:
+    return f"{v['p50']:.3f} / {v['p95']:.3f} / {v['max']:.3f}"
+
+
 def _cpus(ed: dict[str, Any]) -> str:
     return f"{ed['cpus']} CPUs" if ed.get("cpus") else "CPUs not recorded"
 
@@ -581,28 +589,43 @@ def edits_section(ed: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"The live-file read (`api_site_file`, the API's query for a file of the live version, prepared, one "
-        f"connection), {rd['reads']} reads of `index.html` per case, an order with 1 version and one with "
-        f"{rd['versions']} (made by the store step above, {rd['store_step_ms']['n']} times) read in turns. Goal: "
-        f"no slower with {rd['versions']} versions, p95 within {goals['read_tolerance']:g}x ({_yes(rd['ok'])}).",
+        f"connection), {rd['reads']} reads of `index.html` per case: order A keeps 1 version, order B gets "
+        f"{rd['versions']} (made by the store step above, {rd['store_step_ms']['n']} times, in a burst), the two read "
+        "in turns at each stage, so that the machine's load moves both alike. Goal: B no slower than A, p50 and p95 "
+        f"within {goals['read_tolerance']:g}x: just "
+        f"after they were made {_yes(rd['ok'])}, after ANALYZE {_yes(bool(rd.get('ok_after_analyze')))}.",
         "",
-        "| read | p50 ms | p95 ms | max ms |",
-        "|---|---|---|---|",
-        f"| the second order at 1 version, before its versions were added | {rd['many_before_ms']['p50']:.3f} | "
-        f"{rd['many_before_ms']['p95']:.3f} | {rd['many_before_ms']['max']:.3f} |",
-        f"| 1 version | {rd['one_version_ms']['p50']:.3f} | {rd['one_version_ms']['p95']:.3f} | "
-        f"{rd['one_version_ms']['max']:.3f} |",
-        f"| {rd['versions']} versions | {rd['many_versions_ms']['p50']:.3f} | {rd['many_versions_ms']['p95']:.3f} | "
-        f"{rd['many_versions_ms']['max']:.3f} |",
-        f"| 1 version, after ANALYZE | {rd['one_after_analyze_ms']['p50']:.3f} | "
-        f"{rd['one_after_analyze_ms']['p95']:.3f} | {rd['one_after_analyze_ms']['max']:.3f} |",
-        f"| {rd['versions']} versions, after ANALYZE | {rd['many_after_analyze_ms']['p50']:.3f} | "
-        f"{rd['many_after_analyze_ms']['p95']:.3f} | {rd['many_after_analyze_ms']['max']:.3f} |",
+        "| stage | A (1 version) p50 / p95 / max ms | B p50 / p95 / max ms |",
+        "|---|---|---|",
+    ]
+    for stage, a, b in (
+        ("before B's versions (both at 1)", "one_before_ms", "many_before_ms"),
+        (f"B at {rd['versions']} versions, just made", "one_version_ms", "many_versions_ms"),
+        (f"B at {rd['versions']} versions, after ANALYZE", "one_after_analyze_ms", "many_after_analyze_ms"),
+    ):
+        if a in rd and b in rd:
+            lines.append(f"| {stage} | {_ms3(rd[a])} | {_ms3(rd[b])} |")
+    then = rd.get("tables_then") or {}
+    lines += [
         "",
-        "Its plan with the versions (EXPLAIN ANALYZE, after ANALYZE): "
-        + "; ".join(line.strip() for line in rd["plan"] if "Scan" in line and "never executed" not in line)
-        + ".",
+        "Row versions of the tables just after B's versions were made (live / dead, pg_stat_user_tables, whose "
+        "counters lag by up to a second): "
+        + ", ".join(f"{t} {v['n_live_tup']} / {v['n_dead_tup']}" for t, v in sorted(then.items()))
+        + ("." if then else "not recorded."),
+        "",
+        f"B's read, EXPLAIN (ANALYZE, BUFFERS): just after the versions were made, {_plan(rd.get('plan_then'))}; "
+        f"after ANALYZE, {_plan(rd['plan'])}.",
     ]
     return lines
+
+
+def _plan(lines: list[str] | None) -> str:
+    """The scans a plan ran and the buffers its root node touched, on one line."""
+    if not lines:
+        return "not recorded"
+    scans = [x.strip().removeprefix("->").strip() for x in lines if "Scan" in x and "never executed" not in x]
+    total = next((x.strip() for x in lines if x.strip().startswith("Buffers:")), "")
+    return "; ".join(scans) + (f" ({total} in all)" if total else "")
 
 
 def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:

@@ -1386,13 +1386,16 @@ def merged(earlier: dict[str, Any], report: dict[str, Any], scenarios: str) -> d
     for key in SECTIONS:
         if report.get(key):
             out[key] = report[key]
+    # An earlier merged run whose every scenario ran again left nothing of its own: it is not listed any more.
+    wanted = set(scenarios.split(","))
+    out["merged_runs"] = [m for m in earlier.get("merged_runs", []) if not set(m["scenarios"].split(",")) <= wanted]
     if report["runs"]:
         for key in ("args", "elapsed_s", "finished", "machine", "postgres"):
             out[key] = report[key]
-    out["merged_runs"] = [
-        *earlier.get("merged_runs", []),
-        {"scenarios": scenarios, "finished": report["finished"], "elapsed_s": report["elapsed_s"]},
-    ]
+    else:
+        out["merged_runs"].append(
+            {"scenarios": scenarios, "finished": report["finished"], "elapsed_s": report["elapsed_s"]}
+        )
     return out
 
 
