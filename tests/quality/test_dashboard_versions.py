@@ -221,6 +221,9 @@ async def test_a_read_session_sees_versions_and_diffs_as_text_but_no_edit_box_or
         assert await page.locator("main img").count() == 0, "no markup of the diff or the list became an element"
         assert await page.title() != "pwned"
         assert await axe_violations(page) == [], "the order page of a read session"
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await cell.wait_for()
+        assert await axe_violations(page) == [], "the order page of a read session, on a phone"
 
         # The write routes refuse the read session, even sent as the dashboard sends them.
         statuses = await page.evaluate(
@@ -234,4 +237,34 @@ async def test_a_read_session_sees_versions_and_diffs_as_text_but_no_edit_box_or
         await context.close()
     assert await redis.keys("arq:job:*") == [], "nothing enqueued"
     problems = [p for p in problems if not SANDBOXED.match(p)]
+    assert problems == [], "\n".join(problems)
+
+
+async def test_an_order_a_previous_release_generated_has_no_version_yet_and_gets_the_edit_box(
+    api: Running, chromium: Any, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Its first edit makes its version 1 (the worker's side is test_versions_api's): the page offers the edit,
+    and nothing to compare or preview until then; the page waits for a replica to start the edit."""
+    generation = await new_generation(db, 86, "succeeded")
+    await db.execute(
+        "INSERT INTO site_files (generation_id, path, content, sha256, bytes, media_type)"
+        " VALUES ($1, 'index.html', '<p>hi</p>', 'x', 9, 'text/html')",
+        generation,
+    )
+    context = await chromium.new_context(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page = await context.new_page()
+    watch(page, problems)
+    try:
+        await sign_in(page, api.url, WRITE)
+        await page.goto(f"{api.url}/orders/86")
+        await page.get_by_text("No version yet").wait_for()
+        await page.get_by_label("Instruction").fill("Make the header blue")
+        assert await page.locator("#compare").is_hidden() and await page.locator("#version-preview").is_hidden()
+        await page.get_by_role("button", name="Send the edit").click()
+        await page.locator("#versions-result").filter(has_text="Edit sent").wait_for()
+        await page.locator("#stream-state").filter(has_text="waiting for a replica to start it").wait_for()
+    finally:
+        await context.close()
+    assert [key.decode().split(":")[2] for key in await redis.keys("arq:job:*")] == ["edit_site"]
     assert problems == [], "\n".join(problems)

@@ -461,9 +461,10 @@ def _made_by(v: dict[str, Any]) -> str:
     return escape(str(v["kind"]))
 
 
-def _versions(order_id: int, versions: list[dict[str, Any]], role: str) -> str:
+def _versions(order_id: int, versions: list[dict[str, Any]], role: str, *, editable: bool) -> str:
     """The order's versions, newest first, the live one marked; per version a link to its site and, for
-    write sessions, a rollback button. The list rides along as JSON for the page's compare and preview forms."""
+    write sessions, a rollback button. The list rides along as JSON for the page's compare and preview forms,
+    and whether the order has a site to edit (an order a previous release generated has no version yet)."""
     rows = []
     for v in versions:
         n = int(v["number"])
@@ -493,7 +494,7 @@ def _versions(order_id: int, versions: list[dict[str, Any]], role: str) -> str:
         "No version yet: a generation that succeeds makes version 1.",
     )
     return (
-        f'<section class="card" id="versions" aria-labelledby="h-versions" '
+        f'<section class="card" id="versions" aria-labelledby="h-versions" data-editable="{str(editable).lower()}" '
         f'data-versions="{escape(json.dumps(listed))}"><h2 id="h-versions">Versions</h2>{table}{shown}</section>'
     )
 
@@ -507,6 +508,8 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
         return '<p class="muted">No generation yet: it appears here once a replica starts the job.</p>', None
     phases = await fetch_rows(api, "api_phases", latest["id"])
     versions = await fetch_rows(api, "versions_for_order", order_id, MAX_VERSIONS_SHOWN)
+    state = await fetch_row(api, "api_version_state", order_id) or {}
+    editable = state.get("live_version") is not None or bool(state.get("has_generated_site"))
     g = generation_json(latest, phases, whole_error=role == "write")
     kind = _run_kind(g, phases, versions)
     by_phase = {p["phase"]: p for p in phases}
@@ -569,7 +572,7 @@ async def _order(api: Api, order_id: int, role: str) -> tuple[str, dict[str, Any
 </section>
 {error}
 {preview}
-{_versions(order_id, versions, role)}"""
+{_versions(order_id, versions, role, editable=editable)}"""
     return summary, g
 
 

@@ -225,10 +225,9 @@ function versionTools(id, sent) {
   function sync() {
     const table = document.getElementById("versions");
     versions = table ? JSON.parse(table.dataset.versions || "[]") : [];
-    for (const name of ["compare", "version-preview", "edit"]) {
-      const section = document.getElementById(name);
-      if (section) section.hidden = versions.length === 0;
-    }
+    for (const name of ["compare", "version-preview"]) document.getElementById(name).hidden = versions.length === 0;
+    const edit = document.getElementById("edit");
+    if (edit) edit.hidden = !(table && table.dataset.editable === "true");
     if (!versions.length) return;
     const options = versions.map((v) => [String(v.number), `v${v.number}${v.live ? " (live)" : ""}`]);
     const live = versions.find((v) => v.live) || versions[0];
