@@ -120,24 +120,26 @@ class EditsBench:
         sc = Scenario("edits", "edits", args.edits_latency_s, 10, 0)
         self.poll_delay_s = sc.poll_delay_s
         self.worker = Worker("bench-edits-0", bench.env(sc, [self.fake]), bench.work / "worker-edits-0.log")
-        self.conn = await bench.connect()
-        await self.conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-        self.redis = await client.connect(bench.redis_url)
-        self.http = aiohttp.ClientSession()
-        self.pool = await create_pool(DatabaseSection(url=bench.db_url), max_size=2, name="bench-edits")
-        # The store a replica uses, for the store step alone (keep_versions 0, the default: every version kept).
-        self.store = Store(self.pool, replica_id="bench-edits", lease_s=8)
         try:
-            await bench.wait_healthy([self.worker])
-            sites = [await self.site(i, pages) for i, pages in enumerate(args.edits_pages)]
-            await self.configure_latency(0)
-            rollback = await self.rollbacks()
-            reads = await self.reads()
+            self.conn = await bench.connect()
+            await self.conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+            self.redis = await client.connect(bench.redis_url)
+            self.http = aiohttp.ClientSession()
+            self.pool = await create_pool(DatabaseSection(url=bench.db_url), max_size=2, name="bench-edits")
+            # The store a replica uses, for the store step alone (keep_versions 0, the default: every version kept).
+            self.store = Store(self.pool, replica_id="bench-edits", lease_s=8)
+            try:
+                await bench.wait_healthy([self.worker])
+                sites = [await self.site(i, pages) for i, pages in enumerate(args.edits_pages)]
+                await self.configure_latency(0)
+                rollback = await self.rollbacks()
+                reads = await self.reads()
+            finally:
+                await self.http.close()
+                await self.pool.close()
+                await self.redis.aclose()
+                await self.conn.close()
         finally:
-            await self.http.close()
-            await self.pool.close()
-            await self.redis.aclose()
-            await self.conn.close()
             self.worker.stop()
             self.fake.stop()
         result = {
