@@ -28,7 +28,8 @@ from aiohttp.test_utils import TestServer
 from arq import ArqRedis
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, cli_env, remote, with_ai
-from worker.api.app import BindRefused, check_bind, create_app
+from tests.helpers import wait_until as wait_for_query
+from worker.api.app import BindRefused, check_bind, close_resources, create_app
 from worker.api.auth import Tokens
 from worker.api.context import API, ApiOptions
 from worker.api.openapi import openapi_document
@@ -941,3 +942,50 @@ async def test_a_head_of_the_events_stream_answers_its_headers_and_ends(api: Run
         assert await response.read() == b""
     fanout = api.app[API].fanout
     assert fanout is not None and fanout.clients == 0
+
+
+async def test_the_servers_cleanup_ends_even_when_a_fanout_task_swallows_its_cancel(
+    settings: Settings, tokens: Tokens, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Regression: stop 24's CI, `sitegen serve` hung on shutdown. `ProgressFanout.close` cancelled its tasks once
+    and waited for them without a bound; a task that swallows one cancel (asyncio.wait_for on Python 3.11 can,
+    when the awaited call finishes as the cancel comes: asyncpg's acquire uses it) never ends, and neither did
+    the cleanup. Now the fan-out cancels again until its tasks end."""
+    async for api in _start(settings, tokens):
+        fanout = api.app[API].fanout
+        assert fanout is not None
+        swallowed = asyncio.Event()
+
+        async def stubborn(swallowed: asyncio.Event = swallowed) -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                swallowed.set()  # and goes on, as a task whose cancel was lost does
+            await asyncio.Event().wait()
+
+        fanout._tasks.append(asyncio.create_task(stubborn()))
+        await asyncio.sleep(0)  # let it start waiting
+        async with asyncio.timeout(15):
+            await fanout.close()
+        assert swallowed.is_set() and not fanout._tasks
+
+
+async def test_the_servers_cleanup_ends_while_a_handler_still_holds_a_database_connection(
+    settings: Settings, tokens: Tokens, db: asyncpg.Connection, redis: ArqRedis
+) -> None:
+    """Regression: stop 24's CI, a shutdown hung. asyncpg's `Pool.close` waits for every connection to come back,
+    so a handler stuck holding one (a statement PostgreSQL never answers) held the cleanup forever. The
+    cleanup now gives the pools `POOL_CLOSE_S` and then terminates them."""
+    async for api in _start(settings, tokens):
+        state = api.app[API]
+        assert state.pool is not None
+        await state.pool.acquire()  # never released: the stuck handler
+        async with asyncio.timeout(15):
+            await close_resources(api.app)
+
+        async def gone() -> bool:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'sitegen-worker:api%'"
+            return await db.fetchval(query) == 0
+
+        await wait_for_query(gone, 10, what="the API's connections, the held one too, to be gone")
+        assert state.pool is None and state.fanout is None, "closed once: the server's own cleanup finds nothing left"

@@ -47,6 +47,8 @@ CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 #: At most this often a process reads the signing keys again on seeing an unknown key id.
 KEY_RELOAD_S = 10.0
+#: Seconds the shutdown gives Redis and each pool to close gracefully before it terminates them.
+POOL_CLOSE_S = 5.0
 OPEN_MODE_HOSTS = (
     "no API token is configured, so this server answers loopback host names only (localhost, 127.0.0.1, "
     "[::1]); set SITEGEN_API_READ_TOKENS / SITEGEN_API_WRITE_TOKENS"
@@ -201,7 +203,7 @@ def create_app(settings: Settings, tokens: Tokens, options: ApiOptions | None = 
     routes.add_routes(app)
     dashboard.add_routes(app)
     app.on_startup.append(_open)
-    app.on_cleanup.append(_close)
+    app.on_cleanup.append(close_resources)
     return app
 
 
@@ -241,16 +243,32 @@ async def _signing_keys(pool: asyncpg.Pool) -> list[bytes]:
     return keys
 
 
-async def _close(app: web.Application) -> None:
+async def close_resources(app: web.Application) -> None:
+    """The server's cleanup: the fan-out, Redis and the pools, each closed once. A pool gets POOL_CLOSE_S to
+    have its connections back (asyncpg's `Pool.close` waits for every one), then is terminated: a handler
+    stuck on a connection must not hold the shutdown forever."""
     api = app[API]
-    if api.fanout is not None:
-        await api.fanout.close()
-    if api.redis is not None:
-        await api.redis.aclose()
-    if api.pool is not None:
-        await api.pool.close()
-    if api.health_pool is not None:
-        await api.health_pool.close()
+    fanout, redis_, pools = api.fanout, api.redis, (api.pool, api.health_pool)
+    api.fanout, api.redis, api.pool, api.health_pool = None, None, None, None
+    if fanout is not None:
+        await fanout.close()
+    if redis_ is not None:
+        try:
+            async with asyncio.timeout(POOL_CLOSE_S):
+                await redis_.aclose()
+        except (TimeoutError, RedisError, OSError) as exc:
+            logger.warning("progress API: closing Redis failed: {}", message_of(exc))
+    for pool in pools:
+        if pool is None:
+            continue
+        try:
+            async with asyncio.timeout(POOL_CLOSE_S):
+                await pool.close()
+        except TimeoutError:
+            logger.warning(
+                "progress API: a connection was still in use {} s into the shutdown; terminating", POOL_CLOSE_S
+            )
+            pool.terminate()
 
 
 class ServeRefused(RuntimeError):
