@@ -144,6 +144,17 @@ ROLLBACK_FUNCTION = "rollback_site"
 JOB_FUNCTIONS = (JOB_FUNCTION, EDIT_FUNCTION, ROLLBACK_FUNCTION)
 
 
+async def change_in_queue(redis: ArqRedis, order_id: int, *, queue_name: str = QUEUE_NAME) -> bool:
+    """Whether an edit or rollback of the order is in arq's queue: queued, or taken and not ended yet (arq
+    removes a job from its queue when the job ends). One pass of ZSCAN over the queue, matching the
+    order's job ids (`<function>:<order_id>:<uuid>`)."""
+    prefixes = tuple(f"{function}:{order_id}:" for function in (EDIT_FUNCTION, ROLLBACK_FUNCTION))
+    async for member, _ in redis.zscan_iter(queue_name, match=f"*_site:{order_id}:*", count=1000):
+        if (member.decode() if isinstance(member, bytes) else member).startswith(prefixes):
+            return True
+    return False
+
+
 def _check_order_id(order_id: Any) -> None:
     if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
         raise ValueError(f"order_id must be a positive integer, got {order_id!r}")

@@ -17,8 +17,8 @@ import pytest
 from arq import ArqRedis
 from arq.jobs import Job
 
-from tests.helpers import SAMPLE_BRIEF, WorkerFactory, wait_for_result
-from tests.integration.test_api import FAST, READ, WRITE, Running, _start, auth, raw_get
+from tests.helpers import SAMPLE_BRIEF, WorkerFactory, close_worker, wait_for_result
+from tests.integration.test_api import FAST, READ, WRITE, Running, _start, auth, raw_get, sse
 from worker import client
 from worker.api.auth import Tokens
 from worker.settings import Settings
@@ -502,3 +502,29 @@ async def test_an_edit_and_a_rollback_posted_to_the_api_run_on_a_worker_and_show
     async with api.http.get(f"{api.url}/v1/orders/20/site/assets/style.css", headers=auth()) as live:
         async with api.http.get(f"{api.url}/v1/orders/20/versions/1/site/assets/style.css", headers=auth()) as one:
             assert await live.read() == await one.read()
+
+
+async def test_a_stream_opened_after_posting_an_edit_follows_the_edit_not_the_previous_run(
+    api: Running, start_worker: WorkerFactory, redis: ArqRedis
+) -> None:
+    """Regression (found building the dashboard's edit box): the event stream asked only whether the order's
+    generate_site job was pending before it sent `end`, so a stream opened after POST /edits, while the edit
+    was still in the queue, ended at once with the previous generation's `end`. It now also looks for the
+    order's edits and rollbacks in arq's queue (where a job stays until it ends), and follows the edit."""
+    worker = await start_worker()
+    await client.enqueue_generation(redis, 21, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 21))["status"] == "succeeded"
+    await close_worker(worker)  # no replica: the edit stays in the queue
+
+    status, body = await post(api, "/v1/orders/21/edits", {"instruction": "Make the header blue"})
+    assert status == 202, body
+    async with api.http.get(f"{api.url}/v1/orders/21/events", headers=auth()) as response:
+        stream = sse(response)
+        while (await anext(stream)).kind != "comment":  # the generation's rows, then silence: no `end`
+            pass
+        await start_worker()
+        rest = [e async for e in stream if e.kind != "comment"]
+    assert rest[-1].kind == "end" and rest[-1].data["status"] == "succeeded"
+    kinds = [(e.data.get("details") or {}).get("event") for e in rest[:-1]]
+    assert kinds[0] == "edit.started" and kinds[-1] == "edit.succeeded", kinds
+    assert rest[-1].data["generation_id"] == (await result_of(redis, body["job_id"]))["generation_id"]

@@ -271,10 +271,15 @@ class _Stream:
         return True
 
     async def _job_pending(self) -> bool:
-        assert self.api.redis is not None
+        """Whether a job of the order is queued or running that has no run row yet: its generate_site job,
+        or an edit or rollback (a replica registers one when it takes it)."""
+        redis = self.api.redis
+        assert redis is not None
         job = client.job_id(self.order_id)
         try:
-            return bool(await self.api.redis.exists(job_key_prefix + job, in_progress_key_prefix + job))
+            if await redis.exists(job_key_prefix + job, in_progress_key_prefix + job):
+                return True
+            return await client.change_in_queue(redis, self.order_id, queue_name=self.api.settings.worker.queue_name)
         except Exception:  # Redis away: PostgreSQL alone decides
             return False
 
