@@ -18,7 +18,7 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from worker.models import MAX_FILE_BYTES, MAX_INSTRUCTION_CHARS, EditPlan, Gener
 from worker.pipeline.assemble import MANIFEST_PATH, check_site
 from worker.pipeline.edit_assemble import add_nav_links, edited_plan
 from worker.settings import EDIT_TASKS, ProviderSettings, Settings
-from worker.store import pg_text
+from worker.store import Store, create_pool, pg_text
 
 MAX_OUTPUT_RETRIES = 1
 ASKS = MAX_OUTPUT_RETRIES + 1  # the first answer and its re-ask
@@ -163,19 +163,30 @@ def system_files() -> dict[str, tuple[int, int]]:
 
 @dataclass
 class Live:
-    """An order's live version before an edit: on disk and in the store."""
+    """An order's live version: its files on disk, its number and its files as the store reads them."""
 
     files: dict[str, bytes]
     version: int
-    stored: dict[str, str] = field(default_factory=dict)  # path -> sha256 in site_version_files
+    stored: dict[str, bytes]
 
 
-async def live(db: asyncpg.Connection, settings: Settings, order_id: int) -> Live:
-    version = await db.fetchval("SELECT live_version FROM site_orders WHERE id = $1", order_id)
-    rows = await db.fetch(
-        "SELECT path, sha256 FROM site_version_files WHERE order_id = $1 AND number = $2", order_id, version
-    )
-    return Live(site_files(settings, order_id), version, {r["path"]: r["sha256"] for r in rows})
+async def live(store: Store, settings: Settings, order_id: int) -> Live:
+    """The order's live version, which the output directory holds exactly (DESIGN, "Versions and edits")."""
+    site = await store.live_site(order_id)
+    assert site is not None, f"order {order_id} has no live version"
+    found = Live(site_files(settings, order_id), site.number, {f.path: f.content for f in site.files})
+    assert found.files == found.stored, f"order {order_id}: the output directory is not the live version"
+    return found
+
+
+@pytest.fixture
+async def store(settings: Settings, db: asyncpg.Connection) -> AsyncIterator[Store]:
+    """The worker's own store, for reading what it holds (its live versions) as the worker does."""
+    pool = await create_pool(settings.database, max_size=4, name="test")
+    try:
+        yield Store(pool, replica_id="test-assertions", lease_s=5)
+    finally:
+        await pool.close()
 
 
 async def edit_error(db: asyncpg.Connection, order_id: int) -> dict[str, Any]:
@@ -197,8 +208,8 @@ async def edit_error(db: asyncpg.Connection, order_id: int) -> dict[str, Any]:
     return error
 
 
-async def assert_unchanged(db: asyncpg.Connection, settings: Settings, order_id: int, before: Live) -> None:
-    after = await live(db, settings, order_id)
+async def assert_unchanged(store: Store, settings: Settings, order_id: int, before: Live) -> None:
+    after = await live(store, settings, order_id)
     assert after.version == before.version, f"order {order_id}: the live version moved"
     assert after.files == before.files, f"order {order_id}: the live site changed on disk"
     assert after.stored == before.stored
@@ -240,6 +251,8 @@ HOSTILE_CHANGE = [
     "file:///etc/passwd",
     "~/.bashrc",
     "passwd",
+    # The files of the browser corpus' vectors that are not pages, which an edit cannot add (see vector_edit).
+    *sorted({path for vector in VECTORS for path in vector.files if not path.endswith(".html")}),
 ]
 #: New pages whose slug is not a slug, or names a page the site has.
 HOSTILE_ADD = [
@@ -263,6 +276,7 @@ class PlanCase:
     plan: dict[str, Any]
     shown: str  # in the stored error
     named: str = ""  # the name the stored error quotes (its first 100 characters; NUL stored as U+FFFD)
+    pages: list[str] | None = None  # the job's `pages`
 
 
 def plan_cases() -> list[PlanCase]:
@@ -291,6 +305,30 @@ def plan_cases() -> list[PlanCase]:
             "add_pages names a page twice",
         )
     )
+    about_only = ["about"]
+    cases += [
+        PlanCase(
+            "outside-pages",
+            {"change": ["index.html"]},
+            "the edit is limited to the pages about; change also names index.html",
+            pages=about_only,
+        ),
+        PlanCase(
+            "outside-pages-beside-one-inside",
+            {"change": ["about.html", "contact.html"]},
+            "the edit is limited to the pages about; change also names contact.html",
+            pages=about_only,
+        ),
+        PlanCase("nothing", {"summary": "done"}, "the plan changes no file and adds no page"),
+        PlanCase("only-hostile-shrinks", {"shrinks": ["../x.html", "/etc/passwd"]}, "the plan changes no file"),
+        PlanCase(
+            "seven-pages",
+            {"add_pages": [{"slug": f"p{i}", "title": "P", "nav_label": "P"} for i in range(7)]},
+            "add_pages: List should have at most 6 items",
+        ),
+        PlanCase("a-key-of-its-own", {"change": ["about.html"], "write": {"../x.html": "pwned"}}, "Extra inputs"),
+        PlanCase("too-many-files", {"change": ["about.html"] * 201}, "change: List should have at most 200 items"),
+    ]
     return cases
 
 
@@ -304,17 +342,20 @@ async def test_edit_plans_naming_files_outside_the_site_fail_and_write_nothing(
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """Every hostile plan is re-asked, then the edit fails naming the problem; no model call writes a file."""
     orders = {FIRST_PLAN_ORDER + i: case for i, case in enumerate(PLAN_CASES)}
     await generated(start_worker, redis, edit_settings(settings, fake), orders)
-    before = {order_id: await live(db, settings, order_id) for order_id in orders}
+    before = {order_id: await live(store, settings, order_id) for order_id in orders}
     tree, system = outside(tmp_path, orders), system_files()
     jobs = {}
     for order_id, case in orders.items():
         fake.script(*[answer(case.plan)] * ASKS, when=aimed(order_id, "edit_planning"))
-        jobs[order_id] = await client.enqueue_edit(redis, order_id, f"Change the about page {marker(order_id)}")
+        jobs[order_id] = await client.enqueue_edit(
+            redis, order_id, f"Change the about page {marker(order_id)}", pages=case.pages
+        )
 
     for order_id, case in orders.items():
         job = jobs[order_id]
@@ -327,7 +368,7 @@ async def test_edit_plans_naming_files_outside_the_site_fail_and_write_nothing(
         assert case.shown in error["message"], (case.id, error["message"])
         assert "\x00" not in error["message"] and len(json.dumps(error)) < 20_000, case.id
         assert case.named.replace("\x00", "\ufffd")[:100] in error["message"], (case.id, error["message"])
-        await assert_unchanged(db, settings, order_id, before[order_id])
+        await assert_unchanged(store, settings, order_id, before[order_id])
     assert outside(tmp_path, orders) == tree and system_files() == system
     planning = [r for r in fake.requests if "Plan how to carry out" in json.dumps(r.body)]
     assert len(planning) == ASKS * len(orders) == len(fake.requests), "no file was ever asked for"
@@ -406,6 +447,7 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """Each vector of tests/quality/hostile_vectors.toml (its share of them), put into about.html (and the
@@ -428,9 +470,9 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
     lock = asyncio.Lock()  # one assertion connection, shared by the chains
 
     async def one(order_id: int, case: int, vector: Vector) -> None:
-        async with lock:
-            before = await live(db, settings, order_id)
+        before = await live(store, settings, order_id)
         edit = vector_edit(vector, before.files)
+        assert set(edit.left_out) <= set(HOSTILE_CHANGE), "the plan matrix names each file an edit cannot write"
         problems, published, removals = published_by_a_generation(plan, edit, allowed)
         fake.script(answer(edit.plan), when=aimed(case, "edit_planning"))
         for task, path, reply in edit.answers:
@@ -438,8 +480,8 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
         job = await client.enqueue_edit(redis, order_id, f"Apply the customer's change {marker(case)}")
         assert job is not None
         info = await outcome(job)
+        after = await live(store, settings, order_id)
         async with lock:
-            after = await live(db, settings, order_id)
             error = None if info.success else await edit_error(db, order_id)
         if problems:
             tally.refused.append(vector.id)
@@ -673,6 +715,7 @@ SIZE_CASES = [
 
 async def answer_case_problems(
     db: asyncpg.Connection,
+    store: Store,
     settings: Settings,
     plan: SitePlan,
     case: AnswerCase,
@@ -694,7 +737,7 @@ async def answer_case_problems(
             found.append(f"{case.id}: the stored error does not say {case.shown!r}: {error['message'][:500]}")
         if len(json.dumps(error)) > 20_000:
             found.append(f"{case.id}: the stored error is {len(json.dumps(error)):,} characters long")
-        after = await live(db, settings, order_id)
+        after = await live(store, settings, order_id)
         if (after.version, after.files, after.stored) != (before.version, before.files, before.stored):
             found.append(f"{case.id}: a failed edit changed the live version")
         return found
@@ -728,6 +771,7 @@ async def run_answer_cases(
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """One order per case, all generated by one worker and edited side by side; then every case's end checked."""
@@ -736,7 +780,7 @@ async def run_answer_cases(
     plan = SitePlan.model_validate(
         await db.fetchval("SELECT plan FROM site_versions WHERE order_id = $1 AND number = 1", first_order)
     )
-    before = {order_id: await live(db, settings, order_id) for order_id in orders}
+    before = {order_id: await live(store, settings, order_id) for order_id in orders}
     tree, system = outside(tmp_path, orders), system_files()
     jobs = {}
     for order_id, case in orders.items():
@@ -753,7 +797,9 @@ async def run_answer_cases(
     for order_id, case in orders.items():
         job = jobs[order_id]
         assert job is not None
-        wrong += await answer_case_problems(db, settings, plan, case, order_id, await outcome(job), before[order_id])
+        wrong += await answer_case_problems(
+            db, store, settings, plan, case, order_id, await outcome(job), before[order_id]
+        )
     assert wrong == [], "\n".join(wrong)
     assert outside(tmp_path, orders) == tree and system_files() == system
 
@@ -764,11 +810,12 @@ async def test_hostile_paths_and_sizes_in_editing_answers_fail_cleanly_or_are_sa
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """Editing and rewriting answers for another path, too big (in characters or in UTF-8 bytes, whole or grown by
     a block), lazy or cut, and hostile pages: a clean failure naming the problem, or what a generation publishes."""
-    await run_answer_cases(ANSWER_CASES, FIRST_ANSWER_ORDER, fake, settings, start_worker, redis, db, tmp_path)
+    await run_answer_cases(ANSWER_CASES, FIRST_ANSWER_ORDER, fake, settings, start_worker, redis, db, store, tmp_path)
 
 
 async def test_a_changed_file_over_the_byte_limit_is_re_asked_then_fails_naming_the_limit(
@@ -777,6 +824,7 @@ async def test_a_changed_file_over_the_byte_limit_is_re_asked_then_fails_naming_
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """Regression: a file an edit changes or adds was checked against MAX_FILE_BYTES only when the phase built its
@@ -784,7 +832,7 @@ async def test_a_changed_file_over_the_byte_limit_is_re_asked_then_fails_naming_
     it in UTF-8 bytes, or blocks that grow a file past it, failed the edit with a raw pydantic ValidationError
     ("1 validation error for GeneratedFile") and the model was never re-asked. Now the answer's check refuses it,
     the model is re-asked, and the edit fails as AIBadOutput naming the file and the limit."""
-    await run_answer_cases(SIZE_CASES, FIRST_SIZE_ORDER, fake, settings, start_worker, redis, db, tmp_path)
+    await run_answer_cases(SIZE_CASES, FIRST_SIZE_ORDER, fake, settings, start_worker, redis, db, store, tmp_path)
     rejected = await db.fetch(
         "SELECT order_id, details->>'problem' AS problem FROM site_generation_logs"
         " WHERE details->>'event' = 'model.answer_rejected' ORDER BY id"
@@ -846,6 +894,7 @@ async def test_edit_arguments_over_the_limits_are_refused_naming_the_field(
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
 ) -> None:
     """Each refused argument fails the job on its first try, before any model call, with an error naming the field:
     in the job's result and in the order's progress log (a `job.rejected` row). Nothing was claimed, so no edit
@@ -853,7 +902,7 @@ async def test_edit_arguments_over_the_limits_are_refused_naming_the_field(
     by the claim instead, and stored on the edit's row."""
     order_id = FIRST_ARGUMENTS_ORDER
     await generated(start_worker, redis, edit_settings(settings, fake), [order_id])
-    before = await live(db, settings, order_id)
+    before = await live(store, settings, order_id)
     wrong: list[str] = []
     for case, args, kwargs, name, shown in REFUSED_ARGUMENTS:
         info = await outcome(await enqueue_raw(redis, order_id, *args, **kwargs))
@@ -878,7 +927,7 @@ async def test_edit_arguments_over_the_limits_are_refused_naming_the_field(
     assert wrong == [], "\n".join(wrong)
     assert await db.fetchval("SELECT count(*) FROM site_generations WHERE kind = 'edit'") == 0
     assert fake.requests == [], "no model call"
-    await assert_unchanged(db, settings, order_id, before)
+    await assert_unchanged(store, settings, order_id, before)
 
     info = await outcome(await enqueue_raw(redis, order_id, "Make the header blue", 99))
     assert not info.success and "base_version" in str(info.result)
@@ -887,7 +936,7 @@ async def test_edit_arguments_over_the_limits_are_refused_naming_the_field(
     )
     assert row["status"] == "failed" and row["error"]["field"] == "base_version", row
     assert "has no version 99 (base_version)" in row["error"]["message"]
-    await assert_unchanged(db, settings, order_id, before)
+    await assert_unchanged(store, settings, order_id, before)
     assert fake.requests == []
 
 
@@ -934,6 +983,7 @@ async def run_accepted(
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     settings: Settings,
     custom: Settings,
     first_order: int,
@@ -941,7 +991,7 @@ async def run_accepted(
     """Every instruction of ACCEPTED edits an order of its own: what is wrong with how the edits ended."""
     orders = {first_order + i: case for i, case in enumerate(ACCEPTED)}
     await generated(start_worker, redis, custom, orders)
-    before = {order_id: await live(db, settings, order_id) for order_id in orders}
+    before = {order_id: await live(store, settings, order_id) for order_id in orders}
     jobs = {order_id: await client.enqueue_edit(redis, order_id, text) for order_id, (_, text, _) in orders.items()}
     wrong: list[str] = []
     for order_id, (case, text, succeeds) in orders.items():
@@ -952,7 +1002,7 @@ async def run_accepted(
             error = await edit_error(db, order_id)
             if info.success or error["type"] != "EditFailed" or "offline provider understands" not in error["message"]:
                 wrong.append(f"{case}: must be refused by the model, ended {str(info.result)[:300]}")
-            after = await live(db, settings, order_id)
+            after = await live(store, settings, order_id)
             if (after.version, after.files, after.stored) != (
                 before[order_id].version,
                 before[order_id].files,
@@ -981,14 +1031,19 @@ async def run_accepted(
 
 
 async def test_hostile_instructions_offline_are_carried_out_sanitised_or_refused_cleanly(
-    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings, tmp_path: Path
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    store: Store,
+    settings: Settings,
+    tmp_path: Path,
 ) -> None:
     """The offline provider (every task): what it understands in a hostile instruction is carried out and what it
     writes goes through the sanitizer (a script in the instruction ends up as text); what it does not understand is
     refused, a clean failure with the live version unchanged."""
     orders = range(FIRST_ACCEPTED_ORDER, FIRST_ACCEPTED_ORDER + len(ACCEPTED))
     tree, system = outside(tmp_path, orders), system_files()
-    wrong = await run_accepted(start_worker, redis, db, settings, settings, FIRST_ACCEPTED_ORDER)
+    wrong = await run_accepted(start_worker, redis, db, store, settings, settings, FIRST_ACCEPTED_ORDER)
     assert wrong == [], "\n".join(wrong)
     pricing = site_files(settings, FIRST_ACCEPTED_ORDER + 7)["pricing.html"].decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pricing, "the instruction is the page's text, escaped"
@@ -1008,6 +1063,7 @@ async def test_the_instruction_reaches_the_model_only_as_data_inside_the_input_b
     start_worker: WorkerFactory,
     redis: ArqRedis,
     db: asyncpg.Connection,
+    store: Store,
     settings: Settings,
     tmp_path: Path,
 ) -> None:
@@ -1018,7 +1074,7 @@ async def test_the_instruction_reaches_the_model_only_as_data_inside_the_input_b
     first = FIRST_ACCEPTED_ORDER + 100
     orders = range(first, first + len(ACCEPTED))
     tree, system_before = outside(tmp_path, orders), system_files()
-    wrong = await run_accepted(start_worker, redis, db, settings, edit_settings(settings, fake), first)
+    wrong = await run_accepted(start_worker, redis, db, store, settings, edit_settings(settings, fake), first)
     assert wrong == [], "\n".join(wrong)
 
     instructions = {pg_text(text.strip()): case for case, text, _ in ACCEPTED}
