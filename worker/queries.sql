@@ -246,12 +246,13 @@ FROM site_generations g WHERE g.order_id = $1 ORDER BY g.id DESC LIMIT 1;
 
 -- name: api_site_file
 -- A file of the order's live version; before the order has versions (a generation that a replica of
--- the previous release finished), of its latest succeeded generation.
+-- the previous release finished), of its latest succeeded generation. The live version is read first (a
+-- scalar subquery, run once): the file is then one primary-key lookup, however many versions the order has
+-- and whatever the planner's statistics say (a join let stale ones scan every version's copy of the path).
 SELECT b.content, f.media_type, f.sha256
-FROM site_orders o
-JOIN site_version_files f ON f.order_id = o.id AND f.number = o.live_version AND f.path = $2
+FROM site_version_files f
 JOIN site_blobs b ON b.sha256 = f.sha256
-WHERE o.id = $1
+WHERE f.order_id = $1 AND f.number = (SELECT live_version FROM site_orders WHERE id = $1) AND f.path = $2
 UNION ALL
 SELECT f.content, f.media_type, f.sha256 FROM site_files f
 WHERE NOT EXISTS (SELECT 1 FROM site_orders o WHERE o.id = $1 AND o.live_version IS NOT NULL)
@@ -261,10 +262,9 @@ WHERE NOT EXISTS (SELECT 1 FROM site_orders o WHERE o.id = $1 AND o.live_version
 
 -- name: api_site_files
 SELECT f.path, b.content
-FROM site_orders o
-JOIN site_version_files f ON f.order_id = o.id AND f.number = o.live_version
+FROM site_version_files f
 JOIN site_blobs b ON b.sha256 = f.sha256
-WHERE o.id = $1
+WHERE f.order_id = $1 AND f.number = (SELECT live_version FROM site_orders WHERE id = $1)
 UNION ALL
 SELECT f.path, f.content FROM site_files f
 WHERE NOT EXISTS (SELECT 1 FROM site_orders o WHERE o.id = $1 AND o.live_version IS NOT NULL)

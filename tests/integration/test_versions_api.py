@@ -528,3 +528,44 @@ async def test_a_stream_opened_after_posting_an_edit_follows_the_edit_not_the_pr
     kinds = [(e.data.get("details") or {}).get("event") for e in rest[:-1]]
     assert kinds[0] == "edit.started" and kinds[-1] == "edit.succeeded", kinds
     assert rest[-1].data["generation_id"] == (await result_of(redis, body["job_id"]))["generation_id"]
+
+
+async def test_the_live_file_read_is_one_key_lookup_with_a_thousand_versions_and_stale_statistics(
+    db: asyncpg.Connection,
+) -> None:
+    """Regression (bench `edits`, 2026-12-08): with 1,000 versions of one order and statistics not yet updated,
+    the live-file read joined the order to every version's copy of the path and filtered them (148 buffers
+    against 9). It reads the live version first now, so the file is one primary-key lookup whatever the
+    planner believes; its plan is checked here (timings belong to the bench)."""
+    from worker.store import QUERIES
+
+    await add_version(db, 30, 1, {"index.html": (b"<h1>v1</h1>", "text/html")})
+    await db.execute(
+        "INSERT INTO site_versions (order_id, number, parent, kind, usage, quality)"
+        " SELECT 30, n, n - 1, 'rollback', '{}', '{}' FROM generate_series(2, 1000) AS n"
+    )
+    await db.execute(
+        "INSERT INTO site_version_files (order_id, number, path, sha256, bytes, media_type)"
+        " SELECT 30, n, f.path, f.sha256, f.bytes, f.media_type FROM generate_series(2, 1000) AS n,"
+        " site_version_files f WHERE f.order_id = 30 AND f.number = 1"
+    )
+    await db.execute("UPDATE site_orders SET live_version = 1000 WHERE id = 30")
+    for query, args in (("api_site_file", (30, "index.html")), ("api_site_files", (30,))):
+        plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {QUERIES[query]}", *args))
+        scans = []
+
+        def walk(node: dict[str, Any], scans: list[dict[str, Any]] = scans) -> None:
+            if node.get("Relation Name") == "site_version_files":
+                scans.append(node)
+            for child in node.get("Plans", []):
+                walk(child)
+
+        walk(plan[0]["Plan"])
+        assert scans, (query, plan)
+        for scan in scans:
+            assert scan["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"), (query, scan)
+            condition = scan.get("Index Cond") or scan.get("Recheck Cond") or ""
+            if scan["Node Type"] == "Bitmap Heap Scan":
+                condition = json.dumps(scan)
+            assert "number" in condition, f"{query}: the version is part of the index lookup, not a filter: {scan}"
+    assert (await db.fetchrow(QUERIES["api_site_file"], 30, "index.html"))["content"] == b"<h1>v1</h1>"
