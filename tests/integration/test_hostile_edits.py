@@ -44,7 +44,6 @@ from worker.store import Store, create_pool, pg_text
 MAX_OUTPUT_RETRIES = 1
 ASKS = MAX_OUTPUT_RETRIES + 1  # the first answer and its re-ask
 PAGE = "about.html"  # the page the vectors go into (as in tests/quality/test_hostile_pages.py)
-STYLESHEET = "assets/style.css"
 OTHER_ORDER = 999  # another order's site: must survive every case untouched
 
 pytestmark = pytest.mark.usefixtures("provider_key")
@@ -499,8 +498,11 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
             return
         if after.version != before.version + 1:
             tally.wrong.append(f"{vector.id}: version {after.version} after {before.version}")
+        # What the answers wrote, and what else changed (a new page's link in every <nav>); a written file may come
+        # out as it was, the sanitizer having removed all the vector added.
         changed = {p for p in after.files if after.files[p] != before.files.get(p)} - {MANIFEST_PATH}
-        for path in changed | set(published) - set(before.files):
+        changed |= {path for _, path, _ in edit.answers}
+        for path in changed:
             if after.files.get(path) != published[path].encode():
                 tally.wrong.append(f"{vector.id}: {path} is not what a generation publishes")
         for path, content in after.files.items():
@@ -540,6 +542,7 @@ class AnswerCase:
     error: str = "AIBadOutput"
     content: Callable[[str], dict[str, str]] | None = None  # the published case: live about.html -> changed texts
     add: str = ""  # a page the plan adds
+    label: str = "Promo"  # its title and navigation label
 
 
 def blocks(path: str, *pairs: tuple[str, str]) -> str:
@@ -640,6 +643,13 @@ def answer_cases() -> list[AnswerCase]:
             lambda live: [("rewriting", "promo.html", [rewrite("promo.html", with_main(PAGE_TEMPLATE, SCRIPT_ONLY))])],
             content=lambda live: {"promo.html": with_main(PAGE_TEMPLATE, SCRIPT_ONLY)},
             add="promo",
+        ),
+        AnswerCase(
+            "new-page-with-a-hostile-navigation-label",  # the label goes into every page's <nav>
+            lambda live: [("rewriting", "promo.html", [rewrite("promo.html", PAGE_TEMPLATE)])],
+            content=lambda live: {"promo.html": PAGE_TEMPLATE},
+            add="promo",
+            label='"><img src=x onerror=alert(1)>',
         ),
         AnswerCase(
             "new-page-with-handlers",
@@ -746,13 +756,20 @@ async def answer_case_problems(
     assert case.content is not None
     changed = case.content(before.files[PAGE].decode())
     texts = {p: c.decode() for p, c in before.files.items() if p != MANIFEST_PATH} | changed
-    pages = [{"slug": case.add, "title": "Promo", "nav_label": "Promo"}] if case.add else []
-    problems, published, _ = published_by_a_generation(
+    pages = [{"slug": case.add, "title": case.label, "nav_label": case.label}] if case.add else []
+    problems, published, removals = published_by_a_generation(
         plan, VectorEdit({"add_pages": pages}, [], texts, []), frozenset()
     )
     assert problems == [], (case.id, problems)
     after = site_files(settings, order_id)
-    found = [f"{case.id}: {p} is not what a generation publishes" for p in changed if after[p] != published[p].encode()]
+    # The files the answer wrote and those the edit changed besides (a new page's link in every <nav>). A file can
+    # come out as it was: the sanitizer removed all the answer added.
+    touched = ({p for p in after if after[p] != before.files.get(p)} | set(changed)) - {MANIFEST_PATH}
+    found = [f"{case.id}: {p} is not what a generation publishes" for p in touched if after[p] != published[p].encode()]
+    warnings = json.loads(after[MANIFEST_PATH])["warnings"]
+    found += [
+        f"{case.id}: not in the manifest: {w}" for w in removals if w.split(":")[0] in touched and w not in warnings
+    ]
     for path, content in after.items():
         if path.endswith(".html") and script_capable(content.decode()):
             found.append(f"{case.id}: {path} can run script: {script_capable(content.decode())[:3]}")
@@ -785,7 +802,7 @@ async def run_answer_cases(
     jobs = {}
     for order_id, case in orders.items():
         page = before[order_id].files[PAGE].decode()
-        pages = [{"slug": case.add, "title": "Promo", "nav_label": "Promo"}] if case.add else []
+        pages = [{"slug": case.add, "title": case.label, "nav_label": case.label}] if case.add else []
         fake.script(
             answer({"change": [] if case.add else [PAGE], "add_pages": pages}), when=aimed(order_id, "edit_planning")
         )
