@@ -1122,3 +1122,58 @@ async def test_the_instruction_reaches_the_model_only_as_data_inside_the_input_b
             assert tasks[case] & {"editing", "rewriting"}, (case, tasks[case])
     assert "rewriting" in tasks["new-page-with-a-script"]
     assert outside(tmp_path, orders) == tree and system_files() == system_before
+
+
+# --------------------------------------------------------------------------- files a site has that an edit cannot edit
+
+#: Files a generation may publish besides pages and stylesheets, which the edit phases do not read as text.
+OTHER_FILES = {"site.webmanifest": '{"name": "Rosa"}', "data.json": '{"a": 1}', "favicon.ico": "ico"}
+FIRST_OTHER_ORDER = 700
+
+
+async def test_an_edit_plan_naming_a_file_the_edit_cannot_read_is_re_asked_then_fails_naming_it(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    """Regression: a site whose generation published a file that is not HTML, CSS or text (a .webmanifest, a .json
+    other than the manifest, an .ico) let an edit plan name it in `change`: the plan check only asked whether the
+    site has the file, the edit_files phase then looked it up among the text files it edits and failed with a bare
+    `KeyError: 'site.webmanifest'`. Now the plan is refused naming the file, the model re-asked, and the edit fails
+    as AIBadOutput with the live version unchanged."""
+    custom = edit_settings(settings, fake)
+    custom = custom.model_copy(
+        update={"ai": custom.ai.model_copy(update={"routing": {**custom.ai.routing, "coding": ["remote"]}})}
+    )
+    coding = answer(
+        {
+            "files": [
+                *({"path": p, "content": t} for p, t in RAW_SITE.items()),
+                *({"path": p, "content": t} for p, t in OTHER_FILES.items()),
+            ]
+        }
+    )
+    orders = {FIRST_OTHER_ORDER + i: path for i, path in enumerate(OTHER_FILES)}
+    fake.script(*[coding] * len(orders), when=lambda body: "Write the files of the static website" in str(body))
+    await generated(start_worker, redis, custom, orders)
+    before = {order_id: await live(store, settings, order_id) for order_id in orders}
+    assert all(set(OTHER_FILES) <= set(b.files) for b in before.values())
+    tree = outside(tmp_path, orders)
+    jobs = {}
+    for order_id, path in orders.items():
+        fake.script(*[answer({"change": [path]})] * ASKS, when=aimed(order_id, "edit_planning"))
+        jobs[order_id] = await client.enqueue_edit(redis, order_id, f"Change {path} {marker(order_id)}")
+    for order_id, path in orders.items():
+        job = jobs[order_id]
+        assert job is not None
+        info = await outcome(job)
+        assert not info.success and info.job_try == 1, (path, info.result)
+        error = await edit_error(db, order_id)
+        assert error["type"] == "AIBadOutput", (path, error)
+        assert f"change names files an edit cannot change (only .html, .css, .txt files): {path}" in error["message"]
+        await assert_unchanged(store, settings, order_id, before[order_id])
+    assert outside(tmp_path, orders) == tree

@@ -11,6 +11,9 @@ from worker.pipeline import Ask
 
 #: Files an edit never changes itself: the assemble phase writes the manifest.
 UNEDITABLE = frozenset({"manifest.json"})
+#: The files an edit can change: those the edit_files phase is given as text (the runner's `base` for it). Any
+#: other file of the site (a .webmanifest, a .json, an .ico) is published by the edit as it was.
+EDITABLE_SUFFIXES = (".html", ".css", ".txt")
 
 
 def check_edit_plan(edit: EditPlan, plan: SitePlan, paths: Collection[str], pages: list[str] | None) -> None:
@@ -21,6 +24,11 @@ def check_edit_plan(edit: EditPlan, plan: SitePlan, paths: Collection[str], page
     unknown = [p for p in edit.change if p not in paths or p in UNEDITABLE]
     if unknown:
         problems.append(f"change names files the site does not have (or that cannot be edited): {', '.join(unknown)}")
+    other = [p for p in edit.change if p in paths and p not in UNEDITABLE and not p.endswith(EDITABLE_SUFFIXES)]
+    if other:
+        problems.append(
+            f"change names files an edit cannot change (only {', '.join(EDITABLE_SUFFIXES)} files): {', '.join(other)}"
+        )
     existing = {p.slug for p in plan.pages}
     again = [p.slug for p in edit.add_pages if p.slug in existing or page_file(p.slug) in paths]
     if again:
