@@ -4,7 +4,9 @@ Replicas SIGKILLed and SIGTERMed (restarted under the same id, as compose does),
 started again with its AOF, PostgreSQL restarted or SIGKILLed, and provider faults aimed at orders:
 429s with hostile Retry-After values (inf, NaN, -5, 1e12, and the same in retry-after-ms), 500s with
 NUL bytes and invalid UTF-8 in the body, truncated JSON, and, for a doomed order, every coding answer
-naming a file `manifest.json`. At the end every invariant is checked and reported (tests/faults/chaos.py).
+naming a file `manifest.json`. Some orders, once generated, are sent several edits at once and a rollback
+(one of them an edit the provider refuses). At the end every invariant is checked and reported
+(tests/faults/chaos.py).
 
 SOAK_S (default 120) is how long faults are injected; SOAK_SEED replays a run's fault plan (the seed
 is printed); SOAK_ORDERS overrides the number of orders (default: 60, or one per 2 s of a longer soak).
@@ -46,7 +48,8 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     plan = make_plan(seed, SOAK_S, n_orders)
     print(
         f"\nchaos soak: SOAK_SEED={seed} SOAK_S={SOAK_S:g}: {n_orders} orders, {len(plan.schedule)} scheduled "
-        f"infrastructure faults, {len(plan.provider)} orders with a provider fault, doomed orders {sorted(plan.doomed)}"
+        f"infrastructure faults, {len(plan.provider)} orders with a provider fault, doomed orders "
+        f"{sorted(plan.doomed)}; {sum(map(len, plan.edits.values()))} edits and rollbacks for {sorted(plan.edits)}"
     )
     cluster.settings_env.update(
         SITEGEN_WORKER__LEASE_S="8",
@@ -68,16 +71,17 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
     chaos = Chaos(cluster, plan, SHUTDOWN_GRACE_S)
     watcher = asyncio.create_task(chaos.watch())
     enqueuer = asyncio.create_task(chaos.enqueue_all())
+    editor = asyncio.create_task(chaos.send_edits())
     try:
         await chaos.run_schedule()
         faults_done = chaos.now()
         await chaos.all_up()
         await enqueuer
-        drain_s, drained = await wait_terminal(cluster, plan.orders, DRAIN_S)
+        drain_s, drained = await wait_terminal(cluster, plan.orders, DRAIN_S, chaos)
     finally:
-        enqueuer.cancel()
-        watcher.cancel()
-        await asyncio.gather(enqueuer, watcher, return_exceptions=True)
+        for task in (enqueuer, editor, watcher):
+            task.cancel()
+        await asyncio.gather(enqueuer, editor, watcher, return_exceptions=True)
 
     await _settle_progress(cluster)
     verdict = await check_everything(cluster, chaos, files_before)
@@ -93,7 +97,8 @@ async def test_chaos_soak_keeps_every_invariant(cluster: Cluster) -> None:
         f"{chaos.now():.0f}s in all\n"
         f"  infrastructure faults injected: {chaos.summary()}\n"
         f"  provider faults served: {', '.join(f'{k} x{v}' for k, v in sorted(served.items())) or 'none'}\n"
-        f"  model calls: {len(cluster.fake.requests)}; orders: {dict(Counter(statuses.values()))}\n"
+        f"  model calls: {len(cluster.fake.requests)}; orders: {dict(Counter(statuses.values()))}; edits and "
+        f"rollbacks sent: {sum(map(len, chaos.sent_edits.values()))} for {len(chaos.sent_edits)} orders\n"
         f"  invariants:\n{verdict.report()}"
     )
     for note in verdict.notes:

@@ -20,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import pytest
+from arq import ArqRedis
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from tests.helpers import SAMPLE_BRIEF
+from worker import client, polling
 from worker.errors import AttemptsExhausted, ClaimLost, EditInvalid, OrderBusy, OrderNotFound
 from worker.local.services import LocalServices
+from worker.ordering import jobs_ahead
 from worker.settings import DatabaseSection
 from worker.store import PHASES, QUERIES, Claim, NewVersion, OutputFile, Store, create_pool
 
@@ -64,6 +68,28 @@ AVOID_KNOWN_DEFECTS = True
 def generation_files(generation_id: int) -> list[OutputFile]:
     """A generation's site: its own index page (a regenerated site differs from the one before)."""
     return [OutputFile("index.html", f"<!doctype html><title>generation {generation_id}</title>".encode())]
+
+
+async def generate(store: Store, order_id: int, enqueued_at: dt.datetime | None = None) -> list[OutputFile]:
+    """Generate the order's site as a replica does (its version 1 made live); the files of that version."""
+    claim = await store.claim_generation(
+        order_id, SAMPLE_BRIEF, regenerate=False, job_id=f"job-{order_id}", enqueued_at=enqueued_at
+    )
+    for phase in PHASES[:-1]:
+        await store.commit_phase(claim, phase, {"phase": phase}, usage={}, total_usage={}, duration_ms=1)
+    files = generation_files(claim.generation_id)
+    number = await store.finish_generation(
+        claim,
+        {"pages": ["index.html"]},
+        files,
+        usage={},
+        total_usage={},
+        duration_ms=1,
+        output_dir="/x",
+        version=NewVersion("generation", files, plan={"pages": ["index"]}, quality={}),
+    )
+    assert number == 1
+    return files
 
 
 def ms(at: dt.datetime) -> float:
@@ -163,25 +189,8 @@ class GenerationModel(RuleBasedStateMachine):
 
     async def _generated(self, order_id: int) -> None:
         """The order's site generated, as a replica does it (version 1 live): its edits have a site to change."""
-        store = self.stores["r0"]
-        claim = await store.claim_generation(
-            order_id, SAMPLE_BRIEF, regenerate=False, job_id=f"job-{order_id}", enqueued_at=self.job_at[order_id]
-        )
-        for phase in PHASES[:-1]:
-            await store.commit_phase(claim, phase, {"phase": phase}, usage={}, total_usage={}, duration_ms=1)
-        files = generation_files(claim.generation_id)
-        number = await store.finish_generation(
-            claim,
-            {"pages": ["index.html"]},
-            files,
-            usage={},
-            total_usage={},
-            duration_ms=1,
-            output_dir="/x",
-            version=NewVersion("generation", files, plan={"pages": ["index"]}, quality={}),
-        )
-        assert number is not None
-        self._made(order_id, number, files)
+        files = await generate(self.stores["r0"], order_id, self.job_at[order_id])
+        self._made(order_id, 1, files)
 
     # ------------------------------------------------------------------------------- the replicas
 
@@ -635,9 +644,9 @@ class GenerationModel(RuleBasedStateMachine):
                     f"{held.job.label if held.job else claim.generation_id} started on version {started_on}, and "
                     f"version {live.number if live else None} is live when it is applied: another run made a version"
                 )
-        files = {f.path: f.content for f in (live.files if live else [])}
-        files[EDITS_TXT] = files.get(EDITS_TXT, b"") + f"{held.job.job_id if held.job else '?'}\n".encode()
-        edited = [OutputFile(path, content) for path, content in sorted(files.items())]
+        contents = {f.path: f.content for f in (live.files if live else [])}
+        contents[EDITS_TXT] = contents.get(EDITS_TXT, b"") + f"{held.job.job_id if held.job else '?'}\n".encode()
+        edited = [OutputFile(path, content) for path, content in sorted(contents.items())]
         return NewVersion(
             "edit", edited, plan=live.plan if live else None, quality={}, instruction=claim.request["instruction"]
         )
@@ -735,9 +744,9 @@ class GenerationModel(RuleBasedStateMachine):
             if key in self.phases and self.phases[key] != p["completed_at"]:
                 raise Violation(f"phase {p['phase']} of generation {p['generation_id']} was committed again")
             self.phases[key] = p["completed_at"]
-        await self._check_versions()
+        await self._check_versions({g["id"]: g for g in generations})
 
-    async def _check_versions(self) -> None:
+    async def _check_versions(self, runs: dict[int, asyncpg.Record]) -> None:
         """Every order's live version is one complete version; versions never change; each run made one at most;
         the edits and rollbacks of an order made their versions in the order they were sent."""
         async with self.pool.acquire() as conn:
@@ -747,7 +756,6 @@ class GenerationModel(RuleBasedStateMachine):
                 " FROM site_version_files f LEFT JOIN site_blobs b ON b.sha256 = f.sha256 ORDER BY 1, 2, 3"
             )
             orders = {r["id"]: r["live_version"] for r in await conn.fetch("SELECT id, live_version FROM site_orders")}
-            runs = {r["id"]: r for r in await conn.fetch("SELECT * FROM site_generations")}
             live_files = {o: await conn.fetch(QUERIES["api_site_files"], o) for o in orders}
         files_of: dict[tuple[int, int], list[asyncpg.Record]] = {}
         for f in files:
@@ -1014,7 +1022,84 @@ def test_the_generation_state_machine_keeps_its_guarantees(services: LocalServic
 def test_edits_and_rollbacks_keep_their_guarantees(services: LocalServices, migrated: None) -> None:
     """Issue 22: edits and rollbacks sent at any time, run by 3 replicas, end once each, in the order sent, and
     the live version is always one whole, unchanged version."""
-    run_model(EditModel, services, max_examples=80)
+    run_model(EditModel, services, max_examples=50)
+
+
+# ------------------------------------------------------------------------ the defects the edit model found
+
+EDIT_REQUEST = {"instruction": "Make the header blue", "base_version": None, "pages": None}
+
+
+@pytest.fixture
+async def store(services: LocalServices, db: asyncpg.Connection) -> AsyncIterator[Store]:
+    """A replica's store on an empty database, order 1 generated (version 1 live)."""
+    pool = await create_pool(DatabaseSection(url=services.database_url), max_size=4, name="model")
+    try:
+        replica = Store(pool, replica_id="r0", lease_s=LEASE_S)
+        await generate(replica, 1)
+        yield replica
+    finally:
+        await pool.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect 1 (reported): jobs_ahead reads only the due range of the queue, and a job a poll took is scored "
+    "at its lease's end (or a deferred retry's due time): an edit sent after it starts first",
+)
+async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(store: Store, redis: ArqRedis) -> None:
+    """Replica A's poll takes edit 1; before A's claim registers it, replica B claims edit 2, sent after it."""
+    first = await client.enqueue_edit(redis, 1, "Make the header blue")
+    await asyncio.sleep(0.005)  # a later enqueue time (milliseconds): sent second
+    second = await client.enqueue_edit(redis, 1, "Make the header green")
+    assert first is not None and second is not None
+    poll = redis.register_script(polling.POLL)
+    taken, _ = await polling.claim(
+        poll, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=8000, token=polling.new_token("A"), read_aborts=False
+    )
+    assert [t.decode() for t in taken[::2]] == [first.job_id]
+    info = await second.info()
+    assert info is not None
+    ahead = await jobs_ahead(redis, client.QUEUE_NAME, 1, second.job_id, info.enqueue_time)
+    with pytest.raises(OrderBusy):  # defect 1: `started`, on version 1, ahead of edit 1
+        await store.claim_edit(
+            1,
+            "edit",
+            {**EDIT_REQUEST, "instruction": "Make the header green"},
+            job_id=second.job_id,
+            enqueued_at=info.enqueue_time,
+            max_attempts=MAX_ATTEMPTS,
+            ahead=ahead,
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect 2 (reported): sitegen_claim_edit resumes a run WHERE id = own.id, without rechecking its status "
+    "and claim after the row lock it waited for: it reopens a run that the write it waited for failed",
+)
+async def test_a_claim_that_waited_for_a_failing_write_leaves_the_edit_failed(store: Store) -> None:
+    """Replica r0's lease lapsed (it is slow, not dead): its write that fails the edit holds the row lock while
+    replica r1 claims the same job; r0 commits, and r1's claim goes on."""
+    now = dt.datetime.now(dt.UTC)
+    job = {"job_id": "edit_site:1:a", "enqueued_at": now, "max_attempts": MAX_ATTEMPTS, "ahead": []}
+    claim = await store.claim_edit(1, "edit", EDIT_REQUEST, **job)  # type: ignore[arg-type]
+    assert claim.kind == "started"
+    other = Store(store.pool, replica_id="r1", lease_s=LEASE_S)
+    async with store.pool.acquire() as conn, store.pool.acquire() as watcher:
+        await conn.execute("UPDATE site_generations SET lease_expires_at = now() WHERE id = $1", claim.generation_id)
+        async with conn.transaction():
+            failed = QUERIES["fail_generation"]
+            await conn.execute(failed, claim.generation_id, claim.token, {"type": "ModelError", "message": "x"})
+            racing = asyncio.ensure_future(other.claim_edit(1, "edit", EDIT_REQUEST, **job))  # type: ignore[arg-type]
+            while not racing.done() and not await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%sitegen_claim%'"
+            ):
+                await asyncio.wait([racing], timeout=0.002)
+        after = await racing
+        status = await watcher.fetchval("SELECT status FROM site_generations WHERE id = $1", claim.generation_id)
+    # defect 2: `resumed` (attempt 2), and the failed edit is running again
+    assert (after.kind, after.status, status) == ("ended", "failed", "failed")
 
 
 pytestmark = pytest.mark.timeout(120)
