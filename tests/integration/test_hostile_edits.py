@@ -1129,6 +1129,25 @@ async def test_the_instruction_reaches_the_model_only_as_data_inside_the_input_b
 #: Files a generation may publish besides pages and stylesheets, which the edit phases do not read as text.
 OTHER_FILES = {"site.webmanifest": '{"name": "Rosa"}', "data.json": '{"a": 1}', "favicon.ico": "ico"}
 FIRST_OTHER_ORDER = 700
+FIRST_CASE_ORDER = 710
+
+
+async def generated_with(
+    files: dict[str, str],
+    orders: Iterable[int],
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+) -> None:
+    """The orders generated with the offline site's files and `files` (the coding answer, by the fake provider)."""
+    ids = list(orders)
+    custom = edit_settings(settings, fake)
+    routing = {**custom.ai.routing, "coding": ["remote"]}
+    custom = custom.model_copy(update={"ai": custom.ai.model_copy(update={"routing": routing})})
+    coding = answer({"files": [{"path": p, "content": t} for p, t in {**RAW_SITE, **files}.items()]})
+    fake.script(*[coding] * len(ids), when=lambda body: "Write the files of the static website" in str(body))
+    await generated(start_worker, redis, custom, ids)
 
 
 async def test_an_edit_plan_naming_a_file_the_edit_cannot_read_is_re_asked_then_fails_naming_it(
@@ -1145,21 +1164,8 @@ async def test_an_edit_plan_naming_a_file_the_edit_cannot_read_is_re_asked_then_
     site has the file, the edit_files phase then looked it up among the text files it edits and failed with a bare
     `KeyError: 'site.webmanifest'`. Now the plan is refused naming the file, the model re-asked, and the edit fails
     as AIBadOutput with the live version unchanged."""
-    custom = edit_settings(settings, fake)
-    custom = custom.model_copy(
-        update={"ai": custom.ai.model_copy(update={"routing": {**custom.ai.routing, "coding": ["remote"]}})}
-    )
-    coding = answer(
-        {
-            "files": [
-                *({"path": p, "content": t} for p, t in RAW_SITE.items()),
-                *({"path": p, "content": t} for p, t in OTHER_FILES.items()),
-            ]
-        }
-    )
     orders = {FIRST_OTHER_ORDER + i: path for i, path in enumerate(OTHER_FILES)}
-    fake.script(*[coding] * len(orders), when=lambda body: "Write the files of the static website" in str(body))
-    await generated(start_worker, redis, custom, orders)
+    await generated_with(OTHER_FILES, orders, fake, settings, start_worker, redis)
     before = {order_id: await live(store, settings, order_id) for order_id in orders}
     assert all(set(OTHER_FILES) <= set(b.files) for b in before.values())
     tree = outside(tmp_path, orders)
@@ -1175,5 +1181,53 @@ async def test_an_edit_plan_naming_a_file_the_edit_cannot_read_is_re_asked_then_
         error = await edit_error(db, order_id)
         assert error["type"] == "AIBadOutput", (path, error)
         assert f"change names files an edit cannot change (only .html, .css, .txt files): {path}" in error["message"]
+        await assert_unchanged(store, settings, order_id, before[order_id])
+    assert outside(tmp_path, orders) == tree
+
+
+async def test_a_new_page_whose_file_clashes_with_one_of_the_site_is_re_asked_then_fails_naming_it(
+    fake: FakeProviderServer,
+    settings: Settings,
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    store: Store,
+    tmp_path: Path,
+) -> None:
+    """Regression: a generation may publish a page the plan does not name, in capitals (`Promo.html`, linked from
+    a page). An edit adding the page `promo` passed the plan check, which looked for `promo.html` exactly; its
+    assemble phase then built a site with both `Promo.html` and `promo.html` (one file on a case-insensitive file
+    system) and failed with a raw pydantic ValidationError ("file paths must be unique"); so did a folder of that
+    name (`promo.html/notes.txt`: "also used as folders"). Now the plan is refused naming the page, the model
+    re-asked, and the edit fails as AIBadOutput with the live version unchanged."""
+    promo = RAW_SITE[PAGE].replace("<h1>", "<h1>Promo ", 1)
+    linked = with_main(RAW_SITE[PAGE], '<p><a href="Promo.html">Promo</a></p>')
+    orders = [FIRST_CASE_ORDER, FIRST_CASE_ORDER + 1, FIRST_CASE_ORDER + 2]
+    await generated_with({"Promo.html": promo, PAGE: linked}, orders[:2], fake, settings, start_worker, redis)
+    await generated_with({"promo.html/notes.txt": "notes"}, orders[2:], fake, settings, start_worker, redis)
+    before = {order_id: await live(store, settings, order_id) for order_id in orders}
+    assert "Promo.html" in before[orders[0]].files and "promo.html/notes.txt" in before[orders[2]].files
+    tree = outside(tmp_path, orders)
+    plans = {
+        orders[0]: {"add_pages": [{"slug": "promo", "title": "Promo", "nav_label": "Promo"}]},
+        orders[1]: {"change": ["promo.html"]},  # the page by another case: not a file of the site
+        orders[2]: {"add_pages": [{"slug": "promo", "title": "Promo", "nav_label": "Promo"}]},
+    }
+    jobs = {}
+    for order_id, plan in plans.items():
+        fake.script(*[answer(plan)] * ASKS, when=aimed(order_id, "edit_planning"))
+        fake.script(*[rewrite("promo.html", promo)] * ASKS, when=aimed(order_id, "rewriting"))
+        jobs[order_id] = await client.enqueue_edit(redis, order_id, f"Add a promo page {marker(order_id)}")
+    shown = {
+        orders[0]: "add_pages names pages the site has already: promo",
+        orders[1]: "change names files the site does not have (or that cannot be edited): promo.html",
+        orders[2]: "add_pages names pages the site has already: promo",
+    }
+    for order_id, job in jobs.items():
+        assert job is not None
+        info = await outcome(job)
+        assert not info.success and info.job_try == 1, info.result
+        error = await edit_error(db, order_id)
+        assert error["type"] == "AIBadOutput" and shown[order_id] in error["message"], error
         await assert_unchanged(store, settings, order_id, before[order_id])
     assert outside(tmp_path, orders) == tree

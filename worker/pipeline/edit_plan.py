@@ -30,7 +30,11 @@ def check_edit_plan(edit: EditPlan, plan: SitePlan, paths: Collection[str], page
             f"change names files an edit cannot change (only {', '.join(EDITABLE_SUFFIXES)} files): {', '.join(other)}"
         )
     existing = {p.slug for p in plan.pages}
-    again = [p.slug for p in edit.add_pages if p.slug in existing or page_file(p.slug) in paths]
+    # Compared in lower case, as SiteCode compares paths (and a case-insensitive file system would): a site may
+    # have a page the plan does not name, `Promo.html`, or a folder `promo.html/`, which a new page `promo` would
+    # clash with.
+    taken = {"/".join(p.lower().split("/")[:i]) for p in paths for i in range(1, p.count("/") + 2)}
+    again = [p.slug for p in edit.add_pages if p.slug in existing or page_file(p.slug) in taken]
     if again:
         problems.append(f"add_pages names pages the site has already: {', '.join(again)} (put them in change)")
     if len({p.slug for p in edit.add_pages}) != len(edit.add_pages):
