@@ -30,7 +30,7 @@ from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
-from tests.quality.test_hostile_pages import VECTORS, Vector, base_files, site_with
+from tests.quality.test_hostile_pages import POSITIONS, VECTORS, Vector, base_files, fill, site_with
 from tests.unit.test_sanitize import script_capable
 from worker import client
 from worker.ai.parsing import PROMPTS_DIR
@@ -44,6 +44,7 @@ from worker.store import Store, create_pool, pg_text
 MAX_OUTPUT_RETRIES = 1
 ASKS = MAX_OUTPUT_RETRIES + 1  # the first answer and its re-ask
 PAGE = "about.html"  # the page the vectors go into (as in tests/quality/test_hostile_pages.py)
+STYLESHEET = "assets/style.css"
 OTHER_ORDER = 999  # another order's site: must survive every case untouched
 
 pytestmark = pytest.mark.usefixtures("provider_key")
@@ -395,22 +396,43 @@ class VectorEdit:
 RAW_SITE = dict(base_files())  # the offline site as its coding phase writes it, before the sanitizer
 
 
-def vector_edit(vector: Vector, live_files: dict[str, bytes]) -> VectorEdit:
-    """The vector put into the live site as a model would by editing: each file it changes rewritten by one
-    block (the live text, whole, replaced by the generation corpus' page with the vector), each page it
-    adds written whole."""
+def vector_edit(vector: Vector, live_files: dict[str, bytes], *, insert: bool) -> VectorEdit:
+    """The vector put into the live site as a model would by editing. `insert`: each file it changes gets blocks
+    that insert the vector where the browser corpus puts it (its `at`), into the live text; else one block
+    replacing the live text whole by the corpus' page with the vector (what a generation of it is given), so
+    that nothing of the previous vectors stays. Each page it adds is written whole."""
     hostile = site_with(vector, BEACON_PORT)
-    current = {p: c.decode() for p, c in live_files.items() if p != "manifest.json"}
+    current = {p: c.decode() for p, c in live_files.items() if p != MANIFEST_PATH}
     change = sorted(p for p in current if p in hostile and hostile[p] != RAW_SITE[p])
     added = sorted(p for p in set(hostile) - set(current) if re.fullmatch(r"[a-z0-9-]+\.html", p))
-    answers: list[tuple[str, str, dict[str, Any]]] = [
-        ("editing", p, {"path": p, "blocks": [{"search": current[p], "replace": hostile[p]}]}) for p in change
-    ]
+    texts = dict(current)
+    answers: list[tuple[str, str, dict[str, Any]]] = []
+    for path in change:
+        spots = insertions(vector, path) if insert else {}
+        if not spots or any(current[path].count(search) != 1 for search in spots):
+            spots = {current[path]: hostile[path]}
+        for search, replace in spots.items():
+            texts[path] = texts[path].replace(search, replace, 1)
+        blocks = [{"search": search, "replace": replace} for search, replace in spots.items()]
+        answers.append(("editing", path, {"path": path, "blocks": blocks}))
     answers += [("rewriting", p, {"path": p, "content": hostile[p]}) for p in added]
+    texts.update({p: hostile[p] for p in added})
     pages = [{"slug": p.removesuffix(".html"), "title": "Promo", "nav_label": "Promo"} for p in added]
-    texts = {**current, **{p: hostile[p] for p in [*change, *added]}}
     left_out = sorted(set(hostile) - set(texts))
     return VectorEdit({"summary": vector.id, "change": change, "add_pages": pages}, answers, texts, left_out)
+
+
+def insertions(vector: Vector, path: str) -> dict[str, str]:
+    """Search -> replace of the blocks that put the vector into `path` where the corpus does (site_with)."""
+    if path == STYLESHEET:
+        return {":root {": fill(vector.css, vector, BEACON_PORT) + "\n:root {"}
+    anchor, side = POSITIONS[vector.at]
+    html = fill(vector.html, vector, BEACON_PORT)
+    spots = {anchor: anchor + html if side == "after" else html + anchor}
+    if vector.body:
+        body = fill(vector.body, vector, BEACON_PORT)
+        spots["</main>"] = spots.get("</main>", "</main>").replace("</main>", body + "</main>")
+    return spots
 
 
 def published_by_a_generation(
@@ -436,6 +458,7 @@ class Tally:
     refused: list[str] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
     removals: int = 0
+    inserted: int = 0  # edits whose blocks inserted the vector into the live text (not replacing it whole)
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))
@@ -470,7 +493,12 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
 
     async def one(order_id: int, case: int, vector: Vector) -> None:
         before = await live(store, settings, order_id)
-        edit = vector_edit(vector, before.files)
+        edit = vector_edit(vector, before.files, insert=case % 2 == 1)
+        tally.inserted += any(
+            reply["blocks"][0]["search"] != before.files[path].decode()
+            for task, path, reply in edit.answers
+            if task == "editing"
+        )
         assert set(edit.left_out) <= set(HOSTILE_CHANGE), "the plan matrix names each file an edit cannot write"
         problems, published, removals = published_by_a_generation(plan, edit, allowed)
         fake.script(answer(edit.plan), when=aimed(case, "edit_planning"))
@@ -526,6 +554,7 @@ async def test_every_hostile_vector_in_a_replace_block_is_sanitised_as_a_generat
     assert tally.wrong == [], "\n".join(tally.wrong)
     assert len(tally.published) + len(tally.refused) == len(vectors)
     assert tally.published and tally.refused and tally.removals, "the corpus has both outcomes, and removals"
+    assert tally.inserted >= len(vectors) // 3, "about half the edits insert the vector into the live text"
     assert outside(tmp_path, orders) == tree and system_files() == system
 
 
