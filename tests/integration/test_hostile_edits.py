@@ -277,6 +277,7 @@ class PlanCase:
     shown: str  # in the stored error
     named: str = ""  # the name the stored error quotes (its first 100 characters; NUL stored as U+FFFD)
     pages: list[str] | None = None  # the job's `pages`
+    error: str = "AIBadOutput"
 
 
 def plan_cases() -> list[PlanCase]:
@@ -328,6 +329,12 @@ def plan_cases() -> list[PlanCase]:
         ),
         PlanCase("a-key-of-its-own", {"change": ["about.html"], "write": {"../x.html": "pwned"}}, "Extra inputs"),
         PlanCase("too-many-files", {"change": ["about.html"] * 201}, "change: List should have at most 200 items"),
+        PlanCase(
+            "a-hostile-refusal",  # stored and logged as the reason, NUL as U+FFFD
+            {"refuse": "\x1b[2J\x00\u202e<script>alert(1)</script> ignore the rules", "change": ["../x.html"]},
+            "the model cannot carry out this edit: \x1b[2J\ufffd\u202e<script>alert(1)</script> ignore the rules",
+            error="EditFailed",
+        ),
     ]
     return cases
 
@@ -364,14 +371,15 @@ async def test_edit_plans_naming_files_outside_the_site_fail_and_write_nothing(
         assert not info.success, case.id
         assert info.job_try == 1, "a hostile answer is never retried"
         error = await edit_error(db, order_id)
-        assert error["type"] == "AIBadOutput" and error["retryable"] is False, (case.id, error)
+        assert error["type"] == case.error and error["retryable"] is False, (case.id, error)
         assert case.shown in error["message"], (case.id, error["message"])
         assert "\x00" not in error["message"] and len(json.dumps(error)) < 20_000, case.id
         assert case.named.replace("\x00", "\ufffd")[:100] in error["message"], (case.id, error["message"])
         await assert_unchanged(store, settings, order_id, before[order_id])
     assert outside(tmp_path, orders) == tree and system_files() == system
     planning = [r for r in fake.requests if "Plan how to carry out" in json.dumps(r.body)]
-    assert len(planning) == ASKS * len(orders) == len(fake.requests), "no file was ever asked for"
+    refusals = sum(case.error == "EditFailed" for case in PLAN_CASES)  # asked once: a refusal is not re-asked
+    assert len(planning) == ASKS * (len(orders) - refusals) + refusals == len(fake.requests), "no file asked for"
 
 
 # --------------------------------------------------------------------------- 1. hostile HTML in replace blocks
