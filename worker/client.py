@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -160,6 +161,23 @@ def _check_order_id(order_id: Any) -> None:
         raise ValueError(f"order_id must be a positive integer, got {order_id!r}")
 
 
+_last_send_ns = 0
+
+
+def send_key() -> str:
+    """The last part of an edit's or rollback's job id: this process's send time in nanoseconds (never the
+    same twice, never going back), then 12 random hex digits. arq stamps a job's enqueue time in
+    milliseconds; the edits of an order sent in the same millisecond run in the order of this key."""
+    global _last_send_ns
+    _last_send_ns = max(time.time_ns(), _last_send_ns + 1)
+    return f"{_last_send_ns:020d}{uuid.uuid4().hex[:12]}"
+
+
+def sent_order(job_id: str) -> str:
+    """What orders jobs of one order sent in the same millisecond: their job id's last part."""
+    return job_id.rsplit(":", 1)[-1]
+
+
 async def enqueue_edit(
     redis: ArqRedis,
     order_id: int,
@@ -180,7 +198,7 @@ async def enqueue_edit(
         instruction,
         base_version=base_version,
         pages=pages,
-        _job_id=f"{EDIT_FUNCTION}:{order_id}:{uuid.uuid4().hex}",
+        _job_id=f"{EDIT_FUNCTION}:{order_id}:{send_key()}",
         _queue_name=queue_name,
     )
 
@@ -194,6 +212,6 @@ async def enqueue_rollback(redis: ArqRedis, order_id: int, version: int, *, queu
         ROLLBACK_FUNCTION,
         order_id,
         version,
-        _job_id=f"{ROLLBACK_FUNCTION}:{order_id}:{uuid.uuid4().hex}",
+        _job_id=f"{ROLLBACK_FUNCTION}:{order_id}:{send_key()}",
         _queue_name=queue_name,
     )

@@ -2,8 +2,10 @@
 
 An order's edits run in the order they were sent. PostgreSQL orders those it has seen (each is
 registered by its first claim); this finds those it cannot have seen yet: a job still in the queue,
-or taken by a replica that died before registering it. Both are in arq's queue with a score no later
-than their enqueue time, so the jobs scored up to this edit's enqueue time are the candidates.
+or taken by a replica that has not registered it yet (or died first). A queued job is in arq's queue with a
+score no later than its enqueue time; a taken one is leased (worker/polling.py), its score before the claim
+kept in the queue's leased scores. The jobs scored up to this edit's enqueue time in either are the
+candidates; their enqueue time ("et") and, within one millisecond, their job ids say which were sent first.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from arq import ArqRedis
 from arq.constants import job_key_prefix
 from loguru import logger
 
-from worker.client import JOB_FUNCTIONS, deserialize
+from worker.client import JOB_FUNCTIONS, deserialize, sent_order
+from worker.polling import original_scores_key
 
 #: How many queued jobs ahead of an edit are looked at (a backlog longer than this is not read whole).
 MAX_AHEAD = 1000
@@ -33,10 +36,16 @@ async def jobs_ahead(
     if enqueued_at is None:
         return []
     mine = round(enqueued_at.timestamp() * 1000)
-    ids = [
-        i.decode() if isinstance(i, bytes) else i for i in await redis.zrangebyscore(queue, "-inf", mine, 0, MAX_AHEAD)
-    ]
-    ids = [i for i in ids if i != job_id]
+    # A job a replica took is leased: its score in the queue is its lease's end, and its own score (when it
+    # was due) is kept in the leased scores (worker/polling.py) until it ends. Both are read.
+    # (a hash, job id -> score, as long as the replicas run jobs at once: max_jobs each).
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(queue, "-inf", mine, 0, MAX_AHEAD)
+        pipe.hgetall(original_scores_key(queue))
+        queued, leased = await pipe.execute()
+    taken = [i for i, score in leased.items() if float(score) <= mine]
+    seen = dict.fromkeys(i.decode() if isinstance(i, bytes) else i for i in [*queued, *taken])
+    ids = [i for i in seen if i != job_id][:MAX_AHEAD]
     if not ids:
         return []
     ahead: list[str] = []
@@ -51,6 +60,6 @@ async def jobs_ahead(
         if not isinstance(job, dict) or job.get("f") not in JOB_FUNCTIONS or _order_of(job) != order_id:
             continue
         sent = job.get("et")
-        if isinstance(sent, int | float) and (sent, other) < (mine, job_id):
+        if isinstance(sent, int | float) and (sent, sent_order(other)) < (mine, sent_order(job_id)):
             ahead.append(other)
     return ahead

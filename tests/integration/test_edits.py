@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,35 @@ async def test_five_edits_sent_at_once_run_one_after_another_in_order(
     for earlier, later in itertools.pairwise(runs):
         assert earlier["finished_at"] <= later["started_at"]
     assert b"tel:+15550104" in site_files(settings, 36)["index.html"]
+
+
+async def test_edits_sent_in_the_same_millisecond_run_in_the_order_sent(
+    start_worker: WorkerFactory,
+    redis: ArqRedis,
+    db: asyncpg.Connection,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: `test_five_edits_sent_at_once_run_one_after_another_in_order` failed now and then (versions
+    [2, 4, 3, 5, 6]). arq stamps a job with its enqueue time in milliseconds; edits sent within one
+    millisecond tied, and the tie was broken by the order replicas registered them (and, for jobs still in
+    the queue, by their random job ids), not by the order they were sent. The client's edit and rollback job
+    ids now sort by send time, and both the queue's and PostgreSQL's order break ties by job id. Here every
+    edit is stamped with the same millisecond."""
+    await generated(start_worker, redis, 37, max_jobs=8)
+    await start_worker(max_jobs=8)
+    same_ms = int(time.time() * 1000)
+    monkeypatch.setattr("arq.connections.timestamp_ms", lambda: same_ms)
+    texts = [f"Change the phone number to +1 555 020{i}" for i in range(5)]
+    jobs = [await client.enqueue_edit(redis, 37, text) for text in texts]
+    results = [await j.result(timeout=60, poll_delay=0.05) for j in jobs if j is not None]
+    runs = await db.fetch(
+        "SELECT id, job_id, job_enqueued_at, created_at, started_at, version FROM site_generations"
+        " WHERE order_id = 37 AND kind = 'edit' ORDER BY id"
+    )
+    assert [r["version"] for r in results] == [2, 3, 4, 5, 6], ([j.job_id for j in jobs if j], [dict(r) for r in runs])
+    rows = await db.fetch("SELECT instruction FROM site_versions WHERE order_id = 37 AND kind = 'edit' ORDER BY number")
+    assert [r["instruction"] for r in rows] == texts
 
 
 async def test_an_edit_sent_while_the_generation_runs_waits_for_it(
