@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -334,7 +335,9 @@ async def test_a_cancel_ends_a_running_edit_at_its_phase_and_leaves_the_live_ver
 async def test_rollback_under_concurrent_reads_never_shows_a_mix(
     start_worker: WorkerFactory, redis: ArqRedis, settings: Settings
 ) -> None:
-    """Acceptance 1: a rollback is atomic under concurrent reads: every read sees one whole version."""
+    """Acceptance 1: a rollback is atomic under concurrent reads: every read of the live folder sees one whole
+    version. (It failed now and then under load: its reader read the manifest and the files by path, so a
+    swap between two of its reads made it see a mix that no single folder ever held.)"""
     await generated(start_worker, redis, 42)
     await edit(redis, 42, "Add a pricing page")
     with_pricing = site_files(settings, 42)
@@ -342,17 +345,40 @@ async def test_rollback_under_concurrent_reads_never_shows_a_mix(
     seen: set[str] = set()
     stop = asyncio.Event()
 
+    def exists(path: str, folder: int) -> bool:
+        try:
+            os.stat(path, dir_fd=folder)
+        except FileNotFoundError:
+            return False
+        return True
+
     async def read() -> None:
+        # One sample reads one folder (opened once, its files read relative to it), and counts only if that
+        # folder was `<order_id>/` from before the first read to after the last: a sample that straddles
+        # the swap reads two folders, as two HTTP requests a swap falls between do, and says nothing.
         while not stop.is_set():
-            try:
-                manifest = json.loads((root / "manifest.json").read_bytes())
-                paths = {f["path"] for f in manifest["files"]}
-                present = {p for p in paths if (root / p).exists()}
-                extra = (root / "pricing.html").exists() and "pricing.html" not in paths
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue  # the swap itself: a reader retries
-            seen.add("ok" if present == paths and not extra else "mix")
             await asyncio.sleep(0)
+            try:
+                folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            try:
+                live = os.fstat(folder).st_ino
+                manifest_fd = os.open("manifest.json", os.O_RDONLY, dir_fd=folder)
+                try:
+                    manifest = json.loads(os.read(manifest_fd, 1 << 20))
+                finally:
+                    os.close(manifest_fd)
+                paths = {f["path"] for f in manifest["files"]}
+                present = {p for p in paths if exists(p, folder)}
+                extra = exists("pricing.html", folder) and "pricing.html" not in paths
+                if os.stat(root).st_ino != live:
+                    continue  # swapped during the sample
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            finally:
+                os.close(folder)
+            seen.add("ok" if present == paths and not extra else "mix")
 
     reader = asyncio.create_task(read())
     job = await client.enqueue_rollback(redis, 42, 1)
