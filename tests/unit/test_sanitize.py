@@ -13,7 +13,7 @@ import re
 import pytest
 import tinycss2
 import tinycss2.ast
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from selectolax.lexbor import LexborHTMLParser
 
@@ -171,7 +171,7 @@ FINDING_1 = [
         "svg-xlink-href",
         '<svg><a xlink:href="javascript:alert(1)"><circle r="5"></circle></a></svg>',
         "",
-        "removed <a xlink:href>",
+        "removed <a xlink:href=javascript:alert(1)> (javascript: addresses are not allowed in links)",
     ),
     (
         "svg-set-href",
@@ -467,8 +467,19 @@ def mutated_pages(draw: st.DrawFn) -> str:
     return page
 
 
+#: Found by the property below (2026-12-08): an SVG link whose `xlink:href` ammonia keeps (as `href`) and whose
+#: allowed <script> moves to the end of the body. Cleaning the published page again reported "removed <a
+#: xlink:href>", a removal of nothing: the report read lexbor's name for the attribute, not ammonia's.
+XLINK_KEPT = (
+    '<!doctype html><html lang="en"><head><title>about</title></head><body><main><h1><svg><a xlink:href=<script '
+    'src="https://cdn.allowed.example/ok.js"></script><script src="https://cdn.allowed.example/ok.js"></script>'
+    '"javascript:alert(1)"><circle r="5"/></a></svg>about</h1></main></body></html>'
+)
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_pages())
+@example(XLINK_KEPT)
 def test_cleaning_is_a_fixed_point_without_script_capable_constructs(page: str) -> None:
     """Issue 20 section C: the sanitizer's output is a fixed point and never holds a script-capable construct."""
     allowed = frozenset({"allowed.example"})
