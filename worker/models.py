@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 #: A page or section identifier: also the page's file name, so nothing path-like.
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")]
 HexColor = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$")]
+#: The most pages a site has (its plan's limit, which an edit adding pages keeps to as well).
+MAX_PAGES = 12
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 #: Relative POSIX path of a generated file: segments of safe characters, no '..', no
@@ -135,8 +137,8 @@ class SitePlan(_Strict):
     tone: str = Field(default="", max_length=100)
     language: str = Field(default="en", pattern=r"^[a-z]{2}(?:-[A-Z]{2})?$")
     palette: Palette
-    pages: list[PagePlan] = Field(min_length=1, max_length=12)
-    nav: list[Slug] = Field(min_length=1, max_length=12)
+    pages: list[PagePlan] = Field(min_length=1, max_length=MAX_PAGES)
+    nav: list[Slug] = Field(min_length=1, max_length=MAX_PAGES)
 
     @model_validator(mode="after")
     def _consistent(self) -> SitePlan:

@@ -127,15 +127,22 @@ async def test_adding_a_page_links_it_from_every_page(
 
 
 async def test_a_phone_number_and_a_section_removal(
-    start_worker: WorkerFactory, redis: ArqRedis, settings: Settings
+    start_worker: WorkerFactory, redis: ArqRedis, settings: Settings, db: asyncpg.Connection
 ) -> None:
+    """The phone number changes everywhere it is, in one answer per page. Regression (bench `edits`): the contact
+    page has the number twice, and the offline provider's block for it matched both places, so it was re-asked
+    twice and rewritten whole, and its whole-file rewrite changed the first place only."""
     await generated(start_worker, redis, 34)
     before = site_files(settings, 34)
+    old_number = b'href="tel:+351222000111"'
+    assert before["contact.html"].count(old_number) >= 2
     phone = await edit(redis, 34, "Change the phone number to +1 555 0100")
     assert phone["status"] == "succeeded", phone
     after = site_files(settings, 34)
     pages = [p for p in after if p.endswith(".html")]
-    assert all(b'href="tel:+15550100"' in after[p] for p in pages)
+    assert all(b'href="tel:+15550100"' in after[p] and old_number not in after[p] for p in pages)
+    kinds = await events(db, 34)
+    assert "model.answer_rejected" not in kinds and "edit.fallback" not in kinds
     assert after["assets/style.css"] == before["assets/style.css"]
     removed = await edit(redis, 34, "Remove the services section", pages=["index"])
     assert removed["status"] == "succeeded", removed

@@ -14,7 +14,7 @@ import html
 import re
 from typing import Any
 
-from worker.models import EditPlan, FileEdit, FileRewrite, NewPage, SearchReplace, SitePlan, page_file
+from worker.models import MAX_PAGES, EditPlan, FileEdit, FileRewrite, NewPage, SearchReplace, SitePlan, page_file
 
 STYLESHEET = "assets/style.css"
 UNDERSTOOD = (
@@ -88,6 +88,8 @@ def edit_plan(inputs: dict[str, Any]) -> EditPlan:
         slug = _slug(name)
         if any(p.slug == slug for p in plan.pages):
             return EditPlan(refuse=f"the site has a {name} page already")
+        if len(plan.pages) >= MAX_PAGES:
+            return EditPlan(refuse=f"the site has {len(plan.pages)} pages, the most a site can have: remove one first")
         title = name[:1].upper() + name[1:]
         page = NewPage(slug=slug, title=title, nav_label=title[:40], purpose=instruction[:500])
         return EditPlan(summary=f"add a {name} page", add_pages=[page])
@@ -105,15 +107,13 @@ def _blocks(instruction: str, path: str, content: str) -> list[SearchReplace]:
         number = phone.group(0)
         link = f'<a href="tel:{re.sub(r"[^0-9+]", "", number)}">{html.escape(number)}</a>'
         return [
-            SearchReplace(search=old, replace=link) for old in dict.fromkeys(m.group(0) for m in _TEL.finditer(content))
+            block
+            for old in dict.fromkeys(m.group(0) for m in _TEL.finditer(content))
+            for block in _everywhere(content, old, link)
         ]
     if (quoted := _QUOTED.search(instruction)) is not None:
         old, new = html.escape(quoted["old"], quote=False), html.escape(quoted["new"], quote=False)
-        if content.count(old) <= 1:
-            return [SearchReplace(search=old, replace=new)] if old in content else []
-        # Several places: each block is the whole text around one of them, so that it matches once.
-        nodes = dict.fromkeys(re.findall(r">([^<>]*" + re.escape(old) + r"[^<>]*)<", content))
-        return [SearchReplace(search=f">{n}<", replace=f">{n.replace(old, new)}<") for n in nodes]
+        return _everywhere(content, old, new)
     if (removed := _REMOVE_SECTION.search(instruction)) is not None:
         name = removed["name"].strip().lower()
         return [
@@ -122,6 +122,29 @@ def _blocks(instruction: str, path: str, content: str) -> list[SearchReplace]:
             if name in m.group(0)[: m.group(0).find(">") + 1].lower() or name in _heading(m.group(0)).lower()
         ]
     return []
+
+
+def _everywhere(content: str, old: str, new: str) -> list[SearchReplace]:
+    """Blocks that replace every `old` in `content` with `new`, each matching one place only (as the editing
+    prompt asks): a block is the fewest whole lines from a line holding `old` that occur once in `content`."""
+    if content.count(old) <= 1:
+        return [SearchReplace(search=old, replace=new)] if old in content else []
+    lines = content.splitlines(keepends=True)
+    blocks: list[SearchReplace] = []
+    start = 0
+    while start < len(lines):
+        if old not in lines[start]:
+            start += 1
+            continue
+        end = start + 1
+        while end < len(lines) and content.count("".join(lines[start:end])) > 1:
+            end += 1
+        text = "".join(lines[start:end])
+        if content.count(text) > 1:  # no run of lines from here is unique: the rest of the file, whole
+            text = "".join(lines[start:])
+        blocks.append(SearchReplace(search=text, replace=text.replace(old, new)))
+        start = end
+    return blocks
 
 
 def _heading(section: str) -> str:
