@@ -426,6 +426,36 @@ async def test_a_block_that_does_not_match_is_re_asked_then_the_file_is_rewritte
     assert "block 1" in problem and "matches nothing" in problem
 
 
+#: The read timeout that ends the hanging call of `test_the_files_of_one_edit_are_asked_for_side_by_side`.
+HUNG_S = 5.0
+
+
+@pytest.mark.usefixtures("provider_key")
+async def test_the_files_of_one_edit_are_asked_for_side_by_side(
+    fake: FakeProviderServer, start_worker: WorkerFactory, redis: ArqRedis, settings: Settings
+) -> None:
+    """An edit of every page asks for the pages at once (bench `edits`: one after another, an edit of a 12-page
+    site's every footer took 13 model calls' time). The first page's call hangs: the others are asked
+    meanwhile. (Its read timeout then retries it, and the edit succeeds.)"""
+    custom = with_ai(settings, {"remote": remote("openai", fake.url, read_timeout_s=HUNG_S)})
+    await generated(start_worker, redis, 44, custom)
+    pages = [p for p in site_files(settings, 44) if p.endswith(".html")]
+    assert len(pages) >= 3
+    fake.script("hang", when=_editing)
+    calls = len(fake.requests)
+    job = await client.enqueue_edit(redis, 44, "Change the phone number to +1 555 0107")
+    assert job is not None
+    # The plan, then the editing calls: at least 3 of them arrive while the first one hangs (it ends at its
+    # read timeout, HUNG_S later; asked one after another, the second would come only then).
+    arrived = await asyncio.to_thread(fake.wait_for_requests, calls + 4, 30)
+    editing = [r for r in arrived[calls:] if _editing(r.body)]
+    assert editing[0].fault == "hang"
+    assert len([r for r in editing if r.at < editing[0].at + HUNG_S]) >= 3, [r.at - editing[0].at for r in editing]
+    result = await job.result(timeout=60, poll_delay=0.05)
+    assert result["status"] == "succeeded", result
+    assert all(b'href="tel:+15550107"' in site_files(settings, 44)[p] for p in pages)
+
+
 LAZY_BLOCK = json.dumps(
     {"path": "assets/style.css", "blocks": [{"search": ":root {", "replace": ":root {\n/* ... */"}]}
 )

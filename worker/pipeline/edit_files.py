@@ -12,6 +12,7 @@ half without the plan saying so is taken for a lazy or truncated answer and re-a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ from worker.models import (
 from worker.pipeline import Ask
 
 #: What a model writes instead of the code it left out.
+#: How many files of one edit are asked for at once.
+EDIT_CONCURRENCY = 4
 LAZY = re.compile(
     r"(?:rest|remainder) of (?:the )?(?:file|page|code|content|document|html|css)"
     r"|(?:existing|previous|unchanged|same as before|other) (?:code|content|sections?|styles?|rules?)(?: here)?"
@@ -172,19 +175,39 @@ async def write_page(instruction: str, page: NewPage, template: str, ask: Ask) -
 async def make_edited_files(
     instruction: str, edit_plan: EditPlan, base: dict[str, str], ask: Ask, notify: Notify
 ) -> tuple[EditedFiles, Usage]:
-    """Every file the plan changes or adds, in full. `base`: the text files of the base version by path."""
+    """Every file the plan changes or adds, in full. `base`: the text files of the base version by path.
+
+    The files are asked for side by side, EDIT_CONCURRENCY at a time (each is its own model call, and the
+    provider's limits hold across them), so an edit of every page takes about as long as one; the first
+    file that fails cancels the others and fails the phase."""
+    gate = asyncio.Semaphore(EDIT_CONCURRENCY)
+
+    async def changed(path: str) -> tuple[str, Usage, bool]:
+        async with gate:
+            return await edit_file(instruction, path, base[path], edit_plan, ask, notify)
+
+    async def added(page: NewPage) -> tuple[str, Usage]:
+        async with gate:
+            return await write_page(instruction, page, base.get(page_file("index"), ""), ask)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            edits = [group.create_task(changed(path)) for path in edit_plan.change]
+            pages = [group.create_task(added(page)) for page in edit_plan.add_pages]
+    except BaseExceptionGroup as failed:  # the first file's failure, as the phase would raise it alone
+        raise failed.exceptions[0] from None
     usage = Usage()
     files: list[GeneratedFile] = []
     fallbacks: list[str] = []
-    for path in edit_plan.change:
-        text, used, whole = await edit_file(instruction, path, base[path], edit_plan, ask, notify)
+    for path, task in zip(edit_plan.change, edits, strict=True):
+        text, used, whole = task.result()
         usage += used
         if whole:
             fallbacks.append(path)
         if text != base[path]:
             files.append(GeneratedFile(path=path, content=text))
-    for page in edit_plan.add_pages:
-        text, used = await write_page(instruction, page, base.get(page_file("index"), ""), ask)
+    for page, page_task in zip(edit_plan.add_pages, pages, strict=True):
+        text, used = page_task.result()
         usage += used
         files.append(GeneratedFile(path=page_file(page.slug), content=text))
     return EditedFiles(files=files, fallbacks=fallbacks), usage

@@ -63,7 +63,7 @@ from worker.pipeline.code import make_code
 from worker.pipeline.content import make_content
 from worker.pipeline.edit_assemble import assemble_edit
 from worker.pipeline.edit_files import make_edited_files
-from worker.pipeline.edit_plan import make_edit_plan
+from worker.pipeline.edit_plan import EDITABLE_SUFFIXES, make_edit_plan
 from worker.pipeline.plan import make_plan
 from worker.progress import ProgressLog
 from worker.settings import Settings
@@ -322,7 +322,7 @@ class GenerationRun:
             output, usage = await make_edited_files(
                 self.request["instruction"],
                 self._output("edit_plan", EditPlan),
-                {f.path: f.content.decode() for f in base.files if f.path.endswith((".html", ".css", ".txt"))},
+                {f.path: f.content.decode() for f in base.files if f.path.endswith(EDITABLE_SUFFIXES)},
                 self.ask,
                 self.log,
             )
