@@ -202,8 +202,8 @@ SELECT coalesce((SELECT max(id) FROM site_generation_logs WHERE order_id = $1), 
 SELECT id, brief IS NOT NULL AS has_brief, created_at, updated_at FROM site_orders WHERE id = $1;
 
 -- name: api_generations
--- An order's generations, newest first, with the pages of each one's manifest.
-SELECT g.id, g.status, g.current_phase, g.attempt, g.error, g.usage, g.replica_id,
+-- An order's runs (generations, edits, rollbacks), newest first, with the pages of each one's manifest.
+SELECT g.id, g.kind, g.version, g.status, g.current_phase, g.attempt, g.error, g.usage, g.replica_id,
        g.created_at, g.started_at, g.finished_at,
        coalesce((SELECT p.output -> 'pages' FROM site_generation_phases p
                  WHERE p.generation_id = g.id AND p.phase = 'assemble'), '[]'::jsonb) AS pages

@@ -497,6 +497,12 @@ async def test_an_edit_and_a_rollback_posted_to_the_api_run_on_a_worker_and_show
     assert result["status"] == "succeeded" and result["version"] == 3
     status, three = await get(api, "/v1/orders/20/versions/3")
     assert three["kind"] == "rollback" and three["rolled_back_to"] == 1 and three["live"] is True
+    status, runs = await get(api, "/v1/orders/20/generations")
+    assert [(r["kind"], r["version"], r["status"]) for r in runs["generations"]] == [
+        ("rollback", 3, "succeeded"),
+        ("edit", 2, "succeeded"),
+        ("generation", 1, "succeeded"),
+    ], "each run says what it was and the version it made"
     status, back = await get(api, "/v1/orders/20/versions/3/diff?against=1")
     assert back["changed"] == [] and back["unchanged"] == 6, "a rollback is the old version's files"
     async with api.http.get(f"{api.url}/v1/orders/20/site/assets/style.css", headers=auth()) as live:

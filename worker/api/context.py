@@ -244,6 +244,8 @@ def generation_json(
     usage = row.get("usage") or {}
     out = {
         "generation_id": row["id"],
+        "kind": row.get("kind", "generation"),
+        "version": row.get("version"),
         "status": row["status"],
         "current_phase": row["current_phase"],
         "attempt": row["attempt"],

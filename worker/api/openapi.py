@@ -41,9 +41,14 @@ def _op(summary: str, responses: dict[str, Any], *, security: list[Any] | None =
 _GENERATION: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "generation_id": {"type": "integer"},
-        "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
-        "current_phase": {"type": ["string", "null"], "enum": ["plan", "content", "code", "assemble", None]},
+        "generation_id": {"type": "integer", "description": "The run's id (a generation's, an edit's or a rollback's)"},
+        "kind": {"enum": ["generation", "edit", "rollback"]},
+        "version": {"type": ["integer", "null"], "description": "The version the run made, once it succeeded"},
+        "status": {"enum": ["waiting", "queued", "running", "succeeded", "failed", "cancelled"]},
+        "current_phase": {
+            "type": ["string", "null"],
+            "enum": ["plan", "content", "code", "assemble", "edit_plan", "edit_files", "publish", None],
+        },
         "attempt": {"type": "integer"},
         "error": {"type": ["object", "null"], "description": "type, message, phase, retryable, traceback, details"},
         "usage": {"type": "object", "description": "input_tokens, output_tokens, calls, cost_usd"},
