@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 #: A page or section identifier: also the page's file name, so nothing path-like.
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")]
 HexColor = Annotated[str, StringConstraints(pattern=r"^#[0-9a-fA-F]{6}$")]
-#: The most pages a site has (its plan's limit, which an edit adding pages keeps to as well).
+#: The most pages a generation makes (the brief's and the generated plan's limit).
 MAX_PAGES = 12
+#: The most pages a site grows to by edits that add pages (a site plan's limit).
+MAX_SITE_PAGES = 24
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 #: Relative POSIX path of a generated file: segments of safe characters, no '..', no
@@ -82,7 +84,7 @@ class Brief(_Strict):
     tone: str = Field(default="friendly and professional", max_length=100)
     language: str = Field(default="en", pattern=r"^[a-z]{2}(?:-[A-Z]{2})?$")
     services: list[ShortText] = Field(default_factory=list, max_length=12)
-    pages: list[PageRequest] = Field(default_factory=list, max_length=12)
+    pages: list[PageRequest] = Field(default_factory=list, max_length=MAX_PAGES)
     brand_color: HexColor | None = None
     contact: Contact = Field(default_factory=Contact)
 
@@ -137,8 +139,8 @@ class SitePlan(_Strict):
     tone: str = Field(default="", max_length=100)
     language: str = Field(default="en", pattern=r"^[a-z]{2}(?:-[A-Z]{2})?$")
     palette: Palette
-    pages: list[PagePlan] = Field(min_length=1, max_length=MAX_PAGES)
-    nav: list[Slug] = Field(min_length=1, max_length=MAX_PAGES)
+    pages: list[PagePlan] = Field(min_length=1, max_length=MAX_SITE_PAGES)
+    nav: list[Slug] = Field(min_length=1, max_length=MAX_SITE_PAGES)
 
     @model_validator(mode="after")
     def _consistent(self) -> SitePlan:
@@ -186,7 +188,7 @@ class PageContent(_Strict):
 class SiteContent(_Strict):
     """Phase `content`: the copy of every section of every planned page."""
 
-    pages: list[PageContent] = Field(min_length=1, max_length=12)
+    pages: list[PageContent] = Field(min_length=1, max_length=MAX_PAGES)
 
     def check_against(self, plan: SitePlan) -> None:
         """Raise ValueError unless this covers exactly the plan's pages and sections."""

@@ -14,7 +14,7 @@ import html
 import re
 from typing import Any
 
-from worker.models import MAX_PAGES, EditPlan, FileEdit, FileRewrite, NewPage, SearchReplace, SitePlan, page_file
+from worker.models import MAX_SITE_PAGES, EditPlan, FileEdit, FileRewrite, NewPage, SearchReplace, SitePlan, page_file
 
 STYLESHEET = "assets/style.css"
 UNDERSTOOD = (
@@ -88,7 +88,7 @@ def edit_plan(inputs: dict[str, Any]) -> EditPlan:
         slug = _slug(name)
         if any(p.slug == slug for p in plan.pages):
             return EditPlan(refuse=f"the site has a {name} page already")
-        if len(plan.pages) >= MAX_PAGES:
+        if len(plan.pages) >= MAX_SITE_PAGES:
             return EditPlan(refuse=f"the site has {len(plan.pages)} pages, the most a site can have: remove one first")
         title = name[:1].upper() + name[1:]
         page = NewPage(slug=slug, title=title, nav_label=title[:40], purpose=instruction[:500])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from worker.ai.base import Usage
-from worker.models import MAX_PAGES, EditPlan, SitePlan, page_file
+from worker.models import MAX_SITE_PAGES, EditPlan, SitePlan, page_file
 from worker.pipeline import Ask
 
 #: Files an edit never changes itself: the assemble phase writes the manifest.
@@ -39,9 +39,9 @@ def check_edit_plan(edit: EditPlan, plan: SitePlan, paths: Collection[str], page
         problems.append(f"add_pages names pages the site has already: {', '.join(again)} (put them in change)")
     if len({p.slug for p in edit.add_pages}) != len(edit.add_pages):
         problems.append("add_pages names a page twice")
-    if edit.add_pages and len(plan.pages) + len(edit.add_pages) > MAX_PAGES:
+    if edit.add_pages and len(plan.pages) + len(edit.add_pages) > MAX_SITE_PAGES:
         problems.append(
-            f"a site has at most {MAX_PAGES} pages: this one has {len(plan.pages)}, and add_pages adds "
+            f"a site has at most {MAX_SITE_PAGES} pages: this one has {len(plan.pages)}, and add_pages adds "
             f"{len(edit.add_pages)} (refuse, or replace a page's content instead)"
         )
     if pages is not None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from worker.ai.base import Usage
-from worker.models import Brief, SitePlan
+from worker.models import MAX_PAGES, Brief, SitePlan
 from worker.pipeline import Ask
 
 
 def check_plan(brief: Brief, plan: SitePlan) -> None:
-    """The plan must keep every page the brief asked for."""
+    """The plan must keep every page the brief asked for, and make at most MAX_PAGES (edits may add more)."""
+    if len(plan.pages) > MAX_PAGES:
+        raise ValueError(f"the plan has {len(plan.pages)} pages: a generated site has at most {MAX_PAGES}")
     planned = {p.slug for p in plan.pages}
     missing = [p.slug for p in brief.pages if p.slug not in planned]
     if missing:
