@@ -18,6 +18,7 @@ from arq.constants import job_key_prefix
 from loguru import logger
 
 from worker.client import JOB_FUNCTIONS, deserialize, sent_order
+from worker.client import job_id as job_id_of_order
 from worker.polling import original_scores_key
 
 #: How many queued jobs ahead of an edit are looked at (a backlog longer than this is not read whole).
@@ -37,14 +38,19 @@ async def jobs_ahead(
         return []
     mine = round(enqueued_at.timestamp() * 1000)
     # A job a replica took is leased: its score in the queue is its lease's end, and its own score (when it
-    # was due) is kept in the leased scores (worker/polling.py) until it ends. Both are read.
-    # (a hash, job id -> score, as long as the replicas run jobs at once: max_jobs each).
+    # was due) is kept in the leased scores (worker/polling.py; a hash, job id -> score, as long as the
+    # replicas run jobs at once) until it ends. A job retried with a delay before it was registered (its
+    # claim could not reach PostgreSQL) is scored at its retry: the order's edits and rollbacks are also
+    # found by their ids (`<function>:<order_id>:<key>`), whatever their score, and its generate_site job.
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrangebyscore(queue, "-inf", mine, 0, MAX_AHEAD)
         pipe.hgetall(original_scores_key(queue))
         queued, leased = await pipe.execute()
     taken = [i for i, score in leased.items() if float(score) <= mine]
-    seen = dict.fromkeys(i.decode() if isinstance(i, bytes) else i for i in [*queued, *taken])
+    changes = [m async for m, _ in redis.zscan_iter(queue, match=f"*_site:{order_id}:*", count=1000)]
+    seen = dict.fromkeys(
+        i.decode() if isinstance(i, bytes) else i for i in [*queued, *taken, *changes, job_id_of_order(order_id)]
+    )
     ids = [i for i in seen if i != job_id][:MAX_AHEAD]
     if not ids:
         return []
