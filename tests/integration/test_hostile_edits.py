@@ -30,6 +30,7 @@ from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
+from tests.integration.test_hostile_input import outside, system_files
 from tests.quality.test_hostile_pages import POSITIONS, VECTORS, Vector, base_files, fill, site_with
 from tests.unit.test_sanitize import script_capable
 from worker import client
@@ -136,29 +137,6 @@ async def outcome(job: Job) -> JobResult:
 def site_files(settings: Settings, order_id: int) -> dict[str, bytes]:
     root = Path(settings.output.dir) / str(order_id)
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def outside(root: Path, order_ids: Iterable[int]) -> dict[str, tuple[str, int, str]]:
-    """Every path under `root` (the test's whole tmp tree) but the orders' own output directories."""
-    own = {f"sites/{order_id}" for order_id in order_ids}
-    found: dict[str, tuple[str, int, str]] = {}
-    for directory, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            path = Path(directory) / name
-            relative = path.relative_to(root).as_posix()
-            if any(relative == o or relative.startswith(o + "/") for o in own):
-                continue
-            if path.is_symlink():
-                found[relative] = ("link", 0, os.readlink(path))
-            elif path.is_dir():
-                found[relative] = ("dir", 0, "")
-            else:
-                found[relative] = ("file", path.stat().st_size, path.read_text(errors="replace"))
-    return found
-
-
-def system_files() -> dict[str, tuple[int, int]]:
-    return {p: (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in ("/etc/passwd", "/etc/hosts")}
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,16 @@ def fifty_megabyte_fault() -> str:
 # --------------------------------------------------------------------------- what must hold afterwards
 
 
-def tree(root: Path, order_id: int) -> dict[str, tuple[str, int, str]]:
-    """Every path under `root` but the order's own output directory: kind, size, and content for files."""
-    order = f"sites/{order_id}"
+def outside(root: Path, order_ids: Iterable[int]) -> dict[str, tuple[str, int, str]]:
+    """Every path under `root` (a test's whole tmp tree) but the orders' own output directories: kind, size, and
+    content for files."""
+    own = {f"sites/{order_id}" for order_id in order_ids}
     found: dict[str, tuple[str, int, str]] = {}
     for directory, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
             path = Path(directory) / name
             relative = path.relative_to(root).as_posix()
-            if relative == order or relative.startswith(order + "/"):
+            if any(relative == o or relative.startswith(o + "/") for o in own):
                 continue
             if path.is_symlink():
                 found[relative] = ("link", 0, os.readlink(path))
@@ -107,6 +109,11 @@ def tree(root: Path, order_id: int) -> dict[str, tuple[str, int, str]]:
             else:
                 found[relative] = ("file", path.stat().st_size, path.read_text(errors="replace"))
     return found
+
+
+def tree(root: Path, order_id: int) -> dict[str, tuple[str, int, str]]:
+    """Every path under `root` but the order's own output directory."""
+    return outside(root, [order_id])
 
 
 def system_files() -> dict[str, tuple[int, int]]:
