@@ -30,7 +30,6 @@ import random
 import re
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -106,12 +105,6 @@ EDIT_INSTRUCTIONS = (
 DOOMED_EDIT = "Write me a poem about the sea"
 #: The error of a refused edit.
 EDIT_FAILURE = "EditFailed"
-#: A defect this soak found, reported and not fixed yet (tests/integration/test_claim_model.py, defect 1, has its
-#: xfail test): an edit taken by a replica's poll is not among the jobs `worker.ordering.jobs_ahead` reads until its
-#: claim registers it (its score is its lease's end, or a deferred retry's due time), so an edit sent after it may start
-#: first. While this is True, versions applied out of the order sent that this explains (the edit sent first was
-#: registered only after the other one started) are notes, not failures; any other disorder fails the check.
-ORDER_DEFECT_KNOWN = True
 
 
 # --------------------------------------------------------------------------- the plan
@@ -315,10 +308,10 @@ class Chaos:
                     self.edits_pending.discard(order_id)
 
     async def _send_edit(self, order_id: int, kind: str, arg: Any) -> None:
-        # The job id is chosen here, not by `client.enqueue_edit`: an enqueue sent again after Redis failed under it
-        # is then the same job (arq drops the second), never a second edit.
+        # The job id is made here, as `client.enqueue_edit` makes it (its last part sorts by send time), so that an
+        # enqueue sent again after Redis failed under it is the same job (arq drops the second), never a second edit.
         function = client.EDIT_FUNCTION if kind == "edit" else client.ROLLBACK_FUNCTION
-        job_id = f"{function}:{order_id}:{uuid.uuid4().hex}"
+        job_id = f"{function}:{order_id}:{client.send_key()}"
         kwargs: dict[str, Any] = {"base_version": None, "pages": None} if kind == "edit" else {}
         while True:
             await self.redis_up.wait()
@@ -334,9 +327,6 @@ class Chaos:
             except (OSError, redis.exceptions.RedisError):
                 await asyncio.sleep(0.2)
         self.sent_edits.setdefault(order_id, []).append(SentEdit(order_id, job_id, kind, arg, self.now()))
-        # arq stamps enqueue times in milliseconds: edits sent in the same one are ordered by their job ids, which are
-        # random here. One millisecond apart at least, so their send order is theirs.
-        await asyncio.sleep(0.002)
 
     async def watch(self) -> None:
         """Every half second: replicas that exited though nobody stopped them, and replicas wedged."""
@@ -951,7 +941,6 @@ def _check_edits(
     sent_index = {e.job_id: i for sent in chaos.sent_edits.values() for i, e in enumerate(sent)}
     sent_of_job = {e.job_id: e for sent in chaos.sent_edits.values() for e in sent}
     job_of_run = {r["id"]: r["job_id"] for r in runs}
-    run_by_id = {r["id"]: r for r in runs}
 
     def timeline(order_id: int) -> str:
         """When each edit or rollback of the order was sent, registered (its first claim), started and ended."""
@@ -974,11 +963,10 @@ def _check_edits(
         applied = [(v["number"], sent_index.get(job_of_run.get(v["generation_id"], ""), -1)) for v in mine[1:]]
         if [i for _, i in applied] != sorted(i for _, i in applied) or any(i < 0 for _, i in applied):
             listed = ", ".join(f"version {n}: sent #{i + 1}" for n, i in applied)
-            found = f"order {order_id}: not in the order sent ({listed}):\n      {timeline(order_id)}\n    "
-            if ORDER_DEFECT_KNOWN and _jumped_an_unregistered_edit(mine, run_by_id, sent_of_job):
-                verdict.notes.append(f"known defect (edit order, see ORDER_DEFECT_KNOWN): {found}")
-            else:
-                order_check.append(found + evidence(order_id))
+            order_check.append(
+                f"order {order_id}: not in the order sent ({listed}):\n      {timeline(order_id)}\n    "
+                f"{evidence(order_id)}"
+            )
         for v in mine:
             if v["kind"] == "rollback" and files_of.get((order_id, v["number"])) != files_of.get(
                 (order_id, v["rolled_back_to"])
@@ -1014,24 +1002,6 @@ def _check_edits(
                 f"(on disk only: {sorted(disk.keys() - expected.keys())[:5]}, "
                 f"missing: {sorted(expected.keys() - disk.keys())[:5]}); {evidence(order_id)}"
             )
-
-
-def _jumped_an_unregistered_edit(
-    versions: list[asyncpg.Record], runs: dict[int, asyncpg.Record], sent: dict[str, SentEdit]
-) -> bool:
-    """Whether every pair of the order's versions applied out of the order sent is one that the known defect makes:
-    the later-sent edit started before the earlier one was registered (its first claim had not run yet)."""
-    made = [runs[v["generation_id"]] for v in versions if v["generation_id"] in runs]
-    for i, earlier_made in enumerate(made):
-        for later_made in made[i + 1 :]:
-            first, second = sent.get(earlier_made["job_id"]), sent.get(later_made["job_id"])
-            if first is None or second is None or first.at_s < second.at_s:
-                continue  # applied in the order sent
-            # `later_made` was sent first, yet applied after `earlier_made`: explained only if it was not registered
-            # when `earlier_made` started.
-            if not later_made["created_at"] > earlier_made["started_at"]:
-                return False
-    return True
 
 
 #: Rows about an edit or rollback written by a replica that does not run it (it waits, found it ended, lost it).
@@ -1087,8 +1057,8 @@ def _lost_with_sigkill(cluster: Cluster, chaos: Chaos, missing: list[str], done_
 
 
 def _time(at: Any) -> str:
-    """A PostgreSQL timestamp as the time of day the replicas' log lines start with (UTC), or '-'."""
-    return at.strftime("%H:%M:%S.%f")[:-3] if at is not None else "-"
+    """A PostgreSQL timestamp as the time of day the replicas' log lines start with (local time), or '-'."""
+    return at.astimezone().strftime("%H:%M:%S.%f")[:-3] if at is not None else "-"
 
 
 def _clock(at: float) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import pytest
 from arq import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -47,22 +48,11 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 FILES = [OutputFile("index.html", b"<!doctype html><title>x</title>")]
 APP = "sitegen-worker:model"
 #: At most this many edits and rollbacks are sent in one run of the model (each is a few steps to end).
-MAX_SENT = 6
+MAX_SENT = 8
 #: The file an edit of the model appends its job id to: the live version's copy lists the edits it holds.
 EDITS_TXT = "edits.txt"
 #: A claim that could not reach PostgreSQL is retried this much later (`worker.retry_backoff_s`).
 BACKOFF_MS = 200
-#: Two defects of the edit claim this model found, reported and not fixed yet (each has an xfail test at the end of
-#: this file). While this is True the model leaves out the steps that reach them, so that it checks the rest:
-#: 1. a job a replica's poll took but whose claim has not registered it yet (the moment between the poll and the
-#:    claim, a replica killed in it, or a claim that could not reach PostgreSQL and was deferred) is not among the
-#:    jobs `jobs_ahead` reads (its score is its lease's end or its retry's due time): an edit sent after it starts
-#:    first; the model's steps: a poll whose run claims later, a claim that cannot reach PostgreSQL;
-#: 2. `sitegen_claim_edit` resumes a run with `WHERE id = own.id`, without the recheck of `sitegen_claim`: a claim
-#:    that waited for the row lock of a write that failed or cancelled the run reopens it (`running`, attempt + 1);
-#:    the model's step: a failing or cancelling write that races a claim of the same job.
-#: Set it to False to see the model find both.
-AVOID_KNOWN_DEFECTS = True
 
 
 def generation_files(generation_id: int) -> list[OutputFile]:
@@ -530,8 +520,9 @@ class GenerationModel(RuleBasedStateMachine):
         self.made[(order_id, number)] = {f.path: f.sha256 for f in files}
 
     def _ahead(self, sent: Sent) -> list[str]:
-        """What `worker.ordering.jobs_ahead` reads in Redis for this job: the order's jobs sent before it that wait
-        in the queue scored up to its enqueue time (a job a run holds is scored at the end of its lease)."""
+        """What `worker.ordering.jobs_ahead` reads in Redis for this job: the order's jobs sent before it (by enqueue
+        time, then by `client.sent_order`) that Redis still holds, whatever their score (waiting, taken by a run,
+        or retried with a delay)."""
         mine = round(ms(sent.enqueued_at))
         return [
             s.job_id
@@ -539,9 +530,7 @@ class GenerationModel(RuleBasedStateMachine):
             if s.order_id == sent.order_id
             and s is not sent
             and s.outcome is None
-            and s.taken_by is None
-            and s.score <= mine
-            and (round(ms(s.enqueued_at)), s.job_id) < (mine, sent.job_id)
+            and (round(ms(s.enqueued_at)), client.sent_order(s.job_id)) < (mine, client.sent_order(sent.job_id))
         ]
 
     def _take(self, sent: Sent, replica: str) -> None:
@@ -889,17 +878,33 @@ class GenerationModel(RuleBasedStateMachine):
 
 
 class EditModel(GenerationModel):
-    """The model with edits and rollbacks sent for the orders, the first of which has its site already: its
-    replicas run them (and regenerate now and then) while leases lapse, replicas die and writes race claims."""
+    """The model with edits and rollbacks sent for the orders, which have their sites already: its replicas run them
+    (and regenerate now and then) while leases lapse, replicas die, writes race claims and a cancel comes."""
 
-    # The generation's own crash loop, failures and races are the model's above; here its rules that touch edits.
+    # The generation's own crash loop, failures, races, heartbeats and sweeps are the model's above; here the rules
+    # that meet edits: regenerations (a claim with regenerate=true), leases that lapse, one cancel.
     kills_its_replicas = None  # type: ignore[assignment]
     give_up = None  # type: ignore[assignment]
     write_races_a_claim = None  # type: ignore[assignment]
+    heartbeat = None  # type: ignore[assignment]
+    sweep = None  # type: ignore[assignment]
+
+    def new_job(self, order_id: int) -> None:  # not a rule here: a regeneration (`claim`) sends its own job
+        GenerationModel.new_job(self, order_id)
+
+    #: Whether the order's jobs were cancelled once (`sitegen cancel` ends every edit sent before it: once is enough).
+    cancelled = False
 
     async def _reset(self) -> None:
         await super()._reset()
-        await self._generated(ORDERS[0])
+        for order_id in ORDERS:
+            await self._generated(order_id)
+
+    @precondition(lambda self: not self.cancelled)
+    @rule(order_id=st.sampled_from(ORDERS))
+    def cancel(self, order_id: int) -> None:
+        self.cancelled = True
+        self.run(self.stores["r0"].request_cancel(order_id, "model: cancel"))
 
     @precondition(lambda self: len(self.sent) < MAX_SENT)
     @rule(
@@ -924,7 +929,7 @@ class EditModel(GenerationModel):
         """A replica's poll takes a queued edit or rollback; its run claims it now or in a later step."""
         sent = data.draw(st.sampled_from(self._queued()))
         self._take(sent, replica)
-        if claim_now or AVOID_KNOWN_DEFECTS:
+        if claim_now:
             self.run(self._claim_edit(replica, sent))
 
     @precondition(lambda self: self._taken())
@@ -933,7 +938,7 @@ class EditModel(GenerationModel):
         """The run of a taken job claims it; or its claim cannot reach PostgreSQL, and the job is retried later."""
         sent = data.draw(st.sampled_from(self._taken()))
         assert sent.taken_by is not None
-        if reaches or AVOID_KNOWN_DEFECTS:
+        if reaches:
             self.run(self._claim_edit(sent.taken_by, sent))
         else:
             self._retry(sent, sent.taken_by, BACKOFF_MS)
@@ -982,9 +987,6 @@ class EditModel(GenerationModel):
         Redis lapsed too: the writer is slow, not dead) or the order's generation; then the write commits."""
         held = data.draw(st.sampled_from(sorted(self.edits_held.values(), key=lambda h: (h.replica, h.job.seq))))  # type: ignore[union-attr]
         other = data.draw(st.sampled_from([r for r in REPLICAS if r != held.replica]))
-        ends = write in ("fail", "cancel") or (write == "advance" and held.cancel_seen)
-        if AVOID_KNOWN_DEFECTS and claimer == "same job" and ends:
-            claimer = "generation"  # defect 2 below
         self.run(self._race(held, other, write, claimer))
 
 
@@ -1025,7 +1027,7 @@ def test_edits_and_rollbacks_keep_their_guarantees(services: LocalServices, migr
     run_model(EditModel, services, max_examples=50)
 
 
-# ------------------------------------------------------------------------ the defects the edit model found
+# ------------------------------------------------------------- the defects the edit model found (issue 22)
 
 EDIT_REQUEST = {"instruction": "Make the header blue", "base_version": None, "pages": None}
 
@@ -1042,13 +1044,9 @@ async def store(services: LocalServices, db: asyncpg.Connection) -> AsyncIterato
         await pool.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 1 (reported): jobs_ahead reads only the due range of the queue, and a job a poll took is scored "
-    "at its lease's end (or a deferred retry's due time): an edit sent after it starts first",
-)
 async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(store: Store, redis: ArqRedis) -> None:
-    """Replica A's poll takes edit 1; before A's claim registers it, replica B claims edit 2, sent after it."""
+    """Defect 1a the edit model found (fixed in cfaf7d6): replica A's poll takes edit 1; before A's claim registers
+    it, replica B claims edit 2, sent after it. B waits."""
     first = await client.enqueue_edit(redis, 1, "Make the header blue")
     await asyncio.sleep(0.005)  # a later enqueue time (milliseconds): sent second
     second = await client.enqueue_edit(redis, 1, "Make the header green")
@@ -1061,7 +1059,8 @@ async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(st
     info = await second.info()
     assert info is not None
     ahead = await jobs_ahead(redis, client.QUEUE_NAME, 1, second.job_id, info.enqueue_time)
-    with pytest.raises(OrderBusy):  # defect 1: `started`, on version 1, ahead of edit 1
+    assert ahead == [first.job_id]
+    with pytest.raises(OrderBusy):
         await store.claim_edit(
             1,
             "edit",
@@ -1073,14 +1072,57 @@ async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(st
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 2 (reported): sitegen_claim_edit resumes a run WHERE id = own.id, without rechecking its status "
-    "and claim after the row lock it waited for: it reopens a run that the write it waited for failed",
-)
+async def test_an_edit_sent_second_waits_for_one_whose_claim_could_not_reach_postgresql(
+    store: Store, redis: ArqRedis
+) -> None:
+    """Defect 1b the edit model found (fixed in bfb1bd9): replica A takes edit 1; its claim cannot reach PostgreSQL,
+    so the job is retried in 2 s (what `run_edit` asks for an infrastructure error), scored at its retry and leased no
+    more; meanwhile replica B claims edit 2, sent after it. B waits."""
+    first = await client.enqueue_edit(redis, 1, "Make the header blue")
+    await asyncio.sleep(0.005)
+    second = await client.enqueue_edit(redis, 1, "Make the header green")
+    assert first is not None and second is not None
+    token = polling.new_token("A")
+    poll = redis.register_script(polling.POLL)
+    taken, _ = await polling.claim(
+        poll, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=8000, token=token, read_aborts=False
+    )
+    assert [t.decode() for t in taken[::2]] == [first.job_id]
+    queue = client.QUEUE_NAME
+    retried = await redis.register_script(polling.FINISH)(
+        keys=[
+            in_progress_key_prefix + first.job_id,
+            job_key_prefix + first.job_id,
+            retry_key_prefix + first.job_id,
+            result_key_prefix + first.job_id,
+            queue,
+            abort_jobs_ss,
+            polling.leases_key(queue),
+            polling.original_scores_key(queue),
+        ],
+        args=[token, first.job_id, "leave", "", "", taken[1].decode(), 2000, ""],
+    )
+    assert retried == 1
+    info = await second.info()
+    assert info is not None
+    ahead = await jobs_ahead(redis, queue, 1, second.job_id, info.enqueue_time)
+    assert ahead == [first.job_id]
+    with pytest.raises(OrderBusy):
+        await store.claim_edit(
+            1,
+            "edit",
+            {**EDIT_REQUEST, "instruction": "Make the header green"},
+            job_id=second.job_id,
+            enqueued_at=info.enqueue_time,
+            max_attempts=MAX_ATTEMPTS,
+            ahead=ahead,
+        )
+
+
 async def test_a_claim_that_waited_for_a_failing_write_leaves_the_edit_failed(store: Store) -> None:
-    """Replica r0's lease lapsed (it is slow, not dead): its write that fails the edit holds the row lock while
-    replica r1 claims the same job; r0 commits, and r1's claim goes on."""
+    """Defect 2 the edit model found (fixed in bfb1bd9): replica r0's lease lapsed (it is slow, not dead); its write
+    that fails the edit holds the row lock while replica r1 claims the same job; r0 commits, and r1's claim goes on.
+    It finds the edit failed (it reopened it: `running`, attempt 2)."""
     now = dt.datetime.now(dt.UTC)
     job = {"job_id": "edit_site:1:a", "enqueued_at": now, "max_attempts": MAX_ATTEMPTS, "ahead": []}
     claim = await store.claim_edit(1, "edit", EDIT_REQUEST, **job)  # type: ignore[arg-type]
@@ -1098,7 +1140,6 @@ async def test_a_claim_that_waited_for_a_failing_write_leaves_the_edit_failed(st
                 await asyncio.wait([racing], timeout=0.002)
         after = await racing
         status = await watcher.fetchval("SELECT status FROM site_generations WHERE id = $1", claim.generation_id)
-    # defect 2: `resumed` (attempt 2), and the failed edit is running again
     assert (after.kind, after.status, status) == ("ended", "failed", "failed")
 
 
