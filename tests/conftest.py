@@ -131,8 +131,15 @@ def log_lines() -> Iterator[list[str]]:
 # --------------------------------------------------------------------------- parallel runs (pytest-xdist)
 
 #: The longest tests, started first so that none of them is the tail of a parallel run: the chaos soak
-#: (2 minutes of faults), the bench smoke test, then the fault suite.
-START_FIRST = ("tests/faults/test_chaos.py", "tests/integration/test_bench.py", "tests/faults/")
+#: (2 minutes of faults), the bench smoke test, the hostile pages in Chromium (one test of about 2 minutes), the
+#: stateful claim model, then the fault suite.
+START_FIRST = (
+    "tests/faults/test_chaos.py",
+    "tests/integration/test_bench.py",
+    "tests/quality/test_hostile_pages.py",
+    "tests/integration/test_claim_model.py",
+    "tests/faults/",
+)
 #: Scopes whose fixtures a module's tests share: its tests stay on one worker (set up once, in order).
 SHARED_SCOPES = frozenset({"module", "class", "package"})
 

@@ -60,6 +60,7 @@ async def test_a_phase_commit_reports_a_cancel_request(store: Store, db: asyncpg
         "id": claim.generation_id,
         "status": "running",
         "kind": "generation",
+        "job_id": "job-502",  # the arq job to abort, to interrupt its model call in flight
     }
     assert await store.commit_phase(claim, "plan", {}, usage={}, total_usage={}, duration_ms=1) is True
     assert await db.fetchval("SELECT count(*) FROM site_generation_phases") == 1, "the finished phase is kept"
