@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,38 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 pytest.importorskip("psutil", reason="psutil is a dev dependency: `make install`")
+
+
+#: How long a bench run stopped with Ctrl-C (SIGINT) gets to stop its servers before it is killed.
+STOP_S = 30
+
+
+def run_bench(args: list[str], *, timeout_s: float) -> str:
+    """`python -m bench.run ARGS` without the caller's service settings; fails the test unless it exits 0 in
+    `timeout_s`. One that takes longer is stopped as a person would, with SIGINT, so that it stops the
+    PostgreSQL and Redis it started (a SIGKILL left them running), and killed only after STOP_S more. What it
+    printed on stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
+    with subprocess.Popen(
+        [sys.executable, "-m", "bench.run", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as bench:
+        try:
+            out, err = bench.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            bench.send_signal(signal.SIGINT)
+            try:
+                out, err = bench.communicate(timeout=STOP_S)
+            except subprocess.TimeoutExpired:
+                bench.kill()
+                out, err = bench.communicate()
+            raise AssertionError(f"bench.run did not end in {timeout_s:.0f} s:\n{out[-3000:]}{err[-3000:]}") from None
+    assert bench.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 @pytest.mark.timeout(240)
@@ -53,11 +86,7 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--order-base", "500001",
         "--out", str(out),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=220
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_bench(args, timeout_s=220)
 
     report = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
@@ -119,11 +148,7 @@ def test_the_edits_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--order-base", "600001",
         "--out", str(out),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SITEGEN_", "DATABASE_URL", "REDIS_URL"))}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = run_bench(args, timeout_s=100)
 
     edits = json.loads((out / "results.json").read_text())["edits"]
     (site,) = edits["sites"]
@@ -138,4 +163,4 @@ def test_the_edits_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     assert reads["versions"] == 3 and reads["one_version_ms"]["n"] == reads["many_after_analyze_ms"]["n"] == 5
     results = (out / "RESULTS.md").read_text()
     assert "## Edits and versions (issue 22" in results and "| 2 pages | colour: Make the header blue" in results
-    assert "PASS" in done.stdout or "MISS" in done.stdout
+    assert "PASS" in printed or "MISS" in printed
