@@ -251,9 +251,15 @@ class GenerationRun:
             schema,
             check=check,
             max_retries=self.rt.settings.ai.max_output_retries,
-            notify=self.log,
+            notify=self._model_notice,
             before_call=partial(self.rt.heartbeat.check, self.claim),
         )
+
+    async def _model_notice(self, message: str, **kwargs: Any) -> None:
+        """A model call's progress (a retry, a wait for a provider), written only while this replica may still
+        hold the run (`Heartbeat.check_held`): a replica resumed from a stall stops here, before its first row."""
+        self.rt.heartbeat.check_held(self.claim, self.rt.settings.worker.lease_s)
+        await self.log(message, **kwargs)
 
     def result(self, status: str) -> dict[str, Any]:
         manifest = self.outputs.get("assemble") or self.outputs.get("publish") or {}
@@ -593,15 +599,34 @@ class Heartbeat:
     def __init__(self) -> None:
         self.running: dict[uuid.UUID, tuple[Claim, str | None]] = {}
         self.lost: set[uuid.UUID] = set()
+        #: When PostgreSQL last extended each claim's lease, as far as this replica knows (monotonic; the
+        #: start of the beat that did, or the claim itself).
+        self.confirmed: dict[uuid.UUID, float] = {}
 
     def track(self, claim: Claim, job_id: str | None) -> None:
         assert claim.token is not None
         self.running[claim.token] = (claim, job_id)
+        self.confirmed[claim.token] = time.monotonic()
 
     def forget(self, claim: Claim) -> None:
         if claim.token is not None:
             self.running.pop(claim.token, None)
             self.lost.discard(claim.token)
+            self.confirmed.pop(claim.token, None)
+
+    def check_held(self, claim: Claim, lease_s: float) -> None:
+        """`check`, and raise ClaimLost too if no beat has confirmed the claim for longer than its lease: the
+        replica was stalled (SIGSTOP, a frozen VM) or cut off from PostgreSQL, so another replica may run the
+        generation now. For what a run writes about itself as it goes (a model call's retry), which the
+        replica that owns it now would otherwise find beside its own rows."""
+        self.check(claim)
+        assert claim.token is not None
+        age = time.monotonic() - self.confirmed.get(claim.token, time.monotonic())
+        if age > lease_s:
+            raise ClaimLost(
+                f"generation {claim.generation_id}: its lease was last confirmed {age:.1f} s ago, longer than its "
+                f"lease (worker.lease_s = {lease_s:g}): another replica may run it now"
+            )
 
     def check(self, claim: Claim) -> None:
         """Raise ClaimLost if the heartbeat found this claim taken over (before a model call is made for it)."""
@@ -655,7 +680,11 @@ class Heartbeat:
 
     async def renew_leases(self, rt: Runtime) -> None:
         running = dict(self.running)
+        started = time.monotonic()
         held = await rt.store.heartbeat(list(running))
+        for token in held:
+            if token in self.confirmed:
+                self.confirmed[token] = started
         for token in running.keys() - held:
             if token in self.running and token not in self.lost:
                 self.lost.add(token)
