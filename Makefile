@@ -39,10 +39,11 @@ lint: install
 typecheck: install
 	$(BIN)/mypy worker
 
-## The suite on PYTEST_WORKERS pytest-xdist workers, each with its own throwaway PostgreSQL and Redis;
+## The suite on PYTEST_WORKERS pytest-xdist workers, each with its own throwaway PostgreSQL and Redis (5: the tests
+## mostly wait on processes and servers, so 5 keep 2 cores busy; 3 left them a third idle);
 ## the longest tests start first and the fault suite runs one scenario at a time (tests/conftest.py).
 ## PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 5
 pytest: install quality-tools
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 

@@ -52,7 +52,7 @@ def run_bench(args: list[str], *, timeout_s: float) -> str:
     return out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
     out = tmp_path / "results"
     args = [
@@ -86,7 +86,7 @@ def test_every_scenario_runs_and_is_reported(tmp_path: Path) -> None:
         "--order-base", "500001",
         "--out", str(out),
     ]  # fmt: skip
-    run_bench(args, timeout_s=220)
+    run_bench(args, timeout_s=420)  # about 100 s alone; the suite's other workers share the cores
 
     report = json.loads((out / "results.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
