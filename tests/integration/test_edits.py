@@ -169,6 +169,33 @@ async def test_an_edit_the_model_cannot_do_fails_and_leaves_the_live_version(
     assert kinds[-1] == "edit.failed"
 
 
+async def test_an_edit_limited_to_a_page_the_site_lacks_fails_naming_pages(
+    start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """`pages` naming a page the site does not have (and the edit does not add) was accepted silently and the
+    edit applied to other files; it fails now with an error naming `pages` and the site's pages, stored on
+    the edit and in its progress log, the live version kept. A page the edit adds may be named."""
+    await generated(start_worker, redis, 38)
+    before = site_files(settings, 38)
+    job = await client.enqueue_edit(redis, 38, "Make the header blue", pages=["index", "pricing"])
+    assert job is not None
+    info = await failed(job)
+    assert not info.success and "pages: the site has no page 'pricing'" in str(info.result)
+    assert site_files(settings, 38) == before
+    row = await db.fetchrow("SELECT status, error FROM site_generations WHERE order_id = 38 AND kind = 'edit'")
+    assert (
+        row["status"] == "failed"
+        and row["error"]["details"]["field"] == "pages"
+        and "its pages: about, " in row["error"]["message"]
+    )
+    logged = await db.fetchval(
+        "SELECT message FROM site_generation_logs WHERE order_id = 38 AND details ->> 'event' = 'edit.failed'"
+    )
+    assert "pages: the site has no page 'pricing'" in logged
+    added = await edit(redis, 38, "Add a pricing page", pages=["pricing"])
+    assert added["status"] == "succeeded" and "pricing.html" in site_files(settings, 38)
+
+
 async def test_five_edits_sent_at_once_run_one_after_another_in_order(
     start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection, settings: Settings
 ) -> None:

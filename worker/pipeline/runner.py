@@ -323,6 +323,13 @@ class GenerationRun:
             )
             if output.refuse:
                 raise EditFailed(f"the model cannot carry out this edit: {output.refuse}", phase=phase)
+            known = {p.slug for p in self._base_plan(base).pages} | {p.slug for p in output.add_pages}
+            if unknown := [slug for slug in self.request.get("pages") or [] if slug not in known]:
+                raise EditInvalid(
+                    f"pages: the site has no page {', '.join(map(repr, unknown))} and the edit adds none of that "
+                    f"name (its pages: {', '.join(sorted(known))})",
+                    field="pages",
+                )
         elif phase == "edit_files":
             base = await self._base_site()
             output, usage = await make_edited_files(
