@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 from arq import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import Job
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -1044,18 +1045,8 @@ async def store(services: LocalServices, db: asyncpg.Connection) -> AsyncIterato
         await pool.close()
 
 
-async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(store: Store, redis: ArqRedis) -> None:
-    """Defect 1a the edit model found (fixed in cfaf7d6): replica A's poll takes edit 1; before A's claim registers
-    it, replica B claims edit 2, sent after it. B waits."""
-    first = await client.enqueue_edit(redis, 1, "Make the header blue")
-    await asyncio.sleep(0.005)  # a later enqueue time (milliseconds): sent second
-    second = await client.enqueue_edit(redis, 1, "Make the header green")
-    assert first is not None and second is not None
-    poll = redis.register_script(polling.POLL)
-    taken, _ = await polling.claim(
-        poll, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=8000, token=polling.new_token("A"), read_aborts=False
-    )
-    assert [t.decode() for t in taken[::2]] == [first.job_id]
+async def waits_for(store: Store, redis: ArqRedis, first: Job, second: Job) -> None:
+    """Edit `second`, sent after `first`, finds `first` ahead of it and waits (its claim: busy)."""
     info = await second.info()
     assert info is not None
     ahead = await jobs_ahead(redis, client.QUEUE_NAME, 1, second.job_id, info.enqueue_time)
@@ -1070,6 +1061,21 @@ async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(st
             max_attempts=MAX_ATTEMPTS,
             ahead=ahead,
         )
+
+
+async def test_an_edit_sent_second_waits_for_one_a_poll_took_before_its_claim(store: Store, redis: ArqRedis) -> None:
+    """Defect 1a the edit model found (fixed in cfaf7d6): replica A's poll takes edit 1; before A's claim registers
+    it, replica B claims edit 2, sent after it. B waits."""
+    first = await client.enqueue_edit(redis, 1, "Make the header blue")
+    await asyncio.sleep(0.005)  # a later enqueue time (milliseconds): sent second
+    second = await client.enqueue_edit(redis, 1, "Make the header green")
+    assert first is not None and second is not None
+    poll = redis.register_script(polling.POLL)
+    taken, _ = await polling.claim(
+        poll, client.QUEUE_NAME, free=1, read_limit=100, lease_ms=8000, token=polling.new_token("A"), read_aborts=False
+    )
+    assert [t.decode() for t in taken[::2]] == [first.job_id]
+    await waits_for(store, redis, first, second)
 
 
 async def test_an_edit_sent_second_waits_for_one_whose_claim_could_not_reach_postgresql(
@@ -1103,20 +1109,7 @@ async def test_an_edit_sent_second_waits_for_one_whose_claim_could_not_reach_pos
         args=[token, first.job_id, "leave", "", "", taken[1].decode(), 2000, ""],
     )
     assert retried == 1
-    info = await second.info()
-    assert info is not None
-    ahead = await jobs_ahead(redis, queue, 1, second.job_id, info.enqueue_time)
-    assert ahead == [first.job_id]
-    with pytest.raises(OrderBusy):
-        await store.claim_edit(
-            1,
-            "edit",
-            {**EDIT_REQUEST, "instruction": "Make the header green"},
-            job_id=second.job_id,
-            enqueued_at=info.enqueue_time,
-            max_attempts=MAX_ATTEMPTS,
-            ahead=ahead,
-        )
+    await waits_for(store, redis, first, second)
 
 
 async def test_a_claim_that_waited_for_a_failing_write_leaves_the_edit_failed(store: Store) -> None:

@@ -30,7 +30,7 @@ from arq.jobs import Job, JobResult, SerializationError
 from arq.worker import Worker
 
 from tests.helpers import SAMPLE_BRIEF, WorkerFactory, remote, wait_for_result, with_ai
-from tests.integration.test_hostile_input import outside, system_files
+from tests.integration.test_hostile_input import canaries, outside, system_files  # noqa: F401 (canaries: a fixture)
 from tests.quality.test_hostile_pages import POSITIONS, VECTORS, Vector, base_files, fill, site_with
 from tests.unit.test_sanitize import script_capable
 from worker import client
@@ -46,19 +46,12 @@ MAX_OUTPUT_RETRIES = 1
 ASKS = MAX_OUTPUT_RETRIES + 1  # the first answer and its re-ask
 PAGE = "about.html"  # the page the vectors go into (as in tests/quality/test_hostile_pages.py)
 STYLESHEET = "assets/style.css"
-OTHER_ORDER = 999  # another order's site: must survive every case untouched
 
 pytestmark = pytest.mark.usefixtures("provider_key")
 
 
-@pytest.fixture(autouse=True)
-def canaries(settings: Settings, tmp_path: Path) -> None:
-    """Files a hostile path could hit: another order's site, and files next to the output root."""
-    other = Path(settings.output.dir) / str(OTHER_ORDER)
-    other.mkdir(parents=True)
-    (other / "index.html").write_text("<p>another order's site</p>")
-    for name in ("x.html", "b.html", "passwd"):
-        (tmp_path / name).write_text("canary next to the output root")
+# The files a hostile path could hit, in every test here: test_hostile_input's `canaries` (autouse): another
+# order's site and files next to the output root.
 
 
 # --------------------------------------------------------------------------- running edits

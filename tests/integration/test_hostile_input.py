@@ -52,8 +52,8 @@ def canaries(settings: Settings, tmp_path: Path) -> None:
     other = Path(settings.output.dir) / str(OTHER_ORDER)
     other.mkdir(parents=True)
     (other / "index.html").write_text("<p>another order's site</p>")
-    (tmp_path / "x.html").write_text("canary next to the output root")
-    (tmp_path / "b.html").write_text("canary next to the output root")
+    for name in ("x.html", "b.html", "passwd"):
+        (tmp_path / name).write_text("canary next to the output root")
 
 
 # --------------------------------------------------------------------------- building hostile answers
