@@ -575,3 +575,36 @@ async def test_the_live_file_read_is_one_key_lookup_with_a_thousand_versions_and
                 condition = json.dumps(scan)
             assert "number" in condition, f"{query}: the version is part of the index lookup, not a filter: {scan}"
     assert (await db.fetchrow(QUERIES["api_site_file"], 30, "index.html"))["content"] == b"<h1>v1</h1>"
+
+
+async def test_an_edits_events_replay_from_last_event_id_with_their_own_kinds(
+    api: Running, start_worker: WorkerFactory, redis: ArqRedis, db: asyncpg.Connection
+) -> None:
+    """Issue 22, section 3: an edit streams over the order's SSE endpoint with its own event kinds, and a client
+    reconnecting with Last-Event-ID gets the rest of them, no gap and no duplicate, then the edit's `end`."""
+    await start_worker()
+    await client.enqueue_generation(redis, 23, SAMPLE_BRIEF)
+    assert (await wait_for_result(redis, 23))["status"] == "succeeded"
+    status, body = await post(api, "/v1/orders/23/edits", {"instruction": "Make the header blue"})
+    assert status == 202, body
+    result = await result_of(redis, body["job_id"])
+    assert result["status"] == "succeeded"
+    rows = await db.fetch(
+        "SELECT id, details ->> 'event' AS event FROM site_generation_logs WHERE order_id = 23 AND generation_id = $1"
+        " ORDER BY id",
+        result["generation_id"],
+    )
+    kinds = [r["event"] for r in rows]
+    assert kinds[0] == "edit.started" and kinds[-1] == "edit.succeeded", kinds
+    assert {"edit.phase.started", "edit.phase.done"} <= set(kinds) and not any(
+        k.startswith("generation.") for k in kinds if k
+    )
+    middle = rows[len(rows) // 2]["id"]
+    headers = {**auth(), "Last-Event-ID": str(middle)}
+    async with api.http.get(f"{api.url}/v1/orders/23/events", headers=headers) as response:
+        events = [e async for e in sse(response) if e.kind != "comment"]
+    assert [e.id for e in events[:-1]] == [r["id"] for r in rows if r["id"] > middle]
+    assert events[-1].kind == "end" and events[-1].data == {
+        "status": "succeeded",
+        "generation_id": result["generation_id"],
+    }
