@@ -44,7 +44,10 @@ async def test_a_killed_replicas_job_resumes_within_a_lease_whatever_the_replica
     """Regression: issue 21 defect 8: lease scores used the claiming replica's wall clock, read by the others
     with theirs. A dead replica whose clock ran 30 s fast hid its job from a survivor running 30 s slow for
     60 s more than its lease. Both ways round: killed fast, survivor slow; then killed slow, survivor fast."""
-    cluster.settings_env.update(SITEGEN_WORKER__LEASE_S=str(LEASE_S))
+    # The hanging call must outlast the survivor's start, however slow the machine: with the harness's 10 s read
+    # timeout the doomed replica's call timed out, its retry answered, and the order was done before the kill
+    # (seen in CI with 5 test workers on 2 cores).
+    cluster.settings_env.update(SITEGEN_WORKER__LEASE_S=str(LEASE_S), SITEGEN_AI__PROVIDERS__FAKE__READ_TIMEOUT_S="120")
     # One replica at a time holds the order: the survivor starts once the order's call is in flight, so the
     # one that dies is the one that claimed it (with both up first, either could claim it: seen in CI).
     dies = cluster.add_replica("skew-fast", **{CLOCK_SKEW_ENV: str(SKEW_S)})

@@ -256,9 +256,13 @@ class GenerationRun:
         )
 
     async def _model_notice(self, message: str, **kwargs: Any) -> None:
-        """A model call's progress (a retry, a wait for a provider), written only while this replica may still
-        hold the run (`Heartbeat.check_held`): a replica resumed from a stall stops here, before its first row."""
-        self.rt.heartbeat.check_held(self.claim, self.rt.settings.worker.lease_s)
+        """A model call's progress. A retry is announced only while this replica may still hold the run
+        (`Heartbeat.check_held`): a call that failed because the replica was stalled past its lease (its read
+        timed out meanwhile) stops here, before its first row. Other notices (a wait for a provider's budget,
+        a re-ask) are written as they come: on a loaded replica a beat can be late without the claim being
+        lost, and stopping a run on every late beat would leave it to the sweeper."""
+        if kwargs.get("event") == "model.retry":
+            self.rt.heartbeat.check_held(self.claim, self.rt.settings.worker.lease_s)
         await self.log(message, **kwargs)
 
     def result(self, status: str) -> dict[str, Any]:
