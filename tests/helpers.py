@@ -20,6 +20,7 @@ from arq.worker import Worker
 from worker import client
 from worker.local.services import LocalServices
 from worker.settings import AISection, ProviderSettings, Settings
+from worker.tasks import cancel_and_wait
 
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
@@ -82,7 +83,7 @@ async def close_worker(worker: Worker) -> None:
     shutdown hook. Letting the cancelled tasks finish, and forgetting them, first avoids that.
     """
     worker.handle_sig(signal.SIGUSR1)
-    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    await cancel_and_wait(list(worker.tasks.values()), "a test's worker")  # again, should a cancel be lost
     worker.tasks.clear()
     await worker.close()
 

@@ -38,6 +38,7 @@ from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
 from worker.store import Store, create_pool
 from worker.sweeper import sweep
+from worker.tasks import cancel_and_wait
 
 
 async def generate_site(
@@ -247,11 +248,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for name in ("progress_writer", "heartbeat"):
         task: asyncio.Task[None] | None = ctx.pop(name, None)
         if task is not None:
-            task.cancel()
             stopping.append(task)
     # The writer may be in the middle of a batch: its cancelled flush puts the batch back, in order,
     # before the last flush below takes the buffer.
-    await asyncio.gather(*stopping, return_exceptions=True)
+    await cancel_and_wait(stopping, "replica shutdown")
     # PostgreSQL may be out of reach, or silent (a partition): the shutdown waits for it one bounded try at most.
     db = rt.settings.database
     bound_s = db.connect_timeout_s + db.command_timeout_s

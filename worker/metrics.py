@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from worker.ai.base import Usage
 from worker.errors import InputError, message_of
+from worker.tasks import cancel_and_wait
 
 GENERATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 PHASE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -367,8 +368,7 @@ class Metrics:
 
     async def close(self) -> None:
         if self._sampler is not None:
-            self._sampler.cancel()
-            await asyncio.gather(self._sampler, return_exceptions=True)
+            await cancel_and_wait([self._sampler], "queue-depth sampler")
             self._sampler = None
         if self._server is not None:
             self._server.close()

@@ -31,13 +31,12 @@ from loguru import logger
 
 from worker.errors import message_of
 from worker.store import QUERIES
+from worker.tasks import cancel_and_wait
 
 CHANNEL = "site_generation_progress"
 READ_BATCH = 2000
 #: A hole wider than this is passed after its grace without a probe (nothing writes that many rows at once).
 PROBE_MAX_IDS = 10_000
-#: Seconds `close` waits for its cancelled tasks before it cancels them again.
-CANCEL_AGAIN_S = 1.0
 
 
 class _RolledBack(Exception):
@@ -122,18 +121,8 @@ class ProgressFanout:
         await self._tried_listen.wait()
 
     async def close(self) -> None:
-        """Cancel the fan-out's tasks and wait for them; a task that is still running after CANCEL_AGAIN_S is
-        cancelled again: on Python 3.11, asyncio.wait_for (asyncpg's acquire uses it) can swallow a cancel
-        that comes as the awaited call finishes, and one lost cancel must not hang a server's shutdown."""
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
-            if pending:
-                logger.warning(
-                    "progress API: {} fan-out task(s) still running after a cancel; cancelling again", len(pending)
-                )
+        """Cancel the fan-out's tasks and wait for them, again while one still runs (`cancel_and_wait`)."""
+        await cancel_and_wait(self._tasks, "progress API fan-out")
         self._tasks = []
 
     @property
