@@ -563,18 +563,21 @@ class Store:
 
     async def release_generation(
         self, claim: Claim, error: dict[str, Any] | None, *, retry_in_s: float = 0, spare: bool = False
-    ) -> None:
-        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that).
+    ) -> bool:
+        """Hand the generation back; its job is retried in `retry_in_s` (the sweeper waits for that). Whether
+        it was handed back: False when the claim was no longer this run's (another replica took it over).
 
         `spare`: not the generation's fault (a wait for budget, a draining replica): this attempt does
         not count towards `worker.max_attempts`.
         """
-        await self._with_error("release_generation", claim, error, retry_in_s, spare)
+        return await self._with_error("release_generation", claim, error, retry_in_s, spare)
 
-    async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None, *args: Any) -> None:
+    async def _with_error(self, query: str, claim: Claim, error: dict[str, Any] | None, *args: Any) -> bool:
+        """Run `query` for the claim with `error`; whether it changed the run (the claim still held it)."""
         try:
             async with self.pool.acquire() as conn:
-                await conn.execute(QUERIES[query], claim.generation_id, claim.token, error, *args)
+                status = await conn.execute(QUERIES[query], claim.generation_id, claim.token, error, *args)
+                return bool(status == "UPDATE 1")
         except Exception as refused:
             if error is None:
                 raise
@@ -584,9 +587,10 @@ class Store:
                 message_of(refused),
             )
             async with self.pool.acquire() as conn:
-                await conn.execute(
+                status = await conn.execute(
                     QUERIES[query], claim.generation_id, claim.token, minimal_error(error, refused), *args
                 )
+                return bool(status == "UPDATE 1")
 
     async def settle_assembled(self, claim: Claim) -> bool:
         """Mark a claimed generation whose every phase is committed succeeded; whether it was."""

@@ -846,9 +846,12 @@ async def _carry(run: GenerationRun, job_id: str | None, job_try: int) -> dict[s
         # Its backoff follows the generation's counted attempts, which budget waits do not raise: arq's count
         # of the job's runs grows with every wait, and would defer it minutes when the budget frees in seconds.
         defer = backoff_s(settings, claim.counted_attempts, provider_asked_s=exc.retry_after_s)
-        await _store_quietly(
+        released = await _store_quietly(
             rt.store.release_generation(claim, describe(exc, phase=run.phase), retry_in_s=defer, spare=True)
         )
+        if released is not True:
+            _not_handed_back(run, released, f"{exc.provider}'s budget")
+            raise RetryLater(defer, exc) from exc
         await run.log(
             f"phase {run.phase} handed back after waiting for {exc.provider}'s budget; "
             f"will retry in {defer:.1f}s: {exc}",
@@ -870,7 +873,12 @@ async def _carry(run: GenerationRun, job_id: str | None, job_try: int) -> dict[s
         if infrastructure or (is_retryable(exc) and not final_try):
             asked = exc.retry_after_s if isinstance(exc, AIRateLimited) else None
             defer = backoff_s(settings, job_try if infrastructure else claim.counted_attempts, provider_asked_s=asked)
-            await _store_quietly(rt.store.release_generation(claim, error, retry_in_s=defer, spare=infrastructure))
+            released = await _store_quietly(
+                rt.store.release_generation(claim, error, retry_in_s=defer, spare=infrastructure)
+            )
+            if released is not True:
+                _not_handed_back(run, released, f"{error['type']}: {error['message']}")
+                raise RetryLater(defer, exc) from exc
             await run.log(
                 f"phase {run.phase} failed, will retry in {defer:.1f}s: {error['type']}: {error['message']}",
                 level="warning",
@@ -906,12 +914,29 @@ def _short(error: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in error.items() if k != "traceback"}
 
 
-async def _store_quietly(write: Any) -> None:
-    """Store a failure; if PostgreSQL cannot take it now, say so (the claim's lease ends it anyway)."""
+async def _store_quietly(write: Any) -> Any:
+    """Store a failure; if PostgreSQL cannot take it now, say so (the claim's lease ends it anyway). What the
+    write returned, or None if it failed."""
     try:
-        await write
+        return await write
     except Exception as exc:
         logger.opt(exception=exc).error("could not store the generation's failure: {}", message_of(exc))
+        return None
+
+
+def _not_handed_back(run: GenerationRun, released: bool | None, why: str) -> None:
+    """A hand-back PostgreSQL did not take: the claim was no longer this run's (`released` False: another
+    replica took the run over) or PostgreSQL was out of reach (None: the lease lapses and another try takes
+    it). Said in this replica's log only: the run's progress log belongs to whoever holds it now, and a row
+    announcing a retry this replica will not make would stand among the new owner's (the chaos soak's
+    single-owner check caught one, written once PostgreSQL was back)."""
+    logger.bind(generation_id=run.claim.generation_id, phase=run.phase).warning(
+        "order {}: phase {} stopped ({}); not handed back: {}",
+        run.order_id,
+        run.phase,
+        why,
+        "the claim was taken over" if released is False else "PostgreSQL did not take it",
+    )
 
 
 async def _cancel(run: GenerationRun) -> None:
