@@ -14,7 +14,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import redis.asyncio.connection as redis_connection
@@ -145,14 +145,21 @@ ROLLBACK_FUNCTION = "rollback_site"
 JOB_FUNCTIONS = (JOB_FUNCTION, EDIT_FUNCTION, ROLLBACK_FUNCTION)
 
 
-async def change_in_queue(redis: ArqRedis, order_id: int, *, queue_name: str = QUEUE_NAME) -> bool:
-    """Whether an edit or rollback of the order is in arq's queue: queued, or taken and not ended yet (arq
-    removes a job from its queue when the job ends). One pass of ZSCAN over the queue, matching the
-    order's job ids (`<function>:<order_id>:<uuid>`)."""
+async def changes_in_queue(redis: ArqRedis, order_id: int, *, queue_name: str = QUEUE_NAME) -> AsyncIterator[str]:
+    """The ids of the order's edits and rollbacks in arq's queue, whatever their score: queued, retried later,
+    or taken and not ended yet (arq removes a job from its queue when the job ends). One pass of ZSCAN over
+    the queue, matching the order's job ids (`<function>:<order_id>:<key>`)."""
     prefixes = tuple(f"{function}:{order_id}:" for function in (EDIT_FUNCTION, ROLLBACK_FUNCTION))
     async for member, _ in redis.zscan_iter(queue_name, match=f"*_site:{order_id}:*", count=1000):
-        if (member.decode() if isinstance(member, bytes) else member).startswith(prefixes):
-            return True
+        job = member.decode() if isinstance(member, bytes) else member
+        if job.startswith(prefixes):
+            yield job
+
+
+async def change_in_queue(redis: ArqRedis, order_id: int, *, queue_name: str = QUEUE_NAME) -> bool:
+    """Whether an edit or rollback of the order is in arq's queue (`changes_in_queue`)."""
+    async for _ in changes_in_queue(redis, order_id, queue_name=queue_name):
+        return True
     return False
 
 

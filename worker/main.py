@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 import arq.utils
-import asyncpg
 from arq import Retry
 from arq.connections import RedisSettings
 from arq.cron import cron
@@ -36,7 +35,7 @@ from worker.output import clean_leftovers
 from worker.pipeline.runner import RetryLater, Runtime, run_edit, run_generation, validate_edit_args, validate_job_args
 from worker.progress import ProgressLog
 from worker.settings import Settings, SettingsError, load_settings, redact_url
-from worker.store import Store, create_pool
+from worker.store import Store, close_pool, create_pool
 from worker.sweeper import sweep
 from worker.tasks import cancel_and_wait
 
@@ -263,21 +262,17 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     rt.progress.abandon("the replica is shutting down")
     await rt.metrics.close()
     await rt.ai.aclose()
-    await asyncio.gather(*(_close_pool(pool) for pool in (rt.store.pool, rt.progress.pool)))
+    await asyncio.gather(
+        *(
+            close_pool(pool, POOL_CLOSE_S, f"replica {rt.settings.worker.replica}")
+            for pool in (rt.store.pool, rt.progress.pool)
+        )
+    )
     logger.info("replica {} stopped", rt.settings.worker.replica)
 
 
 #: How long a pool's goodbye (asyncpg's Terminate, answered by PostgreSQL closing the socket) may take on shutdown.
 POOL_CLOSE_S = 2.0
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    try:
-        await asyncio.wait_for(pool.close(), POOL_CLOSE_S)  # on timeout close() terminates the pool
-    except TimeoutError:
-        logger.warning(
-            "PostgreSQL did not answer a pool's goodbye within {:.0f}s: its connections dropped", POOL_CLOSE_S
-        )
 
 
 #: arq fails a job for good once its try count passes this: never, for `generate_site`.

@@ -17,7 +17,7 @@ from arq import ArqRedis
 from arq.constants import job_key_prefix
 from loguru import logger
 
-from worker.client import JOB_FUNCTIONS, deserialize, sent_order
+from worker.client import JOB_FUNCTIONS, changes_in_queue, deserialize, sent_order
 from worker.client import job_id as job_id_of_order
 from worker.polling import original_scores_key
 
@@ -47,7 +47,7 @@ async def jobs_ahead(
         pipe.hgetall(original_scores_key(queue))
         queued, leased = await pipe.execute()
     taken = [i for i, score in leased.items() if float(score) <= mine]
-    changes = [m async for m, _ in redis.zscan_iter(queue, match=f"*_site:{order_id}:*", count=1000)]
+    changes = [job async for job in changes_in_queue(redis, order_id, queue_name=queue)]
     seen = dict.fromkeys(
         i.decode() if isinstance(i, bytes) else i for i in [*queued, *taken, *changes, job_id_of_order(order_id)]
     )

@@ -7,6 +7,7 @@ a model call.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import uuid
@@ -141,6 +142,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     session-level advisory lock (only `pg_advisory_xact_lock`, released at commit). asyncpg still
     rolls back a transaction left open before it calls this.
     """
+
+
+async def close_pool(pool: asyncpg.Pool, within_s: float, what: str) -> None:
+    """Close a pool on shutdown within `within_s`: asyncpg's `Pool.close` waits for every connection to come
+    back and for PostgreSQL's goodbye; past the bound (a handler stuck on a connection, a silent server) it
+    is cancelled, which terminates the pool (its connections dropped)."""
+    try:
+        await asyncio.wait_for(pool.close(), within_s)
+    except TimeoutError:
+        logger.warning("{}: its pool did not close within {:.0f}s: its connections dropped", what, within_s)
 
 
 async def create_pool(db: DatabaseSection, *, max_size: int, min_size: int = 0, name: str) -> asyncpg.Pool:

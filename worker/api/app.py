@@ -40,7 +40,7 @@ from worker.api.fanout import ProgressFanout
 from worker.api.metrics import ApiMetrics
 from worker.errors import message_of
 from worker.settings import Settings
-from worker.store import QUERIES, create_pool
+from worker.store import QUERIES, close_pool, create_pool
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS_METHODS = "GET, POST, OPTIONS"
@@ -259,16 +259,8 @@ async def close_resources(app: web.Application) -> None:
         except (TimeoutError, RedisError, OSError) as exc:
             logger.warning("progress API: closing Redis failed: {}", message_of(exc))
     for pool in pools:
-        if pool is None:
-            continue
-        try:
-            async with asyncio.timeout(POOL_CLOSE_S):
-                await pool.close()
-        except TimeoutError:
-            logger.warning(
-                "progress API: a connection was still in use {} s into the shutdown; terminating", POOL_CLOSE_S
-            )
-            pool.terminate()
+        if pool is not None:
+            await close_pool(pool, POOL_CLOSE_S, "progress API")
 
 
 class ServeRefused(RuntimeError):
